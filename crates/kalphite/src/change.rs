@@ -72,6 +72,13 @@ impl Change {
     /// A deletion of `(kind, id)`.
     #[must_use]
     pub fn delete(kind: Kind, id: EntityId, timestamp: Millis, origin: Origin) -> Self {
-        Self { op: Op::Delete, kind, id, entity: None, timestamp, origin }
+        Self {
+            op: Op::Delete,
+            kind,
+            id,
+            entity: None,
+            timestamp,
+            origin,
+        }
     }
 }

@@ -135,9 +135,14 @@ pub trait EntityKind: EntityData {
 
 /// What any entity's `data` must support: cloning, JSON round-trips, and sharing
 /// across threads. Implemented for every type that has those, including `serde_json::Value`.
-pub trait EntityData: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static {}
-impl<T> EntityData for T where T: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
-{}
+pub trait EntityData:
+    Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
+{
+}
+impl<T> EntityData for T where
+    T: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static
+{
+}
 
 /// One record: an id, its kind, its data and when it was last written.
 ///
@@ -160,7 +165,12 @@ pub struct Entity<T = Value> {
 impl<T> Entity<T> {
     /// A new record with `updated_at` unset (the store will stamp it).
     pub fn new(id: impl Into<EntityId>, kind: impl Into<Kind>, data: T) -> Self {
-        Self { id: id.into(), kind: kind.into(), data, updated_at: 0 }
+        Self {
+            id: id.into(),
+            kind: kind.into(),
+            data,
+            updated_at: 0,
+        }
     }
 
     /// The same record with an explicit `updated_at`.
@@ -275,7 +285,10 @@ impl AnyEntity {
     /// The typed entity, if its data type is `T`.
     #[must_use]
     pub fn downcast<T: EntityData>(&self) -> Option<Arc<Entity<T>>> {
-        Arc::clone(&self.0).as_any_arc().downcast::<Entity<T>>().ok()
+        Arc::clone(&self.0)
+            .as_any_arc()
+            .downcast::<Entity<T>>()
+            .ok()
     }
 }
 
@@ -299,7 +312,9 @@ impl PartialEq for AnyEntity {
 
 impl Serialize for AnyEntity {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.to_json().map_err(serde::ser::Error::custom)?.serialize(serializer)
+        self.to_json()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
     }
 }
 
@@ -327,13 +342,20 @@ mod tests {
 
     #[test]
     fn missing_updated_at_reads_as_unset() {
-        let e: Entity = serde_json::from_value(json!({"id": "a", "type": "t", "data": {}})).unwrap();
+        let e: Entity =
+            serde_json::from_value(json!({"id": "a", "type": "t", "data": {}})).unwrap();
         assert_eq!(e.updated_at, 0);
     }
 
     #[test]
     fn any_entity_downcasts_to_its_own_type_only() {
-        let typed = Arc::new(Entity::new("c1", "comment", Comment { message: "m".into() }));
+        let typed = Arc::new(Entity::new(
+            "c1",
+            "comment",
+            Comment {
+                message: "m".into(),
+            },
+        ));
         let any = AnyEntity::new(Arc::clone(&typed));
         assert!(Arc::ptr_eq(&any.downcast::<Comment>().unwrap(), &typed));
         assert!(any.downcast::<Value>().is_none());

@@ -24,7 +24,10 @@ pub struct Issue {
 impl Issue {
     /// An issue at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -40,7 +43,11 @@ impl fmt::Display for Issue {
 
 /// Formats a list of issues as `a; b; c`.
 pub(crate) fn join_issues(issues: &[Issue]) -> String {
-    issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Validates entity data, per kind. Validation is synchronous by construction: the
@@ -102,9 +109,11 @@ impl JsonSchema {
         let mut validators = HashMap::new();
         for (kind, doc) in kinds {
             let kind = kind.into();
-            let validator = jsonschema::validator_for(&doc).map_err(|e| {
-                SchemaError::InvalidDocument { kind: kind.to_string(), message: e.to_string() }
-            })?;
+            let validator =
+                jsonschema::validator_for(&doc).map_err(|e| SchemaError::InvalidDocument {
+                    kind: kind.to_string(),
+                    message: e.to_string(),
+                })?;
             validators.insert(kind, validator);
         }
         Ok(Self { validators })
@@ -132,14 +141,21 @@ impl Schema for JsonSchema {
             known.sort_unstable();
             return Err(vec![Issue::new(
                 "/type",
-                format!("unknown kind '{kind}' (expected one of: {})", known.join(", ")),
+                format!(
+                    "unknown kind '{kind}' (expected one of: {})",
+                    known.join(", ")
+                ),
             )]);
         };
         let issues: Vec<Issue> = validator
             .iter_errors(data)
             .map(|e| Issue::new(e.instance_path().to_string(), e.to_string()))
             .collect();
-        if issues.is_empty() { Ok(()) } else { Err(issues) }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(issues)
+        }
     }
 }
 
@@ -193,9 +209,7 @@ impl Schema for TypedSchema {
     fn normalize(&self, kind: &Kind, data: Value) -> Result<Value, Vec<Issue>> {
         match self.kinds.get(kind) {
             Some(check) => check(data),
-            None if self.strict => {
-                Err(vec![Issue::new("/type", format!("unknown kind '{kind}'"))])
-            }
+            None if self.strict => Err(vec![Issue::new("/type", format!("unknown kind '{kind}'"))]),
             None => Ok(data),
         }
     }
@@ -235,8 +249,12 @@ mod tests {
     #[test]
     fn json_schema_reports_every_issue_with_its_path() {
         let s = todo_schema();
-        let issues =
-            s.validate(&"todo".into(), &json!({"title": "", "meta": {"nested": "x"}})).unwrap_err();
+        let issues = s
+            .validate(
+                &"todo".into(),
+                &json!({"title": "", "meta": {"nested": "x"}}),
+            )
+            .unwrap_err();
         assert_eq!(issues.len(), 2, "{issues:?}");
         assert!(issues.iter().any(|i| i.path == "/title"));
         assert!(issues.iter().any(|i| i.path == "/meta/nested"));
@@ -244,14 +262,18 @@ mod tests {
 
     #[test]
     fn json_schema_rejects_unknown_kinds_like_a_discriminated_union() {
-        let issues = todo_schema().validate(&"user".into(), &json!({})).unwrap_err();
+        let issues = todo_schema()
+            .validate(&"user".into(), &json!({}))
+            .unwrap_err();
         assert_eq!(issues[0].path, "/type");
         assert!(issues[0].message.contains("unknown kind 'user'"));
     }
 
     #[test]
     fn invalid_document_is_a_typed_error() {
-        let err = JsonSchema::from_kinds([("todo", json!({"type": 12}))]).err().unwrap();
+        let err = JsonSchema::from_kinds([("todo", json!({"type": 12}))])
+            .err()
+            .unwrap();
         assert!(matches!(err, SchemaError::InvalidDocument { ref kind, .. } if kind == "todo"));
     }
 
@@ -285,6 +307,9 @@ mod tests {
             }
         });
         assert!(s.validate(&"x".into(), &json!({"ok": true})).is_ok());
-        assert_eq!(s.validate(&"x".into(), &json!({})).unwrap_err()[0].path, "/ok");
+        assert_eq!(
+            s.validate(&"x".into(), &json!({})).unwrap_err()[0].path,
+            "/ok"
+        );
     }
 }

@@ -1,0 +1,270 @@
+//! Change notification: callback subscriptions (guards that unsubscribe on drop, one call
+//! per accepted write, panics caught, re-entrant writes deferred to the next round) and an
+//! async stream that reports lag instead of blocking writers.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::broadcast;
+
+use crate::change::Change;
+use crate::entity::Kind;
+
+/// What subscribers receive once per accepted write (a single upsert, a bulk load, a
+/// transaction, a clear): every change it made, in order.
+#[derive(Clone, Debug)]
+pub struct Notification {
+    /// The changes, in the order they were applied.
+    pub changes: Arc<[Change]>,
+}
+
+impl Notification {
+    /// The changes that concern `kind`.
+    pub fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Change> + 'a {
+        self.changes.iter().filter(move |c| c.kind == *kind)
+    }
+}
+
+/// A subscriber callback. Subscribing the same `Arc` twice (to the same scope) registers
+/// it once: it is called once per notification.
+pub type Listener = Arc<dyn Fn(&Notification) + Send + Sync + 'static>;
+
+struct Registration {
+    id: u64,
+    kind: Option<Kind>,
+    listener: Listener,
+    /// Live guards for this registration (the same listener subscribed several times).
+    guards: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Notification>,
+    delivering: bool,
+}
+
+/// Holds the subscribers and delivers notifications in commit order.
+pub(crate) struct Notifier {
+    registrations: RwLock<Vec<Registration>>,
+    /// Fast path: skip building notifications when nobody listens.
+    has_listeners: AtomicBool,
+    queue: Mutex<Queue>,
+    broadcast: broadcast::Sender<Notification>,
+    next_id: AtomicU64,
+    panics: AtomicU64,
+}
+
+impl Notifier {
+    pub(crate) fn new(stream_capacity: usize) -> Self {
+        let (broadcast, _) = broadcast::channel(stream_capacity.max(1));
+        Self {
+            registrations: RwLock::new(Vec::new()),
+            has_listeners: AtomicBool::new(false),
+            queue: Mutex::new(Queue::default()),
+            broadcast,
+            next_id: AtomicU64::new(1),
+            panics: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether anyone would see a notification (callbacks or streams).
+    pub(crate) fn wanted(&self) -> bool {
+        self.has_listeners.load(Ordering::Acquire) || self.broadcast.receiver_count() > 0
+    }
+
+    /// Queues a notification. Called with the store's write lock held, so notifications
+    /// are queued in commit order.
+    pub(crate) fn enqueue(&self, changes: Vec<Change>) {
+        let n = Notification {
+            changes: changes.into(),
+        };
+        if self.broadcast.receiver_count() > 0 {
+            // A send only fails when every receiver is gone, which is fine.
+            let _ = self.broadcast.send(n.clone());
+        }
+        if self.has_listeners.load(Ordering::Acquire) {
+            self.queue.lock().items.push_back(n);
+        }
+    }
+
+    /// Delivers queued notifications, unless a delivery round is already running — on
+    /// this thread (a subscriber wrote to the store) or another; that round delivers ours
+    /// after the current one, so notifications never interleave or reorder.
+    pub(crate) fn deliver(&self) {
+        {
+            let mut q = self.queue.lock();
+            if q.delivering || q.items.is_empty() {
+                return;
+            }
+            q.delivering = true;
+        }
+        loop {
+            let next = {
+                let mut q = self.queue.lock();
+                if let Some(n) = q.items.pop_front() {
+                    n
+                } else {
+                    q.delivering = false;
+                    return;
+                }
+            };
+            self.dispatch(&next);
+        }
+    }
+
+    fn dispatch(&self, n: &Notification) {
+        let targets: Vec<(Option<Kind>, Listener)> = self
+            .registrations
+            .read()
+            .iter()
+            .map(|r| (r.kind.clone(), Arc::clone(&r.listener)))
+            .collect();
+        for (kind, listener) in targets {
+            let scoped;
+            let n = match kind {
+                None => n,
+                Some(kind) if n.changes.iter().all(|c| c.kind == kind) => n,
+                Some(kind) => {
+                    let changes: Vec<Change> = n.of_kind(&kind).cloned().collect();
+                    if changes.is_empty() {
+                        continue;
+                    }
+                    scoped = Notification {
+                        changes: changes.into(),
+                    };
+                    &scoped
+                }
+            };
+            if catch_unwind(AssertUnwindSafe(|| listener(n))).is_err() {
+                let total = self.panics.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(
+                    total,
+                    "a store subscriber panicked; other subscribers still ran"
+                );
+            }
+        }
+    }
+
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        kind: Option<Kind>,
+        listener: Listener,
+    ) -> Subscription {
+        let mut regs = self.registrations.write();
+        let id = if let Some(r) = regs
+            .iter_mut()
+            .find(|r| r.kind == kind && Arc::ptr_eq(&r.listener, &listener))
+        {
+            r.guards += 1;
+            r.id
+        } else {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            regs.push(Registration {
+                id,
+                kind,
+                listener,
+                guards: 1,
+            });
+            id
+        };
+        self.has_listeners.store(true, Ordering::Release);
+        Subscription {
+            notifier: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    fn unsubscribe(&self, id: u64) {
+        let mut regs = self.registrations.write();
+        if let Some(pos) = regs.iter().position(|r| r.id == id) {
+            regs[pos].guards -= 1;
+            if regs[pos].guards == 0 {
+                regs.remove(pos);
+            }
+        }
+        self.has_listeners
+            .store(!regs.is_empty(), Ordering::Release);
+    }
+
+    pub(crate) fn stream(&self) -> ChangeStream {
+        ChangeStream {
+            rx: self.broadcast.subscribe(),
+        }
+    }
+
+    pub(crate) fn panics(&self) -> u64 {
+        self.panics.load(Ordering::Relaxed)
+    }
+}
+
+/// A live subscription; dropping it unsubscribes.
+#[must_use = "dropping a Subscription unsubscribes at once"]
+pub struct Subscription {
+    notifier: Weak<Notifier>,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(n) = self.notifier.upgrade() {
+            n.unsubscribe(self.id);
+        }
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// Why [`ChangeStream::recv`] returned no notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The reader fell behind and this many notifications were skipped; the next `recv`
+    /// continues with the oldest one still buffered. Re-read the store to resynchronise.
+    #[error("the change stream lagged; {0} notifications were skipped")]
+    Lagged(u64),
+    /// The store was dropped.
+    #[error("the store is gone")]
+    Closed,
+}
+
+/// An async stream of notifications, for tokio apps. Writers never wait for it: a reader
+/// that falls more than the stream capacity behind is told it lagged.
+pub struct ChangeStream {
+    rx: broadcast::Receiver<Notification>,
+}
+
+impl ChangeStream {
+    /// The next notification.
+    ///
+    /// # Errors
+    /// [`RecvError::Lagged`] when notifications were skipped, [`RecvError::Closed`] when
+    /// the store is gone.
+    pub async fn recv(&mut self) -> Result<Notification, RecvError> {
+        self.rx.recv().await.map_err(|e| match e {
+            broadcast::error::RecvError::Lagged(n) => RecvError::Lagged(n),
+            broadcast::error::RecvError::Closed => RecvError::Closed,
+        })
+    }
+
+    /// The next notification if one is ready, without waiting.
+    ///
+    /// # Errors
+    /// As [`Self::recv`]; `Ok(None)` when nothing is ready.
+    pub fn try_recv(&mut self) -> Result<Option<Notification>, RecvError> {
+        match self.rx.try_recv() {
+            Ok(n) => Ok(Some(n)),
+            Err(broadcast::error::TryRecvError::Empty) => Ok(None),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+            Err(broadcast::error::TryRecvError::Closed) => Err(RecvError::Closed),
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Writes and consistent reads: [`Tx`] applies writes under the store's write lock and can
+//! undo them all (a transaction is all or nothing); [`View`] reads several kinds under one
+//! read lock, so it never sees half of a transaction.
+
+use std::any::{TypeId, type_name};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::change::{Change, Origin};
+use crate::entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis};
+use crate::error::{Error, Result, json_type_name};
+use crate::schema::Schema;
+use crate::store::table::{Slot, Table};
+
+/// Every kind's table, in registration order.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) by_kind: HashMap<Kind, usize>,
+}
+
+impl State {
+    pub(crate) fn slot_index(&self, kind: &str) -> Option<usize> {
+        self.by_kind.get(kind).copied()
+    }
+
+    fn add_slot(&mut self, slot: Slot) -> usize {
+        let index = self.slots.len();
+        self.by_kind.insert(slot.kind.clone(), index);
+        self.slots.push(slot);
+        index
+    }
+
+    /// The slot of `kind`, created as a JSON table if it does not exist.
+    pub(crate) fn slot_for_json(&mut self, kind: &Kind) -> usize {
+        match self.slot_index(kind) {
+            Some(i) => i,
+            None => self.add_slot(Slot::new::<Value>(kind.clone())),
+        }
+    }
+
+    /// The slot of `kind` holding `T`: created if absent; converted if it holds JSON
+    /// (every row must fit `T`, or nothing changes); an error if it holds another type.
+    pub(crate) fn slot_for_type<T: EntityData>(&mut self, kind: &Kind) -> Result<usize> {
+        let Some(index) = self.slot_index(kind) else {
+            return Ok(self.add_slot(Slot::new::<T>(kind.clone())));
+        };
+        let slot = &mut self.slots[index];
+        let existing = slot.table.data_type();
+        if existing == TypeId::of::<T>() {
+            return Ok(index);
+        }
+        if existing != TypeId::of::<Value>() {
+            return Err(Error::KindTypeMismatch {
+                kind: kind.clone(),
+                existing: slot.table.data_type_name(),
+                requested: type_name::<T>(),
+            });
+        }
+        let mut typed = Table::<T>::default();
+        for row in slot.table.all() {
+            let json = row.downcast::<Value>().map(|e| (*e).clone());
+            let Some(json) = json else { continue };
+            let converted = crate::store::table::ErasedTable::convert(&typed, json)?;
+            crate::store::table::ErasedTable::insert(&mut typed, converted);
+        }
+        slot.table = Box::new(typed);
+        Ok(index)
+    }
+}
+
+enum Undo {
+    Inserted {
+        slot: usize,
+        id: EntityId,
+    },
+    Replaced {
+        slot: usize,
+        prev: AnyEntity,
+    },
+    Removed {
+        slot: usize,
+        index: usize,
+        prev: AnyEntity,
+    },
+    Cleared {
+        slot: usize,
+        rows: Vec<AnyEntity>,
+    },
+}
+
+/// A write in progress, handed to [`crate::Store::transaction`]'s closure. Everything it
+/// writes is applied together, or — if the closure fails or panics — not at all.
+///
+/// Use the `Tx` for every read and write inside the closure: calling the store itself
+/// there would wait on the lock the transaction holds (kalphite panics instead, loudly).
+pub struct Tx<'a> {
+    pub(crate) state: &'a mut State,
+    pub(crate) schema: Option<&'a dyn Schema>,
+    pub(crate) origin: Origin,
+    pub(crate) now: Millis,
+    /// Whether anyone (a sink, a subscriber) will read the change records.
+    pub(crate) record: bool,
+    pub(crate) changes: Vec<Change>,
+    undo: Vec<Undo>,
+}
+
+impl<'a> Tx<'a> {
+    pub(crate) fn new(
+        state: &'a mut State,
+        schema: Option<&'a dyn Schema>,
+        origin: Origin,
+        now: Millis,
+        record: bool,
+    ) -> Self {
+        Self {
+            state,
+            schema,
+            origin,
+            now,
+            record,
+            changes: Vec::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// Inserts or replaces a typed entity; returns it as stored.
+    ///
+    /// # Errors
+    /// [`Error::WrongKind`] if `entity.kind` is not `T::KIND`, [`Error::EmptyId`],
+    /// [`Error::Validation`] if the store's schema rejects it.
+    pub fn upsert<T: EntityKind>(&mut self, entity: Entity<T>) -> Result<Arc<Entity<T>>> {
+        let slot = self.state.slot_for_type::<T>(&Kind::from(T::KIND))?;
+        self.upsert_in(slot, entity)
+    }
+
+    /// Inserts or replaces `T` data under `id`.
+    ///
+    /// # Errors
+    /// As [`Self::upsert`].
+    pub fn put<T: EntityKind>(
+        &mut self,
+        id: impl Into<EntityId>,
+        data: T,
+    ) -> Result<Arc<Entity<T>>> {
+        self.upsert(Entity::of(id, data))
+    }
+
+    /// Deletes a typed entity; `true` if it existed.
+    pub fn delete<T: EntityKind>(&mut self, id: &str) -> bool {
+        self.state
+            .slot_index(T::KIND)
+            .is_some_and(|slot| self.delete_in(slot, id))
+    }
+
+    /// Inserts or replaces an entity given as JSON, in whatever collection its kind has.
+    ///
+    /// # Errors
+    /// [`Error::EmptyId`], [`Error::EmptyKind`], [`Error::NotAnObject`],
+    /// [`Error::Validation`], or [`Error::Conversion`] when the kind is typed and the data
+    /// does not fit its Rust type.
+    pub fn upsert_json(&mut self, entity: Entity<Value>) -> Result<AnyEntity> {
+        let slot = self.state.slot_for_json(&entity.kind);
+        self.upsert_json_in(slot, entity)
+    }
+
+    /// Deletes the entity `(kind, id)`; `true` if it existed.
+    pub fn delete_json(&mut self, kind: &str, id: &str) -> bool {
+        self.state
+            .slot_index(kind)
+            .is_some_and(|slot| self.delete_in(slot, id))
+    }
+
+    /// Removes every entity of every kind.
+    pub fn clear(&mut self) {
+        for slot in 0..self.state.slots.len() {
+            let rows = self.state.slots[slot].table.take_all();
+            if rows.is_empty() {
+                continue;
+            }
+            if self.record {
+                let kind = &self.state.slots[slot].kind;
+                self.changes.extend(
+                    rows.iter().map(|e| {
+                        Change::delete(kind.clone(), e.id().clone(), self.now, self.origin)
+                    }),
+                );
+            }
+            self.undo.push(Undo::Cleared { slot, rows });
+        }
+    }
+
+    /// Reads a typed entity, seeing this transaction's own writes.
+    #[must_use]
+    pub fn get<T: EntityKind>(&self, id: &str) -> Option<Arc<Entity<T>>> {
+        get_typed(self.state, T::KIND, id)
+    }
+
+    /// Reads any entity, seeing this transaction's own writes.
+    #[must_use]
+    pub fn get_any(&self, kind: &str, id: &str) -> Option<AnyEntity> {
+        let slot = self.state.slot_index(kind)?;
+        self.state.slots[slot].table.get(id)
+    }
+
+    pub(crate) fn upsert_in<T: EntityData>(
+        &mut self,
+        slot: usize,
+        mut entity: Entity<T>,
+    ) -> Result<Arc<Entity<T>>> {
+        self.check_identity(slot, &entity.kind, &entity.id)?;
+        if entity.updated_at == 0 {
+            entity.updated_at = self.now;
+        }
+        if let Some(schema) = self.schema {
+            let ser = |e: serde_json::Error| Error::Serialize {
+                kind: entity.kind.clone(),
+                id: entity.id.clone(),
+                message: e.to_string(),
+            };
+            let json = serde_json::to_value(&entity.data).map_err(ser)?;
+            let normalized = schema
+                .normalize(&entity.kind, json.clone())
+                .map_err(|issues| Error::Validation {
+                    kind: entity.kind.clone(),
+                    id: entity.id.clone(),
+                    issues,
+                })?;
+            if normalized != json {
+                entity.data =
+                    serde_json::from_value(normalized).map_err(|e| Error::Conversion {
+                        kind: entity.kind.clone(),
+                        id: entity.id.clone(),
+                        type_name: type_name::<T>(),
+                        message: e.to_string(),
+                    })?;
+            }
+        }
+        let entity = Arc::new(entity);
+        let Some(table) = self.state.slots[slot].typed_mut::<T>() else {
+            return Err(Error::KindTypeMismatch {
+                kind: entity.kind.clone(),
+                existing: self.state.slots[slot].table.data_type_name(),
+                requested: type_name::<T>(),
+            });
+        };
+        let undo = match table.insert_typed(Arc::clone(&entity)) {
+            Some(prev) => Undo::Replaced {
+                slot,
+                prev: AnyEntity::new(prev),
+            },
+            None => Undo::Inserted {
+                slot,
+                id: entity.id.clone(),
+            },
+        };
+        self.undo.push(undo);
+        if self.record {
+            self.changes.push(Change::upsert(
+                AnyEntity::new(Arc::clone(&entity)),
+                self.now,
+                self.origin,
+            ));
+        }
+        Ok(entity)
+    }
+
+    pub(crate) fn upsert_json_in(
+        &mut self,
+        slot: usize,
+        mut entity: Entity<Value>,
+    ) -> Result<AnyEntity> {
+        self.check_identity(slot, &entity.kind, &entity.id)?;
+        if !entity.data.is_object() {
+            return Err(Error::NotAnObject {
+                kind: entity.kind,
+                id: entity.id,
+                found: json_type_name(&entity.data),
+            });
+        }
+        if entity.updated_at == 0 {
+            entity.updated_at = self.now;
+        }
+        if let Some(schema) = self.schema {
+            entity.data = schema
+                .normalize(&entity.kind, entity.data)
+                .map_err(|issues| Error::Validation {
+                    kind: entity.kind.clone(),
+                    id: entity.id.clone(),
+                    issues,
+                })?;
+        }
+        let table = &mut self.state.slots[slot].table;
+        let stored = if table.data_type() == TypeId::of::<Value>() {
+            AnyEntity::new(Arc::new(entity))
+        } else {
+            table.convert(entity)?
+        };
+        let undo = match table.insert(stored.clone()) {
+            Some(prev) => Undo::Replaced { slot, prev },
+            None => Undo::Inserted {
+                slot,
+                id: stored.id().clone(),
+            },
+        };
+        self.undo.push(undo);
+        if self.record {
+            self.changes
+                .push(Change::upsert(stored.clone(), self.now, self.origin));
+        }
+        Ok(stored)
+    }
+
+    pub(crate) fn delete_in(&mut self, slot: usize, id: &str) -> bool {
+        let Some((index, prev)) = self.state.slots[slot].table.remove(id) else {
+            return false;
+        };
+        if self.record {
+            let kind = self.state.slots[slot].kind.clone();
+            self.changes.push(Change::delete(
+                kind,
+                prev.id().clone(),
+                self.now,
+                self.origin,
+            ));
+        }
+        self.undo.push(Undo::Removed { slot, index, prev });
+        true
+    }
+
+    fn check_identity(&self, slot: usize, kind: &Kind, id: &EntityId) -> Result<()> {
+        let expected = &self.state.slots[slot].kind;
+        if kind != expected {
+            return Err(Error::WrongKind {
+                expected: expected.clone(),
+                actual: kind.clone(),
+                id: id.clone(),
+            });
+        }
+        if kind.is_empty() {
+            return Err(Error::EmptyKind { id: id.clone() });
+        }
+        if id.is_empty() {
+            return Err(Error::EmptyId { kind: kind.clone() });
+        }
+        Ok(())
+    }
+
+    /// Undoes every write, newest first, leaving the tables as they were.
+    pub(crate) fn rollback(&mut self) {
+        while let Some(undo) = self.undo.pop() {
+            match undo {
+                Undo::Inserted { slot, id } => self.state.slots[slot].table.pop(&id),
+                Undo::Replaced { slot, prev } => {
+                    self.state.slots[slot].table.insert(prev);
+                }
+                Undo::Removed { slot, index, prev } => {
+                    self.state.slots[slot].table.reinsert(index, prev);
+                }
+                Undo::Cleared { slot, rows } => self.state.slots[slot].table.restore_all(rows),
+            }
+        }
+        self.changes.clear();
+    }
+
+    /// Whether anything was written.
+    pub(crate) fn is_dirty(&self) -> bool {
+        !self.undo.is_empty()
+    }
+}
+
+pub(crate) fn get_typed<T: EntityData>(
+    state: &State,
+    kind: &str,
+    id: &str,
+) -> Option<Arc<Entity<T>>> {
+    let slot = state.slot_index(kind)?;
+    state.slots[slot].typed::<T>()?.rows.get(id).cloned()
+}
+
+/// A consistent read of the whole store, handed to [`crate::Store::read`]'s closure.
+pub struct View<'a> {
+    pub(crate) state: &'a State,
+}
+
+impl View<'_> {
+    /// A typed entity.
+    #[must_use]
+    pub fn get<T: EntityKind>(&self, id: &str) -> Option<Arc<Entity<T>>> {
+        get_typed(self.state, T::KIND, id)
+    }
+
+    /// Any entity.
+    #[must_use]
+    pub fn get_any(&self, kind: &str, id: &str) -> Option<AnyEntity> {
+        let slot = self.state.slot_index(kind)?;
+        self.state.slots[slot].table.get(id)
+    }
+
+    /// How many entities `kind` holds.
+    #[must_use]
+    pub fn len(&self, kind: &str) -> usize {
+        self.state
+            .slot_index(kind)
+            .map_or(0, |s| self.state.slots[s].table.len())
+    }
+
+    /// Every entity of `T`'s kind, in order.
+    #[must_use]
+    pub fn all<T: EntityKind>(&self) -> Vec<Arc<Entity<T>>> {
+        self.state
+            .slot_index(T::KIND)
+            .and_then(|s| self.state.slots[s].typed::<T>())
+            .map(|t| t.rows.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
