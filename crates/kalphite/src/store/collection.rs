@@ -91,10 +91,10 @@ impl<T: EntityKind> Collection<T> {
 
     /// Removes every entity of this kind, with one notification.
     pub fn clear(&self) {
+        // Read the rows through the Tx: calling `self.ids()` here would re-enter the store
+        // from inside its own transaction (which panics).
         let _ = self.store.transaction::<_, Error>(|tx| {
-            for id in self.ids() {
-                tx.delete_in(self.slot, &id);
-            }
+            tx.clear_slot(self.slot);
             Ok(())
         });
     }

@@ -176,20 +176,24 @@ impl<'a> Tx<'a> {
     /// Removes every entity of every kind.
     pub fn clear(&mut self) {
         for slot in 0..self.state.slots.len() {
-            let rows = self.state.slots[slot].table.take_all();
-            if rows.is_empty() {
-                continue;
-            }
-            if self.record {
-                let kind = &self.state.slots[slot].kind;
-                self.changes.extend(
-                    rows.iter().map(|e| {
-                        Change::delete(kind.clone(), e.id().clone(), self.now, self.origin)
-                    }),
-                );
-            }
-            self.undo.push(Undo::Cleared { slot, rows });
+            self.clear_slot(slot);
         }
+    }
+
+    /// Removes every entity of one kind (a delete change each, in collection order).
+    pub(crate) fn clear_slot(&mut self, slot: usize) {
+        let rows = self.state.slots[slot].table.take_all();
+        if rows.is_empty() {
+            return;
+        }
+        if self.record {
+            let kind = &self.state.slots[slot].kind;
+            self.changes.extend(
+                rows.iter()
+                    .map(|e| Change::delete(kind.clone(), e.id().clone(), self.now, self.origin)),
+            );
+        }
+        self.undo.push(Undo::Cleared { slot, rows });
     }
 
     /// Reads a typed entity, seeing this transaction's own writes.
