@@ -22,6 +22,7 @@ pub mod store;
 pub use change::{Change, FlushChange, Op, Origin};
 pub use entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, now_millis};
 pub use error::{Error, Result};
+pub use flush::{Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
 pub use store::query_json_cmp as json_cmp;
 pub use store::{

@@ -23,6 +23,7 @@ pub use tx::{Tx, View};
 use crate::change::{Change, Origin};
 use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind, now_millis};
 use crate::error::{Error, Result};
+use crate::flush::{Durability, FlushEngine, FlushError, ShutdownError};
 use crate::schema::SharedSchema;
 use notify::Notifier;
 use tx::State;
@@ -62,7 +63,18 @@ struct Inner {
     state: RwLock<State>,
     schema: Option<SharedSchema>,
     sinks: Vec<Arc<dyn ChangeSink>>,
+    /// The flush engines among the sinks, for flush control and durability waits.
+    engines: Vec<FlushEngine>,
     notifier: Arc<Notifier>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: let each engine drain what is queued in the background.
+        for engine in &self.engines {
+            engine.begin_shutdown();
+        }
+    }
 }
 
 /// Configures a [`Store`].
@@ -70,6 +82,7 @@ struct Inner {
 pub struct StoreBuilder {
     schema: Option<SharedSchema>,
     sinks: Vec<Arc<dyn ChangeSink>>,
+    engines: Vec<FlushEngine>,
     stream_capacity: usize,
     typed: Vec<Registration>,
 }
@@ -82,6 +95,7 @@ impl Default for StoreBuilder {
         Self {
             schema: None,
             sinks: Vec::new(),
+            engines: Vec::new(),
             stream_capacity: 1024,
             typed: Vec::new(),
         }
@@ -98,6 +112,14 @@ impl StoreBuilder {
     /// Adds a sink that receives every accepted change (see [`ChangeSink`]).
     pub fn sink(mut self, sink: Arc<dyn ChangeSink>) -> Self {
         self.sinks.push(sink);
+        self
+    }
+
+    /// Persists every accepted change through `engine` (several engines may be added:
+    /// one per target, such as the database and the sync client).
+    pub fn flush_engine(mut self, engine: FlushEngine) -> Self {
+        self.sinks.push(Arc::new(engine.clone()));
+        self.engines.push(engine);
         self
     }
 
@@ -129,6 +151,7 @@ impl StoreBuilder {
                 state: RwLock::new(state),
                 schema: self.schema,
                 sinks: self.sinks,
+                engines: self.engines,
                 notifier: Arc::new(Notifier::new(self.stream_capacity)),
             }),
         }
@@ -376,6 +399,102 @@ impl Store {
     #[must_use]
     pub fn subscriber_panics(&self) -> u64 {
         self.inner.notifier.panics()
+    }
+
+    /// Writes everything queued so far to every flush target now (ignoring debounce and
+    /// pause); resolves when it is written.
+    ///
+    /// # Errors
+    /// The first engine's [`FlushError`]; the changes stay queued.
+    pub fn flush_now(&self) -> impl Future<Output = Result<(), FlushError>> + Send + 'static {
+        let waits: Vec<_> = self
+            .inner
+            .engines
+            .iter()
+            .map(FlushEngine::flush_now)
+            .collect();
+        async move {
+            for w in waits {
+                w.await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Resolves once every change accepted before this call is durable at `level`:
+    /// [`Durability::Memory`] at once, [`Durability::Local`] when the local targets (the
+    /// database) have written it, [`Durability::Server`] when the server acknowledged it.
+    ///
+    /// # Errors
+    /// [`FlushError::NoTarget`] if no engine provides `level`; otherwise the cause of the
+    /// failed write (the changes stay queued and are retried).
+    pub fn durable(
+        &self,
+        level: Durability,
+    ) -> impl Future<Output = Result<(), FlushError>> + Send + 'static {
+        let engines: Vec<_> = self
+            .inner
+            .engines
+            .iter()
+            .filter(|e| e.config().durability == level)
+            .collect();
+        let missing = level != Durability::Memory && engines.is_empty();
+        let waits: Vec<_> = engines.into_iter().map(FlushEngine::durable).collect();
+        async move {
+            if missing {
+                return Err(FlushError::NoTarget { level });
+            }
+            for w in waits {
+                w.await?;
+            }
+            Ok(())
+        }
+    }
+
+    /// Holds all flushing until [`Self::resume_flush`]; nothing is dropped meanwhile.
+    pub fn pause_flush(&self) {
+        self.inner.engines.iter().for_each(FlushEngine::pause);
+    }
+
+    /// Releases [`Self::pause_flush`].
+    pub fn resume_flush(&self) {
+        self.inner.engines.iter().for_each(FlushEngine::resume);
+    }
+
+    /// Every change not yet written by every engine (empty without engines).
+    #[must_use]
+    pub fn queued_changes(&self) -> Vec<Change> {
+        self.inner
+            .engines
+            .iter()
+            .flat_map(FlushEngine::queued_changes)
+            .collect()
+    }
+
+    /// The store's flush engines.
+    #[must_use]
+    pub fn flush_engines(&self) -> &[FlushEngine] {
+        &self.inner.engines
+    }
+
+    /// Drains every flush engine and stops them. The store stays readable and writable
+    /// in memory, but later writes are no longer persisted.
+    ///
+    /// # Errors
+    /// [`ShutdownError`] with every change that could not be written.
+    pub async fn close(&self) -> Result<(), ShutdownError> {
+        let mut unwritten = Vec::new();
+        let mut cause = None;
+        for engine in &self.inner.engines {
+            if let Err(e) = engine.shutdown().await {
+                unwritten.extend(e.unwritten);
+                cause = Some(e.cause);
+            }
+        }
+        match cause {
+            None => Ok(()),
+            Some(cause) => Err(ShutdownError { unwritten, cause }),
+        }
     }
 
     fn key(&self) -> usize {
