@@ -1,1 +1,59 @@
-//! placeholder
+//! kalphite-db — Layer 3 of kalphite: the local database. One async API, [`Database`],
+//! over two real backends: SQLite (embedded default: bundled, WAL, on its own thread) and
+//! PostgreSQL (tokio-postgres with a pool, JSONB), with the same behaviour on both.
+//!
+//! Entities live in one table keyed by `(type, id)` with their JSON data, `updatedAt` and a
+//! version that counts writes. Versioned migrations (up and down, one transaction each),
+//! queries pushed down into SQL, a portable backup format that restores into either
+//! backend, a storage quota, and a [`kalphite::flush::FlushTarget`] implementation so a
+//! Store can flush into it.
+//!
+//! # Layout
+//! - [`config`]: [`DatabaseConfig`] and database URLs.
+//! - [`database`]: [`Database`], the API.
+//! - [`query`]: the [`Query`] builder and its reference semantics.
+//! - [`migration`]: [`Migration`]s and the built-in ones.
+//! - [`backup`]: the backup format.
+//! - [`error`]: [`Error`].
+//! - `backend`, `sqlite`, `postgres`: the storage trait and its two implementations.
+//! - `target`: `impl FlushTarget for Database`.
+//!
+//! # Example
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use kalphite::Entity;
+//! use kalphite_db::{Database, DatabaseConfig, Direction, Query};
+//! use serde_json::json;
+//!
+//! // "postgres://user@host/db" works the same way.
+//! let db = Database::open(DatabaseConfig::new("sqlite::memory:")).await?;
+//! for (id, line) in [("c1", 10), ("c2", 3), ("c3", 7)] {
+//!     db.upsert(Entity::new(id, "comment", json!({"lineNumber": line}))).await?;
+//! }
+//! let q = Query::new("comment").gte("lineNumber", 5).order_by("lineNumber", Direction::Asc);
+//! let ids: Vec<_> = db.find(&q).await?.into_iter().map(|e| e.id.to_string()).collect();
+//! assert_eq!(ids, ["c3", "c1"]);
+//!
+//! let backup = db.backup().await?;
+//! let copy = Database::open(DatabaseConfig::new("sqlite::memory:")).await?;
+//! assert_eq!(copy.restore(&backup).await?, 3);
+//! # Ok::<(), kalphite_db::Error>(()) }).unwrap();
+//! ```
+
+mod backend;
+pub mod backup;
+pub mod config;
+pub mod database;
+pub mod error;
+pub mod migration;
+mod postgres;
+pub mod query;
+mod sqlite;
+mod target;
+
+pub use backend::StoredEntity;
+pub use config::DatabaseConfig;
+pub use database::Database;
+pub use error::{Error, Result};
+pub use migration::{AppliedMigration, Migration, MigrationSql};
+pub use query::{Cmp, Condition, Direction, Field, Query};

@@ -1,0 +1,1 @@
+DROP TABLE kalphite_entities;

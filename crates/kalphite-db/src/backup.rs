@@ -1,0 +1,266 @@
+//! The portable backup format: JSON Lines with a header, one entity per line, and a trailer
+//! carrying the entity count and a checksum, so that a truncated or altered file is refused
+//! before anything is restored. Specified in `docs/database.md`.
+
+use std::collections::HashSet;
+
+use kalphite::{Entity, EntityId, Kind, Millis};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The `format` value of a backup header.
+pub const FORMAT: &str = "kalphite-backup";
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The first line of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format version ([`FORMAT_VERSION`]).
+    pub version: u32,
+    /// When the backup was written, ms since the epoch.
+    #[serde(rename = "createdAt")]
+    pub created_at: Millis,
+    /// The backend it was taken from (`sqlite` or `postgres`), for information only.
+    pub source: String,
+}
+
+/// One entity line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The entity's kind.
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    /// Its id.
+    pub id: EntityId,
+    /// Its data.
+    pub data: Value,
+    /// Its `updatedAt`.
+    #[serde(rename = "updatedAt")]
+    pub updated_at: Millis,
+    /// Its stored version (the number of writes it has had).
+    pub version: i64,
+}
+
+impl Record {
+    /// The entity part of the record.
+    #[must_use]
+    pub fn into_entity(self) -> (Entity, i64) {
+        (
+            Entity {
+                id: self.id,
+                kind: self.kind,
+                data: self.data,
+                updated_at: self.updated_at,
+            },
+            self.version,
+        )
+    }
+}
+
+/// The last line of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Trailer {
+    /// Always [`FORMAT`].
+    end: String,
+    /// The number of entity lines.
+    count: u64,
+    /// `fnv1a64:` and 16 lowercase hex digits: FNV-1a (64-bit) over the bytes of every entity
+    /// line, each including its `\n`.
+    checksum: String,
+}
+
+/// FNV-1a, 64-bit.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    const fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn text(self) -> String {
+        format!("fnv1a64:{:016x}", self.0)
+    }
+}
+
+/// Writes a backup of `records` (in first-insert order).
+pub(crate) fn encode(source: &str, created_at: Millis, records: &[Record]) -> Result<Vec<u8>> {
+    let ser = |r: &Record, e: serde_json::Error| Error::Serialize {
+        kind: r.kind.to_string(),
+        id: r.id.to_string(),
+        source: e,
+    };
+    let header = Header {
+        format: FORMAT.into(),
+        version: FORMAT_VERSION,
+        created_at,
+        source: source.into(),
+    };
+    let mut out = serde_json::to_vec(&header).map_err(|e| Error::InvalidBackup {
+        line: 1,
+        reason: format!("could not write the header: {e}"),
+    })?;
+    out.push(b'\n');
+    let mut sum = Fnv::new();
+    for r in records {
+        let start = out.len();
+        serde_json::to_writer(&mut out, r).map_err(|e| ser(r, e))?;
+        out.push(b'\n');
+        sum.update(&out[start..]);
+    }
+    let trailer = Trailer {
+        end: FORMAT.into(),
+        count: records.len() as u64,
+        checksum: sum.text(),
+    };
+    let trailer = serde_json::to_vec(&trailer).map_err(|e| Error::InvalidBackup {
+        line: records.len() + 2,
+        reason: format!("could not write the trailer: {e}"),
+    })?;
+    out.extend_from_slice(&trailer);
+    out.push(b'\n');
+    Ok(out)
+}
+
+/// Reads and checks a whole backup: header, every line, the trailer's count and checksum,
+/// and that no `(type, id)` appears twice.
+pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
+    let refuse = |line: usize, reason: String| Error::InvalidBackup { line, reason };
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| refuse(0, format!("the backup is not UTF-8 text: {e}")))?;
+    let Some(body) = text.strip_suffix('\n') else {
+        return Err(refuse(
+            0,
+            "the backup does not end with a newline (truncated?)".into(),
+        ));
+    };
+    let lines: Vec<&str> = body.split('\n').collect();
+    let first = lines.first().copied().unwrap_or_default();
+    let header: Header = serde_json::from_str(first)
+        .map_err(|e| refuse(1, format!("not a kalphite backup header: {e}")))?;
+    if header.format != FORMAT {
+        return Err(refuse(
+            1,
+            format!("format is '{}', expected '{FORMAT}'", header.format),
+        ));
+    }
+    if header.version != FORMAT_VERSION {
+        return Err(refuse(
+            1,
+            format!(
+                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                header.version
+            ),
+        ));
+    }
+    if lines.len() < 2 {
+        return Err(refuse(2, "the trailer is missing (truncated?)".into()));
+    }
+    let last = lines.len();
+    let trailer: Trailer = serde_json::from_str(lines[last - 1])
+        .ok()
+        .filter(|t: &Trailer| t.end == FORMAT)
+        .ok_or_else(|| {
+            refuse(
+                last,
+                "the trailer is missing or damaged (truncated?)".into(),
+            )
+        })?;
+    let mut sum = Fnv::new();
+    let mut records = Vec::with_capacity(last - 2);
+    let mut seen = HashSet::with_capacity(last - 2);
+    for (i, line) in lines[1..last - 1].iter().enumerate() {
+        let n = i + 2;
+        sum.update(line.as_bytes());
+        sum.update(b"\n");
+        let record: Record = serde_json::from_str(line)
+            .map_err(|e| refuse(n, format!("not an entity record: {e}")))?;
+        if !seen.insert((record.kind.clone(), record.id.clone())) {
+            return Err(refuse(
+                n,
+                format!("entity {}/{} appears twice", record.kind, record.id),
+            ));
+        }
+        records.push(record);
+    }
+    if trailer.count != records.len() as u64 {
+        return Err(refuse(
+            last,
+            format!(
+                "the trailer counts {} entities but {} were read",
+                trailer.count,
+                records.len()
+            ),
+        ));
+    }
+    if trailer.checksum != sum.text() {
+        return Err(refuse(
+            last,
+            format!(
+                "checksum mismatch: trailer says {}, content is {}",
+                trailer.checksum,
+                sum.text()
+            ),
+        ));
+    }
+    Ok((header, records))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(id: &str) -> Record {
+        Record {
+            kind: "comment".into(),
+            id: id.into(),
+            data: json!({"message": id}),
+            updated_at: 7,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let bytes = encode("sqlite", 1, &[rec("a"), rec("b")]).unwrap();
+        let (header, records) = decode(&bytes).unwrap();
+        assert_eq!(header.source, "sqlite");
+        assert_eq!(records, vec![rec("a"), rec("b")]);
+        let empty = encode("postgres", 1, &[]).unwrap();
+        assert!(decode(&empty).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn refuses_truncation_and_tampering() {
+        let bytes = encode("sqlite", 1, &[rec("a"), rec("b"), rec("c")]).unwrap();
+        for cut in 1..bytes.len() {
+            assert!(
+                decode(&bytes[..cut]).is_err(),
+                "a backup cut at {cut} bytes was accepted"
+            );
+        }
+        let text = String::from_utf8(bytes).unwrap();
+        let tampered = text.replacen("\"message\":\"b\"", "\"message\":\"x\"", 1);
+        assert!(matches!(
+            decode(tampered.as_bytes()),
+            Err(Error::InvalidBackup { .. })
+        ));
+        let dropped: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("\"id\":\"b\""))
+            .collect();
+        let dropped = dropped.join("\n") + "\n";
+        assert!(decode(dropped.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,576 @@
+//! [`Database`]: the one async API over both backends. It validates and normalizes data
+//! against the schema, stamps `updatedAt`, enforces the quota, runs migrations, and turns
+//! entities and changes into rows; the backends only run SQL.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kalphite::{Change, Entity, EntityId, Kind, Op, SharedSchema, now_millis};
+use serde_json::Value;
+
+use crate::backend::{Backend, Quota, Row, StoredEntity, Write};
+use crate::backup;
+use crate::config::{DatabaseConfig, Target, parse_url, redact};
+use crate::error::{Error, Result};
+use crate::migration::{self, AppliedMigration, Migration};
+use crate::postgres::Postgres;
+use crate::query::Query;
+use crate::sqlite::Sqlite;
+
+/// An open database: SQLite or PostgreSQL behind one API. A cheap `Clone` handle.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use kalphite::Entity;
+/// use kalphite_db::{Database, DatabaseConfig};
+/// let db = Database::open(DatabaseConfig::new("sqlite::memory:")).await?;
+/// db.upsert(Entity::new("c1", "comment", serde_json::json!({"message": "hi"}))).await?;
+/// let back = db.get_by_id("comment", "c1").await?.expect("stored");
+/// assert_eq!(back.data["message"], "hi");
+/// db.close().await?;
+/// # Ok::<(), kalphite_db::Error>(()) }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Box<dyn Backend>,
+    schema: Option<SharedSchema>,
+    quota: Option<Quota>,
+    /// Built-in migrations followed by the application's, checked and sorted.
+    migrations: Vec<Migration>,
+    /// What was opened, for messages (passwords redacted).
+    label: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("backend", &self.inner.backend.name())
+            .field("target", &self.inner.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Opens the database at `config.url`, then (unless turned off) migrates it to the
+    /// latest version, writing a backup first when `backup_before_migrate` is on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`], [`Error::Connect`] (naming what was tried), migration errors,
+    /// and [`Error::NotMigrated`] when migrations are off and some are pending.
+    pub async fn open(config: DatabaseConfig) -> Result<Self> {
+        let target = parse_url(&config.url)?;
+        let (backend, label, default_backup_dir): (Box<dyn Backend>, String, Option<PathBuf>) =
+            match &target {
+                Target::SqliteMemory => (
+                    Box::new(Sqlite::open(None).await?),
+                    "sqlite::memory:".into(),
+                    None,
+                ),
+                Target::SqliteFile(path) => {
+                    let dir = path.parent().map(|p| {
+                        if p.as_os_str().is_empty() {
+                            PathBuf::from(".")
+                        } else {
+                            p.to_path_buf()
+                        }
+                    });
+                    (
+                        Box::new(Sqlite::open(Some(path)).await?),
+                        path.display().to_string(),
+                        dir,
+                    )
+                }
+                Target::Postgres(url) => {
+                    let pg =
+                        Postgres::open(url, config.postgres_schema.as_deref(), config.pool_size)
+                            .await?;
+                    (Box::new(pg), redact(url), None)
+                }
+            };
+        let migrations = migration::all_migrations(&config.app_migrations, backend.dialect())?;
+        let backup_dir = config.backup_dir.clone().or(default_backup_dir);
+        if config.backup_before_migrate && backup_dir.is_none() {
+            return Err(Error::InvalidConfig {
+                reason: format!("backup_before_migrate needs a backup_dir for {label}"),
+            });
+        }
+        let db = Self {
+            inner: Arc::new(Inner {
+                backend,
+                schema: config.schema.clone(),
+                quota: config.max_storage_mb.map(|limit_mb| Quota { limit_mb }),
+                migrations,
+                label,
+            }),
+        };
+        let applied: Vec<i64> = db
+            .applied_migrations()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
+        let steps = migration::plan(
+            &db.inner.migrations,
+            &applied,
+            None,
+            db.inner.backend.dialect(),
+        )?;
+        if !steps.is_empty() {
+            if !config.migrations {
+                return Err(Error::NotMigrated {
+                    pending: steps.iter().map(|s| s.version).collect(),
+                });
+            }
+            if config.backup_before_migrate
+                && applied.contains(&1)
+                && let Some(dir) = backup_dir
+            {
+                let from = applied.iter().max().copied().unwrap_or(0);
+                let path = dir.join(format!(
+                    "kalphite-pre-migrate-v{from}-{}.jsonl",
+                    now_millis()
+                ));
+                db.backup_to_file(&path).await?;
+                tracing::info!(path = %path.display(), "wrote a backup before migrating");
+            }
+            db.migrate_to(None).await?;
+        }
+        Ok(db)
+    }
+
+    /// `sqlite` or `postgres`.
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// What was opened: the SQLite path or the PostgreSQL URL with its password redacted.
+    #[must_use]
+    pub fn target(&self) -> &str {
+        &self.inner.label
+    }
+
+    // ----- migrations -----
+
+    /// The migrations recorded as applied, oldest first.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn applied_migrations(&self) -> Result<Vec<AppliedMigration>> {
+        self.inner.backend.applied_migrations().await
+    }
+
+    /// Applies every pending migration up to `target` (`None`: the latest), each in its own
+    /// transaction, or rolls back every applied one above `target`; returns the versions
+    /// run. A failing migration leaves the database as it was before it.
+    ///
+    /// # Errors
+    /// [`Error::MigrationFailed`] naming the migration, [`Error::UnknownMigration`].
+    pub async fn migrate_to(&self, target: Option<i64>) -> Result<Vec<i64>> {
+        let applied: Vec<i64> = self
+            .applied_migrations()
+            .await?
+            .into_iter()
+            .map(|m| m.version)
+            .collect();
+        let steps = migration::plan(
+            &self.inner.migrations,
+            &applied,
+            target,
+            self.inner.backend.dialect(),
+        )?;
+        let mut done = Vec::with_capacity(steps.len());
+        for step in steps {
+            tracing::info!(version = step.version, name = %step.name, up = step.up, "migration");
+            let version = step.version;
+            self.inner.backend.run_step(step).await?;
+            done.push(version);
+        }
+        Ok(done)
+    }
+
+    /// Rolls back every applied migration above `version` (0 removes kalphite's tables).
+    ///
+    /// # Errors
+    /// As [`Database::migrate_to`].
+    pub async fn rollback_to(&self, version: i64) -> Result<Vec<i64>> {
+        self.migrate_to(Some(version)).await
+    }
+
+    // ----- writes -----
+
+    fn row(&self, mut entity: Entity) -> Result<(Row, Entity)> {
+        if let Some(schema) = &self.inner.schema {
+            entity.data = schema
+                .normalize(&entity.kind, entity.data)
+                .map_err(|issues| Error::Validation {
+                    kind: entity.kind.to_string(),
+                    id: entity.id.to_string(),
+                    issues,
+                })?;
+        }
+        if entity.updated_at == 0 {
+            entity.updated_at = now_millis();
+        }
+        let data = serde_json::to_string(&entity.data).map_err(|e| Error::Serialize {
+            kind: entity.kind.to_string(),
+            id: entity.id.to_string(),
+            source: e,
+        })?;
+        let row = Row {
+            kind: entity.kind.clone(),
+            id: entity.id.clone(),
+            data,
+            updated_at: i64::try_from(entity.updated_at).unwrap_or(i64::MAX),
+        };
+        Ok((row, entity))
+    }
+
+    /// Inserts or replaces one entity (validated and normalized by the schema first; an
+    /// unset `updatedAt` is stamped now) and returns it as stored.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] (nothing written), [`Error::QuotaExceeded`], backend errors.
+    pub async fn upsert(&self, entity: Entity) -> Result<Entity> {
+        let (row, entity) = self.row(entity)?;
+        self.inner
+            .backend
+            .write(vec![Write::Upsert(row)], self.inner.quota)
+            .await?;
+        Ok(entity)
+    }
+
+    /// Inserts or replaces several entities in one transaction: all or nothing.
+    ///
+    /// # Errors
+    /// As [`Database::upsert`]; one invalid entity refuses the whole batch.
+    pub async fn upsert_batch(&self, entities: Vec<Entity>) -> Result<Vec<Entity>> {
+        let mut writes = Vec::with_capacity(entities.len());
+        let mut stored = Vec::with_capacity(entities.len());
+        for e in entities {
+            let (row, e) = self.row(e)?;
+            writes.push(Write::Upsert(row));
+            stored.push(e);
+        }
+        self.inner.backend.write(writes, self.inner.quota).await?;
+        Ok(stored)
+    }
+
+    /// Deletes one entity; `true` if it existed. Deletes only that entity: no heuristic
+    /// cascades.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn delete(&self, kind: &str, id: &str) -> Result<bool> {
+        let w = Write::Delete {
+            kind: kind.into(),
+            id: id.into(),
+        };
+        Ok(self
+            .inner
+            .backend
+            .write(vec![w], None)
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Deletes several entities in one transaction; returns how many existed.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn delete_batch<K, I>(&self, keys: impl IntoIterator<Item = (K, I)>) -> Result<usize>
+    where
+        K: Into<Kind>,
+        I: Into<EntityId>,
+    {
+        let writes = keys
+            .into_iter()
+            .map(|(k, i)| Write::Delete {
+                kind: k.into(),
+                id: i.into(),
+            })
+            .collect();
+        Ok(self
+            .inner
+            .backend
+            .write(writes, None)
+            .await?
+            .into_iter()
+            .filter(|d| *d)
+            .count())
+    }
+
+    /// Applies a batch of changes (upserts and deletes, in order) in one transaction.
+    /// Remote changes are stored like local ones.
+    ///
+    /// # Errors
+    /// [`Error::InvalidChange`] for an upsert without its entity, [`Error::Validation`],
+    /// [`Error::QuotaExceeded`], backend errors. Nothing is written on error.
+    pub async fn apply_changes(&self, changes: &[Change]) -> Result<()> {
+        let mut writes = Vec::with_capacity(changes.len());
+        for c in changes {
+            match c.op {
+                Op::Delete => writes.push(Write::Delete {
+                    kind: c.kind.clone(),
+                    id: c.id.clone(),
+                }),
+                Op::Upsert => writes.push(Write::Upsert(self.change_row(c)?)),
+            }
+        }
+        self.inner.backend.write(writes, self.inner.quota).await?;
+        Ok(())
+    }
+
+    fn change_row(&self, c: &Change) -> Result<Row> {
+        let invalid = |reason: String| Error::InvalidChange {
+            kind: c.kind.to_string(),
+            id: c.id.to_string(),
+            reason,
+        };
+        let any = c
+            .entity
+            .as_ref()
+            .ok_or_else(|| invalid("an upsert without its entity".into()))?;
+        if any.kind() != &c.kind || any.id() != &c.id {
+            return Err(invalid(format!(
+                "carries entity {}/{}",
+                any.kind(),
+                any.id()
+            )));
+        }
+        let updated_at = if any.updated_at() == 0 {
+            c.timestamp
+        } else {
+            any.updated_at()
+        };
+        // Fast path: dynamic entities without a schema serialize straight from the store's
+        // own value, with no intermediate copy.
+        if self.inner.schema.is_none()
+            && let Some(e) = any.downcast::<Value>()
+        {
+            let data = serde_json::to_string(&e.data).map_err(|err| Error::Serialize {
+                kind: c.kind.to_string(),
+                id: c.id.to_string(),
+                source: err,
+            })?;
+            return Ok(Row {
+                kind: c.kind.clone(),
+                id: c.id.clone(),
+                data,
+                updated_at: i64::try_from(updated_at).unwrap_or(i64::MAX),
+            });
+        }
+        let entity = any.to_json().map_err(|e| Error::Serialize {
+            kind: c.kind.to_string(),
+            id: c.id.to_string(),
+            source: e,
+        })?;
+        Ok(self.row(entity.at(updated_at))?.0)
+    }
+
+    /// Removes every entity (migrations and application tables are untouched).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn clear(&self) -> Result<()> {
+        self.inner.backend.replace_all(Vec::new(), None).await
+    }
+
+    // ----- reads -----
+
+    /// The entity `kind`/`id`, or `None`. A corrupt row reads as `None` (and is logged).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn get_by_id(&self, kind: &str, id: &str) -> Result<Option<Entity>> {
+        Ok(self.get_stored(kind, id).await?.map(|s| s.entity))
+    }
+
+    /// The entity with its stored version.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn get_stored(&self, kind: &str, id: &str) -> Result<Option<StoredEntity>> {
+        self.inner.backend.get(kind.into(), id.into()).await
+    }
+
+    /// Every entity of `kind`, in first-insert order; corrupt rows are skipped.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn get_by_type(&self, kind: &str) -> Result<Vec<Entity>> {
+        self.find(&Query::new(kind)).await
+    }
+
+    /// Every entity of every kind, in first-insert order (what a Store hydrates from).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn get_all(&self) -> Result<Vec<Entity>> {
+        Ok(self
+            .inner
+            .backend
+            .dump()
+            .await?
+            .into_iter()
+            .map(|r| r.into_entity().0)
+            .collect())
+    }
+
+    /// Runs a [`Query`] in SQL.
+    ///
+    /// # Errors
+    /// [`Error::InvalidQuery`], backend errors.
+    pub async fn find(&self, query: &Query) -> Result<Vec<Entity>> {
+        query.validate()?;
+        let rows = self.inner.backend.find(query.clone()).await?;
+        Ok(rows.into_iter().map(|s| s.entity).collect())
+    }
+
+    /// The entities of `kind` for which `filter` holds, in first-insert order (the spec's
+    /// closure query; the filter runs in memory).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn query<F>(&self, kind: &str, filter: F) -> Result<Vec<Entity>>
+    where
+        F: Fn(&Entity) -> bool,
+    {
+        let mut all = self.get_by_type(kind).await?;
+        all.retain(|e| filter(e));
+        Ok(all)
+    }
+
+    /// As [`Database::query`], sorted by `order_by` (stable: ties keep insertion order).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn query_sorted<F, O, K>(
+        &self,
+        kind: &str,
+        filter: F,
+        order_by: O,
+    ) -> Result<Vec<Entity>>
+    where
+        F: Fn(&Entity) -> bool,
+        O: Fn(&Entity) -> K,
+        K: Ord,
+    {
+        let mut out = self.query(kind, filter).await?;
+        out.sort_by_key(|e| order_by(e));
+        Ok(out)
+    }
+
+    /// Each kind present with its entity count, sorted by kind.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn kinds(&self) -> Result<Vec<(Kind, u64)>> {
+        let mut kinds = self.inner.backend.kinds().await?;
+        kinds.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        Ok(kinds)
+    }
+
+    /// The number of entities of `kind`.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn count(&self, kind: &str) -> Result<u64> {
+        Ok(self
+            .kinds()
+            .await?
+            .into_iter()
+            .find(|(k, _)| **k == *kind)
+            .map_or(0, |(_, n)| n))
+    }
+
+    /// The bytes the quota counts as used: SQLite's used pages; PostgreSQL's
+    /// `pg_total_relation_size` of the entities table.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn storage_bytes(&self) -> Result<u64> {
+        self.inner.backend.storage_bytes().await
+    }
+
+    // ----- backup -----
+
+    /// Writes every entity in the portable backup format (see `docs/database.md`).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn backup(&self) -> Result<Vec<u8>> {
+        let records = self.inner.backend.dump().await?;
+        backup::encode(self.backend_name(), now_millis(), &records)
+    }
+
+    /// Writes a backup to `path`.
+    ///
+    /// # Errors
+    /// As [`Database::backup`], and [`Error::Io`].
+    pub async fn backup_to_file(&self, path: &Path) -> Result<()> {
+        let bytes = self.backup().await?;
+        let io = |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let tmp = path.with_extension("partial");
+        tokio::fs::write(&tmp, bytes).await.map_err(io)?;
+        tokio::fs::rename(&tmp, path).await.map_err(io)
+    }
+
+    /// Replaces every entity with the backup's, atomically. The whole backup is checked
+    /// first (format, count, checksum, schema); a bad one is refused and nothing changes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBackup`], [`Error::Validation`], [`Error::QuotaExceeded`], backend
+    /// errors.
+    pub async fn restore(&self, bytes: &[u8]) -> Result<usize> {
+        let (_, mut records) = backup::decode(bytes)?;
+        if let Some(schema) = &self.inner.schema {
+            for r in &mut records {
+                let data = std::mem::take(&mut r.data);
+                r.data = schema
+                    .normalize(&r.kind, data)
+                    .map_err(|issues| Error::Validation {
+                        kind: r.kind.to_string(),
+                        id: r.id.to_string(),
+                        issues,
+                    })?;
+            }
+        }
+        let n = records.len();
+        self.inner
+            .backend
+            .replace_all(records, self.inner.quota)
+            .await?;
+        Ok(n)
+    }
+
+    /// Restores from a backup file.
+    ///
+    /// # Errors
+    /// As [`Database::restore`], and [`Error::Io`].
+    pub async fn restore_from_file(&self, path: &Path) -> Result<usize> {
+        let bytes = tokio::fs::read(path).await.map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.restore(&bytes).await
+    }
+
+    /// Closes the database: waits for the SQLite thread to finish, or closes the pool.
+    /// Later calls fail with [`Error::Closed`].
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.backend.close().await
+    }
+}

@@ -1,0 +1,211 @@
+//! Errors of the database layer: one [`Error`] enum whose variants carry typed fields and
+//! whose messages say what was refused, why, and what to do about it.
+
+use kalphite::Issue;
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the database layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database URL is not one of the supported forms.
+    #[error(
+        "invalid database URL '{url}': {reason} (expected 'sqlite:PATH', 'sqlite::memory:' or \
+         'postgres://user@host:port/dbname')"
+    )]
+    InvalidUrl {
+        /// The URL as given (passwords redacted).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The configuration is inconsistent.
+    #[error("invalid database configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The database could not be opened or reached.
+    #[error("could not open database {target}: {message}")]
+    Connect {
+        /// What was tried: a file path or a redacted PostgreSQL URL.
+        target: String,
+        /// Why it failed.
+        message: String,
+    },
+
+    /// SQLite reported an error.
+    #[error("SQLite error while {context}: {source}")]
+    Sqlite {
+        /// The operation that failed.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    /// PostgreSQL reported an error.
+    #[error("PostgreSQL error while {context}: {source}")]
+    Postgres {
+        /// The operation that failed.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// No PostgreSQL connection could be taken from the pool.
+    #[error("PostgreSQL connection pool error while {context}: {message}")]
+    Pool {
+        /// The operation that needed a connection.
+        context: String,
+        /// The pool's explanation.
+        message: String,
+    },
+
+    /// An entity's data was rejected by the schema; nothing was written.
+    #[error("entity {kind}/{id} was refused by the schema: {}", join(.issues))]
+    Validation {
+        /// The entity's kind.
+        kind: String,
+        /// The entity's id.
+        id: String,
+        /// Every problem found.
+        issues: Vec<Issue>,
+    },
+
+    /// An entity's data could not be turned into JSON.
+    #[error("entity {kind}/{id} could not be serialized to JSON: {source}")]
+    Serialize {
+        /// The entity's kind.
+        kind: String,
+        /// The entity's id.
+        id: String,
+        /// serde's explanation.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A change record is malformed (for example an upsert without its entity).
+    #[error("malformed change for {kind}/{id}: {reason}")]
+    InvalidChange {
+        /// The entity's kind.
+        kind: String,
+        /// The entity's id.
+        id: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+
+    /// Writing would take the database past its storage quota; nothing was written.
+    #[error(
+        "storage quota exceeded: the database uses {used_bytes} bytes of its {limit_mb} MB limit \
+         and this write needs {needed_bytes} more bytes; nothing was written (delete data or \
+         raise max_storage_mb)"
+    )]
+    QuotaExceeded {
+        /// The configured limit, in MiB.
+        limit_mb: u64,
+        /// Bytes in use before the write.
+        used_bytes: u64,
+        /// Bytes the refused write needed.
+        needed_bytes: u64,
+    },
+
+    /// A migration failed; the database is as it was before that migration.
+    #[error("migration {version} '{name}' failed while {direction}: {message}")]
+    MigrationFailed {
+        /// The migration's version.
+        version: i64,
+        /// The migration's name.
+        name: String,
+        /// "applying" or "rolling back".
+        direction: &'static str,
+        /// The database's explanation.
+        message: String,
+    },
+
+    /// The list of migrations is unusable (duplicate versions, reserved versions, missing SQL).
+    #[error("invalid migration list: {reason}")]
+    InvalidMigration {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The database has a migration applied that this program does not know, so it was
+    /// written by a newer program; refusing to touch it.
+    #[error(
+        "the database has migration {version} applied, which this program does not know \
+         (it was migrated by a newer version); upgrade the program"
+    )]
+    UnknownMigration {
+        /// The unknown version.
+        version: i64,
+    },
+
+    /// Migrations are turned off and the database is not at the latest version.
+    #[error(
+        "the database is not migrated (pending: {pending:?}); open it with migrations enabled \
+         or run them first"
+    )]
+    NotMigrated {
+        /// Versions that still need to be applied.
+        pending: Vec<i64>,
+    },
+
+    /// A query built with [`crate::Query`] cannot be run.
+    #[error("invalid query: {reason}")]
+    InvalidQuery {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A backup could not be read; nothing was restored and the old contents are kept.
+    #[error("backup refused at line {line}: {reason}; the database was not changed")]
+    InvalidBackup {
+        /// 1-based line of the backup where the problem was found (0: the whole file).
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The database was closed.
+    #[error("the database is closed")]
+    Closed,
+}
+
+fn join(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    pub(crate) fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Sqlite { context, source }
+    }
+
+    pub(crate) fn postgres(
+        context: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let context = context.into();
+        move |source| Self::Postgres { context, source }
+    }
+}

@@ -1,0 +1,556 @@
+//! The PostgreSQL backend: a deadpool connection pool over tokio-postgres, entities as
+//! JSONB. Batches are pipelined inside one transaction; queries compare strings with
+//! `COLLATE "C"` so that results and order match the SQLite backend byte for byte.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::try_join_all;
+use kalphite::{EntityId, Kind, now_millis};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use crate::backend::{Backend, Quota, ROW_OVERHEAD, StoredEntity, Write};
+use crate::backup::Record;
+use crate::config::redact;
+use crate::error::{Error, Result};
+use crate::migration::{AppliedMigration, Dialect, Step};
+use crate::query::{Cmp, Condition, Direction, Field, Query};
+
+const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS kalphite_migrations (
+    version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)";
+const LOCK_MIGRATIONS: &str =
+    "SELECT pg_advisory_xact_lock(hashtext('kalphite_migrations:' || current_schema()))";
+const LIST_MIGRATIONS: &str =
+    "SELECT version, name, applied_at FROM kalphite_migrations ORDER BY version";
+const UPSERT: &str = "INSERT INTO kalphite_entities (type, id, data, updated_at) \
+    VALUES ($1, $2, $3::text::jsonb, $4) ON CONFLICT (type, id) DO UPDATE SET \
+    data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, \
+    version = kalphite_entities.version + 1";
+const INSERT_WITH_VERSION: &str = "INSERT INTO kalphite_entities \
+    (type, id, data, updated_at, version) VALUES ($1, $2, $3::text::jsonb, $4, $5)";
+const DELETE: &str = "DELETE FROM kalphite_entities WHERE type = $1 AND id = $2";
+const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities \
+    WHERE type = $1 AND id = $2";
+const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
+const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
+const SIZE: &str = "SELECT COALESCE(pg_total_relation_size(to_regclass('kalphite_entities')), 0)";
+
+/// How many pipelined statements a restore keeps in flight.
+const PIPELINE_CHUNK: usize = 512;
+
+type Param = Box<dyn ToSql + Sync + Send>;
+
+/// A PostgreSQL database behind a connection pool.
+pub(crate) struct Postgres {
+    pool: Pool,
+    label: String,
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl Postgres {
+    /// Connects to `url`, optionally keeping kalphite's tables in `schema`.
+    pub(crate) async fn open(url: &str, schema: Option<&str>, pool_size: usize) -> Result<Self> {
+        let label = redact(url);
+        let mut config: tokio_postgres::Config =
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
+                    url: label.clone(),
+                    reason: e.to_string(),
+                })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        if let Some(schema) = schema {
+            if !is_identifier(schema) {
+                return Err(Error::InvalidConfig {
+                    reason: format!(
+                        "postgres_schema '{schema}' must be letters, digits and '_' (≤ 63)"
+                    ),
+                });
+            }
+            let options = config.get_options().map(str::to_owned).unwrap_or_default();
+            config.options(
+                format!("{options} -c search_path={schema}")
+                    .trim_start()
+                    .to_owned(),
+            );
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| Error::Connect {
+                target: label.clone(),
+                message: e.to_string(),
+            })?;
+        let db = Self { pool, label };
+        let client = db.pool.get().await.map_err(|e| Error::Connect {
+            target: db.label.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(schema) = schema {
+            let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+            if let Err(e) = client.batch_execute(&create).await {
+                // Two openers racing on the same new schema: the loser sees a unique violation.
+                let exists: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                        &[&schema],
+                    )
+                    .await
+                    .map_err(Error::postgres("checking the schema"))?
+                    .get(0);
+                if !exists {
+                    return Err(Error::Postgres {
+                        context: format!("creating schema {schema}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        drop(client);
+        Ok(db)
+    }
+
+    async fn client(&self, context: &str) -> Result<deadpool_postgres::Object> {
+        if self.pool.is_closed() {
+            return Err(Error::Closed);
+        }
+        self.pool.get().await.map_err(|e| Error::Pool {
+            context: format!("{context} on {}", self.label),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn to_stored(row: &tokio_postgres::Row) -> Result<StoredEntity> {
+    let ctx = "reading an entity row";
+    let kind: String = row.try_get(0).map_err(Error::postgres(ctx))?;
+    let id: String = row.try_get(1).map_err(Error::postgres(ctx))?;
+    let data: Value = row.try_get(2).map_err(Error::postgres(ctx))?;
+    let updated_at: i64 = row.try_get(3).map_err(Error::postgres(ctx))?;
+    let version: i64 = row.try_get(4).map_err(Error::postgres(ctx))?;
+    Ok(StoredEntity {
+        entity: kalphite::Entity {
+            id: id.into(),
+            kind: kind.into(),
+            data,
+            updated_at: u64::try_from(updated_at).unwrap_or(0),
+        },
+        version,
+    })
+}
+
+fn as_refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Postgres
+    }
+
+    async fn applied_migrations(&self) -> Result<Vec<AppliedMigration>> {
+        let ctx = "listing applied migrations";
+        let mut client = self.client(ctx).await?;
+        let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
+        tx.batch_execute(LOCK_MIGRATIONS)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        tx.batch_execute(CREATE_MIGRATIONS)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let rows = tx
+            .query(LIST_MIGRATIONS, &[])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        tx.commit().await.map_err(Error::postgres(ctx))?;
+        rows.iter()
+            .map(|r| {
+                Ok(AppliedMigration {
+                    version: r.try_get(0).map_err(Error::postgres(ctx))?,
+                    name: r.try_get(1).map_err(Error::postgres(ctx))?,
+                    applied_at: r.try_get(2).map_err(Error::postgres(ctx))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_step(&self, step: Step) -> Result<()> {
+        let failed = |e: tokio_postgres::Error| Error::MigrationFailed {
+            version: step.version,
+            name: step.name.clone(),
+            direction: step.direction(),
+            message: e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+        };
+        let mut client = self.client("running a migration").await?;
+        let tx = client.transaction().await.map_err(failed)?;
+        tx.batch_execute(LOCK_MIGRATIONS).await.map_err(failed)?;
+        tx.batch_execute(CREATE_MIGRATIONS).await.map_err(failed)?;
+        let applied: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM kalphite_migrations WHERE version = $1)",
+                &[&step.version],
+            )
+            .await
+            .map_err(failed)?
+            .get(0);
+        if applied == step.up {
+            return Ok(()); // another process did it while we waited for the lock
+        }
+        tx.batch_execute(&step.sql).await.map_err(failed)?;
+        if step.up {
+            let now = i64::try_from(now_millis()).unwrap_or(0);
+            tx.execute(
+                "INSERT INTO kalphite_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                &[&step.version, &step.name, &now],
+            )
+            .await
+            .map_err(failed)?;
+        } else {
+            tx.execute(
+                "DELETE FROM kalphite_migrations WHERE version = $1",
+                &[&step.version],
+            )
+            .await
+            .map_err(failed)?;
+        }
+        tx.commit().await.map_err(failed)
+    }
+
+    async fn write(&self, writes: Vec<Write>, quota: Option<Quota>) -> Result<Vec<bool>> {
+        let ctx = "writing a batch";
+        let mut client = self.client(ctx).await?;
+        let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
+        if let Some(quota) = quota {
+            let used: i64 = tx
+                .query_one(SIZE, &[])
+                .await
+                .map_err(Error::postgres(ctx))?
+                .get(0);
+            quota.check(
+                u64::try_from(used).unwrap_or(0),
+                writes.iter().map(Write::size).sum(),
+            )?;
+        }
+        let upsert = tx
+            .prepare_cached(UPSERT)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let delete = tx
+            .prepare_cached(DELETE)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let mut affected = Vec::with_capacity(writes.len());
+        for chunk in writes.chunks(PIPELINE_CHUNK) {
+            let pending = chunk.iter().map(|w| {
+                let (stmt, params): (_, Vec<Param>) = match w {
+                    Write::Upsert(r) => (
+                        &upsert,
+                        vec![
+                            Box::new(r.kind.to_string()),
+                            Box::new(r.id.to_string()),
+                            Box::new(r.data.clone()),
+                            Box::new(r.updated_at),
+                        ],
+                    ),
+                    Write::Delete { kind, id } => (
+                        &delete,
+                        vec![Box::new(kind.to_string()), Box::new(id.to_string())],
+                    ),
+                };
+                tx.execute_raw(stmt, params)
+            });
+            let counts = try_join_all(pending).await.map_err(Error::postgres(ctx))?;
+            affected.extend(counts.into_iter().map(|n| n > 0));
+        }
+        tx.commit().await.map_err(Error::postgres(ctx))?;
+        Ok(affected)
+    }
+
+    async fn get(&self, kind: Kind, id: EntityId) -> Result<Option<StoredEntity>> {
+        let ctx = "reading an entity";
+        let client = self.client(ctx).await?;
+        let stmt = client
+            .prepare_cached(GET)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let row = client
+            .query_opt(&stmt, &[&kind.as_str(), &id.as_str()])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        row.as_ref().map(to_stored).transpose()
+    }
+
+    async fn find(&self, query: Query) -> Result<Vec<StoredEntity>> {
+        let ctx = "running a query";
+        let (sql, params) = render(&query);
+        let client = self.client(ctx).await?;
+        let stmt = client
+            .prepare_cached(&sql)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let rows = client
+            .query(&stmt, &as_refs(&params))
+            .await
+            .map_err(Error::postgres(ctx))?;
+        rows.iter().map(to_stored).collect()
+    }
+
+    async fn dump(&self) -> Result<Vec<Record>> {
+        let ctx = "reading every entity";
+        let client = self.client(ctx).await?;
+        let rows = client
+            .query(DUMP, &[])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        rows.iter()
+            .map(|r| {
+                let s = to_stored(r)?;
+                Ok(Record {
+                    kind: s.entity.kind,
+                    id: s.entity.id,
+                    data: s.entity.data,
+                    updated_at: s.entity.updated_at,
+                    version: s.version,
+                })
+            })
+            .collect()
+    }
+
+    async fn replace_all(&self, records: Vec<Record>, quota: Option<Quota>) -> Result<()> {
+        let ctx = "restoring a backup";
+        let mut rows = Vec::with_capacity(records.len());
+        let mut needed = 0u64;
+        for r in records {
+            let data = serde_json::to_string(&r.data).map_err(|e| Error::Serialize {
+                kind: r.kind.to_string(),
+                id: r.id.to_string(),
+                source: e,
+            })?;
+            needed += (r.kind.len() + r.id.len() + data.len() + ROW_OVERHEAD) as u64;
+            let updated_at = i64::try_from(r.updated_at).unwrap_or(i64::MAX);
+            rows.push((r, data, updated_at));
+        }
+        if let Some(quota) = quota {
+            quota.check(0, needed)?;
+        }
+        let mut client = self.client(ctx).await?;
+        let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
+        tx.batch_execute("DELETE FROM kalphite_entities")
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let insert = tx
+            .prepare_cached(INSERT_WITH_VERSION)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        for chunk in rows.chunks(PIPELINE_CHUNK) {
+            let pending = chunk.iter().map(|(r, data, updated_at)| {
+                let params: [Param; 5] = [
+                    Box::new(r.kind.to_string()),
+                    Box::new(r.id.to_string()),
+                    Box::new(data.clone()),
+                    Box::new(*updated_at),
+                    Box::new(r.version),
+                ];
+                tx.execute_raw(&insert, params)
+            });
+            try_join_all(pending).await.map_err(Error::postgres(ctx))?;
+        }
+        tx.commit().await.map_err(Error::postgres(ctx))
+    }
+
+    async fn kinds(&self) -> Result<Vec<(Kind, u64)>> {
+        let ctx = "listing kinds";
+        let client = self.client(ctx).await?;
+        let rows = client
+            .query(KINDS, &[])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get(0).map_err(Error::postgres(ctx))?;
+                let n: i64 = r.try_get(1).map_err(Error::postgres(ctx))?;
+                Ok((Kind::from(kind), u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    async fn storage_bytes(&self) -> Result<u64> {
+        let ctx = "measuring the database size";
+        let client = self.client(ctx).await?;
+        let used: i64 = client
+            .query_one(SIZE, &[])
+            .await
+            .map_err(Error::postgres(ctx))?
+            .get(0);
+        Ok(u64::try_from(used).unwrap_or(0))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.pool.close();
+        Ok(())
+    }
+}
+
+/// Builds SQL with numbered parameters.
+struct Sql {
+    text: String,
+    params: Vec<Param>,
+}
+
+impl Sql {
+    fn param(&mut self, p: Param) -> String {
+        self.params.push(p);
+        format!("${}", self.params.len())
+    }
+
+    /// `data -> $a -> $b` (`->>` for the last step when `as_text`): object keys only, so an
+    /// array is never indexed (as in SQLite's `$."key"` paths).
+    fn path(&mut self, path: &[String], as_text: bool) -> String {
+        let mut expr = String::from("data");
+        for (i, key) in path.iter().enumerate() {
+            let p = self.param(Box::new(key.clone()));
+            let arrow = if as_text && i + 1 == path.len() {
+                "->>"
+            } else {
+                "->"
+            };
+            let _ = write!(expr, " {arrow} {p}::text");
+        }
+        expr
+    }
+
+    fn compare(&mut self, field: &Field, op: Cmp, value: &Value) {
+        let op_sql = op.sql();
+        let clause = match field {
+            Field::UpdatedAt => {
+                let p = self.param(Box::new(value.as_i64().unwrap_or(0)));
+                format!("updated_at {op_sql} {p}::int8")
+            }
+            Field::Id => {
+                let p = self.param(Box::new(value.as_str().unwrap_or_default().to_owned()));
+                format!("id COLLATE \"C\" {op_sql} {p}::text")
+            }
+            Field::Data(path) => {
+                let json = self.path(path, false);
+                match value {
+                    Value::Number(n) => {
+                        let text = self.path(path, true);
+                        let p = self.param(Box::new(n.to_string()));
+                        format!(
+                            "(CASE WHEN jsonb_typeof({json}) = 'number' \
+                             THEN ({text})::numeric {op_sql} CAST({p}::text AS numeric) ELSE false END)"
+                        )
+                    }
+                    Value::String(s) => {
+                        let text = self.path(path, true);
+                        let p = self.param(Box::new(s.clone()));
+                        format!(
+                            "(CASE WHEN jsonb_typeof({json}) = 'string' \
+                             THEN ({text}) COLLATE \"C\" {op_sql} {p}::text ELSE false END)"
+                        )
+                    }
+                    Value::Bool(b) => format!("({json}) = '{b}'::jsonb"),
+                    _ => format!("jsonb_typeof({json}) = 'null'"),
+                }
+            }
+        };
+        self.text.push_str(&clause);
+    }
+}
+
+/// Renders a query as PostgreSQL with numbered parameters.
+fn render(q: &Query) -> (String, Vec<Param>) {
+    let mut sql = Sql {
+        text: String::from(
+            "SELECT type, id, data, updated_at, version FROM kalphite_entities WHERE type = $1",
+        ),
+        params: vec![Box::new(q.kind.clone())],
+    };
+    for c in &q.conditions {
+        sql.text.push_str(" AND ");
+        match c {
+            Condition::Compare { field, op, value } => sql.compare(field, *op, value),
+            Condition::In { field, values } => {
+                if values.is_empty() {
+                    sql.text.push_str("false");
+                } else {
+                    sql.text.push('(');
+                    for (i, v) in values.iter().enumerate() {
+                        if i > 0 {
+                            sql.text.push_str(" OR ");
+                        }
+                        sql.compare(field, Cmp::Eq, v);
+                    }
+                    sql.text.push(')');
+                }
+            }
+        }
+    }
+    let mut order = String::from(" ORDER BY ");
+    for (field, dir) in &q.order {
+        let d = if *dir == Direction::Desc {
+            "DESC"
+        } else {
+            "ASC"
+        };
+        match field {
+            Field::UpdatedAt => {
+                let _ = write!(order, "updated_at {d}, ");
+            }
+            Field::Id => {
+                let _ = write!(order, "id COLLATE \"C\" {d}, ");
+            }
+            Field::Data(path) => {
+                let json = sql.path(path, false);
+                let text = sql.path(path, true);
+                let _ = write!(
+                    order,
+                    "CASE jsonb_typeof({json}) WHEN 'null' THEN 1 \
+                     WHEN 'boolean' THEN (CASE WHEN ({json}) = 'true'::jsonb THEN 3 ELSE 2 END) \
+                     WHEN 'number' THEN 4 WHEN 'string' THEN 5 WHEN 'array' THEN 6 \
+                     WHEN 'object' THEN 7 ELSE 0 END {d}, \
+                     (CASE WHEN jsonb_typeof({json}) = 'number' THEN ({text})::numeric END) {d} NULLS FIRST, \
+                     (CASE WHEN jsonb_typeof({json}) = 'string' THEN ({text}) COLLATE \"C\" END) {d} NULLS FIRST, "
+                );
+            }
+        }
+    }
+    order.push_str("seq");
+    sql.text.push_str(&order);
+    let limit = q
+        .limit
+        .map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX));
+    let offset = i64::try_from(q.offset).unwrap_or(i64::MAX);
+    let l = sql.param(Box::new(limit));
+    let o = sql.param(Box::new(offset));
+    let _ = write!(sql.text, " LIMIT {l}::int8 OFFSET {o}::int8");
+    (sql.text, sql.params)
+}
