@@ -1,1 +1,86 @@
-//! placeholder
+//! kalphite-sync — the wire protocol and the sans-IO sync core of kalphite.
+//!
+//! A sync server holds one [`Room`] per room id; each client holds a [`Replica`]. Both
+//! are state machines: decoded messages and the current time go in, messages to send
+//! (and, on the client, changes to apply to the local store) come out. No sockets, no
+//! timers, no clock reads — the WebSocket server and client are thin adapters around
+//! them, and tests drive many replicas deterministically from a seed.
+//!
+//! # Layout
+//! - [`protocol`]: wire types, [`decode_client`](protocol::decode_client) /
+//!   [`encode`](protocol::encode), error codes (reference: `docs/protocol.md`).
+//! - [`clock`]: vector clocks.
+//! - [`conflict`]: conflict strategies (last-write-wins, field merge, manual, custom).
+//! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
+//! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
+//!
+//! The conflict rules and why every replica converges are in `docs/sync.md`.
+//!
+//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use kalphite::{AnyEntity, Change, Entity, Origin};
+//! use kalphite_sync::{ConflictPolicy, Replica, ReplicaConfig, Room, Step};
+//! use kalphite_sync::protocol::ClientMessage;
+//!
+//! let mut room = Room::new("room-1", ConflictPolicy::default());
+//! let mut alice = Replica::new(ReplicaConfig::new("room-1", "alice", "alice-laptop"));
+//!
+//! // Connect: the hello goes to the room, its answer back to the replica.
+//! let ClientMessage::Hello(hello) = alice.connect(1) else { unreachable!() };
+//! for out in room.join(7, "alice", &hello, 1).unwrap() {
+//!     alice.handle(out.message, 1);
+//! }
+//!
+//! // A local write becomes a change message...
+//! let todo = Entity::new("t1", "todo", serde_json::json!({"title": "milk"})).at(2);
+//! let local = Change::upsert(AnyEntity::new(Arc::new(todo)), 2, Origin::Local);
+//! let sent = alice.local_change(&local, 2).unwrap();
+//!
+//! // ...that the room accepts, the caller persists, then commits to release the ack.
+//! let Step::Persist(pending) = room.handle(7, sent[0].clone(), 3) else { unreachable!() };
+//! assert_eq!(pending.record().version, 1); // write pending.record() to the database here
+//! for out in room.commit(pending).unwrap() {
+//!     alice.handle(out.message, 3);
+//! }
+//! assert_eq!(alice.outbox_len(), 0);
+//! assert_eq!(room.version(), 1);
+//! ```
+
+use kalphite::{EntityId, Kind};
+use serde::{Deserialize, Serialize};
+
+pub mod clock;
+pub mod conflict;
+pub mod protocol;
+pub mod replica;
+pub mod room;
+
+pub use clock::{Causality, VectorClock};
+pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version};
+pub use protocol::{ClientMessage, PROTOCOL_VERSION, ProtocolError, ServerMessage};
+pub use replica::{
+    LinkState, Output, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, ReplicaState,
+};
+pub use room::{
+    ConnId, Outbound, Pending, Recipient, Room, RoomError, RoomLimits, Step, StoredChange,
+};
+
+/// One entity's address: its kind and id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntityKey {
+    /// The kind.
+    pub kind: Kind,
+    /// The id.
+    pub id: EntityId,
+}
+
+impl EntityKey {
+    /// A key.
+    pub fn new(kind: impl Into<Kind>, id: impl Into<EntityId>) -> Self {
+        Self {
+            kind: kind.into(),
+            id: id.into(),
+        }
+    }
+}

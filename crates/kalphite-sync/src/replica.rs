@@ -1,0 +1,654 @@
+//! The client side of sync as a sans-IO state machine: a [`Replica`] turns local changes
+//! into outgoing messages (vector clock, outbox, resend until acknowledged) and server
+//! messages into changes to apply to the local store, marked remote.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use kalphite::{AnyEntity, Change, Entity, Millis, Op, Origin};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::EntityKey;
+use crate::clock::VectorClock;
+use crate::conflict::content_hash;
+use crate::protocol::{
+    ChangePayload, ClientMessage, ConflictPayload, Envelope, ErrorCode, HeartbeatPayload,
+    HelloPayload, PROTOCOL_VERSION, ServerMessage,
+};
+
+/// Who this replica is and how it behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// The room to sync with.
+    pub room_id: String,
+    /// The user, as authenticated by the token.
+    pub user_id: String,
+    /// This installation's id: its slot in vector clocks and the prefix of its message ids.
+    /// Must be unique per room and stable across restarts.
+    pub replica_id: String,
+    /// Sent in the hello.
+    pub auth_token: Option<String>,
+    /// How long to wait for an ack before resending a change.
+    pub resend_after: Millis,
+    /// Send a heartbeat after this long without sending anything.
+    pub heartbeat_interval: Millis,
+    /// Most entities with unacknowledged changes; past it, new local changes are refused
+    /// (never dropped silently).
+    pub outbox_limit: usize,
+}
+
+impl ReplicaConfig {
+    /// A config with the default timings (resend 5 s, heartbeat 30 s, outbox 1000).
+    pub fn new(
+        room_id: impl Into<String>,
+        user_id: impl Into<String>,
+        replica_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            room_id: room_id.into(),
+            user_id: user_id.into(),
+            replica_id: replica_id.into(),
+            auth_token: None,
+            resend_after: 5_000,
+            heartbeat_interval: 30_000,
+            outbox_limit: 1_000,
+        }
+    }
+}
+
+/// A replica's refusal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// The outbox holds `limit` entities with unacknowledged changes.
+    #[error(
+        "the offline queue is full ({limit} entities waiting for the server); reconnect to drain it"
+    )]
+    OutboxFull {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// An upsert change without its entity.
+    #[error("upsert of {kind}/{id} carries no entity")]
+    MissingEntity {
+        /// The kind.
+        kind: String,
+        /// The id.
+        id: String,
+    },
+    /// The entity's data could not be turned into JSON.
+    #[error("entity data is not serializable to JSON: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+/// What the server last said about an entity.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Known {
+    /// The room version of that state.
+    pub version: u64,
+    /// Its vector clock.
+    pub vector: VectorClock,
+    /// [`content_hash`] of that state.
+    pub hash: u64,
+}
+
+/// A server state held back because a local change to the entity is unacknowledged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Held {
+    /// Its room version.
+    pub version: u64,
+    /// The entity, or `None` when deleted.
+    pub state: Option<Entity<Value>>,
+}
+
+/// The latest unacknowledged change of one entity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxEntry {
+    /// The message, resent as is until acknowledged.
+    pub message: Envelope<ChangePayload>,
+    /// [`content_hash`] of the local state it carries.
+    pub hash: u64,
+    /// The newest server state that arrived meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Held>,
+    /// When it was last sent on the current connection; `None`: not yet.
+    #[serde(skip)]
+    pub sent_at: Option<Millis>,
+}
+
+/// Everything a replica must persist to resume after a restart (serde).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaState {
+    /// Sequence number of the next message id.
+    pub next_seq: u64,
+    /// Every room version up to this one has been received (the catch-up point).
+    pub watermark: u64,
+    /// Versions received above the watermark.
+    pub received_above: BTreeSet<u64>,
+    /// Per entity, what the server last said.
+    #[serde(with = "entries")]
+    pub known: HashMap<EntityKey, Known>,
+    /// The offline queue: at most one entry per entity, oldest first.
+    #[serde(with = "entries")]
+    pub outbox: IndexMap<EntityKey, OutboxEntry>,
+}
+
+/// Where the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkState {
+    /// No connection.
+    Disconnected,
+    /// Hello sent, no welcome yet.
+    Connecting,
+    /// Welcomed.
+    Connected,
+}
+
+/// Something the app may want to know.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ReplicaEvent {
+    /// The server accepted the hello.
+    Connected {
+        /// The room's version at that moment.
+        room_version: u64,
+    },
+    /// Catch-up finished.
+    CaughtUp {
+        /// The version the replica is caught up to.
+        version: u64,
+    },
+    /// A local change is durable on the server.
+    Acked {
+        /// Its message id.
+        message_id: String,
+        /// The room version it got.
+        version: u64,
+    },
+    /// A local change was concurrent with another; the ack carries the resolution. Under
+    /// the manual strategy, write the version you want as a new change.
+    Conflict(Box<ConflictPayload>),
+    /// The server refused a local change for good; it left the outbox. The local store
+    /// still holds it: the app decides whether to fix and rewrite it or to revert.
+    Rejected {
+        /// The refused change.
+        change: Box<Envelope<ChangePayload>>,
+        /// Why.
+        code: ErrorCode,
+        /// Why, for a person.
+        message: String,
+    },
+    /// Any other error from the server.
+    ServerError {
+        /// The code.
+        code: ErrorCode,
+        /// For a person.
+        message: String,
+        /// The message it is about.
+        refers_to: Option<String>,
+    },
+}
+
+/// What handling a server message produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages to send to the server.
+    pub send: Vec<ClientMessage>,
+    /// Changes to apply to the local store, all [`Origin::Remote`].
+    pub apply: Vec<Change>,
+    /// Events for the app.
+    pub events: Vec<ReplicaEvent>,
+}
+
+/// The client sync state machine for one room.
+#[derive(Debug)]
+pub struct Replica {
+    config: ReplicaConfig,
+    state: ReplicaState,
+    link: LinkState,
+    last_sent: Millis,
+    last_heard: Millis,
+}
+
+impl Replica {
+    /// A fresh replica.
+    #[must_use]
+    pub fn new(config: ReplicaConfig) -> Self {
+        Self::restore(config, ReplicaState::default())
+    }
+
+    /// A replica resuming from a persisted state.
+    #[must_use]
+    pub fn restore(config: ReplicaConfig, mut state: ReplicaState) -> Self {
+        for entry in state.outbox.values_mut() {
+            entry.sent_at = None;
+        }
+        Self {
+            config,
+            state,
+            link: LinkState::Disconnected,
+            last_sent: 0,
+            last_heard: 0,
+        }
+    }
+
+    /// The state to persist (outbox, clocks, catch-up point).
+    #[must_use]
+    pub fn state(&self) -> &ReplicaState {
+        &self.state
+    }
+
+    /// The config.
+    #[must_use]
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Where the connection stands.
+    #[must_use]
+    pub fn link(&self) -> LinkState {
+        self.link
+    }
+
+    /// Entities with changes not yet acknowledged.
+    #[must_use]
+    pub fn outbox_len(&self) -> usize {
+        self.state.outbox.len()
+    }
+
+    /// Every room version up to this one has been received.
+    #[must_use]
+    pub fn watermark(&self) -> u64 {
+        self.state.watermark
+    }
+
+    /// ms since the server was last heard from (for a dead-connection check).
+    #[must_use]
+    pub fn silence(&self, now: Millis) -> Millis {
+        now.saturating_sub(self.last_heard)
+    }
+
+    /// A connection was opened: the hello to send first.
+    pub fn connect(&mut self, now: Millis) -> ClientMessage {
+        self.link = LinkState::Connecting;
+        self.last_heard = now;
+        let hello = HelloPayload {
+            protocol_version: PROTOCOL_VERSION,
+            room_id: self.config.room_id.clone(),
+            replica_id: self.config.replica_id.clone(),
+            last_version: self.state.watermark,
+            token: self.config.auth_token.clone(),
+        };
+        let id = self.next_message_id();
+        self.sent(now);
+        ClientMessage::Hello(Envelope::new(id, self.config.user_id.clone(), now, hello))
+    }
+
+    /// The connection is gone; every unacknowledged change will be resent on the next.
+    pub fn disconnected(&mut self) {
+        self.link = LinkState::Disconnected;
+        for entry in self.state.outbox.values_mut() {
+            entry.sent_at = None;
+        }
+    }
+
+    /// Records a change the local store accepted. Changes not of [`Origin::Local`] are
+    /// ignored (remote changes are never echoed back). Returns what to send now (nothing
+    /// while disconnected: the change waits in the outbox).
+    ///
+    /// # Errors
+    /// [`ReplicaError::OutboxFull`] when the outbox is full and the entity is not in it;
+    /// the change is then not queued. [`ReplicaError::MissingEntity`] or
+    /// [`ReplicaError::Serialize`] for an unusable change.
+    pub fn local_change(
+        &mut self,
+        change: &Change,
+        now: Millis,
+    ) -> Result<Vec<ClientMessage>, ReplicaError> {
+        if change.origin != Origin::Local {
+            return Ok(Vec::new());
+        }
+        let entity = match (change.op, &change.entity) {
+            (Op::Delete, _) => None,
+            (Op::Upsert, Some(entity)) => Some(entity.to_json()?),
+            (Op::Upsert, None) => {
+                return Err(ReplicaError::MissingEntity {
+                    kind: change.kind.to_string(),
+                    id: change.id.to_string(),
+                });
+            }
+        };
+        let key = EntityKey::new(change.kind.clone(), change.id.clone());
+        if !self.state.outbox.contains_key(&key)
+            && self.state.outbox.len() >= self.config.outbox_limit
+        {
+            return Err(ReplicaError::OutboxFull {
+                limit: self.config.outbox_limit,
+            });
+        }
+        let me = self.config.replica_id.clone();
+        let (vector, base_version, held) = match self.state.outbox.get(&key) {
+            // An edit on top of an unacknowledged one: same base, next clock tick.
+            Some(entry) => (
+                entry.message.payload.vector.incremented(&me),
+                entry.message.payload.base_version,
+                entry.held.clone(),
+            ),
+            None => {
+                let known = self.state.known.get(&key);
+                (
+                    known
+                        .map(|k| k.vector.clone())
+                        .unwrap_or_default()
+                        .incremented(&me),
+                    Some(known.map_or(0, |k| k.version)),
+                    None,
+                )
+            }
+        };
+        let hash = content_hash(entity.as_ref());
+        let payload = ChangePayload {
+            operation: change.op,
+            entity_type: key.kind.clone(),
+            entity_id: key.id.clone(),
+            entity,
+            vector,
+            base_version,
+            room_version: None,
+        };
+        let timestamp = if change.timestamp == 0 {
+            now
+        } else {
+            change.timestamp
+        };
+        let id = self.next_message_id();
+        let message = Envelope::new(id, self.config.user_id.clone(), timestamp, payload);
+        let mut entry = OutboxEntry {
+            message,
+            hash,
+            held,
+            sent_at: None,
+        };
+        let mut out = Vec::new();
+        if self.link == LinkState::Connected {
+            entry.sent_at = Some(now);
+            out.push(ClientMessage::Change(entry.message.clone()));
+            self.sent(now);
+        }
+        // Re-inserting keeps an existing entry's queue position.
+        self.state.outbox.insert(key, entry);
+        Ok(out)
+    }
+
+    /// Handles one message from the server.
+    pub fn handle(&mut self, message: ServerMessage, now: Millis) -> Output {
+        self.last_heard = now;
+        let mut out = Output::default();
+        match message {
+            ServerMessage::Welcome(w) => {
+                if self.link != LinkState::Connecting {
+                    return out;
+                }
+                let w = w.payload;
+                if w.catch_up_from < self.state.watermark {
+                    // The room is behind us (it was reset): our versions mean nothing there.
+                    self.state.watermark = w.catch_up_from;
+                    self.state.received_above.clear();
+                    for known in self.state.known.values_mut() {
+                        known.version = 0;
+                    }
+                }
+                self.link = LinkState::Connected;
+                out.events.push(ReplicaEvent::Connected {
+                    room_version: w.room_version,
+                });
+                for entry in self.state.outbox.values_mut() {
+                    entry.sent_at = Some(now);
+                    out.send.push(ClientMessage::Change(entry.message.clone()));
+                }
+                if !out.send.is_empty() {
+                    self.sent(now);
+                }
+            }
+            ServerMessage::CatchUp(page) => {
+                let page = page.payload;
+                for change in page.changes {
+                    if let Some(version) = change.room_version {
+                        self.mark_received(version);
+                    }
+                    out.apply.extend(self.server_state(change, now));
+                }
+                if page.from_version <= self.state.watermark {
+                    self.state.watermark = self.state.watermark.max(page.to_version);
+                    self.absorb();
+                }
+                if page.complete {
+                    out.events.push(ReplicaEvent::CaughtUp {
+                        version: self.state.watermark,
+                    });
+                }
+            }
+            ServerMessage::Change(change) => {
+                if let Some(version) = change.payload.room_version {
+                    self.mark_received(version);
+                }
+                out.apply.extend(self.server_state(change.payload, now));
+            }
+            ServerMessage::Ack(ack) => self.on_ack(ack.payload, now, &mut out),
+            ServerMessage::Conflict(c) => {
+                out.events.push(ReplicaEvent::Conflict(Box::new(c.payload)))
+            }
+            ServerMessage::Heartbeat(_) => {}
+            ServerMessage::Error(e) => self.on_error(e.payload, &mut out, now),
+        }
+        out
+    }
+
+    /// Resends changes unacknowledged for [`ReplicaConfig::resend_after`], and a heartbeat
+    /// when nothing was sent for [`ReplicaConfig::heartbeat_interval`].
+    pub fn tick(&mut self, now: Millis) -> Vec<ClientMessage> {
+        let mut out = Vec::new();
+        if self.link != LinkState::Connected {
+            return out;
+        }
+        let resend_after = self.config.resend_after;
+        for entry in self.state.outbox.values_mut() {
+            let due = entry
+                .sent_at
+                .is_none_or(|at| now.saturating_sub(at) >= resend_after);
+            if due {
+                entry.sent_at = Some(now);
+                out.push(ClientMessage::Change(entry.message.clone()));
+            }
+        }
+        if out.is_empty() && now.saturating_sub(self.last_sent) >= self.config.heartbeat_interval {
+            let id = self.next_message_id();
+            out.push(ClientMessage::Heartbeat(Envelope::new(
+                id,
+                self.config.user_id.clone(),
+                now,
+                HeartbeatPayload {},
+            )));
+        }
+        if !out.is_empty() {
+            self.sent(now);
+        }
+        out
+    }
+
+    fn on_ack(&mut self, ack: crate::protocol::AckPayload, now: Millis, out: &mut Output) {
+        let key = EntityKey::new(ack.result.entity_type.clone(), ack.result.entity_id.clone());
+        self.mark_received(ack.version);
+        if let Some(version) = ack.result.room_version {
+            self.mark_received(version);
+        }
+        let result_version = ack.result.room_version.unwrap_or(0);
+        let result_state = ack.result.entity.clone();
+        out.apply.extend(self.server_state(ack.result, now));
+        let mine = self
+            .state
+            .outbox
+            .get(&key)
+            .is_some_and(|e| e.message.message_id == ack.ack_of);
+        if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
+            let known_version = self.state.known.get(&key).map_or(0, |k| k.version);
+            let settled = match entry.held {
+                Some(held) => Some(held.state),
+                None if result_version >= known_version => Some(result_state),
+                None => None,
+            };
+            if let Some(state) = settled
+                && content_hash(state.as_ref()) != entry.hash
+            {
+                out.apply.push(to_change(&key, state, now));
+            }
+        }
+        out.events.push(ReplicaEvent::Acked {
+            message_id: ack.ack_of,
+            version: ack.version,
+        });
+    }
+
+    fn on_error(&mut self, e: crate::protocol::ErrorPayload, out: &mut Output, now: Millis) {
+        let refused = e.refers_to.as_deref().and_then(|id| {
+            self.state
+                .outbox
+                .iter()
+                .find(|(_, entry)| entry.message.message_id == id)
+                .map(|(k, _)| k.clone())
+        });
+        match refused {
+            Some(key) if !e.code.is_retryable() => {
+                if let Some(entry) = self.state.outbox.shift_remove(&key) {
+                    if let Some(held) = entry.held {
+                        out.apply.push(to_change(&key, held.state, now));
+                    }
+                    out.events.push(ReplicaEvent::Rejected {
+                        change: Box::new(entry.message),
+                        code: e.code,
+                        message: e.message,
+                    });
+                }
+            }
+            _ => out.events.push(ReplicaEvent::ServerError {
+                code: e.code,
+                message: e.message,
+                refers_to: e.refers_to,
+            }),
+        }
+    }
+
+    /// Takes in a server state of an entity; returns the change to apply locally, if any.
+    fn server_state(&mut self, change: ChangePayload, now: Millis) -> Option<Change> {
+        let version = change.room_version?;
+        if change.operation == Op::Upsert && change.entity.is_none() {
+            return None;
+        }
+        let key = EntityKey::new(change.entity_type, change.entity_id);
+        let hash = content_hash(change.entity.as_ref());
+        let known = self
+            .state
+            .known
+            .entry(key.clone())
+            .or_insert_with(|| Known {
+                version: 0,
+                vector: VectorClock::new(),
+                hash: content_hash(None),
+            });
+        if version <= known.version {
+            return None;
+        }
+        let previous_hash = known.hash;
+        *known = Known {
+            version,
+            vector: change.vector,
+            hash,
+        };
+        if let Some(entry) = self.state.outbox.get_mut(&key) {
+            entry.held = Some(Held {
+                version,
+                state: change.entity,
+            });
+            return None;
+        }
+        (previous_hash != hash).then(|| to_change(&key, change.entity, now))
+    }
+
+    fn mark_received(&mut self, version: u64) {
+        if version > self.state.watermark {
+            self.state.received_above.insert(version);
+            self.absorb();
+        }
+    }
+
+    /// Moves the watermark over contiguous received versions.
+    fn absorb(&mut self) {
+        let watermark = self.state.watermark;
+        self.state.received_above.retain(|v| *v > watermark);
+        while self
+            .state
+            .received_above
+            .remove(&(self.state.watermark + 1))
+        {
+            self.state.watermark += 1;
+        }
+    }
+
+    fn next_message_id(&mut self) -> String {
+        self.state.next_seq += 1;
+        format!("{}-{}", self.config.replica_id, self.state.next_seq)
+    }
+
+    fn sent(&mut self, now: Millis) {
+        self.last_sent = now;
+    }
+}
+
+/// A remote change for the local store.
+fn to_change(key: &EntityKey, state: Option<Entity<Value>>, now: Millis) -> Change {
+    match state {
+        Some(entity) => {
+            let ts = if entity.updated_at == 0 {
+                now
+            } else {
+                entity.updated_at
+            };
+            Change::upsert(AnyEntity::new(Arc::new(entity)), ts, Origin::Remote)
+        }
+        None => Change::delete(key.kind.clone(), key.id.clone(), now, Origin::Remote),
+    }
+}
+
+/// Serializes a map as a list of `[key, value]` pairs (JSON object keys must be strings).
+mod entries {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<M, K, V, S>(map: &M, serializer: S) -> Result<S::Ok, S::Error>
+    where
+        for<'a> &'a M: IntoIterator<Item = (&'a K, &'a V)>,
+        K: Serialize,
+        V: Serialize,
+        S: Serializer,
+    {
+        serializer.collect_seq(map)
+    }
+
+    pub fn deserialize<'de, M, K, V, D>(deserializer: D) -> Result<M, D::Error>
+    where
+        M: FromIterator<(K, V)>,
+        K: Deserialize<'de>,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
+}

@@ -1,0 +1,823 @@
+//! The server side of sync as a sans-IO state machine: a [`Room`] takes decoded client
+//! messages (with the current time as an argument) and returns the messages to send.
+//! Accepted changes come back as a [`Pending`] that the caller persists before the ack
+//! and the broadcast are released.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use kalphite::{Entity, EntityId, Kind, Millis, Op, SharedSchema};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::EntityKey;
+use crate::clock::{Causality, VectorClock};
+use crate::conflict::{ConflictCase, ConflictPolicy, Stamp, Version, content_hash};
+use crate::protocol::{
+    AckPayload, CatchUpPayload, ChangePayload, ClientMessage, ConflictPayload, Envelope, ErrorCode,
+    ErrorPayload, HeartbeatPayload, HelloPayload, PROTOCOL_VERSION, SERVER_USER_ID, ServerMessage,
+    WelcomePayload,
+};
+
+/// The caller's name for one connection (socket) to the room.
+pub type ConnId = u64;
+
+/// Who an outgoing message is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Recipient {
+    /// One connection.
+    One(ConnId),
+    /// Every joined connection except this one (a broadcast to the others).
+    AllExcept(ConnId),
+}
+
+/// A message to send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outbound {
+    /// To whom.
+    pub to: Recipient,
+    /// What.
+    pub message: ServerMessage,
+}
+
+/// One accepted change as the server persists it: the entity's state after the change,
+/// with the room version, clock and stamp. Replaying these in version order through
+/// [`Room::restore`] rebuilds the room.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredChange {
+    /// The room version assigned.
+    pub version: u64,
+    /// The entity's kind.
+    pub kind: Kind,
+    /// The entity's id.
+    pub id: EntityId,
+    /// The entity after the change; `None` is a tombstone.
+    pub state: Option<Entity<Value>>,
+    /// The entity's vector clock after the change.
+    pub vector: VectorClock,
+    /// The last-write-wins stamp of the state.
+    pub stamp: Stamp,
+    /// The client message that produced it (the deduplication key).
+    pub message_id: String,
+}
+
+impl StoredChange {
+    /// The entity's key.
+    #[must_use]
+    pub fn key(&self) -> EntityKey {
+        EntityKey::new(self.kind.clone(), self.id.clone())
+    }
+
+    /// The wire form, with `roomVersion`.
+    #[must_use]
+    pub fn to_payload(&self) -> ChangePayload {
+        ChangePayload {
+            operation: if self.state.is_some() {
+                Op::Upsert
+            } else {
+                Op::Delete
+            },
+            entity_type: self.kind.clone(),
+            entity_id: self.id.clone(),
+            entity: self.state.clone(),
+            vector: self.vector.clone(),
+            base_version: None,
+            room_version: Some(self.version),
+        }
+    }
+
+    fn version_of(&self) -> Version {
+        Version::new(self.state.clone(), self.stamp.clone())
+    }
+}
+
+/// Tuning for a room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomLimits {
+    /// Entities per catch-up page.
+    pub catch_up_page: usize,
+    /// Past states kept per entity to serve as three-way merge bases.
+    pub history_per_entity: usize,
+}
+
+impl Default for RoomLimits {
+    fn default() -> Self {
+        Self {
+            catch_up_page: 256,
+            history_per_entity: 16,
+        }
+    }
+}
+
+/// Why the room refused something.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoomError {
+    /// The hello's protocol version is not ours.
+    #[error(
+        "protocol version {got} is not supported (this server speaks {supported}); upgrade the client"
+    )]
+    UnsupportedVersion {
+        /// The client's version.
+        got: u32,
+        /// Ours.
+        supported: u32,
+    },
+    /// The hello names another room.
+    #[error("this connection is for room '{expected}', not '{got}'")]
+    WrongRoom {
+        /// This room.
+        expected: String,
+        /// The hello's room.
+        got: String,
+    },
+    /// A change or heartbeat before the hello.
+    #[error("send a hello first")]
+    NotJoined,
+    /// A second hello.
+    #[error("this connection has already joined the room")]
+    AlreadyJoined,
+    /// The change's entity is not acceptable.
+    #[error("invalid entity {kind}/{id}: {reason}")]
+    InvalidEntity {
+        /// The kind.
+        kind: String,
+        /// The id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A change arrived while the previous accepted change was not yet committed.
+    #[error("the previous change is still being written; resend later")]
+    CommitPending,
+    /// [`Room::commit`] or [`Room::abort`] got a pending change that is not the room's.
+    #[error("this pending change does not belong to the room's current write")]
+    StalePending,
+    /// [`Room::restore`] got records out of order.
+    #[error(
+        "stored change {version} follows {previous}: records must be in increasing version order"
+    )]
+    OutOfOrder {
+        /// The offending version.
+        version: u64,
+        /// The version before it.
+        previous: u64,
+    },
+}
+
+impl RoomError {
+    /// The wire error code.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            Self::WrongRoom { .. } => ErrorCode::Forbidden,
+            Self::NotJoined => ErrorCode::NotJoined,
+            Self::AlreadyJoined => ErrorCode::AlreadyJoined,
+            Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
+            Self::CommitPending | Self::StalePending | Self::OutOfOrder { .. } => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+/// What to do after [`Room::handle`].
+#[derive(Debug)]
+#[must_use]
+pub enum Step {
+    /// Send these (possibly none).
+    Reply(Vec<Outbound>),
+    /// A new change was accepted: persist [`Pending::record`], then call
+    /// [`Room::commit`] (or [`Room::abort`] if the write failed).
+    Persist(Pending),
+}
+
+/// An accepted change waiting to be persisted. Its ack and broadcast are released by
+/// [`Room::commit`]; nothing is sent and the room state does not move before that.
+#[derive(Debug)]
+#[must_use = "persist the record, then commit or abort"]
+pub struct Pending {
+    conn: ConnId,
+    record: StoredChange,
+    outputs: Vec<Outbound>,
+}
+
+impl Pending {
+    /// The record to write durably.
+    #[must_use]
+    pub fn record(&self) -> &StoredChange {
+        &self.record
+    }
+}
+
+/// A joined connection.
+#[derive(Clone, Debug)]
+struct Member {
+    user_id: String,
+}
+
+/// The room's knowledge of one entity.
+#[derive(Clone, Debug)]
+struct Current {
+    record: StoredChange,
+    /// Recent `(version, state)` pairs, the current one included, for merge bases.
+    history: VecDeque<(u64, Option<Entity<Value>>)>,
+}
+
+/// One sync room: the authoritative, versioned state of a set of entities.
+pub struct Room {
+    id: String,
+    version: u64,
+    policy: ConflictPolicy,
+    schema: Option<SharedSchema>,
+    limits: RoomLimits,
+    entities: HashMap<EntityKey, Current>,
+    /// Current version → entity, for catch-up in version order.
+    by_version: BTreeMap<u64, EntityKey>,
+    /// Change message id → (entity, version assigned), for deduplication.
+    seen: HashMap<String, (EntityKey, u64)>,
+    /// Ordered so that broadcasts go out in a deterministic order.
+    members: BTreeMap<ConnId, Member>,
+    /// The version reserved by the uncommitted [`Pending`], if any.
+    pending: Option<u64>,
+    next_message: u64,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room")
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .field("entities", &self.entities.len())
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state-changing part of a decision about an incoming change.
+#[allow(clippy::large_enum_variant)] // short-lived, never stored
+enum Decision {
+    /// Already incorporated (its clock is dominated): ack with the current state.
+    AlreadyKnown,
+    /// Store this state with this clock; `conflict` when it was a resolved conflict.
+    Store {
+        version: Version,
+        vector: VectorClock,
+        conflict: Option<(Version, ChangePayload)>,
+    },
+}
+
+impl Room {
+    /// An empty room.
+    #[must_use]
+    pub fn new(id: impl Into<String>, policy: ConflictPolicy) -> Self {
+        Self {
+            id: id.into(),
+            version: 0,
+            policy,
+            schema: None,
+            limits: RoomLimits::default(),
+            entities: HashMap::new(),
+            by_version: BTreeMap::new(),
+            seen: HashMap::new(),
+            members: BTreeMap::new(),
+            pending: None,
+            next_message: 0,
+        }
+    }
+
+    /// Validates (and normalizes) every incoming entity's data with `schema`.
+    #[must_use]
+    pub fn with_schema(mut self, schema: SharedSchema) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+
+    /// Sets the limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: RoomLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Rebuilds a room from its persisted changes, in increasing version order.
+    ///
+    /// # Errors
+    /// [`RoomError::OutOfOrder`] when a version is not greater than the one before.
+    pub fn restore(
+        mut self,
+        records: impl IntoIterator<Item = StoredChange>,
+    ) -> Result<Self, RoomError> {
+        for record in records {
+            if record.version <= self.version {
+                return Err(RoomError::OutOfOrder {
+                    version: record.version,
+                    previous: self.version,
+                });
+            }
+            self.install(record);
+        }
+        Ok(self)
+    }
+
+    /// The room's id.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The version of the latest accepted change (0 when none).
+    #[must_use]
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The joined connections.
+    pub fn members(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.members.keys().copied()
+    }
+
+    /// True when `conn` has joined.
+    #[must_use]
+    pub fn is_member(&self, conn: ConnId) -> bool {
+        self.members.contains_key(&conn)
+    }
+
+    /// The stored state of one entity (tombstones included).
+    #[must_use]
+    pub fn get(&self, key: &EntityKey) -> Option<&StoredChange> {
+        self.entities.get(key).map(|c| &c.record)
+    }
+
+    /// Every live (not deleted) entity, in no particular order.
+    pub fn entities(&self) -> impl Iterator<Item = &Entity<Value>> {
+        self.entities
+            .values()
+            .filter_map(|c| c.record.state.as_ref())
+    }
+
+    /// Joins `conn` as `user_id` (already authenticated by the caller) and returns the
+    /// welcome and the catch-up pages for it.
+    ///
+    /// # Errors
+    /// A [`RoomError`] to send back (see [`Room::error_to`]) before closing the connection.
+    pub fn join(
+        &mut self,
+        conn: ConnId,
+        user_id: &str,
+        hello: &Envelope<HelloPayload>,
+        now: Millis,
+    ) -> Result<Vec<Outbound>, RoomError> {
+        let h = &hello.payload;
+        if h.protocol_version != PROTOCOL_VERSION {
+            return Err(RoomError::UnsupportedVersion {
+                got: h.protocol_version,
+                supported: PROTOCOL_VERSION,
+            });
+        }
+        if h.room_id != self.id {
+            return Err(RoomError::WrongRoom {
+                expected: self.id.clone(),
+                got: h.room_id.clone(),
+            });
+        }
+        if self.members.contains_key(&conn) {
+            return Err(RoomError::AlreadyJoined);
+        }
+        self.members.insert(
+            conn,
+            Member {
+                user_id: user_id.to_owned(),
+            },
+        );
+        let from = if h.last_version > self.version {
+            0
+        } else {
+            h.last_version
+        };
+        let welcome = WelcomePayload {
+            protocol_version: PROTOCOL_VERSION,
+            room_id: self.id.clone(),
+            room_version: self.version,
+            catch_up_from: from,
+        };
+        let mut out = vec![self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)))];
+        for page in self.catch_up(from) {
+            out.push(self.addressed(conn, now, |e| ServerMessage::CatchUp(e(page))));
+        }
+        Ok(out)
+    }
+
+    /// The catch-up pages for a client that has everything up to `after`.
+    #[must_use]
+    pub fn catch_up(&self, after: u64) -> Vec<CatchUpPayload> {
+        let page_size = self.limits.catch_up_page.max(1);
+        let mut pages = Vec::new();
+        let mut from = after;
+        let mut changes = Vec::new();
+        for (&version, key) in self.by_version.range(after.saturating_add(1)..) {
+            if let Some(current) = self.entities.get(key) {
+                changes.push(current.record.to_payload());
+            }
+            if changes.len() == page_size {
+                let page = std::mem::take(&mut changes);
+                pages.push(CatchUpPayload {
+                    from_version: from,
+                    to_version: version,
+                    changes: page,
+                    complete: false,
+                });
+                from = version;
+            }
+        }
+        pages.push(CatchUpPayload {
+            from_version: from,
+            to_version: self.version.max(from),
+            changes,
+            complete: true,
+        });
+        pages
+    }
+
+    /// Forgets a connection (closed, timed out).
+    pub fn leave(&mut self, conn: ConnId) {
+        self.members.remove(&conn);
+    }
+
+    /// An error message for `conn`.
+    pub fn error_to(
+        &mut self,
+        conn: ConnId,
+        code: ErrorCode,
+        message: impl Into<String>,
+        refers_to: Option<String>,
+        now: Millis,
+    ) -> Outbound {
+        let payload = ErrorPayload {
+            code,
+            message: message.into(),
+            refers_to,
+        };
+        self.addressed(conn, now, |e| ServerMessage::Error(e(payload)))
+    }
+
+    /// Handles one message from a joined connection (hellos go through [`Room::join`]).
+    pub fn handle(&mut self, conn: ConnId, message: ClientMessage, now: Millis) -> Step {
+        let refers_to = Some(message.message_id().to_owned());
+        let result = match (self.members.get(&conn), message) {
+            (None, _) => Err(RoomError::NotJoined),
+            (Some(_), ClientMessage::Hello(_)) => Err(RoomError::AlreadyJoined),
+            (Some(_), ClientMessage::Heartbeat(_)) => {
+                let beat = self.addressed(conn, now, |e| {
+                    ServerMessage::Heartbeat(e(HeartbeatPayload {}))
+                });
+                return Step::Reply(vec![beat]);
+            }
+            (Some(member), ClientMessage::Change(change)) => {
+                let user = member.user_id.clone();
+                self.accept(conn, &user, change, now)
+            }
+        };
+        match result {
+            Ok(step) => step,
+            Err(err) => Step::Reply(vec![self.error_to(
+                conn,
+                err.code(),
+                err.to_string(),
+                refers_to,
+                now,
+            )]),
+        }
+    }
+
+    /// Decides what an incoming change does; reserves a version when it must be stored.
+    fn accept(
+        &mut self,
+        conn: ConnId,
+        user_id: &str,
+        change: Envelope<ChangePayload>,
+        now: Millis,
+    ) -> Result<Step, RoomError> {
+        let key = EntityKey::new(
+            change.payload.entity_type.clone(),
+            change.payload.entity_id.clone(),
+        );
+        if let Some((seen_key, version)) = self.seen.get(&change.message_id) {
+            let (seen_key, version) = (seen_key.clone(), *version);
+            return Ok(Step::Reply(self.ack(
+                conn,
+                &change.message_id,
+                version,
+                &seen_key,
+                now,
+            )));
+        }
+        if self.pending.is_some() {
+            return Err(RoomError::CommitPending);
+        }
+        let incoming = self.incoming_version(&change, user_id)?;
+        let vector = change.payload.vector.clone().normalized();
+        let decision = match self.entities.get(&key) {
+            None => Decision::Store {
+                version: incoming,
+                vector,
+                conflict: None,
+            },
+            Some(current) => self.decide(current, &change, incoming, vector),
+        };
+        let (version, vector, conflict) = match decision {
+            Decision::AlreadyKnown => {
+                let current = self.entities.get(&key).map_or(0, |c| c.record.version);
+                self.seen
+                    .insert(change.message_id.clone(), (key.clone(), current));
+                return Ok(Step::Reply(self.ack(
+                    conn,
+                    &change.message_id,
+                    current,
+                    &key,
+                    now,
+                )));
+            }
+            Decision::Store {
+                version,
+                vector,
+                conflict,
+            } => (version, vector, conflict),
+        };
+        let room_version = self.version + 1;
+        let record = StoredChange {
+            version: room_version,
+            kind: key.kind.clone(),
+            id: key.id.clone(),
+            state: version.state,
+            vector,
+            stamp: version.stamp,
+            message_id: change.message_id.clone(),
+        };
+        let payload = record.to_payload();
+        let ack = AckPayload {
+            ack_of: change.message_id.clone(),
+            version: room_version,
+            result: payload.clone(),
+        };
+        let mut outputs = vec![self.addressed(conn, now, |e| ServerMessage::Ack(e(ack)))];
+        if let Some((_, theirs)) = conflict {
+            let strategy = self.policy.strategy_for(&key.kind).name();
+            let notice = ConflictPayload {
+                refers_to: change.message_id.clone(),
+                strategy,
+                yours: change.payload.clone(),
+                theirs,
+                resolved: payload.clone(),
+            };
+            outputs.push(self.addressed(conn, now, |e| ServerMessage::Conflict(e(notice))));
+        }
+        let id = self.next_id();
+        outputs.push(Outbound {
+            to: Recipient::AllExcept(conn),
+            message: ServerMessage::Change(Envelope::new(id, user_id, change.timestamp, payload)),
+        });
+        self.pending = Some(room_version);
+        Ok(Step::Persist(Pending {
+            conn,
+            record,
+            outputs,
+        }))
+    }
+
+    /// Compares an incoming change with the entity's current state.
+    fn decide(
+        &self,
+        current: &Current,
+        change: &Envelope<ChangePayload>,
+        incoming: Version,
+        vector: VectorClock,
+    ) -> Decision {
+        let existing = current.record.version_of();
+        let concurrent = match vector.compare(&current.record.vector) {
+            Causality::After => false,
+            Causality::Before => return Decision::AlreadyKnown,
+            Causality::Equal
+                if content_hash(incoming.state.as_ref())
+                    == content_hash(existing.state.as_ref()) =>
+            {
+                return Decision::AlreadyKnown;
+            }
+            _ => true,
+        };
+        if !concurrent {
+            return Decision::Store {
+                version: incoming,
+                vector,
+                conflict: None,
+            };
+        }
+        let merged_vector = vector.merged(&current.record.vector);
+        if incoming.is_delete() && existing.is_delete() {
+            let case = ConflictCase {
+                kind: current.record.kind.clone(),
+                base: None,
+                current: existing,
+                incoming,
+            };
+            return Decision::Store {
+                version: case.lww_winner().clone(),
+                vector: merged_vector,
+                conflict: None,
+            };
+        }
+        let base = match change.payload.base_version.unwrap_or(0) {
+            0 => Some(None),
+            v => current
+                .history
+                .iter()
+                .find(|(hv, _)| *hv == v)
+                .map(|(_, s)| s.clone()),
+        };
+        let case = ConflictCase {
+            kind: current.record.kind.clone(),
+            base,
+            current: existing,
+            incoming,
+        };
+        let resolved = self
+            .policy
+            .strategy_for(&current.record.kind)
+            .resolve(&case);
+        let theirs = current.record.to_payload();
+        Decision::Store {
+            version: resolved,
+            vector: merged_vector,
+            conflict: Some((case.current, theirs)),
+        }
+    }
+
+    /// Validates an incoming change and turns it into a stamped version.
+    fn incoming_version(
+        &self,
+        change: &Envelope<ChangePayload>,
+        user_id: &str,
+    ) -> Result<Version, RoomError> {
+        let p = &change.payload;
+        let invalid = |reason: String| RoomError::InvalidEntity {
+            kind: p.entity_type.to_string(),
+            id: p.entity_id.to_string(),
+            reason,
+        };
+        if p.entity_type.is_empty() || p.entity_id.is_empty() {
+            return Err(invalid("entityType and entityId must not be empty".into()));
+        }
+        let state = match p.operation {
+            Op::Delete => None,
+            Op::Upsert => {
+                let Some(entity) = p.entity.clone() else {
+                    return Err(invalid("an upsert must carry the entity".into()));
+                };
+                if entity.id != p.entity_id || entity.kind != p.entity_type {
+                    return Err(invalid(format!(
+                        "the entity is {}/{}, not the change's {}/{}",
+                        entity.kind, entity.id, p.entity_type, p.entity_id
+                    )));
+                }
+                let mut entity = entity;
+                if let Some(schema) = &self.schema {
+                    entity.data = schema
+                        .normalize(&entity.kind, entity.data)
+                        .map_err(|issues| invalid(join(&issues)))?;
+                }
+                if entity.updated_at == 0 {
+                    entity.updated_at = change.timestamp;
+                }
+                Some(entity)
+            }
+        };
+        let at = state.as_ref().map_or(change.timestamp, |e| e.updated_at);
+        Ok(Version::new(
+            state,
+            Stamp {
+                at,
+                user_id: user_id.to_owned(),
+            },
+        ))
+    }
+
+    /// Applies a persisted change and releases its ack and broadcast.
+    ///
+    /// # Errors
+    /// [`RoomError::StalePending`] when `pending` is not the room's reserved write.
+    pub fn commit(&mut self, pending: Pending) -> Result<Vec<Outbound>, RoomError> {
+        if self.pending != Some(pending.record.version)
+            || pending.record.version != self.version + 1
+        {
+            return Err(RoomError::StalePending);
+        }
+        self.pending = None;
+        self.install(pending.record);
+        Ok(pending.outputs)
+    }
+
+    /// Drops a change whose write failed; the sender gets a retryable `storage_failed`.
+    ///
+    /// # Errors
+    /// [`RoomError::StalePending`] when `pending` is not the room's reserved write.
+    pub fn abort(
+        &mut self,
+        pending: Pending,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Outbound, RoomError> {
+        if self.pending != Some(pending.record.version) {
+            return Err(RoomError::StalePending);
+        }
+        self.pending = None;
+        Ok(self.error_to(
+            pending.conn,
+            ErrorCode::StorageFailed,
+            format!("the change could not be stored ({reason}); resend it"),
+            Some(pending.record.message_id),
+            now,
+        ))
+    }
+
+    /// Makes `record` the entity's current state.
+    fn install(&mut self, record: StoredChange) {
+        let key = record.key();
+        self.version = record.version;
+        self.seen
+            .insert(record.message_id.clone(), (key.clone(), record.version));
+        self.by_version.insert(record.version, key.clone());
+        let history_cap = self.limits.history_per_entity.max(1);
+        match self.entities.get_mut(&key) {
+            Some(current) => {
+                self.by_version.remove(&current.record.version);
+                current
+                    .history
+                    .push_back((record.version, record.state.clone()));
+                while current.history.len() > history_cap {
+                    current.history.pop_front();
+                }
+                current.record = record;
+            }
+            None => {
+                let history = VecDeque::from([(record.version, record.state.clone())]);
+                self.entities.insert(key, Current { record, history });
+            }
+        }
+    }
+
+    /// An ack of `message_id` with the entity's current state.
+    fn ack(
+        &mut self,
+        conn: ConnId,
+        message_id: &str,
+        version: u64,
+        key: &EntityKey,
+        now: Millis,
+    ) -> Vec<Outbound> {
+        let Some(result) = self.entities.get(key).map(|c| c.record.to_payload()) else {
+            return vec![self.error_to(
+                conn,
+                ErrorCode::Internal,
+                "acknowledged entity not found",
+                Some(message_id.to_owned()),
+                now,
+            )];
+        };
+        let ack = AckPayload {
+            ack_of: message_id.to_owned(),
+            version,
+            result,
+        };
+        vec![self.addressed(conn, now, |e| ServerMessage::Ack(e(ack)))]
+    }
+
+    fn next_id(&mut self) -> String {
+        self.next_message += 1;
+        format!("{}#{}", self.id, self.next_message)
+    }
+
+    /// A server-originated message to one connection; `make` gets the envelope builder.
+    fn addressed<P>(
+        &mut self,
+        conn: ConnId,
+        now: Millis,
+        make: impl FnOnce(&dyn Fn(P) -> Envelope<P>) -> ServerMessage,
+    ) -> Outbound {
+        let id = self.next_id();
+        let envelope = move |payload: P| Envelope::new(id.clone(), SERVER_USER_ID, now, payload);
+        Outbound {
+            to: Recipient::One(conn),
+            message: make(&envelope),
+        }
+    }
+}
+
+fn join(issues: &[kalphite::Issue]) -> String {
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
