@@ -12,7 +12,7 @@ use crate::change::{Change, Origin};
 use crate::entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis};
 use crate::error::{Error, Result, json_type_name};
 use crate::schema::Schema;
-use crate::store::table::{Slot, Table};
+use crate::store::table::{ErasedTable, Slot, Table};
 
 /// Every kind's table, in registration order.
 #[derive(Default)]
@@ -44,13 +44,23 @@ impl State {
     /// The slot of `kind` holding `T`: created if absent; converted if it holds JSON
     /// (every row must fit `T`, or nothing changes); an error if it holds another type.
     pub(crate) fn slot_for_type<T: EntityData>(&mut self, kind: &Kind) -> Result<usize> {
+        self.slot_for_type_converting::<T>(kind)
+            .map(|(index, _)| index)
+    }
+
+    /// [`Self::slot_for_type`], also returning the JSON table it replaced when it converted
+    /// one, so that a transaction can put it back on rollback.
+    pub(crate) fn slot_for_type_converting<T: EntityData>(
+        &mut self,
+        kind: &Kind,
+    ) -> Result<(usize, Option<Box<dyn ErasedTable>>)> {
         let Some(index) = self.slot_index(kind) else {
-            return Ok(self.add_slot(Slot::new::<T>(kind.clone())));
+            return Ok((self.add_slot(Slot::new::<T>(kind.clone())), None));
         };
         let slot = &mut self.slots[index];
         let existing = slot.table.data_type();
         if existing == TypeId::of::<T>() {
-            return Ok(index);
+            return Ok((index, None));
         }
         if existing != TypeId::of::<Value>() {
             return Err(Error::KindTypeMismatch {
@@ -63,11 +73,11 @@ impl State {
         for row in slot.table.all() {
             let json = row.downcast::<Value>().map(|e| (*e).clone());
             let Some(json) = json else { continue };
-            let converted = crate::store::table::ErasedTable::convert(&typed, json)?;
-            crate::store::table::ErasedTable::insert(&mut typed, converted);
+            let converted = typed.convert(json)?;
+            typed.insert(converted);
         }
-        slot.table = Box::new(typed);
-        Ok(index)
+        let json_table = std::mem::replace(&mut slot.table, Box::new(typed));
+        Ok((index, Some(json_table)))
     }
 }
 
@@ -88,6 +98,12 @@ enum Undo {
     Cleared {
         slot: usize,
         rows: Vec<AnyEntity>,
+    },
+    /// A JSON table was converted to a typed one; earlier undo entries of this slot hold
+    /// JSON entities, so the JSON table must be back in place before they are undone.
+    Converted {
+        slot: usize,
+        json_table: Box<dyn ErasedTable>,
     },
 }
 
@@ -132,7 +148,12 @@ impl<'a> Tx<'a> {
     /// [`Error::WrongKind`] if `entity.kind` is not `T::KIND`, [`Error::EmptyId`],
     /// [`Error::Validation`] if the store's schema rejects it.
     pub fn upsert<T: EntityKind>(&mut self, entity: Entity<T>) -> Result<Arc<Entity<T>>> {
-        let slot = self.state.slot_for_type::<T>(&Kind::from(T::KIND))?;
+        let (slot, converted) = self
+            .state
+            .slot_for_type_converting::<T>(&Kind::from(T::KIND))?;
+        if let Some(json_table) = converted {
+            self.undo.push(Undo::Converted { slot, json_table });
+        }
         self.upsert_in(slot, entity)
     }
 
@@ -364,6 +385,7 @@ impl<'a> Tx<'a> {
                     self.state.slots[slot].table.reinsert(index, prev);
                 }
                 Undo::Cleared { slot, rows } => self.state.slots[slot].table.restore_all(rows),
+                Undo::Converted { slot, json_table } => self.state.slots[slot].table = json_table,
             }
         }
         self.changes.clear();
@@ -371,7 +393,10 @@ impl<'a> Tx<'a> {
 
     /// Whether anything was written.
     pub(crate) fn is_dirty(&self) -> bool {
-        !self.undo.is_empty()
+        // A conversion alone changes no entity (and announces nothing).
+        self.undo
+            .iter()
+            .any(|u| !matches!(u, Undo::Converted { .. }))
     }
 }
 
