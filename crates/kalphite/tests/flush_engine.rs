@@ -1,0 +1,864 @@
+//! Layer 2: the flush engine, on paused tokio time (no wall-clock sleeps). Covers every
+//! Layer 2 behaviour of BEHAVIORS.md §2.2 and §8.6-8.7, minus the original's bugs
+//! (dropping changes while paused, the in-flight overwrite race, fixed windows).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kalphite::flush::{FanOut, FlushEvent, FnTarget, TargetError};
+use kalphite::{
+    AnyEntity, Change, Durability, Entity, EntityKind, FlushConfig, FlushEngine, FlushError,
+    FlushTarget, Op, Origin, Store,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::time::{Instant, advance, sleep};
+
+/// What a recording target saw: each batch, with the (paused-clock) time it arrived.
+#[derive(Clone, Debug)]
+struct Seen {
+    at: Duration,
+    batch: Vec<Change>,
+}
+
+/// A flush target that records batches and fails or panics on cue.
+struct Recorder {
+    start: Instant,
+    attempts: Mutex<Vec<Duration>>,
+    seen: Mutex<Vec<Seen>>,
+    /// Fail the next N attempts.
+    fail_next: AtomicU32,
+    /// Fail every attempt while true.
+    fail_always: Mutex<bool>,
+    panic_next: AtomicU32,
+    /// Time each write takes.
+    write_time: Duration,
+}
+
+impl Recorder {
+    fn new() -> Arc<Self> {
+        Self::slow(Duration::ZERO)
+    }
+
+    fn slow(write_time: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            attempts: Mutex::new(Vec::new()),
+            seen: Mutex::new(Vec::new()),
+            fail_next: AtomicU32::new(0),
+            fail_always: Mutex::new(false),
+            panic_next: AtomicU32::new(0),
+            write_time,
+        })
+    }
+
+    fn batches(&self) -> Vec<Vec<Change>> {
+        self.seen.lock().iter().map(|s| s.batch.clone()).collect()
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.seen.lock().iter().map(|s| s.batch.len()).collect()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .iter()
+            .flat_map(|s| s.batch.iter().map(|c| c.id.to_string()))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl FlushTarget for Recorder {
+    async fn write(&self, batch: &[Change]) -> Result<(), TargetError> {
+        self.attempts.lock().push(self.start.elapsed());
+        if !self.write_time.is_zero() {
+            sleep(self.write_time).await;
+        }
+        if self.panic_next.load(Ordering::SeqCst) > 0 {
+            self.panic_next.fetch_sub(1, Ordering::SeqCst);
+            panic!("target exploded");
+        }
+        if *self.fail_always.lock() {
+            return Err("disk on fire".into());
+        }
+        if self.fail_next.load(Ordering::SeqCst) > 0 {
+            self.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return Err("transient failure".into());
+        }
+        self.seen.lock().push(Seen {
+            at: self.start.elapsed(),
+            batch: batch.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "recorder"
+    }
+}
+
+fn change(id: &str, n: i64) -> Change {
+    let e = Entity::new(id, "comment", json!({ "n": n })).at(1);
+    Change::upsert(AnyEntity::new(Arc::new(e)), 1, Origin::Local)
+}
+
+fn delete(id: &str) -> Change {
+    Change::delete("comment".into(), id.into(), 1, Origin::Local)
+}
+
+fn n_of(c: &Change) -> i64 {
+    c.entity.as_ref().unwrap().data_json().unwrap()["n"]
+        .as_i64()
+        .unwrap()
+}
+
+fn engine(target: &Arc<Recorder>, config: FlushConfig) -> FlushEngine {
+    FlushEngine::spawn(Arc::clone(target) as Arc<dyn FlushTarget>, config).unwrap()
+}
+
+/// Lets the worker run until it waits on time again.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hundred_upserts_within_50ms_give_one_flush_after_the_debounce() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    for i in 0..100 {
+        e.schedule(change(&format!("c{}", i % 20), i));
+        advance(Duration::from_micros(500)).await;
+    }
+    // Last change at ~50 ms: nothing before 150 ms.
+    advance(Duration::from_millis(95)).await;
+    settle().await;
+    assert!(t.sizes().is_empty(), "flushed before the debounce ended");
+    sleep(Duration::from_millis(10)).await;
+    settle().await;
+    assert_eq!(
+        t.sizes(),
+        vec![20],
+        "one flush of the 20 deduplicated entities"
+    );
+    let batch = &t.batches()[0];
+    assert_eq!(n_of(&batch[0]), 80, "latest content of c0 wins");
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_change_restarts_the_debounce_timer() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    for i in 0..3 {
+        e.schedule(change("c1", i));
+        advance(Duration::from_millis(60)).await;
+        settle().await;
+        assert!(
+            t.sizes().is_empty(),
+            "flushed while changes kept coming (at {i})"
+        );
+    }
+    sleep(Duration::from_millis(50)).await;
+    settle().await;
+    assert_eq!(t.sizes(), vec![1]);
+    let at = t.seen.lock()[0].at;
+    assert!(
+        at >= Duration::from_millis(220),
+        "flushed at {at:?}, before last change + 100 ms"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_custom_window_of_250ms_flushes_at_250ms() {
+    let t = Recorder::new();
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .debounce(Duration::from_millis(250))
+            .max_wait(Duration::from_secs(5)),
+    );
+    e.schedule(change("c1", 1));
+    for _ in 0..2 {
+        advance(Duration::from_millis(100)).await;
+        settle().await;
+        assert!(t.sizes().is_empty());
+    }
+    sleep(Duration::from_millis(60)).await;
+    settle().await;
+    assert_eq!(t.sizes(), vec![1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_steady_stream_of_writes_is_flushed_by_max_wait() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    for i in 0..30 {
+        e.schedule(change("c1", i));
+        advance(Duration::from_millis(50)).await;
+        settle().await;
+    }
+    assert!(
+        !t.sizes().is_empty(),
+        "the debounce postponed flushing for 1.5 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_hundred_fifty_changes_give_batches_of_100_100_50_in_order() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    let expected: Vec<String> = (0..250).map(|i| format!("c{i}")).collect();
+    for id in &expected {
+        e.schedule(change(id, 0));
+    }
+    e.flush_now().await.unwrap();
+    assert_eq!(t.sizes(), vec![100, 100, 50]);
+    assert_eq!(t.ids(), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_five_changes_with_batch_ten_give_10_10_5() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().max_batch_size(10));
+    for i in 0..25 {
+        e.schedule(change(&format!("c{i}"), i));
+    }
+    sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.sizes(), vec![10, 10, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_hundred_changes_flush_all_five_hundred() {
+    let t = Recorder::new();
+    let e = engine(
+        &t,
+        FlushConfig::default().debounce(Duration::from_millis(10)),
+    );
+    for i in 0..500 {
+        e.schedule(change(&format!("c{i}"), i));
+    }
+    sleep(Duration::from_millis(200)).await;
+    assert!(t.sizes().len() >= 5);
+    assert_eq!(t.sizes().iter().sum::<usize>(), 500);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_keeps_latest_content_at_the_first_scheduled_position() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("e1", 1));
+    e.schedule(change("e2", 2));
+    e.schedule(change("e1", 3));
+    sleep(Duration::from_millis(150)).await;
+    let b = &t.batches()[0];
+    assert_eq!(
+        b.iter().map(|c| c.id.to_string()).collect::<Vec<_>>(),
+        vec!["e1", "e2"]
+    );
+    assert_eq!(n_of(&b[0]), 3);
+    assert_eq!(b[0].op, Op::Upsert);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_supersedes_an_upsert_and_an_upsert_after_a_delete_is_an_upsert() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("a", 1));
+    e.schedule(delete("a"));
+    e.schedule(delete("b"));
+    e.schedule(change("b", 7));
+    e.flush_now().await.unwrap();
+    let b = &t.batches()[0];
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0].op, Op::Delete);
+    assert!(b[0].entity.is_none(), "a delete carries no entity");
+    assert_eq!(b[1].op, Op::Upsert);
+    assert_eq!(n_of(&b[1]), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flush_with_nothing_pending_does_not_call_the_target() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    e.flush_now().await.unwrap();
+    sleep(Duration::from_secs(1)).await;
+    assert!(t.attempts.lock().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_batches_back_off_100_200_400ms() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("c1", 1));
+    let result = e.flush_now().await;
+    let attempts = t.attempts.lock().clone();
+    assert_eq!(attempts.len(), 4, "one attempt plus three retries");
+    let gaps: Vec<u128> = attempts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert_eq!(gaps, vec![100, 200, 400]);
+    match result {
+        Err(FlushError::TargetFailed {
+            attempts,
+            cause,
+            queued,
+            ..
+        }) => {
+            assert_eq!(attempts, 4);
+            assert!(cause.contains("disk on fire"));
+            assert_eq!(queued, 1);
+        }
+        other => panic!("expected TargetFailed, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_twice_then_succeed_writes_once() {
+    let t = Recorder::new();
+    t.fail_next.store(2, Ordering::SeqCst);
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("c1", 1));
+    e.flush_now().await.unwrap();
+    assert_eq!(t.attempts.lock().len(), 3);
+    assert_eq!(t.sizes(), vec![1], "written exactly once");
+    assert!(e.queued_changes().is_empty());
+    let s = e.stats();
+    assert_eq!(
+        (s.failed_attempts, s.retries, s.written, s.batches),
+        (2, 2, 1, 1)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_attempt_failure_keeps_the_change_queued_during_backoff() {
+    let t = Recorder::new();
+    t.fail_next.store(1, Ordering::SeqCst);
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("c1", 1));
+    sleep(Duration::from_millis(150)).await;
+    assert_eq!(t.attempts.lock().len(), 1);
+    let queued = e.queued_changes();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(n_of(&queued[0]), 1);
+    sleep(Duration::from_millis(200)).await;
+    assert!(e.queued_changes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_failure_keeps_every_change_reports_it_and_the_next_flush_retries() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(&t, FlushConfig::default().max_retries(1));
+    let mut events = e.events();
+    for i in 0..5 {
+        e.schedule(change(&format!("c{i}"), i));
+    }
+    assert!(e.flush_now().await.is_err());
+    let queued: Vec<String> = e
+        .queued_changes()
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    assert_eq!(
+        queued,
+        vec!["c0", "c1", "c2", "c3", "c4"],
+        "nothing dropped, order kept"
+    );
+    assert_eq!(e.stats().gave_up, 1);
+    assert!(e.last_error().unwrap().contains("disk on fire"));
+    let mut gave_up = false;
+    while let Ok(ev) = events.try_recv() {
+        if let FlushEvent::GaveUp { changes, cause } = ev {
+            assert_eq!(changes, 5);
+            assert!(cause.contains("disk on fire"));
+            gave_up = true;
+        }
+    }
+    assert!(gave_up, "no GaveUp event");
+
+    // A newer change to a queued entity replaces it; the next flush writes everything.
+    *t.fail_always.lock() = false;
+    e.schedule(change("c2", 99));
+    e.flush_now().await.unwrap();
+    assert_eq!(t.ids(), vec!["c0", "c1", "c2", "c3", "c4"]);
+    assert_eq!(n_of(&t.batches()[0][2]), 99);
+    assert!(e.queued_changes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_target_counts_as_a_failure_not_a_crash() {
+    let t = Recorder::new();
+    t.panic_next.store(1, Ordering::SeqCst);
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("c1", 1));
+    e.flush_now().await.unwrap();
+    assert_eq!(t.attempts.lock().len(), 2);
+    assert_eq!(t.sizes(), vec![1]);
+    assert_eq!(e.stats().failed_attempts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_holds_everything_and_resume_releases_it() {
+    let t = Recorder::new();
+    let e = engine(
+        &t,
+        FlushConfig::default().debounce(Duration::from_millis(200)),
+    );
+    e.pause();
+    for i in 0..3 {
+        e.schedule(change(&format!("c{i}"), i));
+    }
+    sleep(Duration::from_secs(5)).await;
+    assert!(t.sizes().is_empty(), "flushed while paused");
+    assert_eq!(
+        e.queued_changes().len(),
+        3,
+        "changes scheduled while paused are kept"
+    );
+    e.resume();
+    sleep(Duration::from_millis(250)).await;
+    assert_eq!(t.sizes(), vec![3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flush_now_writes_even_when_paused() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    e.pause();
+    e.schedule(change("c1", 1));
+    e.flush_now().await.unwrap();
+    assert_eq!(t.sizes(), vec![1]);
+    e.schedule(change("c2", 2));
+    sleep(Duration::from_secs(1)).await;
+    let queued = e.queued_changes();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].id, "c2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_what_is_queued() {
+    let t = Recorder::new();
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .debounce(Duration::from_secs(10))
+            .max_wait(Duration::from_secs(60)),
+    );
+    e.pause();
+    for i in 0..150 {
+        e.schedule(change(&format!("c{i}"), i));
+    }
+    e.shutdown().await.unwrap();
+    assert_eq!(t.sizes().iter().sum::<usize>(), 150);
+    assert!(matches!(e.flush_now().await, Ok(())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_returns_what_could_not_be_written() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(&t, FlushConfig::default().max_retries(1));
+    e.schedule(change("c1", 1));
+    e.schedule(delete("c2"));
+    let err = e.shutdown().await.unwrap_err();
+    assert_eq!(err.unwritten.len(), 2);
+    assert_eq!(err.unwritten[1].op, Op::Delete);
+    assert!(err.cause.contains("disk on fire"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn changes_made_during_a_slow_flush_go_in_the_next_batch() {
+    let t = Recorder::slow(Duration::from_millis(50));
+    let e = engine(&t, FlushConfig::default());
+    e.schedule(change("a", 1));
+    sleep(Duration::from_millis(120)).await; // flight started at 100 ms, ends at 150
+    assert_eq!(t.attempts.lock().len(), 1);
+    e.schedule(change("a", 2)); // the entity in flight
+    e.schedule(change("b", 1));
+    e.flush_now().await.unwrap();
+    let batches = t.batches();
+    assert_eq!(batches.len(), 2);
+    assert_eq!(n_of(&batches[0][0]), 1);
+    let second: Vec<_> = batches[1]
+        .iter()
+        .map(|c| (c.id.to_string(), n_of(c)))
+        .collect();
+    assert_eq!(
+        second,
+        vec![("a".into(), 2), ("b".into(), 1)],
+        "the newer change was not lost"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_flush_at_a_time_per_target() {
+    struct Overlap {
+        active: AtomicU32,
+        max: AtomicU32,
+    }
+    #[async_trait]
+    impl FlushTarget for Overlap {
+        async fn write(&self, _: &[Change]) -> Result<(), TargetError> {
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(now, Ordering::SeqCst);
+            sleep(Duration::from_millis(30)).await;
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+    let t = Arc::new(Overlap {
+        active: AtomicU32::new(0),
+        max: AtomicU32::new(0),
+    });
+    let e = FlushEngine::spawn(t.clone(), FlushConfig::default().max_batch_size(5)).unwrap();
+    for i in 0..50 {
+        e.schedule(change(&format!("c{i}"), i));
+        advance(Duration::from_millis(3)).await;
+    }
+    e.flush_now().await.unwrap();
+    assert_eq!(t.max.load(Ordering::SeqCst), 1);
+}
+
+/// For one entity, a target always sees its changes in the order they happened — even
+/// with failures, retries and give-ups in between.
+#[tokio::test(start_paused = true)]
+async fn per_entity_order_survives_failures_and_retries() {
+    let t = Recorder::slow(Duration::from_millis(7));
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .max_retries(1)
+            .max_batch_size(4)
+            .debounce(Duration::from_millis(20)),
+    );
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rng = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut last = [0i64; 6];
+    for step in 1..=400i64 {
+        let id = usize::try_from(rng() % 6).unwrap();
+        e.schedule(change(&format!("e{id}"), step));
+        last[id] = step;
+        if rng() % 5 == 0 {
+            t.fail_next
+                .store(u32::try_from(rng() % 3).unwrap(), Ordering::SeqCst);
+        }
+        advance(Duration::from_millis(rng() % 15)).await;
+    }
+    while e.flush_now().await.is_err() {}
+    let mut seen = [0i64; 6];
+    for b in t.batches() {
+        for c in &b {
+            let id: usize = c.id[1..].parse().unwrap();
+            let n = n_of(c);
+            assert!(n > seen[id], "e{id}: saw {n} after {}", seen[id]);
+            seen[id] = n;
+        }
+    }
+    assert_eq!(seen, last, "the final version of every entity was written");
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_config_is_refused() {
+    let t = Recorder::new();
+    let err = FlushEngine::spawn(t, FlushConfig::default().max_batch_size(0)).unwrap_err();
+    assert!(matches!(err, kalphite::Error::InvalidConfig(_)));
+}
+
+#[test]
+fn spawning_outside_a_runtime_is_an_error_not_a_panic() {
+    let t = Arc::new(FnTarget::new("noop", |_: Vec<Change>| async { Ok(()) }));
+    let err = FlushEngine::spawn(t, FlushConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("tokio runtime"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn persistence_disabled_queues_nothing() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().enable_persistence(false));
+    e.schedule(change("c1", 1));
+    sleep(Duration::from_secs(1)).await;
+    assert!(e.queued_changes().is_empty());
+    assert!(t.attempts.lock().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_out_and_closure_targets_both_receive_each_batch() {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = Arc::clone(&got);
+    let f = Arc::new(FnTarget::new("closure", move |batch: Vec<Change>| {
+        let g = Arc::clone(&g);
+        async move {
+            g.lock().extend(batch.into_iter().map(|c| c.id.to_string()));
+            Ok(())
+        }
+    }));
+    let r = Recorder::new();
+    let fan = Arc::new(FanOut::new(vec![f, r.clone()]));
+    let e = FlushEngine::spawn(fan, FlushConfig::default()).unwrap();
+    e.schedule(change("x", 1));
+    e.flush_now().await.unwrap();
+    assert_eq!(*got.lock(), vec!["x"]);
+    assert_eq!(r.ids(), vec!["x"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fan_out_fails_when_one_target_fails_and_names_it() {
+    let r = Recorder::new();
+    *r.fail_always.lock() = true;
+    let fan = Arc::new(FanOut::new(vec![r.clone()]));
+    let e = FlushEngine::spawn(fan, FlushConfig::default().max_retries(0)).unwrap();
+    e.schedule(change("x", 1));
+    let err = e.flush_now().await.unwrap_err();
+    assert!(err.to_string().contains("recorder: disk on fire"), "{err}");
+}
+
+// ---- Store integration ----
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Comment {
+    message: String,
+}
+impl EntityKind for Comment {
+    const KIND: &'static str = "comment";
+}
+
+fn store_with(t: &Arc<Recorder>, config: FlushConfig) -> Store {
+    Store::builder().flush_engine(engine(t, config)).build()
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_mutations_reach_the_target_after_the_debounce() {
+    let t = Recorder::new();
+    let store = store_with(&t, FlushConfig::default());
+    let comments = store.collection::<Comment>().unwrap();
+    comments
+        .put(
+            "c1",
+            Comment {
+                message: "hello".into(),
+            },
+        )
+        .unwrap();
+    sleep(Duration::from_millis(99)).await;
+    assert!(t.sizes().is_empty());
+    sleep(Duration::from_millis(2)).await;
+    let b = &t.batches()[0];
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].op, Op::Upsert);
+    assert_eq!(b[0].origin, Origin::Local);
+    let typed = b[0].entity.as_ref().unwrap().downcast::<Comment>().unwrap();
+    assert_eq!(typed.data.message, "hello");
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_replace_after_insert_flushes_one_upsert_with_the_latest_data() {
+    let t = Recorder::new();
+    let store = store_with(
+        &t,
+        FlushConfig::default().debounce(Duration::from_millis(50)),
+    );
+    let comments = store.collection::<Comment>().unwrap();
+    comments
+        .put(
+            "c1",
+            Comment {
+                message: "v1".into(),
+            },
+        )
+        .unwrap();
+    comments
+        .put(
+            "c1",
+            Comment {
+                message: "v2".into(),
+            },
+        )
+        .unwrap();
+    sleep(Duration::from_millis(60)).await;
+    let b = &t.batches()[0];
+    assert_eq!(b.len(), 1);
+    assert_eq!(
+        b[0].entity.as_ref().unwrap().data_json().unwrap(),
+        json!({"message": "v2"})
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_delete_bulk_load_transaction_and_clear_all_schedule_changes() {
+    let t = Recorder::new();
+    let store = store_with(&t, FlushConfig::default());
+    let comments = store.collection::<Comment>().unwrap();
+    comments
+        .put(
+            "c1",
+            Comment {
+                message: "x".into(),
+            },
+        )
+        .unwrap();
+    store.flush_now().await.unwrap();
+    assert!(comments.delete("c1"));
+    store.flush_now().await.unwrap();
+    assert_eq!(t.batches()[1][0].op, Op::Delete);
+
+    store
+        .load_entities((0..3).map(|i| Entity::new(format!("d{i}"), "doc", json!({}))))
+        .unwrap();
+    store
+        .transaction(|tx| {
+            tx.put(
+                "c2",
+                Comment {
+                    message: "y".into(),
+                },
+            )?;
+            Ok::<_, kalphite::Error>(())
+        })
+        .unwrap();
+    store.flush_now().await.unwrap();
+    assert_eq!(t.batches()[2].len(), 4);
+    store.clear();
+    store.flush_now().await.unwrap();
+    let last = t.batches().last().unwrap().clone();
+    assert_eq!(last.len(), 4);
+    assert!(last.iter().all(|c| c.op == Op::Delete));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hydrated_entities_are_not_written_back_and_remote_changes_are_marked() {
+    let t = Recorder::new();
+    let store = store_with(&t, FlushConfig::default());
+    store
+        .hydrate(vec![Entity::new("h1", "doc", json!({}))])
+        .unwrap();
+    sleep(Duration::from_secs(1)).await;
+    assert!(
+        t.sizes().is_empty(),
+        "hydration was flushed back to storage"
+    );
+    store
+        .transaction_from(Origin::Remote, |tx| {
+            tx.upsert_json(Entity::new("r1", "doc", json!({"from": "server"})))
+                .map(drop)
+        })
+        .unwrap();
+    store.flush_now().await.unwrap();
+    assert_eq!(t.batches()[0][0].origin, Origin::Remote);
+}
+
+#[tokio::test(start_paused = true)]
+async fn store_pause_and_resume_flush() {
+    let t = Recorder::new();
+    let store = store_with(&t, FlushConfig::default());
+    store.pause_flush();
+    store.dynamic("doc").put("a", json!({})).unwrap();
+    sleep(Duration::from_secs(2)).await;
+    assert!(t.sizes().is_empty());
+    assert_eq!(store.queued_changes().len(), 1);
+    store.resume_flush();
+    sleep(Duration::from_millis(150)).await;
+    assert_eq!(t.sizes(), vec![1]);
+    assert!(store.queued_changes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_without_an_engine_still_answers_flush_calls() {
+    let store = Store::new();
+    store.flush_now().await.unwrap();
+    store.pause_flush();
+    store.resume_flush();
+    assert!(store.queued_changes().is_empty());
+    assert!(store.durable(Durability::Memory).await.is_ok());
+    assert!(matches!(
+        store.durable(Durability::Local).await,
+        Err(FlushError::NoTarget {
+            level: Durability::Local
+        })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn durable_local_resolves_once_the_write_is_done() {
+    let t = Recorder::slow(Duration::from_millis(30));
+    let store = store_with(&t, FlushConfig::default());
+    store.dynamic("doc").put("a", json!({"v": 1})).unwrap();
+    let start = Instant::now();
+    store.durable(Durability::Local).await.unwrap();
+    assert_eq!(t.ids(), vec!["a"], "resolved before the target wrote it");
+    assert!(start.elapsed() >= Duration::from_millis(130));
+}
+
+#[tokio::test(start_paused = true)]
+async fn durable_local_fails_with_the_cause_and_keeps_the_change() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let store = store_with(&t, FlushConfig::default().max_retries(1));
+    store.dynamic("doc").put("a", json!({})).unwrap();
+    let err = store.durable(Durability::Local).await.unwrap_err();
+    assert!(err.to_string().contains("disk on fire"), "{err}");
+    assert_eq!(store.queued_changes().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn closing_the_store_drains() {
+    let t = Recorder::new();
+    let store = store_with(
+        &t,
+        FlushConfig::default()
+            .debounce(Duration::from_secs(30))
+            .max_wait(Duration::from_secs(60)),
+    );
+    for i in 0..10 {
+        store
+            .dynamic("doc")
+            .put(format!("d{i}"), json!({}))
+            .unwrap();
+    }
+    store.close().await.unwrap();
+    assert_eq!(t.sizes().iter().sum::<usize>(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_store_drains_in_the_background() {
+    let t = Recorder::new();
+    let store = store_with(
+        &t,
+        FlushConfig::default()
+            .debounce(Duration::from_secs(30))
+            .max_wait(Duration::from_secs(60)),
+    );
+    store
+        .dynamic("doc")
+        .put("a", Value::Object(serde_json::Map::new()))
+        .unwrap();
+    drop(store);
+    sleep(Duration::from_millis(1)).await;
+    assert_eq!(t.ids(), vec!["a"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn counters_track_scheduled_written_and_queue_length() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    for i in 0..10 {
+        e.schedule(change(&format!("c{}", i % 4), i));
+    }
+    let s = e.stats();
+    assert_eq!((s.scheduled, s.written, s.queued), (10, 0, 4));
+    e.flush_now().await.unwrap();
+    let s = e.stats();
+    assert_eq!((s.scheduled, s.written, s.queued, s.batches), (10, 4, 0, 1));
+}
