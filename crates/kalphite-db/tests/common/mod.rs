@@ -1,0 +1,179 @@
+//! Shared fixtures: every test runs against SQLite (a file in a fresh temporary directory)
+//! and, when `KALPHITE_PG_URL` is set, against PostgreSQL in its own schema, so tests can
+//! run in parallel. Without the variable the PostgreSQL half says loudly that it skipped.
+
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use kalphite::Entity;
+use kalphite_db::DatabaseConfig;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// Which backend a fixture opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A private database for one test.
+pub struct Fixture {
+    pub backend: Backend,
+    /// Holds the SQLite file and any backup files.
+    pub dir: TempDir,
+    url: String,
+    pg_schema: Option<String>,
+}
+
+impl Fixture {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite:{}", dir.path().join("test.db").display());
+        Self { backend: Backend::Sqlite, dir, url, pg_schema: None }
+    }
+
+    /// A PostgreSQL fixture in a fresh schema `kdb_<name>`, or `None` (with a loud
+    /// message) when `KALPHITE_PG_URL` is not set.
+    pub async fn postgres(name: &str) -> Option<Self> {
+        let Ok(url) = std::env::var("KALPHITE_PG_URL") else {
+            // Straight to stderr: the test harness captures `eprintln!`, hiding the skip.
+            let _ = writeln!(
+                std::io::stderr(),
+                "*** SKIPPED PostgreSQL test '{name}': set KALPHITE_PG_URL \
+                 (e.g. postgres://postgres@127.0.0.1:5432/test) to run it ***"
+            );
+            return None;
+        };
+        let schema = format!("kdb_{name}");
+        let (client, conn) =
+            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to KALPHITE_PG_URL");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .expect("drop the test schema");
+        Some(Self {
+            backend: Backend::Postgres,
+            dir: tempfile::tempdir().expect("temp dir"),
+            url,
+            pg_schema: Some(schema),
+        })
+    }
+
+    /// The configuration of this fixture's database (open it as often as needed).
+    pub fn config(&self) -> DatabaseConfig {
+        let mut config = DatabaseConfig::new(self.url.clone());
+        if let Some(schema) = &self.pg_schema {
+            config = config.postgres_schema(schema.clone());
+        }
+        config
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A raw SQL statement on the fixture's database, outside kalphite.
+    pub async fn raw_sql(&self, sql: &str) {
+        match self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
+                conn.execute_batch(sql).expect("raw sql");
+            }
+            Backend::Postgres => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                tokio::spawn(conn);
+                let schema = self.pg_schema.as_deref().unwrap_or("public");
+                client
+                    .batch_execute(&format!("SET search_path = {schema}; {sql}"))
+                    .await
+                    .expect("raw sql");
+            }
+        }
+    }
+}
+
+/// Runs `async fn $name(f: Fixture) -> anyhow::Result<()>` on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$name($crate::common::Fixture::sqlite()).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                match $crate::common::Fixture::postgres(stringify!($name)).await {
+                    Some(f) => super::$name(f).await,
+                    None => Ok(()),
+                }
+            }
+        }
+    )*};
+}
+
+pub fn comment(id: &str, message: &str, line: i64, priority: &str) -> Entity {
+    Entity::new(id, "comment", json!({"message": message, "lineNumber": line, "priority": priority}))
+        .at(1_700_000_000_000)
+}
+
+pub fn review(id: &str, title: &str, status: &str) -> Entity {
+    Entity::new(id, "review", json!({"title": title, "status": status, "author": "ann"}))
+        .at(1_700_000_000_000)
+}
+
+pub fn ids(entities: &[Entity]) -> Vec<String> {
+    entities.iter().map(|e| e.id.to_string()).collect()
+}
+
+/// The spec's test schema: comment {message, lineNumber, priority = "medium"} and
+/// review {title, status = "pending", author}, as JSON Schema with defaults applied by a
+/// normalizing wrapper.
+pub fn test_schema() -> kalphite::SharedSchema {
+    use kalphite::{Issue, JsonSchema, Kind, Schema};
+    struct WithDefaults(JsonSchema);
+    impl Schema for WithDefaults {
+        fn validate(&self, kind: &Kind, data: &Value) -> Result<(), Vec<Issue>> {
+            self.0.validate(kind, data)
+        }
+        fn normalize(&self, kind: &Kind, mut data: Value) -> Result<Value, Vec<Issue>> {
+            self.0.validate(kind, &data)?;
+            let (field, default) = match kind.as_str() {
+                "comment" => ("priority", "medium"),
+                _ => ("status", "pending"),
+            };
+            if let Some(obj) = data.as_object_mut() {
+                obj.entry(field).or_insert_with(|| json!(default));
+            }
+            Ok(data)
+        }
+    }
+    let doc = json!({
+        "comment": {
+            "type": "object",
+            "required": ["message", "lineNumber"],
+            "properties": {
+                "message": {"type": "string"},
+                "lineNumber": {"type": "integer"},
+                "priority": {"enum": ["low", "medium", "high"]}
+            }
+        },
+        "review": {
+            "type": "object",
+            "required": ["title", "author"],
+            "properties": {
+                "title": {"type": "string"},
+                "status": {"enum": ["pending", "approved", "rejected"]},
+                "author": {"type": "string"}
+            }
+        }
+    });
+    std::sync::Arc::new(WithDefaults(JsonSchema::from_document(&doc).expect("valid schema")))
+}
