@@ -1,0 +1,544 @@
+//! Deterministic simulation of a room and 2–3 replicas over a faulty network: random
+//! upserts, deletes and concurrent edits of a few ids; messages reordered, duplicated,
+//! delayed and dropped; disconnects, reconnects with catch-up, replica restarts (state
+//! reloaded from its serialized form), room restarts (rebuilt from the persisted log) and
+//! failed writes. After a quiet phase every replica must hold exactly the room's entities.
+//!
+//! Each run prints its seed; `KALPHITE_SIM_SEED=<n> cargo test -p kalphite-sync --test
+//! simulation` replays one seed for every configuration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use kalphite::{AnyEntity, Change, Entity, Origin};
+use kalphite_sync::protocol::{ClientMessage, ConflictPayload, ServerMessage};
+use kalphite_sync::{
+    ConflictPolicy, ConnId, EntityKey, LinkState, Recipient, Replica, ReplicaConfig, ReplicaEvent,
+    ReplicaState, Room, RoomLimits, Step, StoredChange, Strategy,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Map, Value, json};
+
+const ROOM: &str = "sim";
+const KINDS: [&str; 2] = ["todo", "note"];
+const IDS: [&str; 3] = ["a", "b", "c"];
+const FIELDS: [&str; 3] = ["x", "y", "z"];
+const RESEND_AFTER: u64 = 1_000;
+
+#[allow(clippy::large_enum_variant)] // test-only, short-lived
+enum Packet {
+    ToRoom {
+        conn: ConnId,
+        msg: ClientMessage,
+    },
+    ToReplica {
+        idx: usize,
+        conn: ConnId,
+        msg: ServerMessage,
+    },
+}
+
+struct SimReplica {
+    config: ReplicaConfig,
+    core: Replica,
+    store: BTreeMap<EntityKey, Entity<Value>>,
+    conn: Option<ConnId>,
+    conflicts: Vec<ConflictPayload>,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    edits: u64,
+    delivered: u64,
+    dropped: u64,
+    duplicated: u64,
+    conflicts: u64,
+    reconnects: u64,
+    restarts: u64,
+    room_restarts: u64,
+    failed_writes: u64,
+}
+
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    now: u64,
+    policy: fn() -> ConflictPolicy,
+    room: Room,
+    db: Vec<StoredChange>,
+    replicas: Vec<SimReplica>,
+    net: Vec<Packet>,
+    conns: HashMap<ConnId, usize>,
+    next_conn: ConnId,
+    faults: bool,
+    stats: Stats,
+}
+
+fn new_room(policy: fn() -> ConflictPolicy) -> Room {
+    Room::new(ROOM, policy()).with_limits(RoomLimits {
+        catch_up_page: 2,
+        history_per_entity: 4,
+    })
+}
+
+impl Sim {
+    fn new(seed: u64, replicas: usize, policy: fn() -> ConflictPolicy) -> Self {
+        let replicas = (0..replicas)
+            .map(|i| {
+                let mut config =
+                    ReplicaConfig::new(ROOM, format!("user{}", i % 2), format!("replica{i}"));
+                config.resend_after = RESEND_AFTER;
+                config.heartbeat_interval = 5_000;
+                SimReplica {
+                    core: Replica::new(config.clone()),
+                    config,
+                    store: BTreeMap::new(),
+                    conn: None,
+                    conflicts: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            now: 1_000,
+            policy,
+            room: new_room(policy),
+            db: Vec::new(),
+            replicas,
+            net: Vec::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            faults: true,
+            stats: Stats::default(),
+        }
+    }
+
+    fn run(&mut self, steps: usize) {
+        for i in 0..self.replicas.len() {
+            self.connect(i);
+        }
+        for _ in 0..steps {
+            let n = self.replicas.len();
+            let roll = self.rng.random_range(0..1000);
+            let who = self.rng.random_range(0..n);
+            match roll {
+                0..300 => self.edit(who),
+                300..700 => self.deliver_random(),
+                700..800 => self.advance(),
+                800..840 => self.disconnect(who),
+                840..900 => self.connect(who),
+                900..915 => self.restart_replica(who),
+                915..920 => self.restart_room(),
+                _ => self.now += 1,
+            }
+        }
+        self.quiesce();
+    }
+
+    fn packet_for(&mut self, idx: usize, msg: ClientMessage) {
+        if let Some(conn) = self.replicas[idx].conn {
+            self.net.push(Packet::ToRoom { conn, msg });
+        }
+    }
+
+    fn edit(&mut self, idx: usize) {
+        self.stats.edits += 1;
+        let now = self.now;
+        // Under the manual strategy (and sometimes otherwise) the app answers a conflict by
+        // writing the version it prefers.
+        if let Some(conflict) = self.replicas[idx].conflicts.pop()
+            && self.rng.random_bool(0.7)
+        {
+            let pick = match self.rng.random_range(0..3) {
+                0 => &conflict.yours,
+                1 => &conflict.theirs,
+                _ => &conflict.resolved,
+            };
+            let key = EntityKey::new(pick.entity_type.clone(), pick.entity_id.clone());
+            let chosen = pick.entity.clone().map(|e| e.at(now));
+            self.write(idx, key, chosen);
+            return;
+        }
+        let kind = KINDS[self.rng.random_range(0..KINDS.len())];
+        let id = IDS[self.rng.random_range(0..IDS.len())];
+        let key = EntityKey::new(kind, id);
+        let current = self.replicas[idx].store.get(&key).cloned();
+        let next = match current {
+            Some(_) if self.rng.random_bool(0.2) => None,
+            existing => {
+                let mut data = existing
+                    .and_then(|e| e.data.as_object().cloned())
+                    .unwrap_or_else(Map::new);
+                let field = FIELDS[self.rng.random_range(0..FIELDS.len())];
+                if self.rng.random_bool(0.15) {
+                    data.remove(field);
+                } else {
+                    data.insert(field.into(), json!(self.rng.random_range(0..6)));
+                }
+                Some(Entity::new(id, kind, Value::Object(data)).at(now))
+            }
+        };
+        self.write(idx, key, next);
+    }
+
+    /// The app writes to its local store; the store's change goes to the replica.
+    fn write(&mut self, idx: usize, key: EntityKey, state: Option<Entity<Value>>) {
+        let now = self.now;
+        let r = &mut self.replicas[idx];
+        let change = match state {
+            Some(entity) => {
+                r.store.insert(key, entity.clone());
+                Change::upsert(AnyEntity::new(Arc::new(entity)), now, Origin::Local)
+            }
+            None => {
+                if r.store.remove(&key).is_none() {
+                    return;
+                }
+                Change::delete(key.kind, key.id, now, Origin::Local)
+            }
+        };
+        let out = r
+            .core
+            .local_change(&change, now)
+            .expect("outbox has room for 6 entities");
+        for msg in out {
+            self.packet_for(idx, msg);
+        }
+    }
+
+    fn deliver_random(&mut self) {
+        if self.net.is_empty() {
+            return;
+        }
+        let i = self.rng.random_range(0..self.net.len());
+        let packet = self.net.swap_remove(i);
+        if self.faults && self.rng.random_bool(0.05) {
+            self.stats.dropped += 1;
+            return;
+        }
+        if self.faults && self.rng.random_bool(0.05) {
+            self.stats.duplicated += 1;
+            let copy = match &packet {
+                Packet::ToRoom { conn, msg } => Packet::ToRoom {
+                    conn: *conn,
+                    msg: msg.clone(),
+                },
+                Packet::ToReplica { idx, conn, msg } => Packet::ToReplica {
+                    idx: *idx,
+                    conn: *conn,
+                    msg: msg.clone(),
+                },
+            };
+            self.net.push(copy);
+        }
+        self.deliver(packet);
+    }
+
+    fn deliver(&mut self, packet: Packet) {
+        self.stats.delivered += 1;
+        let now = self.now;
+        match packet {
+            Packet::ToRoom { conn, msg } => {
+                let Some(&idx) = self.conns.get(&conn) else {
+                    return;
+                };
+                let outs = match msg {
+                    ClientMessage::Hello(hello) => {
+                        let user = self.replicas[idx].config.user_id.clone();
+                        match self.room.join(conn, &user, &hello, now) {
+                            Ok(outs) => outs,
+                            Err(e) => vec![self.room.error_to(
+                                conn,
+                                e.code(),
+                                e.to_string(),
+                                Some(hello.message_id.clone()),
+                                now,
+                            )],
+                        }
+                    }
+                    other => match self.room.handle(conn, other, now) {
+                        Step::Reply(outs) => outs,
+                        Step::Persist(pending) => {
+                            if self.faults && self.rng.random_bool(0.03) {
+                                self.stats.failed_writes += 1;
+                                vec![
+                                    self.room
+                                        .abort(pending, "disk full", now)
+                                        .expect("own pending"),
+                                ]
+                            } else {
+                                self.db.push(pending.record().clone());
+                                self.room.commit(pending).expect("own pending")
+                            }
+                        }
+                    },
+                };
+                for out in outs {
+                    match out.to {
+                        Recipient::One(c) => self.send_to_replica(c, out.message),
+                        Recipient::AllExcept(c) => {
+                            let members: Vec<ConnId> =
+                                self.room.members().filter(|m| *m != c).collect();
+                            for m in members {
+                                self.send_to_replica(m, out.message.clone());
+                            }
+                        }
+                        _ => unreachable!("no other recipients exist"),
+                    }
+                }
+            }
+            Packet::ToReplica { idx, conn, msg } => {
+                let r = &mut self.replicas[idx];
+                if r.conn != Some(conn) {
+                    return;
+                }
+                let out = r.core.handle(msg, now);
+                for change in out.apply {
+                    assert_eq!(change.origin, Origin::Remote);
+                    let key = EntityKey::new(change.kind.clone(), change.id.clone());
+                    match change.entity {
+                        Some(e) => {
+                            r.store.insert(key, e.to_json().expect("json entity"));
+                        }
+                        None => {
+                            r.store.remove(&key);
+                        }
+                    }
+                }
+                for event in out.events {
+                    if let ReplicaEvent::Conflict(c) = event {
+                        self.stats.conflicts += 1;
+                        r.conflicts.push(*c);
+                    }
+                }
+                for msg in out.send {
+                    self.net.push(Packet::ToRoom { conn, msg });
+                }
+            }
+        }
+    }
+
+    fn send_to_replica(&mut self, conn: ConnId, msg: ServerMessage) {
+        if let Some(&idx) = self.conns.get(&conn) {
+            self.net.push(Packet::ToReplica { idx, conn, msg });
+        }
+    }
+
+    fn advance(&mut self) {
+        self.now += self.rng.random_range(1..2 * RESEND_AFTER);
+        self.tick_all();
+    }
+
+    fn tick_all(&mut self) {
+        for idx in 0..self.replicas.len() {
+            let out = self.replicas[idx].core.tick(self.now);
+            for msg in out {
+                self.packet_for(idx, msg);
+            }
+        }
+    }
+
+    fn disconnect(&mut self, idx: usize) {
+        if let Some(conn) = self.replicas[idx].conn.take() {
+            self.room.leave(conn);
+            self.conns.remove(&conn);
+            self.replicas[idx].core.disconnected();
+        }
+    }
+
+    fn connect(&mut self, idx: usize) {
+        if self.replicas[idx].core.link() == LinkState::Connected {
+            return;
+        }
+        self.disconnect(idx);
+        self.stats.reconnects += 1;
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(conn, idx);
+        self.replicas[idx].conn = Some(conn);
+        let hello = self.replicas[idx].core.connect(self.now);
+        self.packet_for(idx, hello);
+    }
+
+    /// The app process restarts: the replica state is reloaded from its serialized form.
+    fn restart_replica(&mut self, idx: usize) {
+        self.stats.restarts += 1;
+        self.disconnect(idx);
+        let r = &mut self.replicas[idx];
+        let saved = serde_json::to_string(r.core.state()).expect("state serializes");
+        let state: ReplicaState = serde_json::from_str(&saved).expect("state deserializes");
+        assert_eq!(
+            &state,
+            r.core.state(),
+            "seed {}: state round-trips",
+            self.seed
+        );
+        r.core = Replica::restore(r.config.clone(), state);
+    }
+
+    /// The server restarts: connections drop, the room is rebuilt from the persisted log.
+    fn restart_room(&mut self) {
+        self.stats.room_restarts += 1;
+        for idx in 0..self.replicas.len() {
+            self.disconnect(idx);
+        }
+        self.room = new_room(self.policy)
+            .restore(self.db.clone())
+            .expect("log is in order");
+    }
+
+    /// No more faults or edits: reconnect everyone and run until nothing moves.
+    fn quiesce(&mut self) {
+        self.faults = false;
+        for idx in 0..self.replicas.len() {
+            self.disconnect(idx);
+            self.connect(idx);
+        }
+        for _ in 0..100_000 {
+            if !self.net.is_empty() {
+                let packet = self.net.remove(0);
+                self.deliver(packet);
+                continue;
+            }
+            let settled = self
+                .replicas
+                .iter()
+                .all(|r| r.core.outbox_len() == 0 && r.core.link() == LinkState::Connected);
+            if settled {
+                return;
+            }
+            self.now += RESEND_AFTER;
+            self.tick_all();
+        }
+        panic!("seed {}: the simulation did not settle", self.seed);
+    }
+
+    fn check(&self) {
+        let room: BTreeMap<EntityKey, Entity<Value>> = self
+            .room
+            .entities()
+            .map(|e| (EntityKey::new(e.kind.clone(), e.id.clone()), e.clone()))
+            .collect();
+        for (i, r) in self.replicas.iter().enumerate() {
+            assert_eq!(
+                r.store, room,
+                "seed {}: replica {i} differs from the room ({:?})",
+                self.seed, self.stats
+            );
+            assert_eq!(
+                r.core.outbox_len(),
+                0,
+                "seed {}: replica {i} outbox",
+                self.seed
+            );
+            assert_eq!(
+                r.core.watermark(),
+                self.room.version(),
+                "seed {}: replica {i} is caught up",
+                self.seed
+            );
+        }
+        let rebuilt = new_room(self.policy)
+            .restore(self.db.clone())
+            .expect("log is in order");
+        let rebuilt: BTreeMap<EntityKey, Entity<Value>> = rebuilt
+            .entities()
+            .map(|e| (EntityKey::new(e.kind.clone(), e.id.clone()), e.clone()))
+            .collect();
+        assert_eq!(
+            rebuilt, room,
+            "seed {}: the persisted log rebuilds the room",
+            self.seed
+        );
+    }
+}
+
+/// A deterministic, symmetric resolver: per field, the larger number; a delete loses.
+fn max_fields() -> Strategy {
+    Strategy::custom(|case| {
+        let (a, b) = match (&case.current.state, &case.incoming.state) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(only), None) | (None, Some(only)) => return Some(only.clone()),
+            (None, None) => return None,
+        };
+        let mut out = a.data.as_object().cloned().unwrap_or_default();
+        for (k, v) in b.data.as_object().into_iter().flatten() {
+            let keep = match out.get(k) {
+                Some(existing) => existing.as_i64().unwrap_or(0) >= v.as_i64().unwrap_or(0),
+                None => false,
+            };
+            if !keep {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        Some(
+            Entity::new(a.id.clone(), a.kind.clone(), Value::Object(out))
+                .at(a.updated_at.max(b.updated_at)),
+        )
+    })
+}
+
+/// A named conflict policy.
+type Policy = (&'static str, fn() -> ConflictPolicy);
+
+const POLICIES: [Policy; 5] = [
+    ("last-write-wins", || {
+        ConflictPolicy::new(Strategy::LastWriteWins)
+    }),
+    ("field-merge", || ConflictPolicy::new(Strategy::FieldMerge)),
+    ("manual", || ConflictPolicy::new(Strategy::Manual)),
+    ("custom", || ConflictPolicy::new(max_fields())),
+    ("per-kind", || {
+        ConflictPolicy::new(Strategy::FieldMerge).with_kind("note", Strategy::LastWriteWins)
+    }),
+];
+
+fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
+    match std::env::var("KALPHITE_SIM_SEED") {
+        Ok(s) => vec![s.trim().parse().expect("KALPHITE_SIM_SEED must be a u64")],
+        Err(_) => default.collect(),
+    }
+}
+
+fn simulate(replicas: usize, seeds: &[u64], steps: usize) -> Stats {
+    let mut total = Stats::default();
+    for (name, policy) in POLICIES {
+        for &seed in seeds {
+            eprintln!("simulation: {replicas} replicas, strategy {name}, seed {seed}");
+            let mut sim = Sim::new(seed, replicas, policy);
+            sim.run(steps);
+            sim.check();
+            total.conflicts += sim.stats.conflicts;
+            total.edits += sim.stats.edits;
+            total.dropped += sim.stats.dropped;
+            total.duplicated += sim.stats.duplicated;
+            total.room_restarts += sim.stats.room_restarts;
+            total.restarts += sim.stats.restarts;
+            total.failed_writes += sim.stats.failed_writes;
+            total.reconnects += sim.stats.reconnects;
+            total.delivered += sim.stats.delivered;
+        }
+    }
+    eprintln!("{total:?}");
+    total
+}
+
+#[test]
+fn two_replicas_converge_under_every_strategy() {
+    let stats = simulate(2, &seeds(0..40), 600);
+    // The runs must actually exercise the hard paths, or convergence proves little.
+    assert!(stats.conflicts > 50, "{stats:?}");
+    assert!(
+        stats.dropped > 0 && stats.duplicated > 0 && stats.failed_writes > 0,
+        "{stats:?}"
+    );
+    assert!(stats.room_restarts > 0 && stats.restarts > 0, "{stats:?}");
+}
+
+#[test]
+fn three_replicas_converge_under_every_strategy() {
+    let stats = simulate(3, &seeds(100..130), 900);
+    assert!(stats.conflicts > 50, "{stats:?}");
+}
