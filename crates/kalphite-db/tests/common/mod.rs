@@ -98,6 +98,39 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Whether a table of this name exists in the fixture's database (schema).
+    pub async fn table_exists(&self, table: &str) -> bool {
+        match self.backend {
+            Backend::Sqlite => {
+                let conn = rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
+                conn.query_row(
+                    "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("query")
+            }
+            Backend::Postgres => {
+                let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                tokio::spawn(conn);
+                let schema = self.pg_schema.clone().unwrap_or_else(|| "public".into());
+                client
+                    .query_one(
+                        "SELECT COUNT(*) > 0 FROM information_schema.tables \
+                         WHERE table_schema = $1 AND table_name = $2",
+                        &[&schema, &table],
+                    )
+                    .await
+                    .expect("query")
+                    .get(0)
+            }
+        }
+    }
+}
+
 /// Runs `async fn $name(f: Fixture) -> anyhow::Result<()>` on SQLite and on PostgreSQL.
 #[macro_export]
 macro_rules! both_backends {
