@@ -1,0 +1,177 @@
+//! Write-path guarantees on both backends: schema validation and normalization (nothing
+//! is written when validation fails), the storage quota (a refused write leaves no trace),
+//! and the database as a flush target (one transaction per batch, deletes and upserts in
+//! order, remote changes stored too).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Fixture, comment, ids, review};
+use kalphite::flush::FlushTarget;
+use kalphite::{AnyEntity, Change, Entity, Origin};
+use kalphite_db::{Database, Error};
+use serde_json::json;
+
+both_backends!(
+    schema_violations_write_nothing,
+    schema_defaults_are_stored,
+    quota_refuses_writes_past_the_limit,
+    flush_batches_apply_in_one_transaction,
+    a_bad_change_refuses_the_whole_batch,
+    flush_target_accepts_typed_entities,
+);
+
+async fn schema_violations_write_nothing(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().schema(common::test_schema())).await?;
+    let bad = Entity::new("c1", "comment", json!({"message": 42, "lineNumber": "x"}));
+    let err = db.upsert(bad).await.unwrap_err();
+    match &err {
+        Error::Validation { kind, id, issues } => {
+            assert_eq!((kind.as_str(), id.as_str()), ("comment", "c1"));
+            let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+            assert!(paths.contains(&"/message") && paths.contains(&"/lineNumber"), "{paths:?}");
+        }
+        other => panic!("expected Validation, got {other}"),
+    }
+    let unknown = db.upsert(Entity::new("x", "unknown", json!({}))).await.unwrap_err();
+    assert!(matches!(unknown, Error::Validation { .. }), "{unknown}");
+    // One bad entity refuses the whole batch.
+    let batch = vec![
+        comment("c2", "ok", 1, "low"),
+        Entity::new("r9", "review", json!({"title": "no author"})),
+    ];
+    assert!(matches!(db.upsert_batch(batch).await, Err(Error::Validation { .. })));
+    assert!(db.get_all().await?.is_empty(), "something was written");
+    Ok(())
+}
+
+async fn schema_defaults_are_stored(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().schema(common::test_schema())).await?;
+    let stored =
+        db.upsert(Entity::new("c1", "comment", json!({"message": "m", "lineNumber": 1}))).await?;
+    assert_eq!(stored.data["priority"], "medium");
+    let back = db.get_by_id("comment", "c1").await?.expect("stored");
+    assert_eq!(back.data["priority"], "medium");
+    let r = db.upsert(Entity::new("r1", "review", json!({"title": "t", "author": "a"}))).await?;
+    assert_eq!(r.data["status"], "pending");
+    Ok(())
+}
+
+/// Text that compresses badly, so PostgreSQL's TOAST compression cannot hide its size.
+fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + u8::try_from(x % 90).unwrap_or(0))
+        })
+        .collect()
+}
+
+async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().max_storage_mb(1)).await?;
+    // A single write bigger than the whole quota.
+    let huge = Entity::new("huge", "blob", json!({"b": noise(1_200_000, 1)}));
+    let err = db.upsert(huge).await.unwrap_err();
+    match err {
+        Error::QuotaExceeded { limit_mb, needed_bytes, .. } => {
+            assert_eq!(limit_mb, 1);
+            assert!(needed_bytes > 1_200_000);
+        }
+        other => panic!("expected QuotaExceeded, got {other}"),
+    }
+    assert_eq!(db.get_by_id("blob", "huge").await?, None);
+
+    // Fill up in 200 KB steps until refused; the refused batch leaves nothing behind.
+    let mut accepted = 0;
+    let refused = loop {
+        assert!(accepted < 20, "1 MB quota never refused 200 KB writes");
+        let batch = vec![
+            Entity::new(format!("b{accepted}"), "blob", json!({"b": noise(100_000, accepted)})),
+            Entity::new(format!("b{accepted}x"), "blob", json!({"b": noise(100_000, 99 + accepted)})),
+        ];
+        match db.upsert_batch(batch).await {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refused, Error::QuotaExceeded { .. }), "{refused}");
+    assert!(refused.to_string().contains("max_storage_mb"), "{refused}");
+    assert!(accepted >= 2, "refused too early: after {accepted} batches");
+    assert_eq!(db.count("blob").await?, 2 * accepted);
+    assert_eq!(db.get_by_id("blob", &format!("b{accepted}")).await?, None);
+    // Deletes are always allowed; small writes still fit after them on SQLite, whose
+    // freed pages count as free at once.
+    assert!(db.delete("blob", "b0").await?);
+    if f.backend == common::Backend::Sqlite {
+        db.upsert(Entity::new("small", "blob", json!({"b": "x"}))).await?;
+    }
+    Ok(())
+}
+
+fn up(e: Entity, origin: Origin) -> Change {
+    let ts = e.updated_at;
+    Change::upsert(AnyEntity::new(Arc::new(e)), ts, origin)
+}
+
+fn del(kind: &str, id: &str) -> Change {
+    Change::delete(kind.into(), id.into(), 1, Origin::Local)
+}
+
+async fn flush_batches_apply_in_one_transaction(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config()).await?;
+    db.upsert(comment("gone", "m", 1, "low")).await?;
+    let target: Arc<dyn FlushTarget> = Arc::new(db.clone());
+    assert_eq!(target.name(), db.backend_name());
+    let batch = vec![
+        up(comment("c1", "v1", 1, "low"), Origin::Local),
+        up(review("r1", "remote", "approved"), Origin::Remote),
+        del("comment", "gone"),
+        up(comment("c1", "v2", 2, "high"), Origin::Local),
+        del("comment", "never-existed"),
+        up(comment("c3", "x", 3, "low"), Origin::Local),
+        del("comment", "c3"),
+    ];
+    target.write(&batch).await.map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(ids(&db.get_by_type("comment").await?), ["c1"]);
+    assert_eq!(db.get_by_id("comment", "c1").await?.expect("c1").data["message"], "v2");
+    assert_eq!(db.get_by_id("review", "r1").await?.expect("remote stored").data["title"], "remote");
+    // Retrying the same batch (as the flush engine does after an error) is harmless.
+    target.write(&batch).await.map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(ids(&db.get_by_type("comment").await?), ["c1"]);
+    Ok(())
+}
+
+async fn a_bad_change_refuses_the_whole_batch(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().schema(common::test_schema())).await?;
+    let no_entity = Change { entity: None, ..del("comment", "c9") };
+    let no_entity = Change { op: kalphite::Op::Upsert, ..no_entity };
+    let err = db.apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), no_entity]).await;
+    assert!(matches!(err, Err(Error::InvalidChange { .. })), "{err:?}");
+    let invalid = up(Entity::new("c2", "comment", json!({"message": 1})), Origin::Remote);
+    let err = db.apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), invalid]).await;
+    assert!(matches!(err, Err(Error::Validation { .. })), "{err:?}");
+    assert!(db.get_all().await?.is_empty());
+    Ok(())
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Comment {
+    message: String,
+    #[serde(rename = "lineNumber")]
+    line_number: i64,
+}
+
+async fn flush_target_accepts_typed_entities(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config()).await?;
+    let typed = Entity::new("c1", "comment", Comment { message: "typed".into(), line_number: 3 });
+    let change = Change::upsert(AnyEntity::new(Arc::new(typed)), 77, Origin::Local);
+    db.apply_changes(&[change]).await?;
+    let back = db.get_by_id("comment", "c1").await?.expect("stored");
+    assert_eq!(back.data, json!({"message": "typed", "lineNumber": 3}));
+    assert_eq!(back.updated_at, 77, "an unset updatedAt takes the change's timestamp");
+    Ok(())
+}
