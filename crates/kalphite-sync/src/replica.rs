@@ -116,9 +116,6 @@ pub struct OutboxEntry {
     /// The newest server state that arrived meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Held>,
-    /// When it was last sent on the current connection; `None`: not yet.
-    #[serde(skip)]
-    pub sent_at: Option<Millis>,
 }
 
 /// Everything a replica must persist to resume after a restart (serde).
@@ -212,6 +209,9 @@ pub struct Output {
 pub struct Replica {
     config: ReplicaConfig,
     state: ReplicaState,
+    /// When each outbox entry was last sent on the current connection (not persisted:
+    /// after a restart or a reconnect everything is due).
+    in_flight: HashMap<EntityKey, Millis>,
     link: LinkState,
     last_sent: Millis,
     last_heard: Millis,
@@ -226,13 +226,11 @@ impl Replica {
 
     /// A replica resuming from a persisted state.
     #[must_use]
-    pub fn restore(config: ReplicaConfig, mut state: ReplicaState) -> Self {
-        for entry in state.outbox.values_mut() {
-            entry.sent_at = None;
-        }
+    pub fn restore(config: ReplicaConfig, state: ReplicaState) -> Self {
         Self {
             config,
             state,
+            in_flight: HashMap::new(),
             link: LinkState::Disconnected,
             last_sent: 0,
             last_heard: 0,
@@ -294,9 +292,7 @@ impl Replica {
     /// The connection is gone; every unacknowledged change will be resent on the next.
     pub fn disconnected(&mut self) {
         self.link = LinkState::Disconnected;
-        for entry in self.state.outbox.values_mut() {
-            entry.sent_at = None;
-        }
+        self.in_flight.clear();
     }
 
     /// Records a change the local store accepted. Changes not of [`Origin::Local`] are
@@ -370,15 +366,14 @@ impl Replica {
         };
         let id = self.next_message_id();
         let message = Envelope::new(id, self.config.user_id.clone(), timestamp, payload);
-        let mut entry = OutboxEntry {
+        let entry = OutboxEntry {
             message,
             hash,
             held,
-            sent_at: None,
         };
         let mut out = Vec::new();
         if self.link == LinkState::Connected {
-            entry.sent_at = Some(now);
+            self.in_flight.insert(key.clone(), now);
             out.push(ClientMessage::Change(entry.message.clone()));
             self.sent(now);
         }
@@ -409,8 +404,8 @@ impl Replica {
                 out.events.push(ReplicaEvent::Connected {
                     room_version: w.room_version,
                 });
-                for entry in self.state.outbox.values_mut() {
-                    entry.sent_at = Some(now);
+                for (key, entry) in &self.state.outbox {
+                    self.in_flight.insert(key.clone(), now);
                     out.send.push(ClientMessage::Change(entry.message.clone()));
                 }
                 if !out.send.is_empty() {
@@ -459,12 +454,13 @@ impl Replica {
             return out;
         }
         let resend_after = self.config.resend_after;
-        for entry in self.state.outbox.values_mut() {
-            let due = entry
-                .sent_at
-                .is_none_or(|at| now.saturating_sub(at) >= resend_after);
+        for (key, entry) in &self.state.outbox {
+            let due = self
+                .in_flight
+                .get(key)
+                .is_none_or(|at| now.saturating_sub(*at) >= resend_after);
             if due {
-                entry.sent_at = Some(now);
+                self.in_flight.insert(key.clone(), now);
                 out.push(ClientMessage::Change(entry.message.clone()));
             }
         }
@@ -498,6 +494,7 @@ impl Replica {
             .get(&key)
             .is_some_and(|e| e.message.message_id == ack.ack_of);
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
+            self.in_flight.remove(&key);
             let known_version = self.state.known.get(&key).map_or(0, |k| k.version);
             let settled = match entry.held {
                 Some(held) => Some(held.state),
@@ -527,6 +524,7 @@ impl Replica {
         match refused {
             Some(key) if !e.code.is_retryable() => {
                 if let Some(entry) = self.state.outbox.shift_remove(&key) {
+                    self.in_flight.remove(&key);
                     if let Some(held) = entry.held {
                         out.apply.push(to_change(&key, held.state, now));
                     }

@@ -1,0 +1,133 @@
+//! Whatever a peer sends, decoding returns a typed result and never panics; what decodes
+//! re-encodes to a frame that decodes to the same message.
+
+use kalphite_sync::protocol::{
+    ClientMessage, DEFAULT_MAX_FRAME_BYTES, ServerMessage, decode_client, decode_server, encode,
+};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+/// Arbitrary JSON values of small depth.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|f| json!(f)),
+        "[a-zA-Z0-9 _-]{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(field_name(), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+/// Field names that hit the real ones often.
+fn field_name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "type",
+            "messageId",
+            "userId",
+            "timestamp",
+            "payload",
+            "operation",
+            "entityType",
+            "entityId",
+            "entity",
+            "vector",
+            "baseVersion",
+            "roomVersion",
+            "protocolVersion",
+            "roomId",
+            "replicaId",
+            "lastVersion",
+            "token",
+            "id",
+            "data",
+            "updatedAt",
+            "code",
+            "message",
+            "changes",
+            "complete",
+            "fromVersion",
+            "toVersion",
+            "ackOf",
+            "version",
+            "result",
+        ])
+        .prop_map(str::to_owned),
+        "[a-z]{1,6}",
+    ]
+}
+
+/// Message-shaped objects: a known `type` and a random mix of the real fields.
+fn message_like() -> impl Strategy<Value = Value> {
+    (
+        prop::sample::select(vec![
+            "hello",
+            "change",
+            "heartbeat",
+            "welcome",
+            "catchUp",
+            "ack",
+            "conflict",
+            "error",
+            "other",
+        ]),
+        prop::collection::btree_map(field_name(), json_value(), 0..6),
+        prop::option::of(prop::collection::btree_map(
+            field_name(),
+            json_value(),
+            0..8,
+        )),
+    )
+        .prop_map(|(kind, fields, payload)| {
+            let mut m: Map<String, Value> = fields.into_iter().collect();
+            m.insert("type".into(), json!(kind));
+            if let Some(p) = payload {
+                m.insert("payload".into(), Value::Object(p.into_iter().collect()));
+            }
+            Value::Object(m)
+        })
+}
+
+fn round_trips<M: serde::Serialize + PartialEq + std::fmt::Debug>(
+    msg: &M,
+    decode: fn(&str, usize) -> Result<M, kalphite_sync::ProtocolError>,
+) {
+    let text = encode(msg).expect("a decoded message encodes");
+    assert_eq!(&decode(&text, usize::MAX).expect("re-decodes"), msg);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_strings_never_panic(s in any::<String>(), limit in 0usize..64) {
+        let _ = decode_client(&s, DEFAULT_MAX_FRAME_BYTES);
+        let _ = decode_server(&s, DEFAULT_MAX_FRAME_BYTES);
+        let _ = decode_client(&s, limit);
+    }
+
+    #[test]
+    fn json_ish_strings_never_panic(s in r#"[{}\[\]":,0-9a-zA-Z \\.eE+-]{0,64}"#) {
+        let _ = decode_client(&s, DEFAULT_MAX_FRAME_BYTES);
+        let _ = decode_server(&s, DEFAULT_MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn message_shaped_values_decode_or_fail_cleanly(v in message_like()) {
+        let text = v.to_string();
+        if let Ok(msg) = decode_client(&text, DEFAULT_MAX_FRAME_BYTES) {
+            round_trips::<ClientMessage>(&msg, decode_client);
+        }
+        if let Ok(msg) = decode_server(&text, DEFAULT_MAX_FRAME_BYTES) {
+            round_trips::<ServerMessage>(&msg, decode_server);
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! The client state machine on its own: the offline queue (coalesced per entity, bounded,
+//! serializable, resent until acknowledged), remote changes marked remote and never
+//! echoed, remote states held back while a local change is unacknowledged, and errors.
+
+use std::sync::Arc;
+
+use kalphite::{AnyEntity, Change, Entity, Op, Origin};
+use kalphite_sync::protocol::{
+    AckPayload, CatchUpPayload, ChangePayload, ClientMessage, Envelope, ErrorCode, ErrorPayload,
+    SERVER_USER_ID, ServerMessage, WelcomePayload,
+};
+use kalphite_sync::{LinkState, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, VectorClock};
+use serde_json::{Value, json};
+
+fn config() -> ReplicaConfig {
+    let mut c = ReplicaConfig::new("r", "alice", "ra");
+    c.resend_after = 100;
+    c.heartbeat_interval = 1_000;
+    c.outbox_limit = 2;
+    c
+}
+
+fn local_upsert(id: &str, data: Value, at: u64) -> Change {
+    Change::upsert(
+        AnyEntity::new(Arc::new(Entity::new(id, "todo", data).at(at))),
+        at,
+        Origin::Local,
+    )
+}
+
+fn welcome(room_version: u64, catch_up_from: u64) -> ServerMessage {
+    ServerMessage::Welcome(Envelope::new(
+        "w",
+        SERVER_USER_ID,
+        1,
+        WelcomePayload {
+            protocol_version: 1,
+            room_id: "r".into(),
+            room_version,
+            catch_up_from,
+        },
+    ))
+}
+
+fn state(id: &str, data: Option<Value>, version: u64, vector: VectorClock) -> ChangePayload {
+    ChangePayload {
+        operation: if data.is_some() {
+            Op::Upsert
+        } else {
+            Op::Delete
+        },
+        entity_type: "todo".into(),
+        entity_id: id.into(),
+        entity: data.map(|d| Entity::new(id, "todo", d).at(version)),
+        vector,
+        base_version: None,
+        room_version: Some(version),
+    }
+}
+
+fn ack(of: &str, version: u64, result: ChangePayload) -> ServerMessage {
+    ServerMessage::Ack(Envelope::new(
+        "a",
+        SERVER_USER_ID,
+        1,
+        AckPayload {
+            ack_of: of.into(),
+            version,
+            result,
+        },
+    ))
+}
+
+fn broadcast(payload: ChangePayload) -> ServerMessage {
+    ServerMessage::Change(Envelope::new("b", "bob", 1, payload))
+}
+
+fn change_of(msg: &ClientMessage) -> &Envelope<ChangePayload> {
+    match msg {
+        ClientMessage::Change(c) => c,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+fn connected() -> Replica {
+    let mut r = Replica::new(config());
+    let hello = r.connect(0);
+    assert!(
+        matches!(hello, ClientMessage::Hello(ref h) if h.payload.last_version == 0 && h.payload.replica_id == "ra")
+    );
+    assert_eq!(r.link(), LinkState::Connecting);
+    r.handle(welcome(0, 0), 0);
+    assert_eq!(r.link(), LinkState::Connected);
+    r
+}
+
+#[test]
+fn offline_changes_are_coalesced_per_entity_and_sent_on_welcome() {
+    let mut r = Replica::new(config());
+    assert!(
+        r.local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        r.local_change(&local_upsert("a", json!({"n": 2}), 2), 2)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        r.local_change(
+            &Change::delete("todo".into(), "b".into(), 3, Origin::Local),
+            3
+        )
+        .unwrap()
+        .is_empty()
+    );
+    assert_eq!(r.outbox_len(), 2, "two entities, one entry each");
+    // Full: a third entity is refused, loudly; a queued one can still be edited.
+    let err = r
+        .local_change(&local_upsert("c", json!({}), 4), 4)
+        .unwrap_err();
+    assert!(matches!(err, ReplicaError::OutboxFull { limit: 2 }));
+    r.local_change(&local_upsert("b", json!({"n": 3}), 5), 5)
+        .unwrap();
+
+    r.connect(10);
+    let out = r.handle(welcome(0, 0), 10);
+    assert_eq!(out.send.len(), 2);
+    let a = change_of(&out.send[0]);
+    assert_eq!(
+        a.payload.entity.as_ref().unwrap().data,
+        json!({"n": 2}),
+        "latest content"
+    );
+    assert_eq!(
+        a.payload.vector,
+        VectorClock::from([("ra", 2)]),
+        "one tick per local edit"
+    );
+    assert_eq!(a.payload.base_version, Some(0));
+    let b = change_of(&out.send[1]);
+    assert_eq!(
+        b.payload.operation,
+        Op::Upsert,
+        "the later upsert replaced the delete"
+    );
+    assert!(matches!(
+        out.events[0],
+        ReplicaEvent::Connected { room_version: 0 }
+    ));
+}
+
+#[test]
+fn remote_and_storage_changes_are_not_echoed() {
+    let mut r = connected();
+    let mut c = local_upsert("a", json!({}), 1);
+    c.origin = Origin::Remote;
+    assert!(r.local_change(&c, 1).unwrap().is_empty());
+    c.origin = Origin::Storage;
+    assert!(r.local_change(&c, 1).unwrap().is_empty());
+    assert_eq!(r.outbox_len(), 0);
+}
+
+#[test]
+fn changes_are_resent_until_acknowledged() {
+    let mut r = connected();
+    let sent = r
+        .local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    let id = change_of(&sent[0]).message_id.clone();
+    assert!(r.tick(50).is_empty(), "not yet due");
+    let again = r.tick(101);
+    assert_eq!(
+        change_of(&again[0]).message_id,
+        id,
+        "same message id: the server dedups"
+    );
+    let out = r.handle(
+        ack(
+            &id,
+            1,
+            state(
+                "a",
+                Some(json!({"n": 1})),
+                1,
+                VectorClock::from([("ra", 1)]),
+            ),
+        ),
+        102,
+    );
+    assert!(
+        out.apply.is_empty(),
+        "the store already holds what was acknowledged"
+    );
+    assert!(matches!(
+        &out.events[0],
+        ReplicaEvent::Acked { version: 1, .. }
+    ));
+    assert_eq!(r.outbox_len(), 0);
+    assert_eq!(r.watermark(), 1);
+    // Idle: a heartbeat, nothing else.
+    let beat = r.tick(5_000);
+    assert!(matches!(beat.as_slice(), [ClientMessage::Heartbeat(_)]));
+    // The next edit builds on the acknowledged clock and version.
+    let sent = r
+        .local_change(&local_upsert("a", json!({"n": 2}), 6_000), 6_000)
+        .unwrap();
+    let next = change_of(&sent[0]);
+    assert_eq!(next.payload.vector, VectorClock::from([("ra", 2)]));
+    assert_eq!(next.payload.base_version, Some(1));
+}
+
+#[test]
+fn a_disconnect_keeps_the_queue_and_reconnect_resends_it() {
+    let mut r = connected();
+    r.local_change(&local_upsert("a", json!({}), 1), 1).unwrap();
+    r.disconnected();
+    assert_eq!(r.link(), LinkState::Disconnected);
+    assert!(
+        r.tick(10_000).is_empty(),
+        "nothing is sent while disconnected"
+    );
+    let hello = r.connect(10_000);
+    assert!(matches!(hello, ClientMessage::Hello(_)));
+    let out = r.handle(welcome(0, 0), 10_001);
+    assert_eq!(out.send.len(), 1);
+}
+
+#[test]
+fn remote_changes_are_applied_marked_remote() {
+    let mut r = connected();
+    let out = r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"t": 1})),
+            1,
+            VectorClock::from([("rb", 1)]),
+        )),
+        5,
+    );
+    assert_eq!(out.apply.len(), 1);
+    assert_eq!(out.apply[0].origin, Origin::Remote);
+    assert_eq!(
+        out.apply[0]
+            .entity
+            .as_ref()
+            .unwrap()
+            .to_json()
+            .unwrap()
+            .data,
+        json!({"t": 1})
+    );
+    // A duplicate or an older state is ignored.
+    let out = r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"t": 1})),
+            1,
+            VectorClock::from([("rb", 1)]),
+        )),
+        6,
+    );
+    assert!(out.apply.is_empty());
+    let out = r.handle(
+        broadcast(state("a", None, 2, VectorClock::from([("rb", 2)]))),
+        7,
+    );
+    assert_eq!(out.apply[0].op, Op::Delete);
+    // The next local edit is based on what was received.
+    let sent = r
+        .local_change(&local_upsert("a", json!({"t": 3}), 8), 8)
+        .unwrap();
+    let msg = change_of(&sent[0]);
+    assert_eq!(
+        msg.payload.vector,
+        VectorClock::from([("rb", 2), ("ra", 1)])
+    );
+    assert_eq!(msg.payload.base_version, Some(2));
+}
+
+#[test]
+fn a_remote_state_waits_while_a_local_change_is_unacknowledged() {
+    let mut r = connected();
+    let sent = r
+        .local_change(&local_upsert("a", json!({"mine": 1}), 1), 1)
+        .unwrap();
+    let id = change_of(&sent[0]).message_id.clone();
+    // Bob's concurrent edit lands first: the local store keeps the user's edit for now.
+    let out = r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"bob": 1})),
+            1,
+            VectorClock::from([("rb", 1)]),
+        )),
+        2,
+    );
+    assert!(out.apply.is_empty());
+    // The ack brings the room's resolution, which replaces the local edit.
+    let merged = state(
+        "a",
+        Some(json!({"bob": 1, "mine": 1})),
+        2,
+        VectorClock::from([("ra", 1), ("rb", 1)]),
+    );
+    let out = r.handle(ack(&id, 2, merged), 3);
+    assert_eq!(out.apply.len(), 1);
+    assert_eq!(
+        out.apply[0]
+            .entity
+            .as_ref()
+            .unwrap()
+            .to_json()
+            .unwrap()
+            .data,
+        json!({"bob": 1, "mine": 1})
+    );
+    assert_eq!(r.watermark(), 2);
+}
+
+#[test]
+fn catch_up_moves_the_watermark_and_reports_the_end() {
+    let mut r = connected();
+    let page = |from, to, changes, complete| {
+        ServerMessage::CatchUp(Envelope::new(
+            "c",
+            SERVER_USER_ID,
+            1,
+            CatchUpPayload {
+                from_version: from,
+                to_version: to,
+                changes,
+                complete,
+            },
+        ))
+    };
+    // A later page arriving first cannot move the watermark...
+    let later = page(3, 5, vec![state("b", None, 5, VectorClock::new())], true);
+    let out = r.handle(later.clone(), 1);
+    assert_eq!(r.watermark(), 0);
+    assert!(
+        out.apply.is_empty(),
+        "deleting what the store never had changes nothing"
+    );
+    // ...the first page does, and then the later page applies again.
+    r.handle(
+        page(
+            0,
+            3,
+            vec![state("a", Some(json!({})), 3, VectorClock::new())],
+            false,
+        ),
+        2,
+    );
+    assert_eq!(r.watermark(), 3);
+    let out = r.handle(later, 3);
+    assert_eq!(r.watermark(), 5);
+    assert!(
+        out.events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::CaughtUp { version: 5 }))
+    );
+    // The next hello asks for what comes after.
+    r.disconnected();
+    assert!(matches!(r.connect(4), ClientMessage::Hello(h) if h.payload.last_version == 5));
+    // The room was reset behind our back: forget our versions, take its states.
+    let out = r.handle(welcome(1, 0), 5);
+    assert!(
+        out.events
+            .iter()
+            .any(|e| matches!(e, ReplicaEvent::Connected { room_version: 1 }))
+    );
+    assert_eq!(r.watermark(), 0);
+    let out = r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"fresh": true})),
+            1,
+            VectorClock::new(),
+        )),
+        6,
+    );
+    assert_eq!(out.apply.len(), 1);
+}
+
+#[test]
+fn refused_changes_leave_the_queue_and_retryable_ones_stay() {
+    let mut r = connected();
+    let sent = r.local_change(&local_upsert("a", json!({}), 1), 1).unwrap();
+    let id = change_of(&sent[0]).message_id.clone();
+    let error = |code| {
+        ServerMessage::Error(Envelope::new(
+            "e",
+            SERVER_USER_ID,
+            1,
+            ErrorPayload {
+                code,
+                message: "m".into(),
+                refers_to: Some(id.clone()),
+            },
+        ))
+    };
+    let out = r.handle(error(ErrorCode::StorageFailed), 2);
+    assert_eq!(r.outbox_len(), 1);
+    assert!(matches!(
+        out.events[0],
+        ReplicaEvent::ServerError {
+            code: ErrorCode::StorageFailed,
+            ..
+        }
+    ));
+    let out = r.handle(error(ErrorCode::InvalidEntity), 3);
+    assert_eq!(r.outbox_len(), 0);
+    assert!(
+        matches!(&out.events[0], ReplicaEvent::Rejected { code: ErrorCode::InvalidEntity, change, .. }
+        if change.message_id == id)
+    );
+}
+
+#[test]
+fn the_state_survives_a_restart_through_json() {
+    let mut r = connected();
+    r.handle(
+        broadcast(state(
+            "x",
+            Some(json!({})),
+            1,
+            VectorClock::from([("rb", 1)]),
+        )),
+        1,
+    );
+    r.local_change(&local_upsert("a", json!({"n": 1}), 2), 2)
+        .unwrap();
+    let saved = serde_json::to_string(r.state()).unwrap();
+    let restored = Replica::restore(config(), serde_json::from_str(&saved).unwrap());
+    assert_eq!(restored.state(), r.state());
+    assert_eq!(restored.outbox_len(), 1);
+    assert_eq!(restored.watermark(), 1);
+    let mut restored = restored;
+    restored.connect(3);
+    let out = restored.handle(welcome(1, 1), 4);
+    assert_eq!(out.send.len(), 1, "the queued change goes out again");
+}
