@@ -183,6 +183,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The in-memory store refused something while being opened over the database.
+    #[error("the store refused it while {context}: {source}")]
+    Store {
+        /// What was being done.
+        context: &'static str,
+        /// The store's error.
+        #[source]
+        source: kalphite::Error,
+    },
+
     /// The database was closed.
     #[error("the database is closed")]
     Closed,

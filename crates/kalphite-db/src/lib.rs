@@ -14,7 +14,8 @@
 //! - [`query`]: the [`Query`] builder and its reference semantics.
 //! - [`migration`]: [`Migration`]s and the built-in ones.
 //! - [`backup`]: the backup format.
-//! - [`error`]: [`Error`].
+//! - [`store`]: [`open_store`], a kalphite Store hydrated from and flushing into a database.
+//! - [`error`]: the [`Error`] type.
 //! - `backend`, `sqlite`, `postgres`: the storage trait and its two implementations.
 //! - `target`: `impl FlushTarget for Database`.
 //!
@@ -49,6 +50,7 @@ pub mod migration;
 mod postgres;
 pub mod query;
 mod sqlite;
+pub mod store;
 mod target;
 
 pub use backend::StoredEntity;
@@ -57,3 +59,4 @@ pub use database::Database;
 pub use error::{Error, Result};
 pub use migration::{AppliedMigration, Migration, MigrationSql};
 pub use query::{Cmp, Condition, Direction, Field, Query};
+pub use store::open_store;

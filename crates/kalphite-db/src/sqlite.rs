@@ -481,7 +481,7 @@ pub(crate) fn render(q: &Query) -> (String, Vec<SqlValue>) {
             }
             Condition::In { field, values } => {
                 if values.is_empty() {
-                    sql.push_str("0");
+                    sql.push_str("0 = 1");
                 } else {
                     sql.push('(');
                     for (i, v) in values.iter().enumerate() {

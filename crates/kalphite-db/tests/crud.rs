@@ -31,7 +31,11 @@ async fn persists_and_reads_back(f: Fixture) -> anyhow::Result<()> {
     db.upsert(c.clone()).await?;
     assert_eq!(db.get_by_id("comment", "c1").await?, Some(c.clone()));
     assert_eq!(db.get_by_id("comment", "nope").await?, None);
-    assert_eq!(db.get_by_id("review", "c1").await?, None, "kinds are separate");
+    assert_eq!(
+        db.get_by_id("review", "c1").await?,
+        None,
+        "kinds are separate"
+    );
     assert_eq!(db.get_by_type("comment").await?, vec![c]);
     db.close().await?;
     Ok(())
@@ -45,14 +49,19 @@ async fn data_survives_reopening(f: Fixture) -> anyhow::Result<()> {
     let again = Database::open(f.config()).await?;
     assert_eq!(again.get_by_type("comment").await?, vec![c]);
     assert_eq!(again.get_by_type("review").await?, vec![r]);
-    assert_eq!(again.applied_migrations().await?.len(), 1, "migrations are not re-run");
+    assert_eq!(
+        again.applied_migrations().await?.len(),
+        1,
+        "migrations are not re-run"
+    );
     Ok(())
 }
 
 async fn older_records_load_with_missing_fields(f: Fixture) -> anyhow::Result<()> {
     // Written by an older program whose comments had no lineNumber.
     let old = Database::open(f.config()).await?;
-    old.upsert(Entity::new("c1", "comment", json!({"message": "old"})).at(5)).await?;
+    old.upsert(Entity::new("c1", "comment", json!({"message": "old"})).at(5))
+        .await?;
     old.close().await?;
     let new = Database::open(f.config().schema(common::test_schema())).await?;
     let back = new.get_by_id("comment", "c1").await?.expect("still there");
@@ -67,8 +76,12 @@ async fn kinds_appear_per_type(f: Fixture) -> anyhow::Result<()> {
     db.upsert(comment("c1", "a", 1, "low")).await?;
     db.upsert(comment("c2", "b", 2, "low")).await?;
     db.upsert(review("r1", "t", "pending")).await?;
-    let kinds: Vec<(String, u64)> =
-        db.kinds().await?.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+    let kinds: Vec<(String, u64)> = db
+        .kinds()
+        .await?
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), n))
+        .collect();
     assert_eq!(kinds, [("comment".to_owned(), 2), ("review".to_owned(), 1)]);
     assert_eq!(db.count("comment").await?, 2);
     assert_eq!(db.count("todo").await?, 0);
@@ -79,12 +92,19 @@ async fn upsert_replaces_and_counts_versions(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
     db.upsert(comment("c1", "first", 1, "low")).await?;
     db.upsert(comment("c2", "other", 2, "low")).await?;
-    db.upsert(comment("c1", "second", 1, "high").at(1_800_000_000_000)).await?;
+    db.upsert(comment("c1", "second", 1, "high").at(1_800_000_000_000))
+        .await?;
     let stored = db.get_stored("comment", "c1").await?.expect("stored");
     assert_eq!(stored.entity.data["message"], "second");
     assert_eq!(stored.entity.updated_at, 1_800_000_000_000);
     assert_eq!(stored.version, 2);
-    assert_eq!(db.get_stored("comment", "c2").await?.expect("stored").version, 1);
+    assert_eq!(
+        db.get_stored("comment", "c2")
+            .await?
+            .expect("stored")
+            .version,
+        1
+    );
     // An update keeps the entity's first-insert position.
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c1", "c2"]);
     Ok(())
@@ -92,9 +112,15 @@ async fn upsert_replaces_and_counts_versions(f: Fixture) -> anyhow::Result<()> {
 
 async fn deletes_report_whether_they_removed_something(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
-    assert!(!db.delete("comment", "ghost").await?, "deleting from an empty db is fine");
+    assert!(
+        !db.delete("comment", "ghost").await?,
+        "deleting from an empty db is fine"
+    );
     db.upsert(comment("c1", "m", 1, "low")).await?;
-    assert!(!db.delete("review", "c1").await?, "same id, other kind: untouched");
+    assert!(
+        !db.delete("review", "c1").await?,
+        "same id, other kind: untouched"
+    );
     assert!(db.delete("comment", "c1").await?);
     assert_eq!(db.get_by_id("comment", "c1").await?, None);
     assert!(db.get_by_type("comment").await?.is_empty());
@@ -104,11 +130,20 @@ async fn deletes_report_whether_they_removed_something(f: Fixture) -> anyhow::Re
 
 async fn bulk_operations(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
-    let many: Vec<Entity> = (0..100).map(|i| comment(&format!("c{i}"), "m", i, "low")).collect();
+    let many: Vec<Entity> = (0..100)
+        .map(|i| comment(&format!("c{i}"), "m", i, "low"))
+        .collect();
     let stored = db.upsert_batch(many.clone()).await?;
     assert_eq!(stored, many);
     assert_eq!(db.get_by_type("comment").await?, many, "in insertion order");
-    let removed = db.delete_batch([("comment", "c3"), ("comment", "c5"), ("comment", "c7"), ("comment", "x")]).await?;
+    let removed = db
+        .delete_batch([
+            ("comment", "c3"),
+            ("comment", "c5"),
+            ("comment", "c7"),
+            ("comment", "x"),
+        ])
+        .await?;
     assert_eq!(removed, 3);
     assert_eq!(db.count("comment").await?, 97);
     Ok(())
@@ -118,8 +153,18 @@ async fn deleting_a_review_leaves_comments_that_mention_it(f: Fixture) -> anyhow
     // The original deleted any entity whose JSON contained the id as a substring.
     let db = Database::open(f.config()).await?;
     db.upsert(review("r1", "t", "pending")).await?;
-    db.upsert(Entity::new("c1", "comment", json!({"message": "see r1", "reviewId": "r1"}))).await?;
-    db.upsert(Entity::new("r10", "review", json!({"title": "r1 again", "author": "a"}))).await?;
+    db.upsert(Entity::new(
+        "c1",
+        "comment",
+        json!({"message": "see r1", "reviewId": "r1"}),
+    ))
+    .await?;
+    db.upsert(Entity::new(
+        "r10",
+        "review",
+        json!({"title": "r1 again", "author": "a"}),
+    ))
+    .await?;
     assert!(db.delete("review", "r1").await?);
     assert!(db.get_by_id("comment", "c1").await?.is_some());
     assert!(db.get_by_id("review", "r10").await?.is_some());
@@ -133,9 +178,11 @@ async fn concurrent_writers_all_land(f: Fixture) -> anyhow::Result<()> {
         let db = db.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..25 {
-                db.upsert(comment(&format!("w{w}-{i}"), "m", i, "low")).await?;
+                db.upsert(comment(&format!("w{w}-{i}"), "m", i, "low"))
+                    .await?;
                 // Everyone also rewrites one shared entity.
-                db.upsert(comment("shared", &format!("{w}-{i}"), i, "low")).await?;
+                db.upsert(comment("shared", &format!("{w}-{i}"), i, "low"))
+                    .await?;
             }
             Ok::<_, Error>(())
         }));
@@ -145,9 +192,14 @@ async fn concurrent_writers_all_land(f: Fixture) -> anyhow::Result<()> {
     }
     assert_eq!(db.count("comment").await?, 8 * 25 + 1);
     let shared = db.get_stored("comment", "shared").await?.expect("shared");
-    assert_eq!(shared.version, 8 * 25, "every write to the shared entity counted once");
-    let mut expected: Vec<String> =
-        (0..8).flat_map(|w| (0..25).map(move |i| format!("w{w}-{i}"))).collect();
+    assert_eq!(
+        shared.version,
+        8 * 25,
+        "every write to the shared entity counted once"
+    );
+    let mut expected: Vec<String> = (0..8)
+        .flat_map(|w| (0..25).map(move |i| format!("w{w}-{i}")))
+        .collect();
     expected.push("shared".into());
     expected.sort();
     let mut got = ids(&db.get_by_type("comment").await?);
@@ -161,11 +213,9 @@ async fn corrupt_rows_are_skipped(f: Fixture) -> anyhow::Result<()> {
         // JSONB cannot hold invalid JSON: PostgreSQL refuses the corrupting UPDATE itself.
         let db = Database::open(f.config()).await?;
         db.upsert(comment("c1", "m", 1, "low")).await?;
-        let (client, conn) = tokio_postgres::connect(
-            &std::env::var("KALPHITE_PG_URL")?,
-            tokio_postgres::NoTls,
-        )
-        .await?;
+        let (client, conn) =
+            tokio_postgres::connect(&std::env::var("KALPHITE_PG_URL")?, tokio_postgres::NoTls)
+                .await?;
         tokio::spawn(conn);
         let err = client
             .batch_execute(
@@ -178,11 +228,16 @@ async fn corrupt_rows_are_skipped(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
     db.upsert(comment("c1", "m", 1, "low")).await?;
     db.upsert(comment("c3", "m", 3, "high")).await?;
-    f.raw_sql("UPDATE kalphite_entities SET data = 'invalid-json' WHERE id = 'c1'").await;
+    f.raw_sql("UPDATE kalphite_entities SET data = 'invalid-json' WHERE id = 'c1'")
+        .await;
     assert_eq!(db.get_by_id("comment", "c1").await?, None);
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c3"]);
     let q = kalphite_db::Query::new("comment").eq("priority", "high");
-    assert_eq!(ids(&db.find(&q).await?), ["c3"], "JSON queries skip the corrupt row too");
+    assert_eq!(
+        ids(&db.find(&q).await?),
+        ["c3"],
+        "JSON queries skip the corrupt row too"
+    );
     db.upsert(comment("c2", "m", 2, "low")).await?;
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c3", "c2"]);
     assert_eq!(db.get_all().await?.len(), 2);
@@ -191,7 +246,11 @@ async fn corrupt_rows_are_skipped(f: Fixture) -> anyhow::Result<()> {
 
 async fn clear_removes_every_entity(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
-    db.upsert_batch(vec![comment("c1", "m", 1, "low"), review("r1", "t", "pending")]).await?;
+    db.upsert_batch(vec![
+        comment("c1", "m", 1, "low"),
+        review("r1", "t", "pending"),
+    ])
+    .await?;
     db.clear().await?;
     assert!(db.get_all().await?.is_empty());
     assert!(db.kinds().await?.is_empty());
@@ -203,17 +262,31 @@ async fn clear_removes_every_entity(f: Fixture) -> anyhow::Result<()> {
 async fn closed_database_refuses_calls(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
     db.close().await?;
-    assert!(matches!(db.get_by_id("comment", "c1").await, Err(Error::Closed)));
-    assert!(matches!(db.upsert(comment("c1", "m", 1, "low")).await, Err(Error::Closed)));
+    assert!(matches!(
+        db.get_by_id("comment", "c1").await,
+        Err(Error::Closed)
+    ));
+    assert!(matches!(
+        db.upsert(comment("c1", "m", 1, "low")).await,
+        Err(Error::Closed)
+    ));
     Ok(())
 }
 
 async fn unset_updated_at_is_stamped(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
     let before = kalphite::now_millis();
-    let stored = db.upsert(Entity::new("c1", "comment", json!({"message": "m"}))).await?;
+    let stored = db
+        .upsert(Entity::new("c1", "comment", json!({"message": "m"})))
+        .await?;
     assert!(stored.updated_at >= before);
-    assert_eq!(db.get_by_id("comment", "c1").await?.expect("stored").updated_at, stored.updated_at);
+    assert_eq!(
+        db.get_by_id("comment", "c1")
+            .await?
+            .expect("stored")
+            .updated_at,
+        stored.updated_at
+    );
     Ok(())
 }
 
@@ -228,7 +301,9 @@ async fn memory_databases_are_private() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn bad_urls_and_unreachable_servers_name_what_was_tried() {
-    let err = Database::open(DatabaseConfig::new("mysql://db")).await.unwrap_err();
+    let err = Database::open(DatabaseConfig::new("mysql://db"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
     assert!(err.to_string().contains("mysql://db"), "{err}");
 
@@ -241,22 +316,32 @@ async fn bad_urls_and_unreachable_servers_name_what_was_tried() {
     assert!(err.to_string().contains("no/such/dir"), "{err}");
 
     let not_a_db = dir.path().join("text.db");
-    std::fs::write(&not_a_db, "this is not a database, just some text to fill the header....")
-        .expect("write");
-    let err = Database::open(DatabaseConfig::new(format!("sqlite:{}", not_a_db.display())))
-        .await
-        .unwrap_err();
+    std::fs::write(
+        &not_a_db,
+        "this is not a database, just some text to fill the header....",
+    )
+    .expect("write");
+    let err = Database::open(DatabaseConfig::new(format!(
+        "sqlite:{}",
+        not_a_db.display()
+    )))
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err}");
 
     // Port 1 on loopback: nothing listens there.
-    let err = Database::open(DatabaseConfig::new("postgres://kalphite:pw@127.0.0.1:1/none"))
-        .await
-        .unwrap_err();
+    let err = Database::open(DatabaseConfig::new(
+        "postgres://kalphite:pw@127.0.0.1:1/none",
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("127.0.0.1:1"), "{text}");
     assert!(!text.contains("pw@"), "the password leaked: {text}");
 
-    let err = Database::open(DatabaseConfig::new("postgres://u@h:notaport/db")).await.unwrap_err();
+    let err = Database::open(DatabaseConfig::new("postgres://u@h:notaport/db"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
 }

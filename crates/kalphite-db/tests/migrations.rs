@@ -27,7 +27,10 @@ fn tags() -> Migration {
 fn notes() -> Migration {
     Migration::new(1001, "notes")
         .sqlite("CREATE TABLE app_notes (body TEXT)", "DROP TABLE app_notes")
-        .postgres("CREATE TABLE app_notes (body TEXT NOT NULL)", "DROP TABLE app_notes")
+        .postgres(
+            "CREATE TABLE app_notes (body TEXT NOT NULL)",
+            "DROP TABLE app_notes",
+        )
 }
 
 fn versions(applied: &[kalphite_db::AppliedMigration]) -> Vec<i64> {
@@ -55,14 +58,21 @@ async fn app_migrations_apply_and_roll_back(f: Fixture) -> anyhow::Result<()> {
     assert!(f.table_exists("app_tags").await);
     assert_eq!(db.rollback_to(1).await?, [1000]);
     assert!(!f.table_exists("app_tags").await);
-    assert_eq!(db.get_by_type("comment").await?.len(), 1, "kalphite's data is untouched");
+    assert_eq!(
+        db.get_by_type("comment").await?.len(),
+        1,
+        "kalphite's data is untouched"
+    );
 
     assert_eq!(db.migrate_to(None).await?, [1000, 1001]);
     assert!(f.table_exists("app_tags").await && f.table_exists("app_notes").await);
 
     assert_eq!(db.rollback_to(0).await?, [1001, 1000, 1]);
     assert!(!f.table_exists("kalphite_entities").await);
-    assert!(db.get_by_type("comment").await.is_err(), "no table, no reads");
+    assert!(
+        db.get_by_type("comment").await.is_err(),
+        "no table, no reads"
+    );
     assert_eq!(db.migrate_to(Some(1)).await?, [1]);
     assert!(db.get_by_type("comment").await?.is_empty());
     Ok(())
@@ -73,15 +83,28 @@ async fn a_failing_migration_changes_nothing(f: Fixture) -> anyhow::Result<()> {
         "CREATE TABLE app_half (x INTEGER); INSERT INTO no_such_table VALUES (1)",
         "DROP TABLE app_half",
     );
-    let err = Database::open(f.config().migration(tags()).migration(broken)).await.unwrap_err();
+    let err = Database::open(f.config().migration(tags()).migration(broken))
+        .await
+        .unwrap_err();
     match &err {
-        Error::MigrationFailed { version, name, direction, .. } => {
-            assert_eq!((*version, name.as_str(), *direction), (1001, "broken", "applying"));
+        Error::MigrationFailed {
+            version,
+            name,
+            direction,
+            ..
+        } => {
+            assert_eq!(
+                (*version, name.as_str(), *direction),
+                (1001, "broken", "applying")
+            );
         }
         other => panic!("expected MigrationFailed, got {other}"),
     }
     assert!(err.to_string().contains("1001 'broken'"), "{err}");
-    assert!(!f.table_exists("app_half").await, "the failed migration left a table behind");
+    assert!(
+        !f.table_exists("app_half").await,
+        "the failed migration left a table behind"
+    );
     // The migrations before it are applied and recorded.
     let db = Database::open(f.config().migration(tags())).await?;
     assert_eq!(versions(&db.applied_migrations().await?), [1, 1000]);
@@ -90,36 +113,67 @@ async fn a_failing_migration_changes_nothing(f: Fixture) -> anyhow::Result<()> {
 }
 
 async fn a_failing_rollback_changes_nothing(f: Fixture) -> anyhow::Result<()> {
-    let bad_down = Migration::new(1001, "bad-down")
-        .portable("CREATE TABLE app_keep (x INTEGER)", "DROP TABLE app_keep; DROP TABLE no_such");
+    let bad_down = Migration::new(1001, "bad-down").portable(
+        "CREATE TABLE app_keep (x INTEGER)",
+        "DROP TABLE app_keep; DROP TABLE no_such",
+    );
     let db = Database::open(f.config().migration(tags()).migration(bad_down)).await?;
     let err = db.rollback_to(1).await.unwrap_err();
     assert!(
-        matches!(&err, Error::MigrationFailed { version: 1001, direction: "rolling back", .. }),
+        matches!(
+            &err,
+            Error::MigrationFailed {
+                version: 1001,
+                direction: "rolling back",
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(f.table_exists("app_keep").await, "the failed rollback dropped the table anyway");
-    assert!(f.table_exists("app_tags").await, "later steps ran after a failure");
+    assert!(
+        f.table_exists("app_keep").await,
+        "the failed rollback dropped the table anyway"
+    );
+    assert!(
+        f.table_exists("app_tags").await,
+        "later steps ran after a failure"
+    );
     assert_eq!(versions(&db.applied_migrations().await?), [1, 1000, 1001]);
     Ok(())
 }
 
 async fn migrations_off_refuses_a_stale_database(f: Fixture) -> anyhow::Result<()> {
-    let err = Database::open(f.config().migrations(false)).await.unwrap_err();
-    assert!(matches!(&err, Error::NotMigrated { pending } if pending == &[1]), "{err}");
+    let err = Database::open(f.config().migrations(false))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotMigrated { pending } if pending == &[1]),
+        "{err}"
+    );
     assert!(!f.table_exists("kalphite_entities").await);
     Database::open(f.config()).await?.close().await?;
     let db = Database::open(f.config().migrations(false)).await?;
     db.upsert(comment("c1", "m", 1, "low")).await?;
-    let err = Database::open(f.config().migrations(false).migration(tags())).await.unwrap_err();
-    assert!(matches!(&err, Error::NotMigrated { pending } if pending == &[1000]), "{err}");
+    let err = Database::open(f.config().migrations(false).migration(tags()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotMigrated { pending } if pending == &[1000]),
+        "{err}"
+    );
     Ok(())
 }
 
 async fn a_newer_database_is_refused(f: Fixture) -> anyhow::Result<()> {
-    Database::open(f.config().migration(tags())).await?.close().await?;
+    Database::open(f.config().migration(tags()))
+        .await?
+        .close()
+        .await?;
     let err = Database::open(f.config()).await.unwrap_err();
-    assert!(matches!(err, Error::UnknownMigration { version: 1000 }), "{err}");
+    assert!(
+        matches!(err, Error::UnknownMigration { version: 1000 }),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -127,13 +181,24 @@ async fn backup_before_migrate_writes_a_restorable_backup(f: Fixture) -> anyhow:
     let backups = f.path("backups");
     std::fs::create_dir_all(&backups)?;
     let db = Database::open(f.config().backup_before_migrate(true).backup_dir(&backups)).await?;
-    assert_eq!(std::fs::read_dir(&backups)?.count(), 0, "a fresh database needs no backup");
-    db.upsert_batch(vec![comment("c1", "a", 1, "low"), comment("c2", "b", 2, "high")]).await?;
+    assert_eq!(
+        std::fs::read_dir(&backups)?.count(),
+        0,
+        "a fresh database needs no backup"
+    );
+    db.upsert_batch(vec![
+        comment("c1", "a", 1, "low"),
+        comment("c2", "b", 2, "high"),
+    ])
+    .await?;
     let before = db.get_all().await?;
     db.close().await?;
 
     let db = Database::open(
-        f.config().backup_before_migrate(true).backup_dir(&backups).migration(tags()),
+        f.config()
+            .backup_before_migrate(true)
+            .backup_dir(&backups)
+            .migration(tags()),
     )
     .await?;
     let files: Vec<_> = std::fs::read_dir(&backups)?.collect::<Result<_, _>>()?;
@@ -159,9 +224,10 @@ async fn reserved_and_duplicate_versions_are_refused() {
 
 #[tokio::test]
 async fn backup_before_migrate_needs_a_directory_in_memory() {
-    let err =
-        Database::open(kalphite_db::DatabaseConfig::new("sqlite::memory:").backup_before_migrate(true))
-            .await
-            .unwrap_err();
+    let err = Database::open(
+        kalphite_db::DatabaseConfig::new("sqlite::memory:").backup_before_migrate(true),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { .. }), "{err}");
 }

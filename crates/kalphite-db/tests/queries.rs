@@ -9,7 +9,11 @@ use kalphite::Entity;
 use kalphite_db::{Database, Direction, Field, Query};
 use serde_json::{Value, json};
 
-both_backends!(closure_queries, builder_matches_the_reference, builder_on_updated_at_and_id);
+both_backends!(
+    closure_queries,
+    builder_matches_the_reference,
+    builder_on_updated_at_and_id
+);
 
 async fn closure_queries(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
@@ -19,12 +23,20 @@ async fn closure_queries(f: Fixture) -> anyhow::Result<()> {
         review("r1", "first", "pending"),
     ])
     .await?;
-    let high = db.query("comment", |e| e.data["priority"] == "high").await?;
+    let high = db
+        .query("comment", |e| e.data["priority"] == "high")
+        .await?;
     assert_eq!(ids(&high), ["c1"]);
-    let pending = db.query("review", |e| e.data["status"] == "pending").await?;
+    let pending = db
+        .query("review", |e| e.data["status"] == "pending")
+        .await?;
     assert_eq!(ids(&pending), ["r1"]);
     let by_line_desc = db
-        .query_sorted("comment", |_| true, |e| std::cmp::Reverse(e.data["lineNumber"].as_i64()))
+        .query_sorted(
+            "comment",
+            |_| true,
+            |e| std::cmp::Reverse(e.data["lineNumber"].as_i64()),
+        )
         .await?;
     assert_eq!(ids(&by_line_desc), ["c2", "c1"]);
     Ok(())
@@ -92,8 +104,10 @@ fn queries() -> Vec<Query> {
         q().eq("n", 2).order_by("v", Direction::Asc),
         q().order_by("v", Direction::Asc),
         q().order_by("v", Direction::Desc),
-        q().order_by("n", Direction::Asc).order_by("v", Direction::Desc),
-        q().order_by("tag", Direction::Desc).order_by(Field::UpdatedAt, Direction::Asc),
+        q().order_by("n", Direction::Asc)
+            .order_by("v", Direction::Desc),
+        q().order_by("tag", Direction::Desc)
+            .order_by(Field::UpdatedAt, Direction::Asc),
         q().order_by("nested.depth", Direction::Asc).limit(4),
         q().order_by("v", Direction::Asc).offset(3).limit(5),
         q().offset(100),
@@ -122,26 +136,42 @@ async fn builder_on_updated_at_and_id(f: Fixture) -> anyhow::Result<()> {
     let data = dataset();
     db.upsert_batch(data.clone()).await?;
     let cases = vec![
-        Query::new("item").gte(Field::UpdatedAt, 1_003).order_by(Field::UpdatedAt, Direction::Desc),
+        Query::new("item")
+            .gte(Field::UpdatedAt, 1_003)
+            .order_by(Field::UpdatedAt, Direction::Desc),
         Query::new("item").eq(Field::UpdatedAt, 1_001),
-        Query::new("item").gt(Field::Id, "e10").order_by(Field::Id, Direction::Desc),
+        Query::new("item")
+            .gt(Field::Id, "e10")
+            .order_by(Field::Id, Direction::Desc),
         Query::new("item").is_in(Field::Id, ["e01", "missing", "zzz"]),
         Query::new("item").lt(Field::UpdatedAt, 1_000),
     ];
     for q in cases {
-        assert_eq!(ids(&db.find(&q).await?), ids(&q.apply(data.clone())?), "{q:?}");
+        assert_eq!(
+            ids(&db.find(&q).await?),
+            ids(&q.apply(data.clone())?),
+            "{q:?}"
+        );
     }
     let bad = Query::new("item").gt("v", true);
-    assert!(matches!(db.find(&bad).await, Err(kalphite_db::Error::InvalidQuery { .. })));
+    assert!(matches!(
+        db.find(&bad).await,
+        Err(kalphite_db::Error::InvalidQuery { .. })
+    ));
     Ok(())
 }
 
 /// The same queries give the very same entities, in the same order, on both backends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_and_postgres_agree() -> anyhow::Result<()> {
-    let Some(pg) = Fixture::postgres("sqlite_and_postgres_agree").await else { return Ok(()) };
+    let Some(pg) = Fixture::postgres("sqlite_and_postgres_agree").await else {
+        return Ok(());
+    };
     let lite = Fixture::sqlite();
-    let (a, b) = (Database::open(lite.config()).await?, Database::open(pg.config()).await?);
+    let (a, b) = (
+        Database::open(lite.config()).await?,
+        Database::open(pg.config()).await?,
+    );
     let data = dataset();
     a.upsert_batch(data.clone()).await?;
     b.upsert_batch(data).await?;

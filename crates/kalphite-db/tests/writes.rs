@@ -30,30 +30,50 @@ async fn schema_violations_write_nothing(f: Fixture) -> anyhow::Result<()> {
         Error::Validation { kind, id, issues } => {
             assert_eq!((kind.as_str(), id.as_str()), ("comment", "c1"));
             let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
-            assert!(paths.contains(&"/message") && paths.contains(&"/lineNumber"), "{paths:?}");
+            assert!(
+                paths.contains(&"/message") && paths.contains(&"/lineNumber"),
+                "{paths:?}"
+            );
         }
         other => panic!("expected Validation, got {other}"),
     }
-    let unknown = db.upsert(Entity::new("x", "unknown", json!({}))).await.unwrap_err();
+    let unknown = db
+        .upsert(Entity::new("x", "unknown", json!({})))
+        .await
+        .unwrap_err();
     assert!(matches!(unknown, Error::Validation { .. }), "{unknown}");
     // One bad entity refuses the whole batch.
     let batch = vec![
         comment("c2", "ok", 1, "low"),
         Entity::new("r9", "review", json!({"title": "no author"})),
     ];
-    assert!(matches!(db.upsert_batch(batch).await, Err(Error::Validation { .. })));
+    assert!(matches!(
+        db.upsert_batch(batch).await,
+        Err(Error::Validation { .. })
+    ));
     assert!(db.get_all().await?.is_empty(), "something was written");
     Ok(())
 }
 
 async fn schema_defaults_are_stored(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config().schema(common::test_schema())).await?;
-    let stored =
-        db.upsert(Entity::new("c1", "comment", json!({"message": "m", "lineNumber": 1}))).await?;
+    let stored = db
+        .upsert(Entity::new(
+            "c1",
+            "comment",
+            json!({"message": "m", "lineNumber": 1}),
+        ))
+        .await?;
     assert_eq!(stored.data["priority"], "medium");
     let back = db.get_by_id("comment", "c1").await?.expect("stored");
     assert_eq!(back.data["priority"], "medium");
-    let r = db.upsert(Entity::new("r1", "review", json!({"title": "t", "author": "a"}))).await?;
+    let r = db
+        .upsert(Entity::new(
+            "r1",
+            "review",
+            json!({"title": "t", "author": "a"}),
+        ))
+        .await?;
     assert_eq!(r.data["status"], "pending");
     Ok(())
 }
@@ -77,7 +97,11 @@ async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
     let huge = Entity::new("huge", "blob", json!({"b": noise(1_200_000, 1)}));
     let err = db.upsert(huge).await.unwrap_err();
     match err {
-        Error::QuotaExceeded { limit_mb, needed_bytes, .. } => {
+        Error::QuotaExceeded {
+            limit_mb,
+            needed_bytes,
+            ..
+        } => {
             assert_eq!(limit_mb, 1);
             assert!(needed_bytes > 1_200_000);
         }
@@ -90,8 +114,16 @@ async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
     let refused = loop {
         assert!(accepted < 20, "1 MB quota never refused 200 KB writes");
         let batch = vec![
-            Entity::new(format!("b{accepted}"), "blob", json!({"b": noise(100_000, accepted)})),
-            Entity::new(format!("b{accepted}x"), "blob", json!({"b": noise(100_000, 99 + accepted)})),
+            Entity::new(
+                format!("b{accepted}"),
+                "blob",
+                json!({"b": noise(100_000, accepted)}),
+            ),
+            Entity::new(
+                format!("b{accepted}x"),
+                "blob",
+                json!({"b": noise(100_000, 99 + accepted)}),
+            ),
         ];
         match db.upsert_batch(batch).await {
             Ok(_) => accepted += 1,
@@ -107,7 +139,8 @@ async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
     // freed pages count as free at once.
     assert!(db.delete("blob", "b0").await?);
     if f.backend == common::Backend::Sqlite {
-        db.upsert(Entity::new("small", "blob", json!({"b": "x"}))).await?;
+        db.upsert(Entity::new("small", "blob", json!({"b": "x"})))
+            .await?;
     }
     Ok(())
 }
@@ -137,8 +170,17 @@ async fn flush_batches_apply_in_one_transaction(f: Fixture) -> anyhow::Result<()
     ];
     target.write(&batch).await.map_err(|e| anyhow::anyhow!(e))?;
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c1"]);
-    assert_eq!(db.get_by_id("comment", "c1").await?.expect("c1").data["message"], "v2");
-    assert_eq!(db.get_by_id("review", "r1").await?.expect("remote stored").data["title"], "remote");
+    assert_eq!(
+        db.get_by_id("comment", "c1").await?.expect("c1").data["message"],
+        "v2"
+    );
+    assert_eq!(
+        db.get_by_id("review", "r1")
+            .await?
+            .expect("remote stored")
+            .data["title"],
+        "remote"
+    );
     // Retrying the same batch (as the flush engine does after an error) is harmless.
     target.write(&batch).await.map_err(|e| anyhow::anyhow!(e))?;
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c1"]);
@@ -147,12 +189,25 @@ async fn flush_batches_apply_in_one_transaction(f: Fixture) -> anyhow::Result<()
 
 async fn a_bad_change_refuses_the_whole_batch(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config().schema(common::test_schema())).await?;
-    let no_entity = Change { entity: None, ..del("comment", "c9") };
-    let no_entity = Change { op: kalphite::Op::Upsert, ..no_entity };
-    let err = db.apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), no_entity]).await;
+    let no_entity = Change {
+        entity: None,
+        ..del("comment", "c9")
+    };
+    let no_entity = Change {
+        op: kalphite::Op::Upsert,
+        ..no_entity
+    };
+    let err = db
+        .apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), no_entity])
+        .await;
     assert!(matches!(err, Err(Error::InvalidChange { .. })), "{err:?}");
-    let invalid = up(Entity::new("c2", "comment", json!({"message": 1})), Origin::Remote);
-    let err = db.apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), invalid]).await;
+    let invalid = up(
+        Entity::new("c2", "comment", json!({"message": 1})),
+        Origin::Remote,
+    );
+    let err = db
+        .apply_changes(&[up(comment("c1", "m", 1, "low"), Origin::Local), invalid])
+        .await;
     assert!(matches!(err, Err(Error::Validation { .. })), "{err:?}");
     assert!(db.get_all().await?.is_empty());
     Ok(())
@@ -167,11 +222,21 @@ struct Comment {
 
 async fn flush_target_accepts_typed_entities(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
-    let typed = Entity::new("c1", "comment", Comment { message: "typed".into(), line_number: 3 });
+    let typed = Entity::new(
+        "c1",
+        "comment",
+        Comment {
+            message: "typed".into(),
+            line_number: 3,
+        },
+    );
     let change = Change::upsert(AnyEntity::new(Arc::new(typed)), 77, Origin::Local);
     db.apply_changes(&[change]).await?;
     let back = db.get_by_id("comment", "c1").await?.expect("stored");
     assert_eq!(back.data, json!({"message": "typed", "lineNumber": 3}));
-    assert_eq!(back.updated_at, 77, "an unset updatedAt takes the change's timestamp");
+    assert_eq!(
+        back.updated_at, 77,
+        "an unset updatedAt takes the change's timestamp"
+    );
     Ok(())
 }

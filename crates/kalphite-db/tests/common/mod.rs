@@ -32,7 +32,12 @@ impl Fixture {
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite:{}", dir.path().join("test.db").display());
-        Self { backend: Backend::Sqlite, dir, url, pg_schema: None }
+        Self {
+            backend: Backend::Sqlite,
+            dir,
+            url,
+            pg_schema: None,
+        }
     }
 
     /// A PostgreSQL fixture in a fresh schema `kdb_<name>`, or `None` (with a loud
@@ -48,8 +53,9 @@ impl Fixture {
             return None;
         };
         let schema = format!("kdb_{name}");
-        let (client, conn) =
-            tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to KALPHITE_PG_URL");
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to KALPHITE_PG_URL");
         tokio::spawn(conn);
         client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
@@ -80,7 +86,8 @@ impl Fixture {
     pub async fn raw_sql(&self, sql: &str) {
         match self.backend {
             Backend::Sqlite => {
-                let conn = rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
+                let conn =
+                    rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
                 conn.execute_batch(sql).expect("raw sql");
             }
             Backend::Postgres => {
@@ -103,7 +110,8 @@ impl Fixture {
     pub async fn table_exists(&self, table: &str) -> bool {
         match self.backend {
             Backend::Sqlite => {
-                let conn = rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
+                let conn =
+                    rusqlite::Connection::open(self.dir.path().join("test.db")).expect("open");
                 conn.query_row(
                     "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
                     [table],
@@ -153,13 +161,21 @@ macro_rules! both_backends {
 }
 
 pub fn comment(id: &str, message: &str, line: i64, priority: &str) -> Entity {
-    Entity::new(id, "comment", json!({"message": message, "lineNumber": line, "priority": priority}))
-        .at(1_700_000_000_000)
+    Entity::new(
+        id,
+        "comment",
+        json!({"message": message, "lineNumber": line, "priority": priority}),
+    )
+    .at(1_700_000_000_000)
 }
 
 pub fn review(id: &str, title: &str, status: &str) -> Entity {
-    Entity::new(id, "review", json!({"title": title, "status": status, "author": "ann"}))
-        .at(1_700_000_000_000)
+    Entity::new(
+        id,
+        "review",
+        json!({"title": title, "status": status, "author": "ann"}),
+    )
+    .at(1_700_000_000_000)
 }
 
 pub fn ids(entities: &[Entity]) -> Vec<String> {
@@ -208,5 +224,7 @@ pub fn test_schema() -> kalphite::SharedSchema {
             }
         }
     });
-    std::sync::Arc::new(WithDefaults(JsonSchema::from_document(&doc).expect("valid schema")))
+    std::sync::Arc::new(WithDefaults(
+        JsonSchema::from_document(&doc).expect("valid schema"),
+    ))
 }
