@@ -116,6 +116,9 @@ pub struct OutboxEntry {
     /// The newest server state that arrived meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<Held>,
+    /// The sequence number of the oldest local change folded into this entry: every
+    /// change from it on waits for this entry's ack.
+    pub first_seq: u64,
 }
 
 /// Everything a replica must persist to resume after a restart (serde).
@@ -261,6 +264,26 @@ impl Replica {
         self.state.outbox.len()
     }
 
+    /// The sequence number of the latest message built (see [`Replica::acked_through`]).
+    /// Read it right after [`Replica::local_change`] to name that change.
+    #[must_use]
+    pub fn last_seq(&self) -> u64 {
+        self.state.next_seq
+    }
+
+    /// Every local change with a sequence number ≤ this is durable on the server
+    /// (acknowledged, or replaced by a later edit of the same entity that was). This is
+    /// what a "durable on the server" receipt waits for.
+    #[must_use]
+    pub fn acked_through(&self) -> u64 {
+        self.state
+            .outbox
+            .values()
+            .map(|e| e.first_seq)
+            .min()
+            .map_or(self.state.next_seq, |s| s.saturating_sub(1))
+    }
+
     /// Every room version up to this one has been received.
     #[must_use]
     pub fn watermark(&self) -> u64 {
@@ -330,12 +353,15 @@ impl Replica {
             });
         }
         let me = self.config.replica_id.clone();
-        let (vector, base_version, held) = match self.state.outbox.get(&key) {
+        let id = self.next_message_id();
+        let seq = self.state.next_seq;
+        let (vector, base_version, held, first_seq) = match self.state.outbox.get(&key) {
             // An edit on top of an unacknowledged one: same base, next clock tick.
             Some(entry) => (
                 entry.message.payload.vector.incremented(&me),
                 entry.message.payload.base_version,
                 entry.held.clone(),
+                entry.first_seq,
             ),
             None => {
                 let known = self.state.known.get(&key);
@@ -346,6 +372,7 @@ impl Replica {
                         .incremented(&me),
                     Some(known.map_or(0, |k| k.version)),
                     None,
+                    seq,
                 )
             }
         };
@@ -364,12 +391,12 @@ impl Replica {
         } else {
             change.timestamp
         };
-        let id = self.next_message_id();
         let message = Envelope::new(id, self.config.user_id.clone(), timestamp, payload);
         let entry = OutboxEntry {
             message,
             hash,
             held,
+            first_seq,
         };
         let mut out = Vec::new();
         if self.link == LinkState::Connected {
@@ -590,17 +617,15 @@ impl Replica {
     fn absorb(&mut self) {
         let watermark = self.state.watermark;
         self.state.received_above.retain(|v| *v > watermark);
-        while self
-            .state
-            .received_above
-            .remove(&(self.state.watermark + 1))
+        while let Some(next) = self.state.watermark.checked_add(1)
+            && self.state.received_above.remove(&next)
         {
-            self.state.watermark += 1;
+            self.state.watermark = next;
         }
     }
 
     fn next_message_id(&mut self) -> String {
-        self.state.next_seq += 1;
+        self.state.next_seq = self.state.next_seq.saturating_add(1);
         format!("{}-{}", self.config.replica_id, self.state.next_seq)
     }
 

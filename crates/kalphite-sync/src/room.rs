@@ -21,9 +21,8 @@ use crate::protocol::{
 /// The caller's name for one connection (socket) to the room.
 pub type ConnId = u64;
 
-/// Who an outgoing message is for.
+/// Who an outgoing message is for. Exhaustive on purpose, like [`Step`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Recipient {
     /// One connection.
     One(ConnId),
@@ -154,6 +153,9 @@ pub enum RoomError {
     /// [`Room::commit`] or [`Room::abort`] got a pending change that is not the room's.
     #[error("this pending change does not belong to the room's current write")]
     StalePending,
+    /// The room has used every version number (corrupt log).
+    #[error("the room's version counter is exhausted")]
+    VersionsExhausted,
     /// [`Room::restore`] got records out of order.
     #[error(
         "stored change {version} follows {previous}: records must be in increasing version order"
@@ -176,14 +178,18 @@ impl RoomError {
             Self::NotJoined => ErrorCode::NotJoined,
             Self::AlreadyJoined => ErrorCode::AlreadyJoined,
             Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
-            Self::CommitPending | Self::StalePending | Self::OutOfOrder { .. } => {
-                ErrorCode::Internal
-            }
+            Self::CommitPending
+            | Self::StalePending
+            | Self::OutOfOrder { .. }
+            | Self::VersionsExhausted => ErrorCode::Internal,
         }
     }
 }
 
 /// What to do after [`Room::handle`].
+///
+/// Deliberately exhaustive (unlike the error and message enums): a caller that matched a
+/// new variant with `_` would silently drop messages.
 #[derive(Debug)]
 #[must_use]
 pub enum Step {
@@ -546,7 +552,9 @@ impl Room {
                 conflict,
             } => (version, vector, conflict),
         };
-        let room_version = self.version + 1;
+        let Some(room_version) = self.version.checked_add(1) else {
+            return Err(RoomError::VersionsExhausted);
+        };
         let record = StoredChange {
             version: room_version,
             kind: key.kind.clone(),
@@ -709,7 +717,7 @@ impl Room {
     /// [`RoomError::StalePending`] when `pending` is not the room's reserved write.
     pub fn commit(&mut self, pending: Pending) -> Result<Vec<Outbound>, RoomError> {
         if self.pending != Some(pending.record.version)
-            || pending.record.version != self.version + 1
+            || Some(pending.record.version) != self.version.checked_add(1)
         {
             return Err(RoomError::StalePending);
         }

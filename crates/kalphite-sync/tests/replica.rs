@@ -442,3 +442,86 @@ fn the_state_survives_a_restart_through_json() {
     let out = restored.handle(welcome(1, 1), 4);
     assert_eq!(out.send.len(), 1, "the queued change goes out again");
 }
+
+#[test]
+fn acked_through_waits_for_every_earlier_change() {
+    let mut r = connected();
+    let base = r.acked_through();
+    assert_eq!(
+        base,
+        r.last_seq(),
+        "nothing pending: everything built so far is durable"
+    );
+    let a1 = r
+        .local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    let seq_a1 = r.last_seq();
+    let b = r.local_change(&local_upsert("b", json!({}), 2), 2).unwrap();
+    let seq_b = r.last_seq();
+    let a2 = r
+        .local_change(&local_upsert("a", json!({"n": 2}), 3), 3)
+        .unwrap();
+    let seq_a2 = r.last_seq();
+    assert!(r.acked_through() < seq_a1);
+    // b is acknowledged, but a1 (folded into a2) is not: nothing new is durable yet.
+    let b_id = change_of(&b[0]).message_id.clone();
+    r.handle(
+        ack(
+            &b_id,
+            1,
+            state("b", Some(json!({})), 1, VectorClock::from([("ra", 1)])),
+        ),
+        4,
+    );
+    assert!(r.acked_through() < seq_a1);
+    // The ack of the superseded a1 does not settle the entry either.
+    let a1_id = change_of(&a1[0]).message_id.clone();
+    r.handle(
+        ack(
+            &a1_id,
+            2,
+            state(
+                "a",
+                Some(json!({"n": 1})),
+                2,
+                VectorClock::from([("ra", 1)]),
+            ),
+        ),
+        5,
+    );
+    assert!(r.acked_through() < seq_a1);
+    assert_eq!(r.outbox_len(), 1);
+    let a2_id = change_of(&a2[0]).message_id.clone();
+    r.handle(
+        ack(
+            &a2_id,
+            3,
+            state(
+                "a",
+                Some(json!({"n": 2})),
+                3,
+                VectorClock::from([("ra", 2)]),
+            ),
+        ),
+        6,
+    );
+    assert!(r.acked_through() >= seq_a2 && seq_a2 > seq_b);
+}
+
+#[test]
+fn a_hostile_catch_up_page_cannot_overflow_the_watermark() {
+    let mut r = connected();
+    let page = ServerMessage::CatchUp(Envelope::new(
+        "c",
+        SERVER_USER_ID,
+        1,
+        CatchUpPayload {
+            from_version: 0,
+            to_version: u64::MAX,
+            changes: vec![state("a", None, u64::MAX, VectorClock::new())],
+            complete: true,
+        },
+    ));
+    r.handle(page, 1);
+    assert_eq!(r.watermark(), u64::MAX);
+}

@@ -73,6 +73,8 @@ struct Sim {
     next_conn: ConnId,
     faults: bool,
     stats: Stats,
+    /// Every room version a replica was told its change got.
+    acked_versions: Vec<u64>,
 }
 
 fn new_room(policy: fn() -> ConflictPolicy) -> Room {
@@ -112,6 +114,7 @@ impl Sim {
             next_conn: 1,
             faults: true,
             stats: Stats::default(),
+            acked_versions: Vec::new(),
         }
     }
 
@@ -285,7 +288,6 @@ impl Sim {
                                 self.send_to_replica(m, out.message.clone());
                             }
                         }
-                        _ => unreachable!("no other recipients exist"),
                     }
                 }
             }
@@ -308,9 +310,13 @@ impl Sim {
                     }
                 }
                 for event in out.events {
-                    if let ReplicaEvent::Conflict(c) = event {
-                        self.stats.conflicts += 1;
-                        r.conflicts.push(*c);
+                    match event {
+                        ReplicaEvent::Conflict(c) => {
+                            self.stats.conflicts += 1;
+                            r.conflicts.push(*c);
+                        }
+                        ReplicaEvent::Acked { version, .. } => self.acked_versions.push(version),
+                        _ => {}
                     }
                 }
                 for msg in out.send {
@@ -437,6 +443,16 @@ impl Sim {
                 r.core.watermark(),
                 self.room.version(),
                 "seed {}: replica {i} is caught up",
+                self.seed
+            );
+        }
+        // Nothing acknowledged was lost: every acked version is in the persisted log.
+        let persisted: std::collections::BTreeSet<u64> =
+            self.db.iter().map(|c| c.version).collect();
+        for v in &self.acked_versions {
+            assert!(
+                persisted.contains(v),
+                "seed {}: acked version {v} was not persisted",
                 self.seed
             );
         }
