@@ -5,8 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use kalphite::{Entity, EntityId, Kind, Millis, Op, SharedSchema};
-use serde::{Deserialize, Serialize};
+use kalphite::{Entity, Millis, Op, SharedSchema};
 use serde_json::Value;
 
 use crate::EntityKey;
@@ -18,78 +17,13 @@ use crate::protocol::{
     WelcomePayload,
 };
 
-/// The caller's name for one connection (socket) to the room.
-pub type ConnId = u64;
+mod error;
+mod output;
+mod record;
 
-/// Who an outgoing message is for. Exhaustive on purpose, like [`Step`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Recipient {
-    /// One connection.
-    One(ConnId),
-    /// Every joined connection except this one (a broadcast to the others).
-    AllExcept(ConnId),
-}
-
-/// A message to send.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outbound {
-    /// To whom.
-    pub to: Recipient,
-    /// What.
-    pub message: ServerMessage,
-}
-
-/// One accepted change as the server persists it: the entity's state after the change,
-/// with the room version, clock and stamp. Replaying these in version order through
-/// [`Room::restore`] rebuilds the room.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StoredChange {
-    /// The room version assigned.
-    pub version: u64,
-    /// The entity's kind.
-    pub kind: Kind,
-    /// The entity's id.
-    pub id: EntityId,
-    /// The entity after the change; `None` is a tombstone.
-    pub state: Option<Entity<Value>>,
-    /// The entity's vector clock after the change.
-    pub vector: VectorClock,
-    /// The last-write-wins stamp of the state.
-    pub stamp: Stamp,
-    /// The client message that produced it (the deduplication key).
-    pub message_id: String,
-}
-
-impl StoredChange {
-    /// The entity's key.
-    #[must_use]
-    pub fn key(&self) -> EntityKey {
-        EntityKey::new(self.kind.clone(), self.id.clone())
-    }
-
-    /// The wire form, with `roomVersion`.
-    #[must_use]
-    pub fn to_payload(&self) -> ChangePayload {
-        ChangePayload {
-            operation: if self.state.is_some() {
-                Op::Upsert
-            } else {
-                Op::Delete
-            },
-            entity_type: self.kind.clone(),
-            entity_id: self.id.clone(),
-            entity: self.state.clone(),
-            vector: self.vector.clone(),
-            base_version: None,
-            room_version: Some(self.version),
-        }
-    }
-
-    fn version_of(&self) -> Version {
-        Version::new(self.state.clone(), self.stamp.clone())
-    }
-}
+pub use error::RoomError;
+pub use output::{ConnId, Outbound, Pending, Recipient, Step};
+pub use record::StoredChange;
 
 /// Tuning for a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,115 +40,6 @@ impl Default for RoomLimits {
             catch_up_page: 256,
             history_per_entity: 16,
         }
-    }
-}
-
-/// Why the room refused something.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RoomError {
-    /// The hello's protocol version is not ours.
-    #[error(
-        "protocol version {got} is not supported (this server speaks {supported}); upgrade the client"
-    )]
-    UnsupportedVersion {
-        /// The client's version.
-        got: u32,
-        /// Ours.
-        supported: u32,
-    },
-    /// The hello names another room.
-    #[error("this connection is for room '{expected}', not '{got}'")]
-    WrongRoom {
-        /// This room.
-        expected: String,
-        /// The hello's room.
-        got: String,
-    },
-    /// A change or heartbeat before the hello.
-    #[error("send a hello first")]
-    NotJoined,
-    /// A second hello.
-    #[error("this connection has already joined the room")]
-    AlreadyJoined,
-    /// The change's entity is not acceptable.
-    #[error("invalid entity {kind}/{id}: {reason}")]
-    InvalidEntity {
-        /// The kind.
-        kind: String,
-        /// The id.
-        id: String,
-        /// Why.
-        reason: String,
-    },
-    /// A change arrived while the previous accepted change was not yet committed.
-    #[error("the previous change is still being written; resend later")]
-    CommitPending,
-    /// [`Room::commit`] or [`Room::abort`] got a pending change that is not the room's.
-    #[error("this pending change does not belong to the room's current write")]
-    StalePending,
-    /// The room has used every version number (corrupt log).
-    #[error("the room's version counter is exhausted")]
-    VersionsExhausted,
-    /// [`Room::restore`] got records out of order.
-    #[error(
-        "stored change {version} follows {previous}: records must be in increasing version order"
-    )]
-    OutOfOrder {
-        /// The offending version.
-        version: u64,
-        /// The version before it.
-        previous: u64,
-    },
-}
-
-impl RoomError {
-    /// The wire error code.
-    #[must_use]
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-            Self::WrongRoom { .. } => ErrorCode::Forbidden,
-            Self::NotJoined => ErrorCode::NotJoined,
-            Self::AlreadyJoined => ErrorCode::AlreadyJoined,
-            Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
-            Self::CommitPending
-            | Self::StalePending
-            | Self::OutOfOrder { .. }
-            | Self::VersionsExhausted => ErrorCode::Internal,
-        }
-    }
-}
-
-/// What to do after [`Room::handle`].
-///
-/// Deliberately exhaustive (unlike the error and message enums): a caller that matched a
-/// new variant with `_` would silently drop messages.
-#[derive(Debug)]
-#[must_use]
-pub enum Step {
-    /// Send these (possibly none).
-    Reply(Vec<Outbound>),
-    /// A new change was accepted: persist [`Pending::record`], then call
-    /// [`Room::commit`] (or [`Room::abort`] if the write failed).
-    Persist(Pending),
-}
-
-/// An accepted change waiting to be persisted. Its ack and broadcast are released by
-/// [`Room::commit`]; nothing is sent and the room state does not move before that.
-#[derive(Debug)]
-#[must_use = "persist the record, then commit or abort"]
-pub struct Pending {
-    conn: ConnId,
-    record: StoredChange,
-    outputs: Vec<Outbound>,
-}
-
-impl Pending {
-    /// The record to write durably.
-    #[must_use]
-    pub fn record(&self) -> &StoredChange {
-        &self.record
     }
 }
 

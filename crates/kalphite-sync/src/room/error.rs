@@ -1,0 +1,80 @@
+//! Why a room refuses a hello, a change or a write, and the wire code for each reason.
+
+use crate::protocol::ErrorCode;
+
+/// Why the room refused something.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoomError {
+    /// The hello's protocol version is not ours.
+    #[error(
+        "protocol version {got} is not supported (this server speaks {supported}); upgrade the client"
+    )]
+    UnsupportedVersion {
+        /// The client's version.
+        got: u32,
+        /// Ours.
+        supported: u32,
+    },
+    /// The hello names another room.
+    #[error("this connection is for room '{expected}', not '{got}'")]
+    WrongRoom {
+        /// This room.
+        expected: String,
+        /// The hello's room.
+        got: String,
+    },
+    /// A change or heartbeat before the hello.
+    #[error("send a hello first")]
+    NotJoined,
+    /// A second hello.
+    #[error("this connection has already joined the room")]
+    AlreadyJoined,
+    /// The change's entity is not acceptable.
+    #[error("invalid entity {kind}/{id}: {reason}")]
+    InvalidEntity {
+        /// The kind.
+        kind: String,
+        /// The id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A change arrived while the previous accepted change was not yet committed.
+    #[error("the previous change is still being written; resend later")]
+    CommitPending,
+    /// [`Room::commit`](super::Room::commit) or [`Room::abort`](super::Room::abort) got a pending change that is not the room's.
+    #[error("this pending change does not belong to the room's current write")]
+    StalePending,
+    /// The room has used every version number (corrupt log).
+    #[error("the room's version counter is exhausted")]
+    VersionsExhausted,
+    /// [`Room::restore`](super::Room::restore) got records out of order.
+    #[error(
+        "stored change {version} follows {previous}: records must be in increasing version order"
+    )]
+    OutOfOrder {
+        /// The offending version.
+        version: u64,
+        /// The version before it.
+        previous: u64,
+    },
+}
+
+impl RoomError {
+    /// The wire error code.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            Self::WrongRoom { .. } => ErrorCode::Forbidden,
+            Self::NotJoined => ErrorCode::NotJoined,
+            Self::AlreadyJoined => ErrorCode::AlreadyJoined,
+            Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
+            Self::CommitPending
+            | Self::StalePending
+            | Self::OutOfOrder { .. }
+            | Self::VersionsExhausted => ErrorCode::Internal,
+        }
+    }
+}
