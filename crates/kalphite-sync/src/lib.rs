@@ -16,6 +16,23 @@
 //!
 //! The conflict rules and why every replica converges are in `docs/sync.md`.
 //!
+//! # Writing the adapters
+//! - **Server**, per room, one message at a time: decode each frame with
+//!   [`decode_client`](protocol::decode_client) (on error, send
+//!   [`ProtocolError::to_payload`](protocol::ProtocolError::to_payload) back); verify the
+//!   hello's token, then [`Room::join`] with the token's user; [`Room::handle`] the rest.
+//!   [`Step::Persist`] means: write [`Pending::record`] to the database, then
+//!   [`Room::commit`] (or [`Room::abort`] if the write failed) and send what it returns.
+//!   [`Recipient::AllExcept`] is every joined connection of the room but one.
+//!   [`Room::restore`] rebuilds a room from its records at start-up. Frame-size and rate
+//!   limits, tokens and timeouts live in the adapter.
+//! - **Client**: [`Replica::connect`] on open (send the hello), [`Replica::disconnected`]
+//!   on close, [`Replica::local_change`] for each local change of the flush batch,
+//!   [`Replica::handle`] for each frame (apply `Output::apply` to the store, send
+//!   `Output::send`), [`Replica::tick`] on a timer. Persist [`Replica::state`] with the
+//!   local data. [`Replica::acked_through`] ≥ the [`Replica::last_seq`] read after a
+//!   change means the server has that change and everything before it.
+//!
 //! # Example
 //! ```
 //! use std::sync::Arc;

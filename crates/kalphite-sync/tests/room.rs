@@ -522,3 +522,98 @@ fn a_restored_room_keeps_versions_dedup_and_state() {
         Err(RoomError::OutOfOrder { .. })
     ));
 }
+
+#[test]
+fn manual_keeps_lww_for_now_and_custom_runs_per_kind() {
+    let sum = Strategy::custom(|case| {
+        let n = |v: &kalphite_sync::Version| {
+            v.state
+                .as_ref()
+                .and_then(|e| e.data["n"].as_i64())
+                .unwrap_or(0)
+        };
+        let mut e = case
+            .current
+            .state
+            .clone()
+            .or_else(|| case.incoming.state.clone())?;
+        e.data = json!({"n": n(&case.current) + n(&case.incoming)});
+        Some(e)
+    });
+    let policy = ConflictPolicy::new(Strategy::Manual).with_kind("counter", sum);
+    let mut room = room(policy);
+    for (kind, id) in [("todo", "m1"), ("counter", "c1")] {
+        let mut first = upsert(id, json!({"n": 1}), 5, VectorClock::from([("ra", 1)]), 0);
+        first.entity_type = kind.into();
+        first.entity.as_mut().unwrap().kind = kind.into();
+        send(&mut room, 1, change(&format!("{id}-a"), "alice", 5, first));
+        let mut second = upsert(id, json!({"n": 2}), 4, VectorClock::from([("rb", 1)]), 0);
+        second.entity_type = kind.into();
+        second.entity.as_mut().unwrap().kind = kind.into();
+        let out = send(&mut room, 2, change(&format!("{id}-b"), "bob", 4, second));
+        let (strategy, resolved) = out
+            .iter()
+            .find_map(|o| match &o.message {
+                ServerMessage::Conflict(c) => {
+                    Some((c.payload.strategy, c.payload.resolved.clone()))
+                }
+                _ => None,
+            })
+            .expect("a conflict notice");
+        let data = resolved.entity.unwrap().data;
+        match kind {
+            "todo" => {
+                assert_eq!(strategy, StrategyName::Manual);
+                assert_eq!(
+                    data,
+                    json!({"n": 1}),
+                    "the later write stays until the app decides"
+                );
+            }
+            _ => {
+                assert_eq!(strategy, StrategyName::Custom);
+                assert_eq!(data, json!({"n": 3}));
+            }
+        }
+    }
+}
+
+#[test]
+fn equal_clocks_with_different_content_are_a_conflict_not_a_duplicate() {
+    let mut room = room(ConflictPolicy::new(Strategy::LastWriteWins));
+    let v = VectorClock::from([("ra", 1)]);
+    send(
+        &mut room,
+        1,
+        change(
+            "m1",
+            "alice",
+            5,
+            upsert("a", json!({"n": 1}), 5, v.clone(), 0),
+        ),
+    );
+    // Same clock, same content, new message id: already there.
+    send(
+        &mut room,
+        1,
+        change(
+            "m2",
+            "alice",
+            5,
+            upsert("a", json!({"n": 1}), 5, v.clone(), 0),
+        ),
+    );
+    assert_eq!(room.version(), 1);
+    // Same clock, other content (a replica that lost its state): resolved, not dropped.
+    let out = send(
+        &mut room,
+        1,
+        change("m3", "alice", 6, upsert("a", json!({"n": 9}), 6, v, 0)),
+    );
+    assert_eq!(room.version(), 2);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o.message, ServerMessage::Conflict(_)))
+    );
+    assert_eq!(data(&room, "a"), Some(json!({"n": 9})));
+}
