@@ -155,6 +155,9 @@ struct State {
     closing: bool,
     closed: bool,
     last_error: Option<String>,
+    /// A batch gave up: hold the queue until something new happens (a change,
+    /// `flush_now`, `resume`, shutdown) instead of hammering a failing target.
+    held: bool,
 }
 
 impl State {
@@ -277,6 +280,7 @@ impl FlushEngine {
                 closing: false,
                 closed: false,
                 last_error: None,
+                held: false,
             }),
             wake: Notify::new(),
             counters: Counters::default(),
@@ -330,6 +334,7 @@ impl FlushEngine {
             if accepted == 0 {
                 return;
             }
+            st.held = false;
             st.deadline = Some(now + shared.config.debounce);
             st.oldest_pending_at.get_or_insert(now);
         }
@@ -373,6 +378,7 @@ impl FlushEngine {
             } else {
                 if force {
                     st.force_upto = st.force_upto.max(upto);
+                    st.held = false;
                 }
                 st.waiters.push(Waiter { upto, tx });
             }
@@ -391,6 +397,7 @@ impl FlushEngine {
         {
             let mut st = self.shared.state.lock();
             st.paused = false;
+            st.held = false;
             if !st.pending.is_empty() {
                 st.deadline = Some(Instant::now() + self.shared.config.debounce);
             }
@@ -511,6 +518,8 @@ async fn run(shared: Arc<Shared>) {
                 if !finish_batch(&shared, outcome) {
                     return;
                 }
+                // Targets that never wait would otherwise keep this task from yielding.
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -530,7 +539,7 @@ fn next_step(shared: &Shared) -> Step {
         return Step::Wait(None);
     };
     let forced = st.closing || front.first_seq < st.force_upto;
-    if st.paused && !forced {
+    if (st.paused || st.held) && !forced {
         return Step::Wait(None);
     }
     let now = Instant::now();
@@ -648,6 +657,7 @@ fn finish_batch(shared: &Shared, outcome: Outcome) -> bool {
             st.fail_waiters(from_seq, &err);
             // Stop forcing: the next flush_now, change or resume tries again.
             st.force_upto = 0;
+            st.held = true;
             let _ = shared.events.send(FlushEvent::GaveUp { changes: n, cause });
             if st.closing {
                 // Draining failed: stop here and let shutdown report what is left.
