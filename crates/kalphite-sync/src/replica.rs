@@ -521,18 +521,8 @@ impl Replica {
             .get(&key)
             .is_some_and(|e| e.message.message_id == ack.ack_of);
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
-            self.in_flight.remove(&key);
-            let known_version = self.state.known.get(&key).map_or(0, |k| k.version);
-            let settled = match entry.held {
-                Some(held) => Some(held.state),
-                None if result_version >= known_version => Some(result_state),
-                None => None,
-            };
-            if let Some(state) = settled
-                && content_hash(state.as_ref()) != entry.hash
-            {
-                out.apply.push(to_change(&key, state, now));
-            }
+            out.apply
+                .extend(self.settle(&key, entry, Some((result_version, result_state)), now));
         }
         out.events.push(ReplicaEvent::Acked {
             message_id: ack.ack_of,
@@ -551,12 +541,10 @@ impl Replica {
         match refused {
             Some(key) if !e.code.is_retryable() => {
                 if let Some(entry) = self.state.outbox.shift_remove(&key) {
-                    self.in_flight.remove(&key);
-                    if let Some(held) = entry.held {
-                        out.apply.push(to_change(&key, held.state, now));
-                    }
+                    let message = entry.message.clone();
+                    out.apply.extend(self.settle(&key, entry, None, now));
                     out.events.push(ReplicaEvent::Rejected {
-                        change: Box::new(entry.message),
+                        change: Box::new(message),
                         code: e.code,
                         message: e.message,
                     });
@@ -578,15 +566,7 @@ impl Replica {
         }
         let key = EntityKey::new(change.entity_type, change.entity_id);
         let hash = content_hash(change.entity.as_ref());
-        let known = self
-            .state
-            .known
-            .entry(key.clone())
-            .or_insert_with(|| Known {
-                version: 0,
-                vector: VectorClock::new(),
-                hash: content_hash(None),
-            });
+        let known = self.known_mut(&key);
         if version <= known.version {
             return None;
         }
@@ -604,6 +584,45 @@ impl Replica {
             return None;
         }
         (previous_hash != hash).then(|| to_change(&key, change.entity, now))
+    }
+
+    /// What the replica knows of `key` (a never-seen entity: version 0, absent).
+    fn known_mut(&mut self, key: &EntityKey) -> &mut Known {
+        self.state
+            .known
+            .entry(key.clone())
+            .or_insert_with(|| Known {
+                version: 0,
+                vector: VectorClock::new(),
+                hash: content_hash(None),
+            })
+    }
+
+    /// An outbox entry left (acknowledged, or refused for good): the local store follows
+    /// the server again. Returns the change that makes it show the newest server state,
+    /// if that differs from the entry's content. `fallback` is the ack's result.
+    fn settle(
+        &mut self,
+        key: &EntityKey,
+        entry: OutboxEntry,
+        fallback: Option<(u64, Option<Entity<Value>>)>,
+        now: Millis,
+    ) -> Option<Change> {
+        self.in_flight.remove(key);
+        let known = self.known_mut(key);
+        let newest = entry.held.map(|held| held.state).or_else(|| {
+            fallback
+                .filter(|(version, _)| *version >= known.version)
+                .map(|(_, state)| state)
+        });
+        let Some(state) = newest else {
+            // No server state to show: the store keeps the entry's content, and a later
+            // server state is compared with that.
+            known.hash = entry.hash;
+            return None;
+        };
+        known.hash = content_hash(state.as_ref());
+        (known.hash != entry.hash).then(|| to_change(key, state, now))
     }
 
     fn mark_received(&mut self, version: u64) {

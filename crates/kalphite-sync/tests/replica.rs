@@ -525,3 +525,47 @@ fn a_hostile_catch_up_page_cannot_overflow_the_watermark() {
     r.handle(page, 1);
     assert_eq!(r.watermark(), u64::MAX);
 }
+
+#[test]
+fn after_a_refusal_the_next_server_state_replaces_the_refused_content() {
+    let mut r = connected();
+    r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"n": 1})),
+            1,
+            VectorClock::from([("rb", 1)]),
+        )),
+        1,
+    );
+    let sent = r
+        .local_change(&local_upsert("a", json!({"n": -5}), 2), 2)
+        .unwrap();
+    let id = change_of(&sent[0]).message_id.clone();
+    let refusal = ServerMessage::Error(Envelope::new(
+        "e",
+        SERVER_USER_ID,
+        3,
+        ErrorPayload {
+            code: ErrorCode::InvalidEntity,
+            message: "n < 0".into(),
+            refers_to: Some(id),
+        },
+    ));
+    let out = r.handle(refusal, 3);
+    assert!(
+        out.apply.is_empty(),
+        "no newer server state yet: the app decides"
+    );
+    // The room re-states the entity with the same content as before the refused edit: the
+    // store (which still shows the refused content) must take it.
+    let mut same = state(
+        "a",
+        Some(json!({"n": 1})),
+        2,
+        VectorClock::from([("rb", 2)]),
+    );
+    same.entity.as_mut().unwrap().updated_at = 1;
+    let out = r.handle(broadcast(same), 4);
+    assert_eq!(out.apply.len(), 1);
+}
