@@ -13,6 +13,7 @@
 //! - [`conflict`]: conflict strategies (last-write-wins, field merge, manual, custom).
 //! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
 //! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
+//! - [`server`]: the axum WebSocket server around [`Room`] (auth, limits, room log).
 //!
 //! The conflict rules and why every replica converges are in `docs/sync.md`.
 //!
@@ -72,6 +73,7 @@ pub mod conflict;
 pub mod protocol;
 pub mod replica;
 pub mod room;
+pub mod server;
 
 pub use clock::{Causality, VectorClock};
 pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version};

@@ -1,0 +1,440 @@
+//! One WebSocket connection: reads frames, enforces the frame-size and rate limits,
+//! authenticates the hello, drives the connection's [`Room`](crate::Room) (persist →
+//! commit → fan-out), and writes what the room addresses to it. Never panics on input.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use kalphite::{Millis, now_millis};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+use super::metrics::Metrics;
+use super::{RoomSlot, RoomState, Shared, auth};
+use crate::protocol::{
+    ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
+    SERVER_USER_ID, ServerMessage, decode_client, encode,
+};
+use crate::room::{ConnId, Outbound, Recipient, Step};
+
+/// WebSocket close codes used here.
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_POLICY: u16 = 1008;
+
+/// Most queued frames written before one flush.
+const WRITE_BATCH: u64 = 64;
+
+/// What the frame handler wants the loop to do next.
+enum Next {
+    Continue,
+    Close(u16, String),
+}
+
+/// Token bucket for the per-connection rate limit.
+struct Bucket {
+    tokens: f64,
+    per_second: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            tokens: burst,
+            per_second: f64::from(per_second.max(1)),
+            burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The connection's state between frames.
+struct Conn {
+    id: ConnId,
+    shared: Arc<Shared>,
+    /// Set once the hello was accepted: the room and its id.
+    room: Option<(Arc<RoomSlot>, String)>,
+    /// The sending half of this connection's queue, until the room holds it.
+    tx: Option<mpsc::Sender<Utf8Bytes>>,
+    next_message: u64,
+}
+
+/// Serves one upgraded connection to its end.
+pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
+    let metrics = Arc::clone(&shared.metrics);
+    Metrics::inc(&metrics.connections);
+    Metrics::inc(&metrics.connections_total);
+    let id = shared
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(shared.config.outbound_queue);
+    let cancel = shared.cancel.clone();
+    let idle = shared.config.idle_timeout;
+    let mut bucket = Bucket::new(
+        shared.config.rate_limit.per_second,
+        shared.config.rate_limit.burst,
+    );
+    let mut conn = Conn {
+        id,
+        shared,
+        room: None,
+        tx: Some(tx),
+        next_message: 0,
+    };
+    let mut deadline = Instant::now() + idle;
+    let close = loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                break Some((CLOSE_GOING_AWAY, "server shutting down".to_owned()));
+            }
+            out = rx.recv(), if conn.room.is_some() => {
+                let Some(first) = out else {
+                    let text = conn.error_frame(ErrorCode::Internal,
+                        "this connection fell too far behind; reconnect to catch up", None);
+                    let _ = socket.send(Message::Text(text)).await;
+                    break Some((CLOSE_POLICY, "too slow".to_owned()));
+                };
+                if write_batch(&mut socket, first, &mut rx, &metrics).await.is_err() {
+                    break None;
+                }
+            }
+            frame = socket.recv() => {
+                let Some(Ok(frame)) = frame else {
+                    break None;
+                };
+                deadline = Instant::now() + idle;
+                Metrics::inc(&metrics.messages_in);
+                let next = match frame {
+                    Message::Text(text) => {
+                        if bucket.take() {
+                            conn.on_text(&mut socket, text.as_str()).await
+                        } else {
+                            conn.reply_error(&mut socket, ErrorCode::RateLimited,
+                                "too many messages on this connection; slow down and resend",
+                                None).await
+                        }
+                    }
+                    Message::Binary(_) => conn.reply_error(&mut socket,
+                        ErrorCode::InvalidMessage,
+                        "binary frames are not supported; send JSON text frames", None).await,
+                    Message::Close(_) => Next::Close(CLOSE_NORMAL, String::new()),
+                    Message::Ping(_) | Message::Pong(_) => Next::Continue,
+                };
+                if let Next::Close(code, reason) = next {
+                    break Some((code, reason));
+                }
+            }
+            () = sleep_until(deadline) => {
+                break Some((CLOSE_POLICY, "idle timeout".to_owned()));
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = socket.send(Message::Close(Some(frame))).await;
+    }
+    conn.leave().await;
+    Metrics::dec(&metrics.connections);
+}
+
+/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+async fn write_batch(
+    socket: &mut WebSocket,
+    first: Utf8Bytes,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    metrics: &Metrics,
+) -> Result<(), axum::Error> {
+    socket.feed(Message::Text(first)).await?;
+    let mut n: u64 = 1;
+    while n < WRITE_BATCH {
+        match rx.try_recv() {
+            Ok(more) => {
+                socket.feed(Message::Text(more)).await?;
+                n += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    Metrics::add(&metrics.messages_out, n);
+    socket.flush().await
+}
+
+impl Conn {
+    fn now() -> Millis {
+        now_millis()
+    }
+
+    fn next_id(&mut self) -> String {
+        self.next_message += 1;
+        format!("c{}-{}", self.id, self.next_message)
+    }
+
+    fn error_frame(
+        &mut self,
+        code: ErrorCode,
+        message: &str,
+        refers_to: Option<String>,
+    ) -> Utf8Bytes {
+        let msg = ServerMessage::Error(Envelope::new(
+            self.next_id(),
+            SERVER_USER_ID,
+            Self::now(),
+            ErrorPayload {
+                code,
+                message: message.to_owned(),
+                refers_to,
+            },
+        ));
+        Metrics::inc(&self.shared.metrics.errors);
+        encode(&msg).map_or_else(|_| Utf8Bytes::from_static("{}"), Utf8Bytes::from)
+    }
+
+    /// Sends an error straight to this socket (outside any room).
+    async fn reply_error(
+        &mut self,
+        socket: &mut WebSocket,
+        code: ErrorCode,
+        message: &str,
+        refers_to: Option<String>,
+    ) -> Next {
+        let text = self.error_frame(code, message, refers_to);
+        self.send_direct(socket, text).await
+    }
+
+    async fn send_direct(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Next {
+        Metrics::inc(&self.shared.metrics.messages_out);
+        match socket.send(Message::Text(text)).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close(CLOSE_NORMAL, String::new()),
+        }
+    }
+
+    async fn on_text(&mut self, socket: &mut WebSocket, text: &str) -> Next {
+        let message = match decode_client(text, self.shared.config.max_frame_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let p = e.to_payload();
+                return self.reply_error(socket, p.code, &p.message, p.refers_to).await;
+            }
+        };
+        match message {
+            ClientMessage::Hello(hello) => self.on_hello(socket, hello).await,
+            ClientMessage::Heartbeat(beat) if self.room.is_none() => {
+                let reply = ServerMessage::Heartbeat(Envelope::new(
+                    self.next_id(),
+                    SERVER_USER_ID,
+                    Self::now(),
+                    HeartbeatPayload {},
+                ));
+                let _ = beat;
+                match encode(&reply) {
+                    Ok(text) => self.send_direct(socket, text.into()).await,
+                    Err(_) => Next::Continue,
+                }
+            }
+            other => {
+                let Some((slot, room_id)) = self.room.clone() else {
+                    let id = Some(other.message_id().to_owned());
+                    return self
+                        .reply_error(socket, ErrorCode::NotJoined, "send a hello first", id)
+                        .await;
+                };
+                self.on_room_message(&slot, &room_id, other).await;
+                Next::Continue
+            }
+        }
+    }
+
+    async fn on_hello(&mut self, socket: &mut WebSocket, hello: Envelope<HelloPayload>) -> Next {
+        let refers_to = Some(hello.message_id.clone());
+        if self.room.is_some() {
+            return self
+                .reply_error(
+                    socket,
+                    ErrorCode::AlreadyJoined,
+                    "this connection has already joined a room",
+                    refers_to,
+                )
+                .await;
+        }
+        let config = &self.shared.config;
+        let room_id = hello.payload.room_id.clone();
+        let user = match auth::authorize(
+            config.token_secret.as_deref(),
+            config.open,
+            hello.payload.token.as_deref(),
+            &room_id,
+        ) {
+            Ok(Some(user)) => user,
+            Ok(None) => hello.user_id.clone(),
+            Err(e) => {
+                Metrics::inc(&self.shared.metrics.auth_failures);
+                tracing::debug!(conn = self.id, room = %room_id, error = %e, "hello refused");
+                let text = self.error_frame(e.code(), &e.to_string(), refers_to);
+                let _ = self.send_direct(socket, text).await;
+                return Next::Close(CLOSE_POLICY, "unauthorized".to_owned());
+            }
+        };
+        if room_id.is_empty() || room_id.len() > 256 {
+            return self
+                .reply_error(
+                    socket,
+                    ErrorCode::InvalidMessage,
+                    "roomId must be 1 to 256 bytes",
+                    refers_to,
+                )
+                .await;
+        }
+        let slot = self.shared.slot(&room_id);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            match self.shared.load_room(&room_id).await {
+                Ok(room) => {
+                    *guard = Some(RoomState {
+                        room,
+                        members: std::collections::HashMap::new(),
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(room = %room_id, error = %e, "could not restore room");
+                    drop(guard);
+                    return self
+                        .reply_error(
+                            socket,
+                            ErrorCode::StorageFailed,
+                            "the room could not be loaded; try again later",
+                            refers_to,
+                        )
+                        .await;
+                }
+            }
+        }
+        let Some(state) = guard.as_mut() else {
+            return Next::Continue;
+        };
+        match state.room.join(self.id, &user, &hello, Self::now()) {
+            Ok(outs) => {
+                if let Some(tx) = self.tx.take() {
+                    state.members.insert(self.id, tx);
+                }
+                deliver(state, outs, &self.shared.metrics);
+                drop(guard);
+                self.room = Some((slot, room_id));
+                Next::Continue
+            }
+            Err(e) => {
+                drop(guard);
+                self.reply_error(socket, e.code(), &e.to_string(), refers_to)
+                    .await
+            }
+        }
+    }
+
+    /// Handles a message of a joined connection; replies go through the room's queues.
+    async fn on_room_message(&mut self, slot: &RoomSlot, room_id: &str, message: ClientMessage) {
+        let mut guard = slot.lock().await;
+        let Some(state) = guard.as_mut() else {
+            return;
+        };
+        let now = Self::now();
+        match state.room.handle(self.id, message, now) {
+            Step::Reply(outs) => deliver(state, outs, &self.shared.metrics),
+            Step::Persist(pending) => {
+                // The room lock is held across the write: the room takes one change at a
+                // time, and nothing is acknowledged or broadcast before it is durable.
+                match self.shared.log.append(room_id, pending.record()).await {
+                    Ok(()) => {
+                        Metrics::inc(&self.shared.metrics.changes_persisted);
+                        match state.room.commit(pending) {
+                            Ok(outs) => deliver(state, outs, &self.shared.metrics),
+                            Err(e) => {
+                                tracing::error!(room = room_id, error = %e, "commit refused");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        Metrics::inc(&self.shared.metrics.storage_errors);
+                        tracing::warn!(room = room_id, error = %e, "room log write failed");
+                        match state.room.abort(pending, &e.to_string(), now) {
+                            Ok(out) => deliver(state, vec![out], &self.shared.metrics),
+                            Err(e) => tracing::error!(room = room_id, error = %e, "abort refused"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leaves the room, if joined.
+    async fn leave(&mut self) {
+        if let Some((slot, _)) = self.room.take() {
+            let mut guard = slot.lock().await;
+            if let Some(state) = guard.as_mut() {
+                state.room.leave(self.id);
+                state.members.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// Queues each outbound message for its recipients, encoding it once. A member whose
+/// queue is full is dropped from the room (its connection then closes).
+fn deliver(state: &mut RoomState, outs: Vec<Outbound>, metrics: &Metrics) {
+    let mut slow = Vec::new();
+    for out in outs {
+        match &out.message {
+            ServerMessage::Conflict(_) => Metrics::inc(&metrics.conflicts),
+            ServerMessage::Error(_) => Metrics::inc(&metrics.errors),
+            _ => {}
+        }
+        let text: Utf8Bytes = match encode(&out.message) {
+            Ok(t) => t.into(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a server message");
+                continue;
+            }
+        };
+        match out.to {
+            Recipient::One(conn) => {
+                if let Some(tx) = state.members.get(&conn)
+                    && tx.try_send(text).is_err()
+                {
+                    slow.push(conn);
+                }
+            }
+            Recipient::AllExcept(except) => {
+                for (conn, tx) in &state.members {
+                    if *conn != except && tx.try_send(text.clone()).is_err() {
+                        slow.push(*conn);
+                    }
+                }
+            }
+        }
+    }
+    for conn in slow {
+        tracing::warn!(conn, "dropping a connection that fell behind");
+        state.members.remove(&conn);
+        state.room.leave(conn);
+    }
+}

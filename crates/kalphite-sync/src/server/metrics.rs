@@ -1,0 +1,71 @@
+//! Server counters, rendered as Prometheus text at `/metrics`. Plain relaxed atomics: each
+//! counter is independent, and a scrape may see them a few increments apart.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The server's counters and gauges.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open WebSocket connections (gauge).
+    pub connections: AtomicU64,
+    /// WebSocket connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Rooms loaded in memory (gauge).
+    pub rooms: AtomicU64,
+    /// Frames received.
+    pub messages_in: AtomicU64,
+    /// Frames sent.
+    pub messages_out: AtomicU64,
+    /// Changes written to the room log.
+    pub changes_persisted: AtomicU64,
+    /// Conflicts resolved.
+    pub conflicts: AtomicU64,
+    /// Error replies sent.
+    pub errors: AtomicU64,
+    /// Hellos refused for auth reasons.
+    pub auth_failures: AtomicU64,
+    /// Room-log writes that failed.
+    pub storage_errors: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds one to `counter`.
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` to `counter`.
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts one from a gauge.
+    pub(crate) fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+            ("kalphite_sync_connections", "gauge", "Open WebSocket connections.", &self.connections),
+            ("kalphite_sync_connections_total", "counter", "WebSocket connections accepted.", &self.connections_total),
+            ("kalphite_sync_rooms", "gauge", "Rooms loaded in memory.", &self.rooms),
+            ("kalphite_sync_messages_in_total", "counter", "Frames received.", &self.messages_in),
+            ("kalphite_sync_messages_out_total", "counter", "Frames sent.", &self.messages_out),
+            ("kalphite_sync_changes_persisted_total", "counter", "Changes written durably.", &self.changes_persisted),
+            ("kalphite_sync_conflicts_total", "counter", "Concurrent edits resolved.", &self.conflicts),
+            ("kalphite_sync_errors_total", "counter", "Error replies sent.", &self.errors),
+            ("kalphite_sync_auth_failures_total", "counter", "Hellos refused by auth.", &self.auth_failures),
+            ("kalphite_sync_storage_errors_total", "counter", "Failed room-log writes.", &self.storage_errors),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
