@@ -132,7 +132,7 @@ fn handshake_errors_are_typed() {
 fn welcome_then_catch_up_pages_with_tombstones() {
     let mut room = room(ConflictPolicy::default()).with_limits(RoomLimits {
         catch_up_page: 2,
-        history_per_entity: 4,
+        ..RoomLimits::default()
     });
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         let v = VectorClock::from([("ra", 1)]);
@@ -616,4 +616,35 @@ fn equal_clocks_with_different_content_are_a_conflict_not_a_duplicate() {
             .any(|o| matches!(o.message, ServerMessage::Conflict(_)))
     );
     assert_eq!(data(&room, "a"), Some(json!({"n": 9})));
+}
+
+#[test]
+fn a_resend_older_than_the_dedup_window_is_still_not_applied_twice() {
+    let mut room = room(ConflictPolicy::default()).with_limits(RoomLimits {
+        dedup_window: 1,
+        ..RoomLimits::default()
+    });
+    let first = change(
+        "m1",
+        "alice",
+        5,
+        upsert("a", json!({"n": 1}), 5, VectorClock::from([("ra", 1)]), 0),
+    );
+    send(&mut room, 1, first.clone());
+    let bob = upsert(
+        "a",
+        json!({"n": 2}),
+        6,
+        VectorClock::from([("ra", 1), ("rb", 1)]),
+        1,
+    );
+    send(&mut room, 2, change("m2", "bob", 6, bob));
+    let out = send(&mut room, 1, first);
+    assert_eq!(
+        room.version(),
+        2,
+        "m1 was forgotten but its clock is dominated"
+    );
+    assert_eq!(ack_of(&out).1, 2, "acknowledged with the current version");
+    assert_eq!(data(&room, "a"), Some(json!({"n": 2})));
 }

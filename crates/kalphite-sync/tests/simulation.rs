@@ -81,6 +81,8 @@ fn new_room(policy: fn() -> ConflictPolicy) -> Room {
     Room::new(ROOM, policy()).with_limits(RoomLimits {
         catch_up_page: 2,
         history_per_entity: 4,
+        // Small, so that resends of long-forgotten messages happen.
+        dedup_window: 8,
     })
 }
 

@@ -32,6 +32,10 @@ pub struct RoomLimits {
     pub catch_up_page: usize,
     /// Past states kept per entity to serve as three-way merge bases.
     pub history_per_entity: usize,
+    /// Change message ids remembered for deduplication (the most recent ones). A resend
+    /// older than that is still not applied twice — its clock is dominated by the entity's
+    /// — but is acknowledged with the entity's current version instead of its own.
+    pub dedup_window: usize,
 }
 
 impl Default for RoomLimits {
@@ -39,6 +43,7 @@ impl Default for RoomLimits {
         Self {
             catch_up_page: 256,
             history_per_entity: 16,
+            dedup_window: 4_096,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct Room {
     by_version: BTreeMap<u64, EntityKey>,
     /// Change message id → (entity, version assigned), for deduplication.
     seen: HashMap<String, (EntityKey, u64)>,
+    /// The ids in `seen`, oldest first, to keep it within `limits.dedup_window`.
+    seen_order: VecDeque<String>,
     /// Ordered so that broadcasts go out in a deterministic order.
     members: BTreeMap<ConnId, Member>,
     /// The version reserved by the uncommitted [`Pending`], if any.
@@ -113,6 +120,7 @@ impl Room {
             entities: HashMap::new(),
             by_version: BTreeMap::new(),
             seen: HashMap::new(),
+            seen_order: VecDeque::new(),
             members: BTreeMap::new(),
             pending: None,
             next_message: 0,
@@ -361,8 +369,7 @@ impl Room {
         let (version, vector, conflict) = match decision {
             Decision::AlreadyKnown => {
                 let current = self.entities.get(&key).map_or(0, |c| c.record.version);
-                self.seen
-                    .insert(change.message_id.clone(), (key.clone(), current));
+                self.remember(change.message_id.clone(), key.clone(), current);
                 return Ok(Step::Reply(self.ack(
                     conn,
                     &change.message_id,
@@ -574,12 +581,28 @@ impl Room {
         ))
     }
 
+    /// Remembers a change message id for deduplication, forgetting the oldest past the
+    /// window.
+    fn remember(&mut self, message_id: String, key: EntityKey, version: u64) {
+        if self
+            .seen
+            .insert(message_id.clone(), (key, version))
+            .is_none()
+        {
+            self.seen_order.push_back(message_id);
+        }
+        while self.seen_order.len() > self.limits.dedup_window.max(1) {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
     /// Makes `record` the entity's current state.
     fn install(&mut self, record: StoredChange) {
         let key = record.key();
         self.version = record.version;
-        self.seen
-            .insert(record.message_id.clone(), (key.clone(), record.version));
+        self.remember(record.message_id.clone(), key.clone(), record.version);
         self.by_version.insert(record.version, key.clone());
         let history_cap = self.limits.history_per_entity.max(1);
         match self.entities.get_mut(&key) {
