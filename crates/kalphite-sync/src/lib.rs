@@ -13,6 +13,7 @@
 //! - [`conflict`]: conflict strategies (last-write-wins, field merge, manual, custom).
 //! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
 //! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
+//! - [`client`]: the tokio-tungstenite client around [`Replica`], wired to a Store.
 //! - [`server`]: the axum WebSocket server around [`Room`] (auth, limits, room log).
 //!
 //! The conflict rules and why every replica converges are in `docs/sync.md`.
@@ -68,6 +69,7 @@
 use kalphite::{EntityId, Kind};
 use serde::{Deserialize, Serialize};
 
+pub mod client;
 pub mod clock;
 pub mod conflict;
 pub mod protocol;

@@ -1,0 +1,570 @@
+//! The sync client: a tokio-tungstenite adapter around the sans-IO [`Replica`], wired to a
+//! kalphite [`Store`]. Local changes enter the replica's outbox synchronously (a store
+//! sink), are persisted with the local database (so the offline queue survives a restart)
+//! and sent while connected; remote changes are applied with [`Origin::Remote`] (validated
+//! by the store's schema, never echoed back). A [`FlushTarget`] on the store, at
+//! [`Durability::Server`], completes a batch only once the server acknowledged it, so
+//! `store.durable(Durability::Server)` means "the server has it".
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use kalphite::{Durability, Store};
+//! use kalphite_db::{Database, DatabaseConfig};
+//! use kalphite_sync::client::{SyncConfig, connect_store};
+//! let db = Database::open(DatabaseConfig::new("sqlite:./app.db")).await?;
+//! let config = SyncConfig::new("ws://127.0.0.1:8787/sync", "room-1", "alice")
+//!     .auth_token("<token from `kalphite token`>");
+//! let (store, client) = connect_store(Store::builder(), &db, config).await?;
+//! store.dynamic("todo").put("t1", serde_json::json!({"title": "milk"}))?;
+//! store.durable(Durability::Server).await?; // the server has it
+//! client.close().await;
+//! store.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod session;
+mod wiring;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::Stream;
+use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
+use kalphite::{Change, Durability, Entity, Origin, Store, StoreBuilder};
+use kalphite_db::Database;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{ClientMessage, ConflictPayload, ErrorCode};
+use crate::replica::{Replica, ReplicaConfig, ReplicaState};
+
+pub use session::backoff;
+
+/// The kind under which replica states are kept in the local database.
+pub const REPLICA_KIND: &str = "_kalphite_sync_replica";
+
+/// Kinds starting with this are kalphite's own bookkeeping, never hydrated into a store.
+pub const INTERNAL_KIND_PREFIX: &str = "_kalphite_";
+
+/// Client configuration: the spec's fields plus the replica id and timings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SyncConfig {
+    /// `ws://host:port/sync`.
+    pub ws_url: String,
+    /// The room to join.
+    pub room_id: String,
+    /// The user (the server takes the token's user when it checks tokens).
+    pub user_id: String,
+    /// The room token (HS256 JWT), unless the server is in open mode.
+    pub auth_token: Option<String>,
+    /// Reconnect attempts after a connection is lost or fails; 0 = forever.
+    pub reconnect_attempts: u32,
+    /// Send a heartbeat after this long without sending; a server silent for twice this
+    /// long is considered dead and the connection is replaced.
+    pub heartbeat_interval: Duration,
+    /// This installation's id (its slot in vector clocks). `None`: the one persisted with
+    /// the local state, or a new random one.
+    pub replica_id: Option<String>,
+    /// Resend an unacknowledged change after this long.
+    pub resend_after: Duration,
+    /// First reconnect delay (doubled per attempt, with jitter).
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Most entities with unacknowledged changes.
+    pub outbox_limit: usize,
+    /// Flush config of the local database engine.
+    pub local_flush: FlushConfig,
+    /// Flush config of the server-durability engine.
+    pub server_flush: FlushConfig,
+}
+
+impl SyncConfig {
+    /// A config with defaults: reconnect forever, 30 s heartbeat, 5 s resend, backoff
+    /// 100 ms to 10 s.
+    pub fn new(
+        ws_url: impl Into<String>,
+        room_id: impl Into<String>,
+        user_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            ws_url: ws_url.into(),
+            room_id: room_id.into(),
+            user_id: user_id.into(),
+            auth_token: None,
+            reconnect_attempts: 0,
+            heartbeat_interval: Duration::from_secs(30),
+            replica_id: None,
+            resend_after: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            outbox_limit: 10_000,
+            local_flush: FlushConfig::default(),
+            server_flush: FlushConfig::default().durability(Durability::Server),
+        }
+    }
+
+    /// Sets the token.
+    #[must_use]
+    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+        self.auth_token = Some(token.into());
+        self
+    }
+
+    /// Sets the replica id.
+    #[must_use]
+    pub fn replica_id(mut self, id: impl Into<String>) -> Self {
+        self.replica_id = Some(id.into());
+        self
+    }
+
+    /// Sets the reconnect attempts (0 = forever).
+    #[must_use]
+    pub fn reconnect_attempts(mut self, n: u32) -> Self {
+        self.reconnect_attempts = n;
+        self
+    }
+
+    /// Sets the heartbeat interval.
+    #[must_use]
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.heartbeat_interval = d;
+        self
+    }
+
+    /// Sets the resend delay.
+    #[must_use]
+    pub fn resend_after(mut self, d: Duration) -> Self {
+        self.resend_after = d;
+        self
+    }
+
+    /// Sets the reconnect backoff range.
+    #[must_use]
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets the debounce of both flush engines (tests use a short one).
+    #[must_use]
+    pub fn flush_debounce(mut self, d: Duration) -> Self {
+        let local_wait = d.max(self.local_flush.max_wait);
+        let server_wait = d.max(self.server_flush.max_wait);
+        self.local_flush = self.local_flush.debounce(d).max_wait(local_wait);
+        self.server_flush = self.server_flush.debounce(d).max_wait(server_wait);
+        self
+    }
+}
+
+/// Where the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionStatus {
+    /// Welcomed by the server.
+    Connected,
+    /// Opening a socket or waiting for the welcome.
+    Connecting,
+    /// No connection (offline, backing off, refused or stopped).
+    Disconnected,
+}
+
+/// What the client reports, as an async stream ([`SyncClient::events`]).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum SyncEvent {
+    /// The server welcomed the client.
+    Connected {
+        /// The room's version then.
+        room_version: u64,
+    },
+    /// Catch-up finished.
+    CaughtUp {
+        /// The room version the client has everything up to.
+        version: u64,
+    },
+    /// The connection ended.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// A remote change was applied to the store.
+    RemoteChange(Box<Change>),
+    /// The server acknowledged a local change: it is durable there.
+    Ack {
+        /// The change's message id.
+        message_id: String,
+        /// Its room version.
+        version: u64,
+    },
+    /// A local change was concurrent with another; the store now holds the resolution.
+    /// Under the manual strategy, write the version you want as a new change.
+    Conflict(Box<ConflictPayload>),
+    /// The server refused a local change for good (it stays in the local store).
+    Rejected {
+        /// The change's message id.
+        message_id: String,
+        /// Why.
+        code: ErrorCode,
+        /// Why, for a person.
+        message: String,
+    },
+    /// Any other error (server error replies, refused tokens, storage errors).
+    Error {
+        /// The wire code, when the server sent one.
+        code: Option<ErrorCode>,
+        /// For a person.
+        message: String,
+    },
+    /// The event stream fell behind and missed this many events.
+    Lagged {
+        /// Missed events.
+        missed: u64,
+    },
+}
+
+/// Why the client could not start or a write could not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The local database failed.
+    #[error("local database: {0}")]
+    Database(#[from] kalphite_db::Error),
+    /// The store refused something (flush config, hydration).
+    #[error("store: {0}")]
+    Store(#[from] kalphite::Error),
+    /// The persisted replica state could not be read.
+    #[error("the persisted sync state of room '{room}' is corrupt: {reason}")]
+    CorruptState {
+        /// The room.
+        room: String,
+        /// Why.
+        reason: String,
+    },
+    /// The client was closed before the server acknowledged the changes (they stay in
+    /// the persisted offline queue and are sent by the next session).
+    #[error("the sync client is closed; the changes stay queued for the next session")]
+    Closed,
+    /// The configuration cannot work.
+    #[error("invalid sync configuration: {0}")]
+    Config(String),
+}
+
+/// State shared by the handle, the connection task, the sink and the flush target.
+pub(crate) struct Inner {
+    pub(crate) config: SyncConfig,
+    pub(crate) replica: Mutex<Replica>,
+    pub(crate) store: std::sync::OnceLock<Store>,
+    pub(crate) db: Database,
+    pub(crate) status: watch::Sender<ConnectionStatus>,
+    /// Bumped whenever acknowledgements may have advanced (wakes durability waiters).
+    pub(crate) acked: watch::Sender<u64>,
+    pub(crate) events: broadcast::Sender<SyncEvent>,
+    /// The current session's outgoing queue (None while disconnected).
+    pub(crate) outgoing: Mutex<Option<mpsc::UnboundedSender<ClientMessage>>>,
+    /// Set when the replica state changed and is not yet persisted.
+    pub(crate) dirty: Notify,
+    pub(crate) closed: AtomicBool,
+    pub(crate) close_token: CancellationToken,
+}
+
+impl Inner {
+    pub(crate) fn emit(&self, event: SyncEvent) {
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn set_status(&self, status: ConnectionStatus) {
+        self.status.send_if_modified(|s| {
+            let changed = *s != status;
+            *s = status;
+            changed
+        });
+    }
+
+    pub(crate) fn wake_waiters(&self) {
+        self.acked.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(crate) fn mark_dirty(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Sends on the current session, if any (a message lost with a dying session stays in
+    /// the outbox and is resent by the next).
+    pub(crate) fn send(&self, messages: Vec<ClientMessage>) {
+        if messages.is_empty() {
+            return;
+        }
+        if let Some(tx) = self.outgoing.lock().as_ref() {
+            for m in messages {
+                let _ = tx.send(m);
+            }
+        }
+    }
+
+    /// Writes the replica state to the local database.
+    async fn persist(&self) -> Result<(), SyncError> {
+        let data = {
+            let replica = self.replica.lock();
+            serde_json::json!({
+                "replicaId": replica.config().replica_id,
+                "state": replica.state(),
+            })
+        };
+        let entity =
+            Entity::new(self.config.room_id.clone(), REPLICA_KIND, data).at(kalphite::now_millis());
+        self.db.upsert(entity).await?;
+        Ok(())
+    }
+}
+
+/// A running sync client (cheap to clone).
+#[derive(Clone)]
+pub struct SyncClient {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Tasks>>,
+}
+
+#[derive(Default)]
+struct Tasks {
+    session: Option<(CancellationToken, JoinHandle<()>)>,
+    persister: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SyncClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncClient")
+            .field("room", &self.inner.config.room_id)
+            .field("status", &self.connection_status())
+            .field("offline_queue", &self.offline_queue_size())
+            .finish()
+    }
+}
+
+/// Builds the store described by `builder` over the local database `db` (hydrated from
+/// it, flushing into it), wires it to a sync client for `config.room_id`, and starts
+/// connecting. Must be called inside a tokio runtime.
+///
+/// Shut down with [`SyncClient::close`] first (it persists the offline queue), then
+/// [`Store::close`].
+///
+/// # Errors
+/// Database errors, an unreadable persisted sync state, an invalid flush config or
+/// stored entities the store's schema refuses.
+pub async fn connect_store(
+    builder: StoreBuilder,
+    db: &Database,
+    config: SyncConfig,
+) -> Result<(Store, SyncClient), SyncError> {
+    if config.ws_url.is_empty() || config.room_id.is_empty() {
+        return Err(SyncError::Config("ws_url and room_id must be set".into()));
+    }
+    let (replica_id, state) = match db.get_by_id(REPLICA_KIND, &config.room_id).await? {
+        Some(stored) => {
+            let corrupt = |reason: String| SyncError::CorruptState {
+                room: config.room_id.clone(),
+                reason,
+            };
+            let id = stored
+                .data
+                .get("replicaId")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned);
+            let state: ReplicaState = stored
+                .data
+                .get("state")
+                .cloned()
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?
+                .unwrap_or_default();
+            (id, state)
+        }
+        None => (None, ReplicaState::default()),
+    };
+    let replica_id = config
+        .replica_id
+        .clone()
+        .or(replica_id)
+        .unwrap_or_else(|| format!("{}-{:016x}", config.user_id, rand::random::<u64>()));
+    let mut rc = ReplicaConfig::new(&config.room_id, &config.user_id, replica_id);
+    rc.auth_token.clone_from(&config.auth_token);
+    rc.resend_after = millis(config.resend_after);
+    rc.heartbeat_interval = millis(config.heartbeat_interval);
+    rc.outbox_limit = config.outbox_limit;
+    let replica = Replica::restore(rc, state);
+
+    let inner = Arc::new(Inner {
+        replica: Mutex::new(replica),
+        store: std::sync::OnceLock::new(),
+        db: db.clone(),
+        status: watch::Sender::new(ConnectionStatus::Disconnected),
+        acked: watch::Sender::new(0),
+        events: broadcast::channel(1024).0,
+        outgoing: Mutex::new(None),
+        dirty: Notify::new(),
+        closed: AtomicBool::new(false),
+        close_token: CancellationToken::new(),
+        config,
+    });
+    let local_target: Arc<dyn FlushTarget> = Arc::new(db.clone());
+    let local = FlushEngine::spawn(local_target, inner.config.local_flush.clone())?;
+    let server_target: Arc<dyn FlushTarget> = Arc::new(wiring::ServerTarget(Arc::clone(&inner)));
+    let server = FlushEngine::spawn(
+        server_target,
+        inner
+            .config
+            .server_flush
+            .clone()
+            .durability(Durability::Server),
+    )?;
+    let store = builder
+        .sink(Arc::new(wiring::OutboxSink(Arc::clone(&inner))))
+        .flush_engine(local)
+        .flush_engine(server)
+        .build();
+    let entities = db
+        .get_all()
+        .await?
+        .into_iter()
+        .filter(|e| !e.kind.starts_with(INTERNAL_KIND_PREFIX));
+    store.hydrate(entities)?;
+    let _ = inner.store.set(store.clone());
+
+    let persister = {
+        let inner = Arc::clone(&inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = inner.dirty.notified() => {}
+                    () = inner.close_token.cancelled() => break,
+                }
+                if let Err(e) = inner.persist().await {
+                    inner.emit(SyncEvent::Error {
+                        code: None,
+                        message: format!("could not persist the offline queue: {e}"),
+                    });
+                }
+            }
+        })
+    };
+    let client = SyncClient {
+        inner,
+        tasks: Arc::new(Mutex::new(Tasks {
+            session: None,
+            persister: Some(persister),
+        })),
+    };
+    client.connect();
+    Ok((store, client))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SyncClient {
+    /// Starts connecting (and reconnecting) if not already doing so.
+    pub fn connect(&self) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut tasks = self.tasks.lock();
+        if let Some((_, handle)) = &tasks.session
+            && !handle.is_finished()
+        {
+            return;
+        }
+        let token = self.inner.close_token.child_token();
+        let handle = tokio::spawn(session::run(Arc::clone(&self.inner), token.clone()));
+        tasks.session = Some((token, handle));
+    }
+
+    /// Closes the connection and stops reconnecting; local changes keep queueing (and
+    /// persisting) until [`Self::connect`].
+    pub async fn disconnect(&self) {
+        let session = self.tasks.lock().session.take();
+        if let Some((token, handle)) = session {
+            token.cancel();
+            let _ = handle.await;
+        }
+        self.inner.set_status(ConnectionStatus::Disconnected);
+    }
+
+    /// Disconnects, persists the offline queue a last time and stops. Pending
+    /// `durable(Server)` waits fail with [`SyncError::Closed`].
+    pub async fn close(&self) {
+        self.disconnect().await;
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.close_token.cancel();
+        let persister = self.tasks.lock().persister.take();
+        if let Some(handle) = persister {
+            let _ = handle.await;
+        }
+        if let Err(e) = self.inner.persist().await {
+            tracing::warn!(error = %e, "could not persist the offline queue on close");
+        }
+        self.inner.wake_waiters();
+    }
+
+    /// Where the connection stands.
+    #[must_use]
+    pub fn connection_status(&self) -> ConnectionStatus {
+        *self.inner.status.borrow()
+    }
+
+    /// A receiver that sees every status change.
+    #[must_use]
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// Entities with local changes the server has not acknowledged yet.
+    #[must_use]
+    pub fn offline_queue_size(&self) -> usize {
+        self.inner.replica.lock().outbox_len()
+    }
+
+    /// This client's replica id.
+    #[must_use]
+    pub fn replica_id(&self) -> String {
+        self.inner.replica.lock().config().replica_id.clone()
+    }
+
+    /// The room version up to which this client has everything.
+    #[must_use]
+    pub fn room_version(&self) -> u64 {
+        self.inner.replica.lock().watermark()
+    }
+
+    /// The store this client syncs.
+    #[must_use]
+    pub fn store(&self) -> Option<&Store> {
+        self.inner.store.get()
+    }
+
+    /// Events from now on, as an async stream (connected, disconnected, remote change,
+    /// ack, conflict, error).
+    pub fn events(&self) -> impl Stream<Item = SyncEvent> + Send + 'static {
+        let rx = self.inner.events.subscribe();
+        futures_util::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(event) => Some((event, rx)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    Some((SyncEvent::Lagged { missed }, rx))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        })
+    }
+}
+
+/// True for changes the client sends (local edits).
+pub(crate) fn is_local(change: &Change) -> bool {
+    change.origin == Origin::Local
+}

@@ -1,0 +1,79 @@
+//! The two hooks that wire a [`Store`](kalphite::Store) to the client: a sink that puts
+//! every local change into the replica's outbox as the store commits it (so a remote
+//! change can never overtake a local edit still waiting for a flush), and the flush
+//! target of the `Server` durability level, whose batches complete once acknowledged.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use kalphite::ChangeSink;
+use kalphite::flush::{FlushTarget, TargetError};
+use kalphite::{Change, now_millis};
+
+use super::{Inner, SyncError, SyncEvent, is_local};
+
+/// Feeds local changes into the replica (called by the store inside the commit).
+pub(crate) struct OutboxSink(pub(crate) Arc<Inner>);
+
+impl ChangeSink for OutboxSink {
+    fn accept(&self, changes: &[Change]) {
+        if !changes.iter().any(is_local) {
+            return;
+        }
+        let now = now_millis();
+        let mut send = Vec::new();
+        let mut errors = Vec::new();
+        {
+            let mut replica = self.0.replica.lock();
+            for change in changes.iter().filter(|c| is_local(c)) {
+                match replica.local_change(change, now) {
+                    Ok(msgs) => send.extend(msgs),
+                    Err(e) => errors.push(format!("{}/{}: {e}", change.kind, change.id)),
+                }
+            }
+        }
+        self.0.send(send);
+        self.0.mark_dirty();
+        for message in errors {
+            self.0.emit(SyncEvent::Error {
+                code: None,
+                message: format!("local change not queued for sync: {message}"),
+            });
+        }
+    }
+}
+
+/// The `Durability::Server` flush target: a batch is written once the server
+/// acknowledged every local change made before it. Remote and storage changes need
+/// nothing (no echo).
+pub(crate) struct ServerTarget(pub(crate) Arc<Inner>);
+
+#[async_trait]
+impl FlushTarget for ServerTarget {
+    async fn write(&self, batch: &[Change]) -> Result<(), TargetError> {
+        if !batch.iter().any(is_local) {
+            return Ok(());
+        }
+        let inner = &self.0;
+        // The sink recorded every change of the batch before the engine saw it, so
+        // waiting for everything recorded so far covers the batch.
+        let target = inner.replica.lock().last_seq();
+        let mut rx = inner.acked.subscribe();
+        loop {
+            if inner.replica.lock().acked_through() >= target {
+                return Ok(());
+            }
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(Box::new(SyncError::Closed));
+            }
+            if rx.changed().await.is_err() {
+                return Err(Box::new(SyncError::Closed));
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        "sync-server"
+    }
+}
