@@ -29,7 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
 use kalphite::{Change, Durability, Entity, Origin, Store, StoreBuilder};
 use kalphite_db::Database;
@@ -550,7 +551,7 @@ impl SyncClient {
 
     /// Events from now on, as an async stream (connected, disconnected, remote change,
     /// ack, conflict, error).
-    pub fn events(&self) -> impl Stream<Item = SyncEvent> + Send + 'static {
+    pub fn events(&self) -> BoxStream<'static, SyncEvent> {
         let rx = self.inner.events.subscribe();
         futures_util::stream::unfold(rx, |mut rx| async move {
             match rx.recv().await {
@@ -561,6 +562,7 @@ impl SyncClient {
                 Err(broadcast::error::RecvError::Closed) => None,
             }
         })
+        .boxed()
     }
 }
 

@@ -64,9 +64,12 @@ pub async fn memory_db() -> Database {
 
 /// Starts a server on 127.0.0.1:0.
 pub async fn start(config: ServerConfig) -> Server {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    start_at("127.0.0.1:0".parse().expect("addr"), config).await
+}
+
+/// Starts a server on `addr` (a restart reuses the old port).
+pub async fn start_at(addr: SocketAddr, config: ServerConfig) -> Server {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(run(listener, config, async move {
@@ -246,7 +249,9 @@ pub fn change_frame(message_id: &str, user: &str, id: &str, data: Value, clock: 
 /// Minimal HTTP GET over a raw TCP stream (no HTTP client dependency).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = guard(tokio::net::TcpStream::connect(addr)).await.expect("tcp");
+    let mut stream = guard(tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("tcp");
     let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
