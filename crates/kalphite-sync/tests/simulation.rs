@@ -5,7 +5,8 @@
 //! failed writes. After a quiet phase every replica must hold exactly the room's entities.
 //!
 //! Each run prints its seed; `KALPHITE_SIM_SEED=<n> cargo test -p kalphite-sync --test
-//! simulation` replays one seed for every configuration.
+//! simulation` replays one seed for every configuration, `KALPHITE_SIM_SEED=<a>..<b>`
+//! sweeps a range.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -513,10 +514,20 @@ const POLICIES: [Policy; 5] = [
     }),
 ];
 
+/// The seeds to run: `KALPHITE_SIM_SEED=<n>` replays one, `KALPHITE_SIM_SEED=<a>..<b>`
+/// sweeps a range (a soak run), otherwise `default`.
 fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
-    match std::env::var("KALPHITE_SIM_SEED") {
-        Ok(s) => vec![s.trim().parse().expect("KALPHITE_SIM_SEED must be a u64")],
-        Err(_) => default.collect(),
+    let Ok(spec) = std::env::var("KALPHITE_SIM_SEED") else {
+        return default.collect();
+    };
+    let parse = |s: &str| -> u64 {
+        s.trim()
+            .parse()
+            .expect("KALPHITE_SIM_SEED must be <n> or <a>..<b>")
+    };
+    match spec.split_once("..") {
+        Some((a, b)) => (parse(a)..parse(b)).collect(),
+        None => vec![parse(&spec)],
     }
 }
 
@@ -546,17 +557,22 @@ fn simulate(replicas: usize, seeds: &[u64], steps: usize) -> Stats {
 #[test]
 fn two_replicas_converge_under_every_strategy() {
     let stats = simulate(2, &seeds(0..40), 600);
-    // The runs must actually exercise the hard paths, or convergence proves little.
-    assert!(stats.conflicts > 50, "{stats:?}");
-    assert!(
-        stats.dropped > 0 && stats.duplicated > 0 && stats.failed_writes > 0,
-        "{stats:?}"
-    );
-    assert!(stats.room_restarts > 0 && stats.restarts > 0, "{stats:?}");
+    // The default runs must exercise the hard paths, or convergence proves little (a
+    // replayed single seed may not).
+    if std::env::var_os("KALPHITE_SIM_SEED").is_none() {
+        assert!(stats.conflicts > 50, "{stats:?}");
+        assert!(
+            stats.dropped > 0 && stats.duplicated > 0 && stats.failed_writes > 0,
+            "{stats:?}"
+        );
+        assert!(stats.room_restarts > 0 && stats.restarts > 0, "{stats:?}");
+    }
 }
 
 #[test]
 fn three_replicas_converge_under_every_strategy() {
     let stats = simulate(3, &seeds(100..130), 900);
-    assert!(stats.conflicts > 50, "{stats:?}");
+    if std::env::var_os("KALPHITE_SIM_SEED").is_none() {
+        assert!(stats.conflicts > 50, "{stats:?}");
+    }
 }
