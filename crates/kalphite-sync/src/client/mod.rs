@@ -271,11 +271,15 @@ pub(crate) struct Inner {
     /// Set when the replica state changed and is not yet persisted.
     pub(crate) dirty: Notify,
     pub(crate) closed: AtomicBool,
+    pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) close_token: CancellationToken,
 }
 
 impl Inner {
     pub(crate) fn emit(&self, event: SyncEvent) {
+        if let SyncEvent::Error { message, .. } = &event {
+            *self.last_error.lock() = Some(message.clone());
+        }
         let _ = self.events.send(event);
     }
 
@@ -410,6 +414,7 @@ pub async fn connect_store(
         outgoing: Mutex::new(None),
         dirty: Notify::new(),
         closed: AtomicBool::new(false),
+        last_error: Mutex::new(None),
         close_token: CancellationToken::new(),
         config,
     });
@@ -481,6 +486,7 @@ impl SyncClient {
         {
             return;
         }
+        self.inner.set_status(ConnectionStatus::Connecting);
         let token = self.inner.close_token.child_token();
         let handle = tokio::spawn(session::run(Arc::clone(&self.inner), token.clone()));
         tasks.session = Some((token, handle));
@@ -517,6 +523,12 @@ impl SyncClient {
     #[must_use]
     pub fn connection_status(&self) -> ConnectionStatus {
         *self.inner.status.borrow()
+    }
+
+    /// The message of the last error event (refused token, gave up reconnecting, …).
+    #[must_use]
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.lock().clone()
     }
 
     /// A receiver that sees every status change.

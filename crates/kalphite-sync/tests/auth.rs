@@ -1,0 +1,111 @@
+//! Tokens: missing, bad, expired and wrong-room tokens are refused with a clear error and
+//! the connection is closed; a valid token joins; open mode admits hellos without one; a
+//! refused client stops reconnecting and says why.
+
+mod common;
+
+use common::*;
+use kalphite_sync::client::ConnectionStatus;
+use kalphite_sync::protocol::{ErrorCode, ServerMessage};
+use kalphite_sync::server::{Claims, encode_claims};
+
+/// Sends a hello with `token` and returns the error code and message the server answered.
+async fn refused(url: &str, room: &str, token: Option<&str>) -> (ErrorCode, String) {
+    let mut raw = Raw::connect(url).await;
+    raw.hello(room, "mallory", token).await;
+    let (code, message) = raw
+        .recv_until(|m| match m {
+            ServerMessage::Error(e) => Some((e.payload.code, e.payload.message.clone())),
+            ServerMessage::Welcome(_) => panic!("a bad token was welcomed"),
+            _ => None,
+        })
+        .await;
+    assert!(raw.recv().await.is_none(), "the connection is closed after a refusal");
+    (code, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_with_a_clear_error() {
+    let server = start(config(memory_db().await)).await;
+    let url = server.url();
+
+    let (code, msg) = refused(&url, "r", None).await;
+    assert_eq!(code, ErrorCode::Unauthorized);
+    assert!(msg.contains("requires a token"), "{msg}");
+
+    let (code, msg) = refused(&url, "r", Some("not.a.jwt")).await;
+    assert_eq!(code, ErrorCode::Unauthorized);
+    assert!(msg.contains("invalid token"), "{msg}");
+
+    let forged = kalphite_sync::server::issue_token(
+        b"another-secret",
+        "mallory",
+        &["r"],
+        std::time::Duration::from_secs(60),
+    )
+    .expect("token");
+    let (code, msg) = refused(&url, "r", Some(&forged)).await;
+    assert_eq!(code, ErrorCode::Unauthorized);
+    assert!(msg.contains("invalid token"), "{msg}");
+
+    let expired = encode_claims(
+        SECRET,
+        &Claims {
+            sub: "mallory".into(),
+            rooms: vec!["r".into()],
+            exp: jsonwebtoken::get_current_timestamp() - 10,
+        },
+    )
+    .expect("token");
+    let (code, msg) = refused(&url, "r", Some(&expired)).await;
+    assert_eq!(code, ErrorCode::TokenExpired);
+    assert!(msg.contains("expired"), "{msg}");
+
+    let other_room = token("mallory", &["other"]);
+    let (code, msg) = refused(&url, "r", Some(&other_room)).await;
+    assert_eq!(code, ErrorCode::Forbidden);
+    assert!(msg.contains("does not allow room 'r'"), "{msg}");
+
+    // A valid token for the room, and a wildcard one, are welcomed.
+    let mut ok = Raw::connect(&url).await;
+    ok.join("r", "alice").await;
+    let mut star = Raw::connect(&url).await;
+    star.hello("r", "root", Some(&token("root", &["*"]))).await;
+    star.recv_until(|m| matches!(m, ServerMessage::Welcome(_)).then_some(()))
+        .await;
+
+    let (_, metrics) = http_get(server.addr, "/metrics").await;
+    assert!(metrics.contains("kalphite_sync_auth_failures_total 5"), "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_mode_admits_hellos_without_a_token() {
+    let server = start(kalphite_sync::server::ServerConfig::new(memory_db().await).open(true)).await;
+    let mut raw = Raw::connect(&server.url()).await;
+    raw.hello("r", "guest", None).await;
+    raw.recv_until(|m| matches!(m, ServerMessage::Welcome(_)).then_some(()))
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_stops_and_reports_why() {
+    let server = start(config(memory_db().await)).await;
+    let db = memory_db().await;
+    let cfg = client_config(&server.url(), "r", "alice", "a").auth_token(token("alice", &["x"]));
+    let (store, client) = client(&db, cfg).await;
+    let mut status = client.status_watch();
+    guard(status.wait_for(|s| *s == ConnectionStatus::Disconnected))
+        .await
+        .expect("watch");
+    let message = client.last_error().expect("an error was reported");
+    assert!(message.contains("does not allow room"), "{message}");
+    // It does not retry: still disconnected after a later event round-trip.
+    assert_eq!(client.connection_status(), ConnectionStatus::Disconnected);
+    // Local writes still work and queue for a later session.
+    store.dynamic("todo").put("t1", serde_json::json!({})).expect("put");
+    assert_eq!(client.offline_queue_size(), 1);
+    client.close().await;
+    server.stop().await;
+}
