@@ -2,6 +2,7 @@
 //! of argument parsing over the kalphite libraries.
 
 mod admin;
+mod serve;
 mod session;
 mod todo;
 
@@ -22,6 +23,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the sync server (the main job).
+    Serve(serve::ServeArgs),
+    /// Print an access token the server accepts.
+    Token(serve::TokenArgs),
     /// A local-first todo app (works offline; syncs with --server).
     Todo(todo::TodoArgs),
     /// Kinds, counts, size and last change of a database.
@@ -32,12 +37,20 @@ enum Command {
     Restore(admin::RestoreArgs),
 }
 
+/// `serve` logs its progress; the other commands only warnings.
+fn default_log(cli: &Cli) -> &'static str {
+    match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli))),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -50,6 +63,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Serve(args) => serve::serve(args).await,
+            Command::Token(args) => serve::token(&args),
             Command::Todo(args) => todo::run(args).await,
             Command::Inspect(args) => admin::inspect(args).await,
             Command::Backup(args) => admin::backup(args).await,

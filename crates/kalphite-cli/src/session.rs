@@ -3,10 +3,20 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use kalphite::{FlushConfig, Store, StoreBuilder};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use kalphite::{Durability, FlushConfig, Store, StoreBuilder};
 use kalphite_db::{Database, DatabaseConfig, open_store};
+use kalphite_sync::client::{ConnectionStatus, SyncClient, SyncConfig, SyncEvent, connect_store};
+
+/// How long a command waits for the server before going on offline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command waits for the server to acknowledge its changes.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the todo data lives and where it syncs.
 #[derive(Debug, Args)]
@@ -43,6 +53,65 @@ pub fn data_dir() -> PathBuf {
 pub struct Session {
     db: Database,
     store: Store,
+    sync: Option<Sync>,
+}
+
+/// The sync side of a session.
+struct Sync {
+    url: String,
+    client: SyncClient,
+    events: BoxStream<'static, SyncEvent>,
+    /// Why the server could not be used, if it could not.
+    problem: Option<String>,
+    pulled: usize,
+}
+
+/// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept as given.
+fn sync_url(server: &str) -> String {
+    let rest = server.split_once("://").map_or(server, |(_, r)| r);
+    if rest.contains('/') {
+        server.to_owned()
+    } else {
+        format!("{}/sync", server.trim_end_matches('/'))
+    }
+}
+
+impl Sync {
+    /// Waits until the server has sent everything the room holds (or gives up).
+    async fn catch_up(&mut self) {
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.next()).await {
+                Ok(Some(SyncEvent::CaughtUp { .. })) => return,
+                Ok(Some(SyncEvent::RemoteChange(_))) => self.pulled += 1,
+                Ok(Some(SyncEvent::Error { message, .. })) => {
+                    self.problem = Some(message);
+                    return;
+                }
+                Ok(Some(SyncEvent::Disconnected { reason })) => {
+                    self.problem = Some(format!(
+                        "cannot reach the sync server at {}: {reason}",
+                        self.url
+                    ));
+                    return;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    if self.client.connection_status() != ConnectionStatus::Connected {
+                        let why = self
+                            .client
+                            .last_error()
+                            .unwrap_or_else(|| "no answer".into());
+                        self.problem = Some(format!(
+                            "cannot reach the sync server at {}: {why}",
+                            self.url
+                        ));
+                    }
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Session {
@@ -59,8 +128,41 @@ impl Session {
             }
         };
         let db = Database::open(DatabaseConfig::new(url)).await?;
-        let store = open_store(&db, builder, FlushConfig::default()).await?;
-        Ok(Self { db, store })
+        let Some(server) = &options.server else {
+            let store = open_store(&db, builder, FlushConfig::default()).await?;
+            return Ok(Self {
+                db,
+                store,
+                sync: None,
+            });
+        };
+        let url = sync_url(server);
+        let user = options
+            .user
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "me".into());
+        let mut config = SyncConfig::new(&url, &options.room, user)
+            .reconnect_attempts(1)
+            .backoff(Duration::from_millis(100), Duration::from_millis(500));
+        if let Some(token) = &options.token {
+            config = config.auth_token(token.clone());
+        }
+        let (store, client) = connect_store(builder, &db, config).await?;
+        let events = client.events();
+        let mut sync = Sync {
+            url,
+            client,
+            events,
+            problem: None,
+            pulled: 0,
+        };
+        sync.catch_up().await;
+        Ok(Self {
+            db,
+            store,
+            sync: Some(sync),
+        })
     }
 
     /// The store.
@@ -68,20 +170,62 @@ impl Session {
         &self.store
     }
 
-    /// Pushes and pulls (only with a server).
+    /// Pushes what is pending and reports what moved (pulling happened at open).
     pub async fn sync_now(&self) -> Result<String> {
-        anyhow::bail!(
-            "no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)"
-        )
+        let sync = self.sync.as_ref().ok_or_else(|| {
+            anyhow!("no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)")
+        })?;
+        if let Some(problem) = &sync.problem {
+            return Err(anyhow!("{problem}"));
+        }
+        let queued = sync.client.offline_queue_size();
+        self.push().await?;
+        Ok(format!(
+            "Synced with {}: pushed {queued} changes, pulled {} changes; room version {}.",
+            sync.url,
+            sync.pulled,
+            sync.client.room_version()
+        ))
     }
 
-    /// Writes everything to disk and closes.
+    /// Waits until the server acknowledged every change made so far.
+    async fn push(&self) -> Result<()> {
+        let Some(sync) = &self.sync else {
+            return Ok(());
+        };
+        match tokio::time::timeout(PUSH_TIMEOUT, self.store.durable(Durability::Server)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow!("the server did not take the changes: {e}")),
+            Err(_) => Err(anyhow!(
+                "the server at {} did not acknowledge the changes within {}s",
+                sync.url,
+                PUSH_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Sends what is pending (with a server), writes everything to disk and closes. A
+    /// sync problem is reported after the local data is safe.
     pub async fn finish(self) -> Result<()> {
+        let mut problem = self.sync.as_ref().and_then(|s| s.problem.clone());
+        if problem.is_none() {
+            if let Err(e) = self.push().await {
+                problem = Some(e.to_string());
+            }
+        }
+        if let Some(sync) = &self.sync {
+            sync.client.close().await;
+        }
         self.store
             .close()
             .await
             .context("could not save every change")?;
         self.db.close().await?;
-        Ok(())
+        match problem {
+            None => Ok(()),
+            Some(p) => Err(anyhow!(
+                "{p} (your changes are saved locally and will be sent on the next sync)"
+            )),
+        }
     }
 }

@@ -1,0 +1,215 @@
+//! `kalphite serve` (the sync server, the main job) and `kalphite token` (a token it
+//! accepts).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kalphite_db::{Database, DatabaseConfig};
+use kalphite_sync::server::{ServerConfig, issue_token, run};
+
+/// `kalphite serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    /// Database URL: `sqlite:PATH` (default) or `postgres://…`.
+    #[arg(long, env = "KALPHITE_DB", default_value = "sqlite:./kalphite.db")]
+    pub db: String,
+    /// Secret that signs access tokens. Without it (and without --open) the server
+    /// keeps a random secret in `kalphite.secret` next to the database.
+    #[arg(long, env = "KALPHITE_AUTH_SECRET", hide_env_values = true)]
+    pub auth_secret: Option<String>,
+    /// No authentication: anyone who can reach the port reads and writes every room.
+    /// For local development only.
+    #[arg(long, conflicts_with = "auth_secret")]
+    pub open: bool,
+}
+
+/// `kalphite token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The server's secret.
+    #[arg(
+        long,
+        env = "KALPHITE_AUTH_SECRET",
+        hide_env_values = true,
+        required_unless_present = "secret_file"
+    )]
+    pub secret: Option<String>,
+    /// A file holding the server's secret (what `serve` writes when given none).
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
+    /// The user the token names.
+    #[arg(long)]
+    pub user: String,
+    /// A room the token opens (repeatable).
+    #[arg(long = "room", required = true)]
+    pub rooms: Vec<String>,
+    /// Lifetime: `30s`, `15m`, `1h`, `7d`.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+}
+
+/// Parses `30s`, `15m`, `1h`, `7d`.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s, 15m, 1h or 7d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" | "" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{s}' is not a duration like 30s, 15m, 1h or 7d")),
+    };
+    if n == 0 {
+        return Err("a token's lifetime must be positive".into());
+    }
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+fn read_secret(path: &Path) -> Result<String> {
+    let secret = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    let secret = secret.trim().to_owned();
+    if secret.is_empty() {
+        bail!("the secret file {} is empty", path.display());
+    }
+    Ok(secret)
+}
+
+/// The secret file used when `serve` gets no secret: next to a SQLite database, or in the
+/// working directory for PostgreSQL.
+fn default_secret_file(db_url: &str) -> PathBuf {
+    db_url
+        .strip_prefix("sqlite:")
+        .filter(|p| !p.starts_with(":memory:"))
+        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("kalphite.secret")
+}
+
+fn load_or_create_secret(path: &Path) -> Result<String> {
+    if path.exists() {
+        return read_secret(path);
+    }
+    let secret: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    write_private(path, &secret)
+        .with_context(|| format!("cannot write a new secret to {}", path.display()))?;
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}
+
+/// Runs the server until Ctrl-C.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let db = Database::open(DatabaseConfig::new(&args.db)).await?;
+    let mut config = ServerConfig::new(db.clone());
+    let auth = if args.open {
+        config = config.open(true);
+        "OPEN MODE: no authentication, every room is readable and writable by anyone who can reach this port".to_owned()
+    } else if let Some(secret) = &args.auth_secret {
+        config = config.token_secret(secret.as_bytes().to_vec());
+        "tokens signed with --auth-secret (kalphite token --secret … --user U --room R)".to_owned()
+    } else {
+        let file = default_secret_file(&args.db);
+        let secret = load_or_create_secret(&file)?;
+        config = config.token_secret(secret.into_bytes());
+        format!(
+            "tokens signed with the secret in {0}\n  make one: kalphite token --secret-file {0} --user alice --room todo",
+            file.display()
+        )
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if args.open {
+        tracing::warn!("the server is in OPEN mode: no authentication");
+    }
+    println!("kalphite sync server listening on ws://{addr}/sync");
+    println!("  database: {} ({})", db.target(), db.backend_name());
+    println!("  auth: {auth}");
+    println!("  health: http://{addr}/healthz   metrics: http://{addr}/metrics");
+    println!(
+        "  connect a client: kalphite todo --server ws://{addr} --room todo{} list",
+        if args.open { "" } else { " --token TOKEN" }
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("shutting down: finishing in-flight writes…");
+    };
+    run(listener, config, shutdown).await?;
+    db.close().await?;
+    println!("stopped cleanly");
+    Ok(())
+}
+
+/// Prints a token.
+pub fn token(args: &TokenArgs) -> Result<()> {
+    let secret = match (&args.secret, &args.secret_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(file)) => read_secret(file)?,
+        (None, None) => bail!("give --secret or --secret-file"),
+    };
+    let rooms: Vec<&str> = args.rooms.iter().map(String::as_str).collect();
+    println!(
+        "{}",
+        issue_token(secret.as_bytes(), &args.user, &rooms, args.ttl)?
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse() {
+        assert_eq!(parse_ttl("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_ttl("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        assert!(parse_ttl("soon").is_err());
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("5y").is_err());
+    }
+
+    #[test]
+    fn the_secret_file_sits_next_to_a_sqlite_database() {
+        assert_eq!(
+            default_secret_file("sqlite:/var/k/k.db"),
+            PathBuf::from("/var/k/kalphite.secret")
+        );
+        assert_eq!(
+            default_secret_file("sqlite:k.db"),
+            PathBuf::from("./kalphite.secret")
+        );
+        assert_eq!(
+            default_secret_file("postgres://x/y"),
+            PathBuf::from("./kalphite.secret")
+        );
+    }
+}
