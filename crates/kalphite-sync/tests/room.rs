@@ -648,3 +648,45 @@ fn a_resend_older_than_the_dedup_window_is_still_not_applied_twice() {
     assert_eq!(ack_of(&out).1, 2, "acknowledged with the current version");
     assert_eq!(data(&room, "a"), Some(json!({"n": 2})));
 }
+
+#[test]
+fn catch_up_pages_stay_under_the_byte_budget() {
+    let mut room = room(ConflictPolicy::default()).with_limits(RoomLimits {
+        catch_up_page_bytes: 400,
+        ..RoomLimits::default()
+    });
+    for i in 0..5u64 {
+        let big = json!({"text": "x".repeat(150)});
+        let v = VectorClock::from([("ra", 1)]);
+        send(
+            &mut room,
+            1,
+            change(
+                &format!("m{i}"),
+                "alice",
+                5,
+                upsert(&format!("e{i}"), big, 5, v, 0),
+            ),
+        );
+    }
+    let pages = room.catch_up(0);
+    assert!(pages.len() >= 3, "{} pages", pages.len());
+    let mut expected_from = 0;
+    for page in &pages {
+        assert_eq!(page.from_version, expected_from, "pages are contiguous");
+        assert!(!page.changes.is_empty() || page.complete);
+        assert!(
+            serde_json::to_string(&page.changes).unwrap().len() <= 400 + 2
+                || page.changes.len() == 1
+        );
+        expected_from = page.to_version;
+    }
+    assert_eq!(expected_from, 5);
+    assert_eq!(pages.iter().map(|p| p.changes.len()).sum::<usize>(), 5);
+    // One entity over the budget still gets its own page.
+    let tiny = room.with_limits(RoomLimits {
+        catch_up_page_bytes: 1,
+        ..RoomLimits::default()
+    });
+    assert_eq!(tiny.catch_up(0).len(), 5);
+}

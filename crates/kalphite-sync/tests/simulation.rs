@@ -84,6 +84,7 @@ fn new_room(policy: fn() -> ConflictPolicy) -> Room {
         history_per_entity: 4,
         // Small, so that resends of long-forgotten messages happen.
         dedup_window: 8,
+        ..RoomLimits::default()
     })
 }
 

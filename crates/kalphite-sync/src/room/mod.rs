@@ -30,6 +30,9 @@ pub use record::StoredChange;
 pub struct RoomLimits {
     /// Entities per catch-up page.
     pub catch_up_page: usize,
+    /// Most bytes of changes per catch-up page (a page holds at least one entity), so
+    /// that pages stay under the client's frame limit even with large entities.
+    pub catch_up_page_bytes: usize,
     /// Past states kept per entity to serve as three-way merge bases.
     pub history_per_entity: usize,
     /// Change message ids remembered for deduplication (the most recent ones). A resend
@@ -42,6 +45,7 @@ impl Default for RoomLimits {
     fn default() -> Self {
         Self {
             catch_up_page: 256,
+            catch_up_page_bytes: 256 * 1024,
             history_per_entity: 16,
             dedup_window: 4_096,
         }
@@ -249,27 +253,39 @@ impl Room {
         Ok(out)
     }
 
-    /// The catch-up pages for a client that has everything up to `after`.
+    /// The catch-up pages for a client that has everything up to `after`: the current
+    /// state of every entity changed since, in version order, cut into pages of at most
+    /// [`RoomLimits::catch_up_page`] entities and about [`RoomLimits::catch_up_page_bytes`].
     #[must_use]
     pub fn catch_up(&self, after: u64) -> Vec<CatchUpPayload> {
-        let page_size = self.limits.catch_up_page.max(1);
+        let max_count = self.limits.catch_up_page.max(1);
+        let max_bytes = self.limits.catch_up_page_bytes;
         let mut pages = Vec::new();
         let mut from = after;
+        let mut last = after;
         let mut changes = Vec::new();
+        let mut bytes = 0usize;
         for (&version, key) in self.by_version.range(after.saturating_add(1)..) {
-            if let Some(current) = self.entities.get(key) {
-                changes.push(current.record.to_payload());
-            }
-            if changes.len() == page_size {
-                let page = std::mem::take(&mut changes);
+            let Some(current) = self.entities.get(key) else {
+                continue;
+            };
+            let payload = current.record.to_payload();
+            let size = encoded_len(&payload);
+            if !changes.is_empty()
+                && (changes.len() == max_count || bytes.saturating_add(size) > max_bytes)
+            {
                 pages.push(CatchUpPayload {
                     from_version: from,
-                    to_version: version,
-                    changes: page,
+                    to_version: last,
+                    changes: std::mem::take(&mut changes),
                     complete: false,
                 });
-                from = version;
+                from = last;
+                bytes = 0;
             }
+            changes.push(payload);
+            bytes = bytes.saturating_add(size);
+            last = version;
         }
         pages.push(CatchUpPayload {
             from_version: from,
@@ -668,6 +684,24 @@ impl Room {
             message: make(&envelope),
         }
     }
+}
+
+/// The size of `value` as JSON, without building the string.
+fn encoded_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Serializing JSON values cannot fail; an error would only under-count.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn join(issues: &[kalphite::Issue]) -> String {
