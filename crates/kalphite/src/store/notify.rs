@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -40,6 +40,9 @@ struct Registration {
     guards: usize,
 }
 
+/// What a delivery round calls: each registration's scope and listener.
+type Targets = Arc<[(Option<Kind>, Listener)]>;
+
 #[derive(Default)]
 struct Queue {
     items: VecDeque<Notification>,
@@ -49,10 +52,19 @@ struct Queue {
 /// Holds the subscribers and delivers notifications in commit order.
 pub(crate) struct Notifier {
     registrations: RwLock<Vec<Registration>>,
+    /// A copy of `registrations` rebuilt on (un)subscribe, so that a delivery round takes
+    /// one `Arc` instead of allocating and cloning every listener for each notification.
+    targets: RwLock<Targets>,
     /// Fast path: skip building notifications when nobody listens.
     has_listeners: AtomicBool,
+    /// Notifications in `queue` (changed under its lock): lets `deliver` return without
+    /// locking when there is nothing to deliver, which is every write nobody listens to.
+    queued: AtomicUsize,
     queue: Mutex<Queue>,
     broadcast: broadcast::Sender<Notification>,
+    /// Live [`ChangeStream`]s. Counted here because `broadcast::Sender::receiver_count`
+    /// takes the channel's lock, and `wanted` runs on every write.
+    streams: Arc<AtomicUsize>,
     next_id: AtomicU64,
     panics: AtomicU64,
 }
@@ -62,9 +74,12 @@ impl Notifier {
         let (broadcast, _) = broadcast::channel(stream_capacity.max(1));
         Self {
             registrations: RwLock::new(Vec::new()),
+            targets: RwLock::new(Arc::from(Vec::new())),
             has_listeners: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             broadcast,
+            streams: Arc::new(AtomicUsize::new(0)),
             next_id: AtomicU64::new(1),
             panics: AtomicU64::new(0),
         }
@@ -72,7 +87,7 @@ impl Notifier {
 
     /// Whether anyone would see a notification (callbacks or streams).
     pub(crate) fn wanted(&self) -> bool {
-        self.has_listeners.load(Ordering::Acquire) || self.broadcast.receiver_count() > 0
+        self.has_listeners.load(Ordering::Acquire) || self.streams.load(Ordering::Acquire) > 0
     }
 
     /// Queues a notification. Called with the store's write lock held, so notifications
@@ -81,12 +96,14 @@ impl Notifier {
         let n = Notification {
             changes: changes.into(),
         };
-        if self.broadcast.receiver_count() > 0 {
+        if self.streams.load(Ordering::Acquire) > 0 {
             // A send only fails when every receiver is gone, which is fine.
             let _ = self.broadcast.send(n.clone());
         }
         if self.has_listeners.load(Ordering::Acquire) {
-            self.queue.lock().items.push_back(n);
+            let mut q = self.queue.lock();
+            q.items.push_back(n);
+            self.queued.store(q.items.len(), Ordering::Release);
         }
     }
 
@@ -94,41 +111,47 @@ impl Notifier {
     /// this thread (a subscriber wrote to the store) or another; that round delivers ours
     /// after the current one, so notifications never interleave or reorder.
     pub(crate) fn deliver(&self) {
-        {
+        // Nothing queued: another round (or nobody) has it. A notification queued by this
+        // thread is counted before this load, so it is never skipped.
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut next = {
             let mut q = self.queue.lock();
-            if q.delivering || q.items.is_empty() {
+            if q.delivering {
                 return;
             }
+            let Some(first) = q.items.pop_front() else {
+                return;
+            };
+            self.queued.store(q.items.len(), Ordering::Release);
             q.delivering = true;
-        }
+            first
+        };
         loop {
-            let next = {
+            self.dispatch(&next);
+            next = {
                 let mut q = self.queue.lock();
                 if let Some(n) = q.items.pop_front() {
+                    self.queued.store(q.items.len(), Ordering::Release);
                     n
                 } else {
                     q.delivering = false;
                     return;
                 }
             };
-            self.dispatch(&next);
         }
     }
 
     fn dispatch(&self, n: &Notification) {
-        let targets: Vec<(Option<Kind>, Listener)> = self
-            .registrations
-            .read()
-            .iter()
-            .map(|r| (r.kind.clone(), Arc::clone(&r.listener)))
-            .collect();
-        for (kind, listener) in targets {
+        let targets = Arc::clone(&self.targets.read());
+        for (kind, listener) in targets.iter() {
             let scoped;
             let n = match kind {
                 None => n,
-                Some(kind) if n.changes.iter().all(|c| c.kind == kind) => n,
+                Some(kind) if n.changes.iter().all(|c| c.kind == *kind) => n,
                 Some(kind) => {
-                    let changes: Vec<Change> = n.of_kind(&kind).cloned().collect();
+                    let changes: Vec<Change> = n.of_kind(kind).cloned().collect();
                     if changes.is_empty() {
                         continue;
                     }
@@ -170,7 +193,7 @@ impl Notifier {
             });
             id
         };
-        self.has_listeners.store(true, Ordering::Release);
+        self.publish(&regs);
         Subscription {
             notifier: Arc::downgrade(self),
             id,
@@ -185,13 +208,26 @@ impl Notifier {
                 regs.remove(pos);
             }
         }
+        self.publish(&regs);
+    }
+
+    /// Rebuilds the delivery targets after a (un)subscription; called with the
+    /// registrations' write lock held, so publications happen in order.
+    fn publish(&self, regs: &[Registration]) {
+        let targets: Targets = regs
+            .iter()
+            .map(|r| (r.kind.clone(), Arc::clone(&r.listener)))
+            .collect();
+        *self.targets.write() = targets;
         self.has_listeners
             .store(!regs.is_empty(), Ordering::Release);
     }
 
     pub(crate) fn stream(&self) -> ChangeStream {
+        self.streams.fetch_add(1, Ordering::AcqRel);
         ChangeStream {
             rx: self.broadcast.subscribe(),
+            count: Arc::clone(&self.streams),
         }
     }
 
@@ -240,6 +276,14 @@ pub enum RecvError {
 /// that falls more than the stream capacity behind is told it lagged.
 pub struct ChangeStream {
     rx: broadcast::Receiver<Notification>,
+    /// The notifier's count of live streams, decremented on drop.
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for ChangeStream {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ChangeStream {
