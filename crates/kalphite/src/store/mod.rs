@@ -21,7 +21,7 @@ pub use query::{Query, json_cmp as query_json_cmp};
 pub use tx::{Tx, View};
 
 use crate::change::{Change, Origin};
-use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind, now_millis};
+use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind};
 use crate::error::{Error, Result};
 use crate::flush::{Durability, FlushEngine, FlushError, ShutdownError};
 use crate::schema::SharedSchema;
@@ -320,13 +320,7 @@ impl Store {
         let inner = &*self.inner;
         let record = !inner.sinks.is_empty() || inner.notifier.wanted();
         let mut guard = self.write_state();
-        let mut tx = Tx::new(
-            &mut guard,
-            inner.schema.as_deref(),
-            origin,
-            now_millis(),
-            record,
-        );
+        let mut tx = Tx::new(&mut guard, inner.schema.as_deref(), origin, record);
         let key = self.key();
         IN_TRANSACTION.with(|t| t.borrow_mut().push(key));
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&mut tx)));

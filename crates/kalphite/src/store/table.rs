@@ -44,8 +44,8 @@ pub(crate) trait ErasedTable: Send + Sync + 'static {
     fn remove(&mut self, id: &str) -> Option<(usize, AnyEntity)>;
     /// Puts back an entity removed from `index` (undo of a delete).
     fn reinsert(&mut self, index: usize, entity: AnyEntity);
-    /// Undoes the insertion of a new id (it is the last row).
-    fn pop(&mut self, id: &str);
+    /// Undoes the insertion of the last `n` new ids (they are the last rows).
+    fn pop_last(&mut self, n: usize);
     /// Removes everything, returning what was there.
     fn take_all(&mut self) -> Vec<AnyEntity>;
     /// Replaces the contents wholesale (undo of a clear).
@@ -132,9 +132,9 @@ impl<T: EntityData> ErasedTable for Table<T> {
         let e = Self::unerase(entity);
         self.rows.shift_insert(index, e.id.clone(), e);
     }
-    fn pop(&mut self, id: &str) {
-        debug_assert_eq!(self.rows.last().map(|(k, _)| k.as_str()), Some(id));
-        self.rows.pop();
+    fn pop_last(&mut self, n: usize) {
+        debug_assert!(n <= self.rows.len());
+        self.rows.truncate(self.rows.len().saturating_sub(n));
     }
     fn take_all(&mut self) -> Vec<AnyEntity> {
         std::mem::take(&mut self.rows)

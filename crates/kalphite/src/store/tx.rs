@@ -9,7 +9,9 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::change::{Change, Origin};
-use crate::entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis};
+use crate::entity::{
+    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, now_millis,
+};
 use crate::error::{Error, Result, json_type_name};
 use crate::schema::Schema;
 use crate::store::table::{ErasedTable, Slot, Table};
@@ -19,7 +21,13 @@ use crate::store::table::{ErasedTable, Slot, Table};
 pub(crate) struct State {
     pub(crate) slots: Vec<Slot>,
     pub(crate) by_kind: HashMap<Kind, usize>,
+    /// The last transaction's undo log, emptied, so that single writes do not allocate
+    /// one each (it is only touched under the write lock).
+    spare_undo: Vec<Undo>,
 }
+
+/// Largest undo log kept for reuse (a bulk load's is dropped instead of held).
+const SPARE_UNDO_MAX: usize = 64;
 
 impl State {
     pub(crate) fn slot_index(&self, kind: &str) -> Option<usize> {
@@ -82,9 +90,10 @@ impl State {
 }
 
 enum Undo {
+    /// `count` new ids were appended to the slot (consecutive inserts share one entry).
     Inserted {
         slot: usize,
-        id: EntityId,
+        count: usize,
     },
     Replaced {
         slot: usize,
@@ -116,7 +125,10 @@ pub struct Tx<'a> {
     pub(crate) state: &'a mut State,
     pub(crate) schema: Option<&'a dyn Schema>,
     pub(crate) origin: Origin,
-    pub(crate) now: Millis,
+    /// The transaction's timestamp (every change and stamped `updated_at` share it), read
+    /// from the clock on first use: writes that carry their own `updated_at` and that
+    /// nobody observes never read the clock (a measurable cost per single write).
+    now: Option<Millis>,
     /// Whether anyone (a sink, a subscriber) will read the change records.
     pub(crate) record: bool,
     pub(crate) changes: Vec<Change>,
@@ -128,17 +140,17 @@ impl<'a> Tx<'a> {
         state: &'a mut State,
         schema: Option<&'a dyn Schema>,
         origin: Origin,
-        now: Millis,
         record: bool,
     ) -> Self {
+        let undo = std::mem::take(&mut state.spare_undo);
         Self {
             state,
             schema,
             origin,
-            now,
+            now: None,
             record,
             changes: Vec::new(),
-            undo: Vec::new(),
+            undo,
         }
     }
 
@@ -208,10 +220,11 @@ impl<'a> Tx<'a> {
             return;
         }
         if self.record {
+            let now = self.now();
             let kind = &self.state.slots[slot].kind;
             self.changes.extend(
                 rows.iter()
-                    .map(|e| Change::delete(kind.clone(), e.id().clone(), self.now, self.origin)),
+                    .map(|e| Change::delete(kind.clone(), e.id().clone(), now, self.origin)),
             );
         }
         self.undo.push(Undo::Cleared { slot, rows });
@@ -237,7 +250,7 @@ impl<'a> Tx<'a> {
     ) -> Result<Arc<Entity<T>>> {
         self.check_identity(slot, &entity.kind, &entity.id)?;
         if entity.updated_at == 0 {
-            entity.updated_at = self.now;
+            entity.updated_at = self.now();
         }
         if let Some(schema) = self.schema {
             let ser = |e: serde_json::Error| Error::Serialize {
@@ -271,21 +284,18 @@ impl<'a> Tx<'a> {
                 requested: type_name::<T>(),
             });
         };
-        let undo = match table.insert_typed(Arc::clone(&entity)) {
-            Some(prev) => Undo::Replaced {
+        match table.insert_typed(Arc::clone(&entity)) {
+            Some(prev) => self.undo.push(Undo::Replaced {
                 slot,
                 prev: AnyEntity::new(prev),
-            },
-            None => Undo::Inserted {
-                slot,
-                id: entity.id.clone(),
-            },
-        };
-        self.undo.push(undo);
+            }),
+            None => self.push_inserted(slot),
+        }
         if self.record {
+            let now = self.now();
             self.changes.push(Change::upsert(
                 AnyEntity::new(Arc::clone(&entity)),
-                self.now,
+                now,
                 self.origin,
             ));
         }
@@ -306,7 +316,7 @@ impl<'a> Tx<'a> {
             });
         }
         if entity.updated_at == 0 {
-            entity.updated_at = self.now;
+            entity.updated_at = self.now();
         }
         if let Some(schema) = self.schema {
             entity.data = schema
@@ -323,19 +333,33 @@ impl<'a> Tx<'a> {
         } else {
             table.convert(entity)?
         };
-        let undo = match table.insert(stored.clone()) {
-            Some(prev) => Undo::Replaced { slot, prev },
-            None => Undo::Inserted {
-                slot,
-                id: stored.id().clone(),
-            },
-        };
-        self.undo.push(undo);
+        match table.insert(stored.clone()) {
+            Some(prev) => self.undo.push(Undo::Replaced { slot, prev }),
+            None => self.push_inserted(slot),
+        }
         if self.record {
+            let now = self.now();
             self.changes
-                .push(Change::upsert(stored.clone(), self.now, self.origin));
+                .push(Change::upsert(stored.clone(), now, self.origin));
         }
         Ok(stored)
+    }
+
+    /// The transaction's timestamp, read from the clock the first time it is needed.
+    fn now(&mut self) -> Millis {
+        *self.now.get_or_insert_with(now_millis)
+    }
+
+    /// Records that a new id was appended to `slot`, merging with a preceding insert into
+    /// the same slot (a bulk load keeps one undo entry per run instead of one per entity).
+    fn push_inserted(&mut self, slot: usize) {
+        if let Some(Undo::Inserted { slot: last, count }) = self.undo.last_mut()
+            && *last == slot
+        {
+            *count += 1;
+            return;
+        }
+        self.undo.push(Undo::Inserted { slot, count: 1 });
     }
 
     pub(crate) fn delete_in(&mut self, slot: usize, id: &str) -> bool {
@@ -343,13 +367,10 @@ impl<'a> Tx<'a> {
             return false;
         };
         if self.record {
+            let now = self.now();
             let kind = self.state.slots[slot].kind.clone();
-            self.changes.push(Change::delete(
-                kind,
-                prev.id().clone(),
-                self.now,
-                self.origin,
-            ));
+            self.changes
+                .push(Change::delete(kind, prev.id().clone(), now, self.origin));
         }
         self.undo.push(Undo::Removed { slot, index, prev });
         true
@@ -377,7 +398,7 @@ impl<'a> Tx<'a> {
     pub(crate) fn rollback(&mut self) {
         while let Some(undo) = self.undo.pop() {
             match undo {
-                Undo::Inserted { slot, id } => self.state.slots[slot].table.pop(&id),
+                Undo::Inserted { slot, count } => self.state.slots[slot].table.pop_last(count),
                 Undo::Replaced { slot, prev } => {
                     self.state.slots[slot].table.insert(prev);
                 }
@@ -397,6 +418,15 @@ impl<'a> Tx<'a> {
         self.undo
             .iter()
             .any(|u| !matches!(u, Undo::Converted { .. }))
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        if self.undo.capacity() <= SPARE_UNDO_MAX {
+            self.undo.clear();
+            self.state.spare_undo = std::mem::take(&mut self.undo);
+        }
     }
 }
 
