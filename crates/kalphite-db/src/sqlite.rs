@@ -36,6 +36,16 @@ const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_enti
 const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
 const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
 
+/// Connection settings after `journal_mode = WAL`. With WAL, `synchronous = NORMAL` keeps
+/// every committed transaction across a process crash without an fsync per commit; the WAL
+/// file is truncated back to 64 MiB at most after a checkpoint.
+pub(crate) const PRAGMAS: &str = "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
+    PRAGMA journal_size_limit = 67108864;";
+
+/// WAL size (pages) past which the checkpointer thread is asked to checkpoint; SQLite's own
+/// auto-checkpoint threshold.
+const CHECKPOINT_PAGES: i32 = 1000;
+
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A SQLite database served by its own thread.
@@ -65,11 +75,19 @@ impl Sqlite {
                         return;
                     }
                 };
+                let checkpointer = path
+                    .as_deref()
+                    .and_then(|p| start_checkpointer(&mut conn, p));
                 while let Ok(job) = receiver.recv() {
                     job(&mut conn);
                 }
                 if let Err((_, e)) = conn.close() {
                     tracing::warn!(error = %e, "closing the SQLite connection failed");
+                }
+                // Closing the connection dropped the WAL hook and with it the checkpointer's
+                // channel: it checkpoints one last time and closes.
+                if let Some(t) = checkpointer {
+                    let _ = t.join();
                 }
             })
             .map_err(|e| Error::Connect {
@@ -120,10 +138,41 @@ fn connect(path: Option<&Path>, label: &str) -> Result<Connection> {
     let _mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(fail)?;
-    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
-        .map_err(fail)?;
+    conn.execute_batch(PRAGMAS).map_err(fail)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
+}
+
+/// Moves WAL checkpoints (which fsync) off the write path: the writer's WAL hook (which
+/// replaces SQLite's auto-checkpoint) nudges a thread with its own connection that runs
+/// `PRAGMA wal_checkpoint(PASSIVE)`, so commits never wait for one. Returns `None` (and
+/// SQLite's auto-checkpoint stays on) if the thread cannot be set up.
+fn start_checkpointer(conn: &mut Connection, path: &Path) -> Option<JoinHandle<()>> {
+    let checkpoint_conn = Connection::open(path).ok()?;
+    let (nudge, nudged) = mpsc::sync_channel::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("kalphite-sqlite-checkpoint".into())
+        .spawn(move || {
+            while nudged.recv().is_ok() {
+                if let Err(e) = checkpoint_conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries");
+                }
+            }
+            drop(checkpoint_conn);
+        })
+        .ok()?;
+    let hooked = conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+        if pages >= CHECKPOINT_PAGES {
+            // Full means a checkpoint is already requested.
+            let _ = nudge.try_send(());
+        }
+        Ok(())
+    }));
+    if hooked.is_err() {
+        // The hook (and the sender) were not installed: the thread ends at once.
+        let _ = conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES);
+    }
+    Some(thread)
 }
 
 fn used_bytes(conn: &Connection) -> Result<u64> {

@@ -345,3 +345,23 @@ async fn bad_urls_and_unreachable_servers_name_what_was_tried() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_close_checkpoints_and_removes_the_wal() -> anyhow::Result<()> {
+    // Checkpoints run on a separate thread and connection; closing must still end with a
+    // complete checkpoint (the WAL file removed) and every row in the main file.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("wal.db");
+    let db = Database::open(DatabaseConfig::new(format!("sqlite:{}", path.display()))).await?;
+    for b in 0..50 {
+        let batch = (0..100).map(|i| comment(&format!("c{b}-{i}"), &"x".repeat(200), i, "low"));
+        db.upsert_batch(batch.collect()).await?;
+    }
+    db.close().await?;
+    let wal = dir.path().join("wal.db-wal");
+    assert!(!wal.exists(), "the WAL is still there after close");
+    let conn = rusqlite::Connection::open(&path)?;
+    let n: i64 = conn.query_row("SELECT COUNT(*) FROM kalphite_entities", [], |r| r.get(0))?;
+    assert_eq!(n, 5000);
+    Ok(())
+}
