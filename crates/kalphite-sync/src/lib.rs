@@ -14,6 +14,7 @@
 //! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
 //! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
 //! - [`client`]: the tokio-tungstenite client around [`Replica`], wired to a Store.
+//! - [`loadgen`]: the workload-S load generator (`kalphite-bench-sync`).
 //! - [`server`]: the axum WebSocket server around [`Room`] (auth, limits, room log).
 //!
 //! The conflict rules and why every replica converges are in `docs/sync.md`.
@@ -72,6 +73,7 @@ use serde::{Deserialize, Serialize};
 pub mod client;
 pub mod clock;
 pub mod conflict;
+pub mod loadgen;
 pub mod protocol;
 pub mod replica;
 pub mod room;

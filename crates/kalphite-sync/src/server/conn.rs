@@ -235,7 +235,9 @@ impl Conn {
             Ok(m) => m,
             Err(e) => {
                 let p = e.to_payload();
-                return self.reply_error(socket, p.code, &p.message, p.refers_to).await;
+                return self
+                    .reply_error(socket, p.code, &p.message, p.refers_to)
+                    .await;
             }
         };
         match message {

@@ -49,16 +49,66 @@ impl Metrics {
     #[must_use]
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &str, &AtomicU64); 10] = [
-            ("kalphite_sync_connections", "gauge", "Open WebSocket connections.", &self.connections),
-            ("kalphite_sync_connections_total", "counter", "WebSocket connections accepted.", &self.connections_total),
-            ("kalphite_sync_rooms", "gauge", "Rooms loaded in memory.", &self.rooms),
-            ("kalphite_sync_messages_in_total", "counter", "Frames received.", &self.messages_in),
-            ("kalphite_sync_messages_out_total", "counter", "Frames sent.", &self.messages_out),
-            ("kalphite_sync_changes_persisted_total", "counter", "Changes written durably.", &self.changes_persisted),
-            ("kalphite_sync_conflicts_total", "counter", "Concurrent edits resolved.", &self.conflicts),
-            ("kalphite_sync_errors_total", "counter", "Error replies sent.", &self.errors),
-            ("kalphite_sync_auth_failures_total", "counter", "Hellos refused by auth.", &self.auth_failures),
-            ("kalphite_sync_storage_errors_total", "counter", "Failed room-log writes.", &self.storage_errors),
+            (
+                "kalphite_sync_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                &self.connections,
+            ),
+            (
+                "kalphite_sync_connections_total",
+                "counter",
+                "WebSocket connections accepted.",
+                &self.connections_total,
+            ),
+            (
+                "kalphite_sync_rooms",
+                "gauge",
+                "Rooms loaded in memory.",
+                &self.rooms,
+            ),
+            (
+                "kalphite_sync_messages_in_total",
+                "counter",
+                "Frames received.",
+                &self.messages_in,
+            ),
+            (
+                "kalphite_sync_messages_out_total",
+                "counter",
+                "Frames sent.",
+                &self.messages_out,
+            ),
+            (
+                "kalphite_sync_changes_persisted_total",
+                "counter",
+                "Changes written durably.",
+                &self.changes_persisted,
+            ),
+            (
+                "kalphite_sync_conflicts_total",
+                "counter",
+                "Concurrent edits resolved.",
+                &self.conflicts,
+            ),
+            (
+                "kalphite_sync_errors_total",
+                "counter",
+                "Error replies sent.",
+                &self.errors,
+            ),
+            (
+                "kalphite_sync_auth_failures_total",
+                "counter",
+                "Hellos refused by auth.",
+                &self.auth_failures,
+            ),
+            (
+                "kalphite_sync_storage_errors_total",
+                "counter",
+                "Failed room-log writes.",
+                &self.storage_errors,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
@@ -66,6 +116,21 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
         }
+        if let Some(bytes) = resident_bytes() {
+            let name = "kalphite_sync_process_resident_bytes";
+            let _ = writeln!(out, "# HELP {name} Resident memory of the server process.");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {bytes}");
+        }
         out
     }
+}
+
+/// The process's resident set size (Linux: `VmRSS` of `/proc/self/status`).
+#[must_use]
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

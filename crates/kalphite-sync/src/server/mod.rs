@@ -45,7 +45,7 @@ use crate::room::{ConnId, Room, RoomLimits};
 
 pub use auth::{AuthError, Claims, encode_claims, issue_token, verify_token};
 pub use log::{LogError, ROOM_KIND_PREFIX};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, resident_bytes};
 
 use log::RoomLog;
 
@@ -103,7 +103,10 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("database", &self.database)
-            .field("token_secret", &self.token_secret.as_ref().map(|_| "<redacted>"))
+            .field(
+                "token_secret",
+                &self.token_secret.as_ref().map(|_| "<redacted>"),
+            )
             .field("open", &self.open)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("rate_limit", &self.rate_limit)
@@ -240,7 +243,12 @@ impl Shared {
         }
         let n = records.len();
         let room = room.restore(records).map_err(|e| e.to_string())?;
-        tracing::debug!(room = id, records = n, version = room.version(), "room restored");
+        tracing::debug!(
+            room = id,
+            records = n,
+            version = room.version(),
+            "room restored"
+        );
         Ok(room)
     }
 }

@@ -1,0 +1,578 @@
+//! The workload-S load generator (`BENCH-WORKLOADS.md`): S1 latency, S2 fan-out, S3 many
+//! rooms, S4 idle connections, against any running sync server. Clients speak the wire
+//! protocol directly (decode every frame, keep the entities in a map: their "store"), so
+//! thousands fit in one process. Used by `kalphite-bench-sync` (later `kalphite bench
+//! sync`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use kalphite::{Entity, Op, now_millis};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::clock::VectorClock;
+use crate::protocol::{
+    ChangePayload, ClientMessage, Envelope, HelloPayload, PROTOCOL_VERSION, ServerMessage,
+    decode_server, encode,
+};
+
+/// One of workload S's scenarios.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// Latency: A writes, B observes, one change at a time.
+    S1,
+    /// Fan-out: one writer, R readers.
+    S2,
+    /// Many rooms: 200 rooms × 2 clients ping-ponging 100 changes.
+    S3,
+    /// Idle connections: server RSS per idle connection.
+    S4,
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = BenchError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "s1" => Ok(Self::S1),
+            "s2" => Ok(Self::S2),
+            "s3" => Ok(Self::S3),
+            "s4" => Ok(Self::S4),
+            other => Err(BenchError::Config(format!(
+                "unknown scenario '{other}' (expected s1, s2, s3 or s4)"
+            ))),
+        }
+    }
+}
+
+/// Load-generator options; the defaults are workload S's sizes.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// `ws://host:port/sync`.
+    pub url: String,
+    /// Token secret, to mint room tokens; `None` for a server in open mode.
+    pub token_secret: Option<Vec<u8>>,
+    /// S1: measured changes (2000) and warm-up changes (200).
+    pub s1_changes: u64,
+    /// S1 warm-up changes.
+    pub s1_warmup: u64,
+    /// S2: reader counts to run (10 and 100).
+    pub s2_readers: Vec<usize>,
+    /// S2: changes written (5000).
+    pub s2_changes: u64,
+    /// S3: rooms (200) and changes per room (100).
+    pub s3_rooms: usize,
+    /// S3 changes per room.
+    pub s3_changes: u64,
+    /// S4: clients (1000), rooms (100), idle time (20 s).
+    pub s4_clients: usize,
+    /// S4 rooms.
+    pub s4_rooms: usize,
+    /// S4 idle time.
+    pub s4_idle: Duration,
+    /// Hang guard for every wait.
+    pub timeout: Duration,
+}
+
+impl BenchOptions {
+    /// Workload S's sizes against `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            token_secret: None,
+            s1_changes: 2000,
+            s1_warmup: 200,
+            s2_readers: vec![10, 100],
+            s2_changes: 5000,
+            s3_rooms: 200,
+            s3_changes: 100,
+            s4_clients: 1000,
+            s4_rooms: 100,
+            s4_idle: Duration::from_secs(20),
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A load-generator failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    /// Bad options.
+    #[error("invalid options: {0}")]
+    Config(String),
+    /// A socket failed.
+    #[error("connection failed: {0}")]
+    Connect(String),
+    /// The server refused or answered unexpectedly.
+    #[error("unexpected server answer: {0}")]
+    Protocol(String),
+    /// A wait exceeded the hang guard.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// One scenario's results, as `(name, value)` rows.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Rows in order.
+    pub rows: Vec<(String, String)>,
+}
+
+impl Report {
+    fn row(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.rows.push((name.into(), value.into()));
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (k, v) in &self.rows {
+            writeln!(f, "{k:<28} {v}")?;
+        }
+        Ok(())
+    }
+}
+
+type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+type Source = SplitStream<WebSocketStream<MaybeTlsStream<TcpStream>>>;
+
+/// The sending half of a joined protocol client.
+struct Client {
+    user: String,
+    replica: String,
+    sink: Sink,
+    next: u64,
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+async fn guarded<T>(
+    opts: &BenchOptions,
+    what: &str,
+    f: impl Future<Output = T>,
+) -> Result<T, BenchError> {
+    tokio::time::timeout(opts.timeout, f)
+        .await
+        .map_err(|_| BenchError::Timeout(opts.timeout, what.to_owned()))
+}
+
+impl Client {
+    /// Connects, says hello and waits for the complete catch-up; returns the sending half
+    /// and the receiving half.
+    async fn join(
+        opts: &BenchOptions,
+        room: &str,
+        user: &str,
+    ) -> Result<(Self, Source), BenchError> {
+        let (ws, _) = guarded(
+            opts,
+            "connect",
+            tokio_tungstenite::connect_async_with_config(opts.url.as_str(), Some(ws_config()), true),
+        )
+        .await?
+        .map_err(|e| BenchError::Connect(e.to_string()))?;
+        let (mut sink, mut source) = ws.split();
+        let token = match &opts.token_secret {
+            Some(secret) => Some(
+                crate::server::issue_token(secret, user, &[room], Duration::from_secs(3600))
+                    .map_err(|e| BenchError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let replica = format!("{user}-r");
+        let hello = ClientMessage::Hello(Envelope::new(
+            format!("{replica}-0"),
+            user,
+            now_millis(),
+            HelloPayload {
+                protocol_version: PROTOCOL_VERSION,
+                room_id: room.to_owned(),
+                replica_id: replica.clone(),
+                last_version: 0,
+                token,
+            },
+        ));
+        send(&mut sink, &hello).await?;
+        loop {
+            let msg = guarded(opts, "welcome", next_message(&mut source)).await??;
+            match msg {
+                ServerMessage::CatchUp(c) if c.payload.complete => break,
+                ServerMessage::Error(e) => {
+                    return Err(BenchError::Protocol(format!(
+                        "hello refused: {:?} {}",
+                        e.payload.code, e.payload.message
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok((
+            Self {
+                user: user.to_owned(),
+                replica,
+                sink,
+                next: 0,
+            },
+            source,
+        ))
+    }
+
+    /// Sends change k.
+    async fn write(&mut self, k: u64) -> Result<(), BenchError> {
+        let msg = self.change(k);
+        send(&mut self.sink, &msg).await
+    }
+
+    /// Change k of the workload: a new entity `c{k}`.
+    fn change(&mut self, k: u64) -> ClientMessage {
+        self.next += 1;
+        let now = now_millis();
+        let id = format!("c{k}");
+        let data = json!({"message": format!("Message {k}"), "lineNumber": k, "updatedAt": now});
+        ClientMessage::Change(Envelope::new(
+            format!("{}-{}", self.replica, self.next),
+            self.user.clone(),
+            now,
+            ChangePayload {
+                operation: Op::Upsert,
+                entity_type: "comment".into(),
+                entity_id: id.clone().into(),
+                entity: Some(Entity::new(id, "comment", data).at(now)),
+                vector: VectorClock::from([(self.replica.as_str(), 1)]),
+                base_version: Some(0),
+                room_version: None,
+            },
+        ))
+    }
+}
+
+async fn send(sink: &mut Sink, msg: &ClientMessage) -> Result<(), BenchError> {
+    let text = encode(msg).map_err(|e| BenchError::Protocol(e.to_string()))?;
+    sink.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| BenchError::Connect(e.to_string()))
+}
+
+async fn next_message(source: &mut Source) -> Result<ServerMessage, BenchError> {
+    loop {
+        match source.next().await {
+            Some(Ok(Message::Text(t))) => {
+                return decode_server(t.as_str(), 64 << 20)
+                    .map_err(|e| BenchError::Protocol(e.to_string()));
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(BenchError::Connect("connection closed".into()));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(BenchError::Connect(e.to_string())),
+        }
+    }
+}
+
+/// A client's "store": applies every remote change and reports `lineNumber` of each one.
+fn spawn_observer(mut source: Source, tx: mpsc::UnboundedSender<(u64, Instant)>) {
+    tokio::spawn(async move {
+        let mut store: HashMap<String, Value> = HashMap::new();
+        while let Ok(msg) = next_message(&mut source).await {
+            if let ServerMessage::Change(c) = msg
+                && let Some(entity) = c.payload.entity
+            {
+                let k = entity.data.get("lineNumber").and_then(Value::as_u64);
+                store.insert(entity.id.to_string(), entity.data);
+                if let Some(k) = k
+                    && tx.send((k, Instant::now())).is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// Drains (and discards) a writer's acks.
+fn spawn_drain(mut source: Source) {
+    tokio::spawn(async move { while next_message(&mut source).await.is_ok() {} });
+}
+
+fn run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs one scenario.
+///
+/// # Errors
+/// Connection failures, refusals, or a wait past the hang guard.
+pub async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<Report, BenchError> {
+    match scenario {
+        Scenario::S1 => s1(opts).await,
+        Scenario::S2 => s2(opts).await,
+        Scenario::S3 => s3(opts).await,
+        Scenario::S4 => s4(opts).await,
+    }
+}
+
+/// A writes c1..cn one at a time, each after B observed the previous; returns each
+/// write → observe latency.
+async fn ping_pong_latencies(
+    opts: &BenchOptions,
+    room: &str,
+    n: u64,
+) -> Result<Vec<Duration>, BenchError> {
+    let (mut writer, a_source) = Client::join(opts, room, &format!("{room}-a")).await?;
+    let (_b, b_source) = Client::join(opts, room, &format!("{room}-b")).await?;
+    spawn_drain(a_source);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    spawn_observer(b_source, tx);
+    let mut latencies = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for k in 1..=n {
+        let start = Instant::now();
+        writer.write(k).await?;
+        loop {
+            let (seen, at) = guarded(opts, "B to observe", rx.recv())
+                .await?
+                .ok_or_else(|| BenchError::Connect("observer ended".into()))?;
+            if seen == k {
+                latencies.push(at.saturating_duration_since(start));
+                break;
+            }
+        }
+    }
+    Ok(latencies)
+}
+
+fn latency_rows(report: &mut Report, prefix: &str, mut lat: Vec<Duration>) {
+    lat.sort_unstable();
+    for (name, p) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0)] {
+        report.row(format!("{prefix}{name}"), ms(percentile(&lat, p)));
+    }
+    report.row(
+        format!("{prefix}max"),
+        ms(lat.last().copied().unwrap_or_default()),
+    );
+}
+
+async fn s1(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = run_id();
+    ping_pong_latencies(opts, &format!("s1-warm-{run}"), opts.s1_warmup).await?;
+    let lat = ping_pong_latencies(opts, &format!("s1-{run}"), opts.s1_changes).await?;
+    let mut report = Report::default();
+    report.row("scenario", "S1 latency (write -> other client applied)");
+    report.row("changes", opts.s1_changes.to_string());
+    latency_rows(&mut report, "", lat);
+    Ok(report)
+}
+
+async fn s2(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let mut report = Report::default();
+    report.row("scenario", "S2 fan-out (1 writer, R readers)");
+    report.row("changes", opts.s2_changes.to_string());
+    let n = opts.s2_changes;
+    let count = usize::try_from(n).map_err(|e| BenchError::Config(e.to_string()))?;
+    for &readers in &opts.s2_readers {
+        let room = format!("s2-{readers}-{}", run_id());
+        let mut observers = Vec::new();
+        for r in 0..readers {
+            let (_client, source) = Client::join(opts, &room, &format!("reader{r}")).await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            spawn_observer(source, tx);
+            observers.push(rx);
+        }
+        let (mut writer, source) = Client::join(opts, &room, "writer").await?;
+        spawn_drain(source);
+        let mut waits = Vec::new();
+        for mut rx in observers {
+            waits.push(tokio::spawn(async move {
+                let mut seen = vec![None; count + 1];
+                let mut got = 0;
+                while got < count {
+                    let Some((k, at)) = rx.recv().await else {
+                        break;
+                    };
+                    if let Some(slot) = usize::try_from(k).ok().and_then(|k| seen.get_mut(k))
+                        && slot.is_none()
+                    {
+                        *slot = Some(at);
+                        got += 1;
+                    }
+                }
+                seen
+            }));
+        }
+        let start = Instant::now();
+        let mut sent = Vec::with_capacity(count + 1);
+        sent.push(start);
+        for k in 1..=n {
+            sent.push(Instant::now());
+            writer.write(k).await?;
+        }
+        let mut last_seen: Vec<Option<Instant>> = vec![None; count + 1];
+        for w in waits {
+            let seen = guarded(opts, "readers to receive everything", w)
+                .await?
+                .map_err(|e| BenchError::Protocol(e.to_string()))?;
+            for (slot, at) in last_seen.iter_mut().zip(seen) {
+                *slot = match (*slot, at) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        let end = last_seen.iter().flatten().max().copied().unwrap_or(start);
+        let total = end.saturating_duration_since(start);
+        let delivered = (n as f64) * (readers as f64);
+        let lat: Vec<Duration> = last_seen
+            .iter()
+            .zip(&sent)
+            .skip(1)
+            .filter_map(|(seen, sent)| seen.map(|s| s.saturating_duration_since(*sent)))
+            .collect();
+        report.row(format!("R={readers} total"), ms(total));
+        report.row(
+            format!("R={readers} delivered"),
+            format!("{:.0} msgs/s", delivered / total.as_secs_f64().max(1e-9)),
+        );
+        latency_rows(&mut report, &format!("R={readers} last-reader "), lat);
+    }
+    Ok(report)
+}
+
+async fn s3(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = run_id();
+    let rss_before = server_rss(opts).await;
+    let n = opts.s3_changes;
+    let mut pairs = Vec::new();
+    for r in 0..opts.s3_rooms {
+        let room = format!("s3-{run}-{r}");
+        let a = Client::join(opts, &room, &format!("{room}-a")).await?;
+        let b = Client::join(opts, &room, &format!("{room}-b")).await?;
+        pairs.push((a, b));
+    }
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    let mut firsts = Vec::new();
+    let start = Instant::now();
+    for ((a, a_src), (b, b_src)) in pairs {
+        // A writes odd k, B even k, each after seeing the other's previous change.
+        for (mut me, source, odd) in [(a, a_src, true), (b, b_src, false)] {
+            let done = done_tx.clone();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            spawn_observer(source, tx);
+            if odd {
+                firsts.push(me.write(1).await);
+            }
+            tokio::spawn(async move {
+                while let Some((k, _)) = rx.recv().await {
+                    if k >= n {
+                        let _ = done.send(());
+                        break;
+                    }
+                    let next = k + 1;
+                    if (next % 2 == 1) == odd && me.write(next).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }
+    drop(done_tx);
+    for f in firsts {
+        f?;
+    }
+    for _ in 0..opts.s3_rooms {
+        guarded(opts, "every room to finish", done_rx.recv())
+            .await?
+            .ok_or_else(|| BenchError::Connect("a room stopped early".into()))?;
+    }
+    let total = start.elapsed();
+    let rss_after = server_rss(opts).await;
+    let mut report = Report::default();
+    report.row("scenario", "S3 many rooms (ping-pong per room)");
+    report.row("rooms x changes", format!("{} x {n}", opts.s3_rooms));
+    report.row("total", ms(total));
+    report.row(
+        "changes/s",
+        format!("{:.0}", (opts.s3_rooms as f64 * n as f64) / total.as_secs_f64().max(1e-9)),
+    );
+    report.row("server RSS before", mib(rss_before));
+    report.row("server RSS after", mib(rss_after));
+    Ok(report)
+}
+
+async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = run_id();
+    let before = server_rss(opts).await;
+    let mut clients = Vec::with_capacity(opts.s4_clients);
+    for i in 0..opts.s4_clients {
+        let room = format!("s4-{run}-{}", i % opts.s4_rooms.max(1));
+        clients.push(Client::join(opts, &room, &format!("idle{i}")).await?);
+    }
+    let connected = server_rss(opts).await;
+    tokio::time::sleep(opts.s4_idle).await;
+    let after = server_rss(opts).await;
+    let mut report = Report::default();
+    report.row("scenario", "S4 idle connections");
+    report.row(
+        "clients / rooms / idle",
+        format!("{} / {} / {:?}", opts.s4_clients, opts.s4_rooms, opts.s4_idle),
+    );
+    report.row("server RSS before", mib(before));
+    report.row("server RSS connected", mib(connected));
+    report.row("server RSS after idle", mib(after));
+    if let (Some(b), Some(a)) = (before, after) {
+        let per = (a.saturating_sub(b) as f64) / (opts.s4_clients.max(1) as f64) / 1024.0;
+        report.row("RSS per idle connection", format!("{per:.2} KiB"));
+    }
+    drop(clients);
+    Ok(report)
+}
+
+fn mib(bytes: Option<u64>) -> String {
+    bytes.map_or_else(
+        || "n/a (server exports no kalphite_sync_process_resident_bytes)".to_owned(),
+        |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+    )
+}
+
+/// Scrapes the server's resident memory from `/metrics` (same host and port as the URL).
+pub async fn server_rss(opts: &BenchOptions) -> Option<u64> {
+    let rest = opts
+        .url
+        .strip_prefix("ws://")
+        .or_else(|| opts.url.strip_prefix("http://"))?;
+    let host = rest.split('/').next()?;
+    let mut stream = TcpStream::connect(host).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("kalphite_sync_process_resident_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+}
