@@ -9,8 +9,8 @@ use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use kalphite::{Durability, FlushConfig, Store, StoreBuilder};
-use kalphite_db::{Database, DatabaseConfig, open_store};
+use kalphite::{Durability, Store, StoreBuilder};
+use kalphite_db::{Database, DatabaseConfig};
 use kalphite_sync::client::{ConnectionStatus, SyncClient, SyncConfig, SyncEvent, connect_store};
 
 /// How long a command waits for the server before going on offline.
@@ -53,7 +53,7 @@ pub fn data_dir() -> PathBuf {
 pub struct Session {
     db: Database,
     store: Store,
-    sync: Option<Sync>,
+    sync: Sync,
 }
 
 /// The sync side of a session.
@@ -64,6 +64,8 @@ struct Sync {
     /// Why the server could not be used, if it could not.
     problem: Option<String>,
     pulled: usize,
+    /// Whether a server was given.
+    online: bool,
 }
 
 /// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept as given.
@@ -128,15 +130,13 @@ impl Session {
             }
         };
         let db = Database::open(DatabaseConfig::new(url)).await?;
-        let Some(server) = &options.server else {
-            let store = open_store(&db, builder, FlushConfig::default()).await?;
-            return Ok(Self {
-                db,
-                store,
-                sync: None,
-            });
-        };
-        let url = sync_url(server);
+        // Even offline, local changes go into the room's persisted offline queue, so a
+        // later run with --server sends them.
+        let online = options.server.is_some();
+        let url = options
+            .server
+            .as_deref()
+            .map_or_else(|| "offline".to_owned(), sync_url);
         let user = options
             .user
             .clone()
@@ -144,7 +144,8 @@ impl Session {
             .unwrap_or_else(|| "me".into());
         let mut config = SyncConfig::new(&url, &options.room, user)
             .reconnect_attempts(1)
-            .backoff(Duration::from_millis(100), Duration::from_millis(500));
+            .backoff(Duration::from_millis(100), Duration::from_millis(500))
+            .connect_on_start(online);
         if let Some(token) = &options.token {
             config = config.auth_token(token.clone());
         }
@@ -156,13 +157,12 @@ impl Session {
             events,
             problem: None,
             pulled: 0,
+            online,
         };
-        sync.catch_up().await;
-        Ok(Self {
-            db,
-            store,
-            sync: Some(sync),
-        })
+        if online {
+            sync.catch_up().await;
+        }
+        Ok(Self { db, store, sync })
     }
 
     /// The store.
@@ -172,9 +172,12 @@ impl Session {
 
     /// Pushes what is pending and reports what moved (pulling happened at open).
     pub async fn sync_now(&self) -> Result<String> {
-        let sync = self.sync.as_ref().ok_or_else(|| {
-            anyhow!("no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)")
-        })?;
+        let sync = &self.sync;
+        if !sync.online {
+            return Err(anyhow!(
+                "no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)"
+            ));
+        }
         if let Some(problem) = &sync.problem {
             return Err(anyhow!("{problem}"));
         }
@@ -190,9 +193,10 @@ impl Session {
 
     /// Waits until the server acknowledged every change made so far.
     async fn push(&self) -> Result<()> {
-        let Some(sync) = &self.sync else {
+        let sync = &self.sync;
+        if !sync.online {
             return Ok(());
-        };
+        }
         match tokio::time::timeout(PUSH_TIMEOUT, self.store.durable(Durability::Server)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow!("the server did not take the changes: {e}")),
@@ -207,19 +211,24 @@ impl Session {
     /// Sends what is pending (with a server), writes everything to disk and closes. A
     /// sync problem is reported after the local data is safe.
     pub async fn finish(self) -> Result<()> {
-        let mut problem = self.sync.as_ref().and_then(|s| s.problem.clone());
+        let mut problem = self.sync.problem.clone();
         if problem.is_none() {
             if let Err(e) = self.push().await {
                 problem = Some(e.to_string());
             }
         }
-        if let Some(sync) = &self.sync {
-            sync.client.close().await;
+        // The client persists what the server has not acknowledged yet, so only the
+        // local database must hold every change now; the server-side engine is dropped
+        // (its changes wait in the persisted offline queue for the next sync).
+        self.sync.client.close().await;
+        for engine in self.store.flush_engines() {
+            if engine.config().durability == Durability::Local {
+                engine
+                    .shutdown()
+                    .await
+                    .context("could not save every change")?;
+            }
         }
-        self.store
-            .close()
-            .await
-            .context("could not save every change")?;
         self.db.close().await?;
         match problem {
             None => Ok(()),

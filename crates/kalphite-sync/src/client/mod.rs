@@ -82,6 +82,11 @@ pub struct SyncConfig {
     pub local_flush: FlushConfig,
     /// Flush config of the server-durability engine.
     pub server_flush: FlushConfig,
+    /// Whether [`connect_store`] starts connecting at once (default `true`). With
+    /// `false` the store still records every local change in the persisted offline
+    /// queue, to be sent on a later [`SyncClient::connect`] (an app that works offline
+    /// by choice).
+    pub connect_on_start: bool,
 }
 
 impl SyncConfig {
@@ -106,6 +111,7 @@ impl SyncConfig {
             outbox_limit: 10_000,
             local_flush: FlushConfig::default(),
             server_flush: FlushConfig::default().durability(Durability::Server),
+            connect_on_start: true,
         }
     }
 
@@ -159,6 +165,13 @@ impl SyncConfig {
         let server_wait = d.max(self.server_flush.max_wait);
         self.local_flush = self.local_flush.debounce(d).max_wait(local_wait);
         self.server_flush = self.server_flush.debounce(d).max_wait(server_wait);
+        self
+    }
+
+    /// Whether [`connect_store`] connects at once (see [`SyncConfig::connect_on_start`]).
+    #[must_use]
+    pub fn connect_on_start(mut self, on: bool) -> Self {
+        self.connect_on_start = on;
         self
     }
 }
@@ -466,7 +479,9 @@ pub async fn connect_store(
             persister: Some(persister),
         })),
     };
-    client.connect();
+    if client.inner.config.connect_on_start {
+        client.connect();
+    }
     Ok((store, client))
 }
 
