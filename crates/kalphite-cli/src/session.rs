@@ -212,10 +212,10 @@ impl Session {
     /// sync problem is reported after the local data is safe.
     pub async fn finish(self) -> Result<()> {
         let mut problem = self.sync.problem.clone();
-        if problem.is_none() {
-            if let Err(e) = self.push().await {
-                problem = Some(e.to_string());
-            }
+        if problem.is_none()
+            && let Err(e) = self.push().await
+        {
+            problem = Some(e.to_string());
         }
         // The client persists what the server has not acknowledged yet, so only the
         // local database must hold every change now; the server-side engine is dropped

@@ -132,16 +132,14 @@ async fn execute(session: &Session, command: TodoCommand) -> Result<()> {
             }
             let project_id = project.as_deref().map(project_id);
             store.transaction(|tx| {
-                if let (Some(id), Some(name)) = (&project_id, &project) {
-                    if tx.get::<Project>(id).is_none() {
-                        tx.put(
-                            id.as_str(),
-                            Project {
-                                name: name.trim().into(),
-                                created_at: now_millis(),
-                            },
-                        )?;
-                    }
+                if let (Some(id), Some(name)) = (&project_id, &project)
+                    && tx.get::<Project>(id).is_none()
+                {
+                    let project = Project {
+                        name: name.trim().into(),
+                        created_at: now_millis(),
+                    };
+                    tx.put(id.as_str(), project)?;
                 }
                 for tag in &tags {
                     if tx.get::<Tag>(tag).is_none() {
