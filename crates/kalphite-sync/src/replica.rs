@@ -442,9 +442,6 @@ impl Replica {
             ServerMessage::CatchUp(page) => {
                 let page = page.payload;
                 for change in page.changes {
-                    if let Some(version) = change.room_version {
-                        self.mark_received(version);
-                    }
                     out.apply.extend(self.server_state(change, now));
                 }
                 if page.from_version <= self.state.watermark {
@@ -458,9 +455,6 @@ impl Replica {
                 }
             }
             ServerMessage::Change(change) => {
-                if let Some(version) = change.payload.room_version {
-                    self.mark_received(version);
-                }
                 out.apply.extend(self.server_state(change.payload, now));
             }
             ServerMessage::Ack(ack) => self.on_ack(ack.payload, now, &mut out),
@@ -509,9 +503,6 @@ impl Replica {
     fn on_ack(&mut self, ack: crate::protocol::AckPayload, now: Millis, out: &mut Output) {
         let key = EntityKey::new(ack.result.entity_type.clone(), ack.result.entity_id.clone());
         self.mark_received(ack.version);
-        if let Some(version) = ack.result.room_version {
-            self.mark_received(version);
-        }
         let result_version = ack.result.room_version.unwrap_or(0);
         let result_state = ack.result.entity.clone();
         out.apply.extend(self.server_state(ack.result, now));
@@ -558,9 +549,11 @@ impl Replica {
         }
     }
 
-    /// Takes in a server state of an entity; returns the change to apply locally, if any.
+    /// Takes in a server state of an entity (counting its version as received); returns
+    /// the change to apply locally, if any.
     fn server_state(&mut self, change: ChangePayload, now: Millis) -> Option<Change> {
         let version = change.room_version?;
+        self.mark_received(version);
         if change.operation == Op::Upsert && change.entity.is_none() {
             return None;
         }
