@@ -10,3 +10,5 @@ CREATE TABLE kalphite_entities (
     version    INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX kalphite_entities_type_id ON kalphite_entities (type, id);
+-- get_by_type reads a kind in first-insert order straight from this index (no sort).
+CREATE INDEX kalphite_entities_type_seq ON kalphite_entities (type, seq);
