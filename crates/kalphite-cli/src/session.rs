@@ -171,18 +171,18 @@ impl Session {
     }
 
     /// Pushes what is pending and reports what moved (pulling happened at open).
-    pub async fn sync_now(&self) -> Result<String> {
-        let sync = &self.sync;
-        if !sync.online {
+    pub async fn sync_now(&mut self) -> Result<String> {
+        if !self.sync.online {
             return Err(anyhow!(
                 "no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)"
             ));
         }
-        if let Some(problem) = &sync.problem {
+        if let Some(problem) = &self.sync.problem {
             return Err(anyhow!("{problem}"));
         }
-        let queued = sync.client.offline_queue_size();
+        let queued = self.sync.client.offline_queue_size();
         self.push().await?;
+        let sync = &self.sync;
         Ok(format!(
             "Synced with {}: pushed {queued} changes, pulled {} changes; room version {}.",
             sync.url,
@@ -191,26 +191,42 @@ impl Session {
         ))
     }
 
-    /// Waits until the server acknowledged every change made so far.
-    async fn push(&self) -> Result<()> {
-        let sync = &self.sync;
-        if !sync.online {
+    /// Waits until the server acknowledged every change made so far — in this run and
+    /// in earlier offline runs (those wait in the persisted offline queue).
+    async fn push(&mut self) -> Result<()> {
+        if !self.sync.online {
             return Ok(());
         }
-        match tokio::time::timeout(PUSH_TIMEOUT, self.store.durable(Durability::Server)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow!("the server did not take the changes: {e}")),
-            Err(_) => Err(anyhow!(
+        let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
+        let timed_out = || {
+            anyhow!(
                 "the server at {} did not acknowledge the changes within {}s",
-                sync.url,
+                self.sync.url,
                 PUSH_TIMEOUT.as_secs()
-            )),
+            )
+        };
+        match tokio::time::timeout_at(deadline, self.store.durable(Durability::Server)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(anyhow!("the server did not take the changes: {e}")),
+            Err(_) => return Err(timed_out()),
         }
+        while self.sync.client.offline_queue_size() > 0 {
+            let next = tokio::time::timeout(Duration::from_millis(50), self.sync.events.next());
+            match next.await {
+                Ok(Some(SyncEvent::RemoteChange(_))) => self.sync.pulled += 1,
+                Ok(Some(SyncEvent::Error { message, .. })) => return Err(anyhow!("{message}")),
+                Ok(Some(_) | None) | Err(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+        }
+        Ok(())
     }
 
     /// Sends what is pending (with a server), writes everything to disk and closes. A
     /// sync problem is reported after the local data is safe.
-    pub async fn finish(self) -> Result<()> {
+    pub async fn finish(mut self) -> Result<()> {
         let mut problem = self.sync.problem.clone();
         if problem.is_none()
             && let Err(e) = self.push().await

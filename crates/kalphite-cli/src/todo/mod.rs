@@ -109,15 +109,15 @@ pub async fn run(args: TodoArgs) -> Result<()> {
         .register::<Todo>()
         .register::<Project>()
         .register::<Tag>();
-    let session = Session::open(&args.session, builder).await?;
-    let outcome = execute(&session, args.command).await;
+    let mut session = Session::open(&args.session, builder).await?;
+    let outcome = execute(&mut session, args.command).await;
     let finished = session.finish().await;
     outcome?;
     finished
 }
 
-async fn execute(session: &Session, command: TodoCommand) -> Result<()> {
-    let store = session.store();
+async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {
+    let store = &session.store().clone();
     let todos = store.collection::<Todo>()?;
     match command {
         TodoCommand::Add {
