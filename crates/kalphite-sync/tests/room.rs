@@ -690,3 +690,52 @@ fn catch_up_pages_stay_under_the_byte_budget() {
     });
     assert_eq!(tiny.catch_up(0).len(), 5);
 }
+
+#[test]
+fn an_evicted_merge_base_falls_back_to_last_write_wins() {
+    let run = |merge_bases: usize| {
+        let mut room = room(ConflictPolicy::new(Strategy::FieldMerge)).with_limits(RoomLimits {
+            merge_bases,
+            ..RoomLimits::default()
+        });
+        let a = |n: u64| VectorClock::from([("ra", n)]);
+        let base = json!({"title": "t", "done": false});
+        send(
+            &mut room,
+            1,
+            change("m1", "alice", 5, upsert("a", base, 5, a(1), 0)),
+        );
+        let alice = upsert("a", json!({"title": "T", "done": false}), 6, a(2), 1);
+        send(&mut room, 1, change("m2", "alice", 6, alice));
+        // Traffic on another entity pushes version 1 out of a one-entry window.
+        send(
+            &mut room,
+            1,
+            change("m3", "alice", 7, upsert("b", json!({}), 7, a(1), 0)),
+        );
+        send(
+            &mut room,
+            1,
+            change("m4", "alice", 8, upsert("b", json!({"x": 1}), 8, a(2), 3)),
+        );
+        let bob = upsert(
+            "a",
+            json!({"title": "t", "done": true}),
+            9,
+            VectorClock::from([("ra", 1), ("rb", 1)]),
+            1,
+        );
+        send(&mut room, 2, change("m5", "bob", 9, bob));
+        data(&room, "a")
+    };
+    assert_eq!(
+        run(1024),
+        Some(json!({"title": "T", "done": true})),
+        "base known: merged"
+    );
+    assert_eq!(
+        run(1),
+        Some(json!({"title": "t", "done": true})),
+        "base evicted: bob's whole"
+    );
+}

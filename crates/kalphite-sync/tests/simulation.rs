@@ -81,7 +81,7 @@ struct Sim {
 fn new_room(policy: fn() -> ConflictPolicy) -> Room {
     Room::new(ROOM, policy()).with_limits(RoomLimits {
         catch_up_page: 2,
-        history_per_entity: 4,
+        merge_bases: 4,
         // Small, so that resends of long-forgotten messages happen.
         dedup_window: 8,
         ..RoomLimits::default()

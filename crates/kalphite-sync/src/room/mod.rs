@@ -33,8 +33,9 @@ pub struct RoomLimits {
     /// Most bytes of changes per catch-up page (a page holds at least one entity), so
     /// that pages stay under the client's frame limit even with large entities.
     pub catch_up_page_bytes: usize,
-    /// Past states kept per entity to serve as three-way merge bases.
-    pub history_per_entity: usize,
+    /// Superseded entity states kept per room (the most recent ones) to serve as
+    /// three-way merge bases; a change whose base is older merges by last-write-wins.
+    pub merge_bases: usize,
     /// Change message ids remembered for deduplication (the most recent ones). A resend
     /// older than that is still not applied twice — its clock is dominated by the entity's
     /// — but is acknowledged with the entity's current version instead of its own.
@@ -46,7 +47,7 @@ impl Default for RoomLimits {
         Self {
             catch_up_page: 256,
             catch_up_page_bytes: 256 * 1024,
-            history_per_entity: 16,
+            merge_bases: 1_024,
             dedup_window: 4_096,
         }
     }
@@ -58,14 +59,6 @@ struct Member {
     user_id: String,
 }
 
-/// The room's knowledge of one entity.
-#[derive(Clone, Debug)]
-struct Current {
-    record: StoredChange,
-    /// Recent `(version, state)` pairs, the current one included, for merge bases.
-    history: VecDeque<(u64, Option<Entity<Value>>)>,
-}
-
 /// One sync room: the authoritative, versioned state of a set of entities.
 pub struct Room {
     id: String,
@@ -73,7 +66,10 @@ pub struct Room {
     policy: ConflictPolicy,
     schema: Option<SharedSchema>,
     limits: RoomLimits,
-    entities: HashMap<EntityKey, Current>,
+    /// Every entity's current state (tombstones included).
+    entities: HashMap<EntityKey, StoredChange>,
+    /// Superseded states by the version that produced them: merge bases.
+    bases: BTreeMap<u64, (EntityKey, Option<Entity<Value>>)>,
     /// Current version → entity, for catch-up in version order.
     by_version: BTreeMap<u64, EntityKey>,
     /// Change message id → (entity, version assigned), for deduplication.
@@ -122,6 +118,7 @@ impl Room {
             schema: None,
             limits: RoomLimits::default(),
             entities: HashMap::new(),
+            bases: BTreeMap::new(),
             by_version: BTreeMap::new(),
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
@@ -191,14 +188,12 @@ impl Room {
     /// The stored state of one entity (tombstones included).
     #[must_use]
     pub fn get(&self, key: &EntityKey) -> Option<&StoredChange> {
-        self.entities.get(key).map(|c| &c.record)
+        self.entities.get(key)
     }
 
     /// Every live (not deleted) entity, in no particular order.
     pub fn entities(&self) -> impl Iterator<Item = &Entity<Value>> {
-        self.entities
-            .values()
-            .filter_map(|c| c.record.state.as_ref())
+        self.entities.values().filter_map(|c| c.state.as_ref())
     }
 
     /// Joins `conn` as `user_id` (already authenticated by the caller) and returns the
@@ -269,7 +264,7 @@ impl Room {
             let Some(current) = self.entities.get(key) else {
                 continue;
             };
-            let payload = current.record.to_payload();
+            let payload = current.to_payload();
             let size = encoded_len(&payload);
             if !changes.is_empty()
                 && (changes.len() == max_count || bytes.saturating_add(size) > max_bytes)
@@ -384,7 +379,7 @@ impl Room {
         };
         let (version, vector, conflict) = match decision {
             Decision::AlreadyKnown => {
-                let current = self.entities.get(&key).map_or(0, |c| c.record.version);
+                let current = self.entities.get(&key).map_or(0, |c| c.version);
                 self.remember(change.message_id.clone(), key.clone(), current);
                 return Ok(Step::Reply(self.ack(
                     conn,
@@ -446,13 +441,13 @@ impl Room {
     /// Compares an incoming change with the entity's current state.
     fn decide(
         &self,
-        current: &Current,
+        current: &StoredChange,
         change: &Envelope<ChangePayload>,
         incoming: Version,
         vector: VectorClock,
     ) -> Decision {
-        let existing = current.record.version_of();
-        let concurrent = match vector.compare(&current.record.vector) {
+        let existing = current.version_of();
+        let concurrent = match vector.compare(&current.vector) {
             Causality::After => false,
             Causality::Before => return Decision::AlreadyKnown,
             Causality::Equal
@@ -470,10 +465,10 @@ impl Room {
                 conflict: None,
             };
         }
-        let merged_vector = vector.merged(&current.record.vector);
+        let merged_vector = vector.merged(&current.vector);
         if incoming.is_delete() && existing.is_delete() {
             let case = ConflictCase {
-                kind: current.record.kind.clone(),
+                kind: current.kind.clone(),
                 base: None,
                 current: existing,
                 incoming,
@@ -486,23 +481,21 @@ impl Room {
         }
         let base = match change.payload.base_version.unwrap_or(0) {
             0 => Some(None),
-            v => current
-                .history
-                .iter()
-                .find(|(hv, _)| *hv == v)
-                .map(|(_, s)| s.clone()),
+            v if v == current.version => Some(current.state.clone()),
+            v => self
+                .bases
+                .get(&v)
+                .filter(|(key, _)| *key == current.key())
+                .map(|(_, state)| state.clone()),
         };
         let case = ConflictCase {
-            kind: current.record.kind.clone(),
+            kind: current.kind.clone(),
             base,
             current: existing,
             incoming,
         };
-        let resolved = self
-            .policy
-            .strategy_for(&current.record.kind)
-            .resolve(&case);
-        let theirs = current.record.to_payload();
+        let resolved = self.policy.strategy_for(&current.kind).resolve(&case);
+        let theirs = current.to_payload();
         Decision::Store {
             version: resolved,
             vector: merged_vector,
@@ -620,21 +613,13 @@ impl Room {
         self.version = record.version;
         self.remember(record.message_id.clone(), key.clone(), record.version);
         self.by_version.insert(record.version, key.clone());
-        let history_cap = self.limits.history_per_entity.max(1);
-        match self.entities.get_mut(&key) {
-            Some(current) => {
-                self.by_version.remove(&current.record.version);
-                current
-                    .history
-                    .push_back((record.version, record.state.clone()));
-                while current.history.len() > history_cap {
-                    current.history.pop_front();
+        if let Some(old) = self.entities.insert(key.clone(), record) {
+            self.by_version.remove(&old.version);
+            if self.limits.merge_bases > 0 {
+                self.bases.insert(old.version, (key, old.state));
+                while self.bases.len() > self.limits.merge_bases {
+                    self.bases.pop_first();
                 }
-                current.record = record;
-            }
-            None => {
-                let history = VecDeque::from([(record.version, record.state.clone())]);
-                self.entities.insert(key, Current { record, history });
             }
         }
     }
@@ -648,7 +633,7 @@ impl Room {
         key: &EntityKey,
         now: Millis,
     ) -> Vec<Outbound> {
-        let Some(result) = self.entities.get(key).map(|c| c.record.to_payload()) else {
+        let Some(result) = self.entities.get(key).map(StoredChange::to_payload) else {
             return vec![self.error_to(
                 conn,
                 ErrorCode::Internal,
