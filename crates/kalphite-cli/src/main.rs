@@ -2,6 +2,7 @@
 //! of argument parsing over the kalphite libraries.
 
 mod admin;
+mod bench;
 mod serve;
 mod session;
 mod todo;
@@ -35,6 +36,8 @@ enum Command {
     Backup(admin::BackupArgs),
     /// Replace a database's contents with a backup.
     Restore(admin::RestoreArgs),
+    /// Load-test a sync server.
+    Bench(bench::BenchArgs),
 }
 
 /// `serve` logs its progress; the other commands only warnings.
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
             Command::Inspect(args) => admin::inspect(args).await,
             Command::Backup(args) => admin::backup(args).await,
             Command::Restore(args) => admin::restore(args).await,
+            Command::Bench(args) => bench::run_bench(args).await,
         }
     });
     match result {

@@ -27,6 +27,9 @@ pub struct ServeArgs {
     /// For local development only.
     #[arg(long, conflicts_with = "auth_secret")]
     pub open: bool,
+    /// Messages per second one connection may send (bursts of twice that).
+    #[arg(long, default_value_t = 1000)]
+    pub rate_limit: u32,
 }
 
 /// `kalphite token`.
@@ -127,7 +130,11 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// Runs the server until Ctrl-C.
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let db = Database::open(DatabaseConfig::new(&args.db)).await?;
-    let mut config = ServerConfig::new(db.clone());
+    if args.rate_limit == 0 {
+        bail!("--rate-limit must be at least 1");
+    }
+    let mut config = ServerConfig::new(db.clone())
+        .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2));
     let auth = if args.open {
         config = config.open(true);
         "OPEN MODE: no authentication, every room is readable and writable by anyone who can reach this port".to_owned()

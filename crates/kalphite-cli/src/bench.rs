@@ -1,0 +1,87 @@
+//! `kalphite bench sync`: workload S (latency, fan-out, many rooms, idle connections)
+//! against a running server, so users can load-test their own deployment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use kalphite_sync::loadgen::{BenchOptions, Scenario, run};
+
+/// `kalphite bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+/// What to benchmark.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Load-test a sync server (workload S of docs/benchmarks.md).
+    Sync(SyncBenchArgs),
+}
+
+/// `kalphite bench sync`.
+#[derive(Debug, Args)]
+pub struct SyncBenchArgs {
+    /// The server.
+    #[arg(long, default_value = "ws://127.0.0.1:8787/sync")]
+    pub url: String,
+    /// s1 (latency), s2 (fan-out), s3 (many rooms) or s4 (idle connections).
+    #[arg(long, default_value = "s1")]
+    pub scenario: Scenario,
+    /// The server's token secret (omit for a server in --open mode).
+    #[arg(long, env = "KALPHITE_AUTH_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// A file holding the server's token secret.
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
+    /// S2 reader counts, comma-separated.
+    #[arg(long, default_value = "10,100", value_delimiter = ',')]
+    pub readers: Vec<usize>,
+    /// S4 clients.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// S4 idle seconds.
+    #[arg(long, default_value_t = 20)]
+    pub idle_secs: u64,
+    /// Multiplies every scenario's change count (0.1 for a quick smoke run).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+}
+
+/// Runs one scenario and prints its report.
+pub async fn run_bench(args: BenchArgs) -> Result<()> {
+    let BenchCommand::Sync(args) = args.command;
+    let mut opts = BenchOptions::new(args.url);
+    opts.token_secret = match (args.secret, args.secret_file) {
+        (Some(s), _) => Some(s.into_bytes()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read the secret file {}", f.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        ),
+        (None, None) => None,
+    };
+    opts.s2_readers = args.readers;
+    opts.s4_clients = args.clients;
+    opts.s4_idle = Duration::from_secs(args.idle_secs);
+    let scale = |n: u64| {
+        let scaled = (n as f64 * args.scale.max(0.0)).round();
+        if scaled.is_finite() && scaled >= 2.0 {
+            scaled as u64
+        } else {
+            2
+        }
+    };
+    opts.s1_changes = scale(opts.s1_changes);
+    opts.s1_warmup = scale(opts.s1_warmup);
+    opts.s2_changes = scale(opts.s2_changes);
+    opts.s3_changes = scale(opts.s3_changes);
+    let report = run(args.scenario, &opts).await?;
+    print!("{report}");
+    Ok(())
+}
