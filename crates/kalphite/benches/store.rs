@@ -210,7 +210,7 @@ fn listener_bare((mut map, input): (BareTyped, Vec<(String, Comment)>)) -> BareT
 }
 
 fn div10(n: u64) -> bool {
-    n % 10 == 0
+    n.is_multiple_of(10)
 }
 
 fn has99(s: &str) -> bool {

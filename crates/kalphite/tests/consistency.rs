@@ -167,7 +167,12 @@ fn memory_pressure_rounds_of_large_loads_filters_and_clears() {
         });
         assert_eq!(comments.bulk_upsert(input).unwrap(), 500);
         assert_eq!(comments.len(), 500);
-        assert_eq!(comments.filter(|e| e.data.line_number % 10 == 0).len(), 50);
+        assert_eq!(
+            comments
+                .filter(|e| e.data.line_number.is_multiple_of(10))
+                .len(),
+            50
+        );
         store.clear();
         assert_eq!(comments.len(), 0);
     }
@@ -332,8 +337,8 @@ fn cross_type_isolation_under_delete_and_clear() {
 #[test]
 fn alternating_bulk_load_puts_each_entity_in_its_own_kind() {
     let store = Store::new();
-    let input = (0..20).map(|i| {
-        if i % 2 == 0 {
+    let input = (0..20u64).map(|i| {
+        if i.is_multiple_of(2) {
             comment_json(i)
         } else {
             review_json(i)
@@ -512,7 +517,9 @@ fn five_hundred_mixed_operations_record_five_hundred_results() {
                 1
             }
             1 => usize::from(comments.find_by_id(&format!("c{}", i - 1)).is_some()),
-            2 => comments.filter(|e| e.data.line_number % 2 == 0).len(),
+            2 => comments
+                .filter(|e| e.data.line_number.is_multiple_of(2))
+                .len(),
             _ => {
                 let victim = usize::try_from(i * 7919).unwrap() % model.len();
                 let id = model.remove(victim);

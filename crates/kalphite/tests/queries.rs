@@ -189,7 +189,7 @@ fn queries_over_five_thousand_entities() {
     assert_eq!(desc[4999].data.line_number, 0);
     let page: Vec<String> = comments
         .query()
-        .filter(|e| e.data.line_number % 10 == 0)
+        .filter(|e| e.data.line_number.is_multiple_of(10))
         .order_by(|e| e.data.line_number)
         .limit(100)
         .collect()

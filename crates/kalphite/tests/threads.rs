@@ -134,7 +134,7 @@ fn four_writers_and_four_readers_never_see_half_a_pair_and_end_exact() {
                             }
                             _ => panic!("half-applied pair {w}/{pair}: {a:?} / {b:?}"),
                         }
-                        if op % 500 == 0 {
+                        if op.is_multiple_of(500) {
                             let all = view.all::<Half>();
                             assert_eq!(all.len() % 2, 0, "an odd number of halves");
                             assert_eq!(view.len("half"), all.len());
