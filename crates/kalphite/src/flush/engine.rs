@@ -318,16 +318,13 @@ impl FlushEngine {
                 st.next_seq += 1;
                 accepted += 1;
                 let key = (change.kind.clone(), change.id.clone());
-                match st.pending.get_mut(&key) {
-                    Some(entry) => entry.change = change.clone(),
-                    None => {
-                        st.pending.insert(
-                            key,
-                            Entry {
-                                change: change.clone(),
-                                first_seq: seq,
-                            },
-                        );
+                match st.pending.entry(key) {
+                    indexmap::map::Entry::Occupied(mut e) => e.get_mut().change = change.clone(),
+                    indexmap::map::Entry::Vacant(e) => {
+                        e.insert(Entry {
+                            change: change.clone(),
+                            first_seq: seq,
+                        });
                     }
                 }
             }
