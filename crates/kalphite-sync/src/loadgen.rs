@@ -180,7 +180,11 @@ impl Client {
         let (ws, _) = guarded(
             opts,
             "connect",
-            tokio_tungstenite::connect_async_with_config(opts.url.as_str(), Some(ws_config()), true),
+            tokio_tungstenite::connect_async_with_config(
+                opts.url.as_str(),
+                Some(ws_config()),
+                true,
+            ),
         )
         .await?
         .map_err(|e| BenchError::Connect(e.to_string()))?;
@@ -515,7 +519,10 @@ async fn s3(opts: &BenchOptions) -> Result<Report, BenchError> {
     report.row("total", ms(total));
     report.row(
         "changes/s",
-        format!("{:.0}", (opts.s3_rooms as f64 * n as f64) / total.as_secs_f64().max(1e-9)),
+        format!(
+            "{:.0}",
+            (opts.s3_rooms as f64 * n as f64) / total.as_secs_f64().max(1e-9)
+        ),
     );
     report.row("server RSS before", mib(rss_before));
     report.row("server RSS after", mib(rss_after));
@@ -537,7 +544,10 @@ async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     report.row("scenario", "S4 idle connections");
     report.row(
         "clients / rooms / idle",
-        format!("{} / {} / {:?}", opts.s4_clients, opts.s4_rooms, opts.s4_idle),
+        format!(
+            "{} / {} / {:?}",
+            opts.s4_clients, opts.s4_rooms, opts.s4_idle
+        ),
     );
     report.row("server RSS before", mib(before));
     report.row("server RSS connected", mib(connected));

@@ -20,7 +20,10 @@ async fn refused(url: &str, room: &str, token: Option<&str>) -> (ErrorCode, Stri
             _ => None,
         })
         .await;
-    assert!(raw.recv().await.is_none(), "the connection is closed after a refusal");
+    assert!(
+        raw.recv().await.is_none(),
+        "the connection is closed after a refusal"
+    );
     (code, message)
 }
 
@@ -75,13 +78,17 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
         .await;
 
     let (_, metrics) = http_get(server.addr, "/metrics").await;
-    assert!(metrics.contains("kalphite_sync_auth_failures_total 5"), "{metrics}");
+    assert!(
+        metrics.contains("kalphite_sync_auth_failures_total 5"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_mode_admits_hellos_without_a_token() {
-    let server = start(kalphite_sync::server::ServerConfig::new(memory_db().await).open(true)).await;
+    let server =
+        start(kalphite_sync::server::ServerConfig::new(memory_db().await).open(true)).await;
     let mut raw = Raw::connect(&server.url()).await;
     raw.hello("r", "guest", None).await;
     raw.recv_until(|m| matches!(m, ServerMessage::Welcome(_)).then_some(()))
@@ -104,7 +111,10 @@ async fn a_refused_client_stops_and_reports_why() {
     // It does not retry: still disconnected after a later event round-trip.
     assert_eq!(client.connection_status(), ConnectionStatus::Disconnected);
     // Local writes still work and queue for a later session.
-    store.dynamic("todo").put("t1", serde_json::json!({})).expect("put");
+    store
+        .dynamic("todo")
+        .put("t1", serde_json::json!({}))
+        .expect("put");
     assert_eq!(client.offline_queue_size(), 1);
     client.close().await;
     server.stop().await;

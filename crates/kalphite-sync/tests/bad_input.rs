@@ -22,7 +22,13 @@ async fn expect_error(raw: &mut Raw) -> ErrorCode {
 async fn healthy_round_trip(writer: &mut Raw, reader: &mut Raw, n: u64) {
     let id = format!("ok{n}");
     writer
-        .send_json(change_frame(&format!("w-{n}"), "w", &id, json!({"n": n}), n))
+        .send_json(change_frame(
+            &format!("w-{n}"),
+            "w",
+            &id,
+            json!({"n": n}),
+            n,
+        ))
         .await;
     writer
         .recv_until(|m| matches!(m, ServerMessage::Ack(_)).then_some(()))
@@ -48,7 +54,8 @@ async fn bad_frames_get_error_replies_and_others_are_unaffected() {
     // Before joining.
     bad.send("{not json").await;
     assert_eq!(expect_error(&mut bad).await, ErrorCode::MalformedJson);
-    bad.send_json(change_frame("b-0", "b", "x", json!({}), 1)).await;
+    bad.send_json(change_frame("b-0", "b", "x", json!({}), 1))
+        .await;
     assert_eq!(expect_error(&mut bad).await, ErrorCode::NotJoined);
 
     bad.join("r", "b").await;
@@ -89,13 +96,17 @@ async fn bad_frames_get_error_replies_and_others_are_unaffected() {
     assert_eq!(expect_error(&mut bad).await, ErrorCode::InvalidMessage);
 
     // The bad connection still works after all of that.
-    bad.send_json(change_frame("b-9", "b", "fine", json!({}), 1)).await;
+    bad.send_json(change_frame("b-9", "b", "fine", json!({}), 1))
+        .await;
     bad.recv_until(|m| matches!(m, ServerMessage::Ack(_)).then_some(()))
         .await;
 
     // A frame past the hard limit (4× the limit) closes that connection cleanly...
-    bad.send(format!(r#"{{"type":"heartbeat","pad":"{}"}}"#, "x".repeat(70_000)))
-        .await;
+    bad.send(format!(
+        r#"{{"type":"heartbeat","pad":"{}"}}"#,
+        "x".repeat(70_000)
+    ))
+    .await;
     assert!(bad.recv().await.is_none(), "connection closed");
     // ...and nobody else notices.
     healthy_round_trip(&mut writer, &mut reader, 99).await;

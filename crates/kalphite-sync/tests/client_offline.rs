@@ -23,8 +23,13 @@ async fn offline_edits_survive_an_app_restart() {
         let db = sqlite(&app_file).await;
         let (store, client) = client(&db, client_config(&url, "r", "alice", "laptop")).await;
         wait_connected(&client).await;
-        store.dynamic("todo").put("t0", json!({"title": "online"})).expect("put");
-        guard(store.durable(Durability::Server)).await.expect("durable");
+        store
+            .dynamic("todo")
+            .put("t0", json!({"title": "online"}))
+            .expect("put");
+        guard(store.durable(Durability::Server))
+            .await
+            .expect("durable");
         assert_eq!(client.offline_queue_size(), 0);
         client.close().await;
         guard(store.close()).await.expect("store close");
@@ -36,12 +41,16 @@ async fn offline_edits_survive_an_app_restart() {
     {
         let db = sqlite(&app_file).await;
         let (store, client) = client(&db, client_config(&url, "r", "alice", "laptop")).await;
-        assert_eq!(snapshot(&store).len(), 1, "hydrated from the local database");
+        assert_eq!(
+            snapshot(&store).len(),
+            1,
+            "hydrated from the local database"
+        );
         assert_ne!(client.connection_status(), ConnectionStatus::Connected);
         for i in 1..=5 {
             store
                 .dynamic("todo")
-                .put(&format!("t{i}"), json!({"title": format!("offline {i}")}))
+                .put(format!("t{i}"), json!({"title": format!("offline {i}")}))
                 .expect("put");
         }
         store.dynamic("todo").delete("t0");
@@ -62,8 +71,11 @@ async fn offline_edits_survive_an_app_restart() {
     wait_for("queue drains", || client.offline_queue_size() == 0).await;
 
     // Another device sees exactly the offline work.
-    let (other, other_client) =
-        common::client(&memory_db().await, client_config(&url, "r", "alice", "phone")).await;
+    let (other, other_client) = common::client(
+        &memory_db().await,
+        client_config(&url, "r", "alice", "phone"),
+    )
+    .await;
     let state = converge(&[(&store, &client), (&other, &other_client)]).await;
     assert_eq!(state.len(), 5);
     assert!(!state.contains_key(&("todo".to_owned(), "t0".to_owned())));
@@ -86,11 +98,19 @@ async fn durable_server_waits_for_the_ack() {
     store.dynamic("todo").put("t1", json!({})).expect("put");
     let durable = tokio::spawn(store.durable(Durability::Server));
     // Local durability does not need the server.
-    guard(store.durable(Durability::Local)).await.expect("local");
-    assert!(!durable.is_finished(), "not durable on the server while disconnected");
+    guard(store.durable(Durability::Local))
+        .await
+        .expect("local");
+    assert!(
+        !durable.is_finished(),
+        "not durable on the server while disconnected"
+    );
     assert_eq!(client.offline_queue_size(), 1);
     client.connect();
-    guard(durable).await.expect("join").expect("durable after reconnect");
+    guard(durable)
+        .await
+        .expect("join")
+        .expect("durable after reconnect");
     assert_eq!(client.offline_queue_size(), 0);
     client.close().await;
     server.stop().await;

@@ -18,7 +18,9 @@ async fn pg(url: &str, schema: &str) -> Database {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_backed_server_keeps_acknowledged_changes() {
     let Ok(url) = std::env::var("KALPHITE_PG_URL") else {
-        eprintln!("SKIPPED postgres_backed_server_keeps_acknowledged_changes: KALPHITE_PG_URL is not set");
+        eprintln!(
+            "SKIPPED postgres_backed_server_keeps_acknowledged_changes: KALPHITE_PG_URL is not set"
+        );
         return;
     };
     let schema = format!("sync_test_{:08x}", rand::random::<u32>());
@@ -28,7 +30,9 @@ async fn postgres_backed_server_keeps_acknowledged_changes() {
     let (a, ca) = client(&memory_db().await, client_config(&ws, "r", "alice", "a")).await;
     wait_connected(&ca).await;
     for i in 0..10 {
-        a.dynamic("todo").put(&format!("t{i}"), json!({"i": i})).expect("put");
+        a.dynamic("todo")
+            .put(format!("t{i}"), json!({"i": i}))
+            .expect("put");
     }
     a.dynamic("todo").delete("t3");
     guard(a.durable(Durability::Server)).await.expect("durable");

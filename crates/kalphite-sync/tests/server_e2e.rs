@@ -96,10 +96,10 @@ async fn server_restart_loses_no_acknowledged_change() {
     wait_connected(&cb).await;
     for i in 0..20 {
         a.dynamic("todo")
-            .put(&format!("a{i}"), json!({"n": i}))
+            .put(format!("a{i}"), json!({"n": i}))
             .expect("put");
         b.dynamic("todo")
-            .put(&format!("b{i}"), json!({"n": i}))
+            .put(format!("b{i}"), json!({"n": i}))
             .expect("put");
     }
     guard(a.durable(Durability::Server))
@@ -314,7 +314,7 @@ async fn rooms_are_isolated() {
     }
     for i in 0..10 {
         a1.dynamic("todo")
-            .put(&format!("a{i}"), json!({"i": i}))
+            .put(format!("a{i}"), json!({"i": i}))
             .expect("put");
     }
     b1.dynamic("todo").put("b", json!({})).expect("put");

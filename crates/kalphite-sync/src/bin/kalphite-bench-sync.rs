@@ -16,7 +16,10 @@ use kalphite_sync::loadgen::{BenchOptions, Scenario, run};
 use kalphite_sync::server::{ServerConfig, run as serve};
 
 #[derive(Parser, Debug)]
-#[command(name = "kalphite-bench-sync", about = "Workload-S load generator for kalphite sync")]
+#[command(
+    name = "kalphite-bench-sync",
+    about = "Workload-S load generator for kalphite sync"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
