@@ -212,9 +212,10 @@ pub struct Output {
 pub struct Replica {
     config: ReplicaConfig,
     state: ReplicaState,
-    /// When each outbox entry was last sent on the current connection (not persisted:
-    /// after a restart or a reconnect everything is due).
-    in_flight: HashMap<EntityKey, Millis>,
+    /// Per entity, the change message last sent on the current connection and when. At
+    /// most one change per entity is in flight: a newer edit waits for its ack (or for the
+    /// resend timeout). Not persisted: after a restart or a reconnect everything is due.
+    in_flight: HashMap<EntityKey, (String, Millis)>,
     link: LinkState,
     last_sent: Millis,
     last_heard: Millis,
@@ -398,14 +399,12 @@ impl Replica {
             held,
             first_seq,
         };
-        let mut out = Vec::new();
-        if self.link == LinkState::Connected {
-            self.in_flight.insert(key.clone(), now);
-            out.push(ClientMessage::Change(entry.message.clone()));
-            self.sent(now);
-        }
         // Re-inserting keeps an existing entry's queue position.
-        self.state.outbox.insert(key, entry);
+        self.state.outbox.insert(key.clone(), entry);
+        let mut out = Vec::new();
+        if self.link == LinkState::Connected && !self.in_flight.contains_key(&key) {
+            out.extend(self.send_entry(&key, now));
+        }
         Ok(out)
     }
 
@@ -431,12 +430,9 @@ impl Replica {
                 out.events.push(ReplicaEvent::Connected {
                     room_version: w.room_version,
                 });
-                for (key, entry) in &self.state.outbox {
-                    self.in_flight.insert(key.clone(), now);
-                    out.send.push(ClientMessage::Change(entry.message.clone()));
-                }
-                if !out.send.is_empty() {
-                    self.sent(now);
+                let keys: Vec<EntityKey> = self.state.outbox.keys().cloned().collect();
+                for key in keys {
+                    out.send.extend(self.send_entry(&key, now));
                 }
             }
             ServerMessage::CatchUp(page) => {
@@ -475,15 +471,19 @@ impl Replica {
             return out;
         }
         let resend_after = self.config.resend_after;
-        for (key, entry) in &self.state.outbox {
-            let due = self
-                .in_flight
-                .get(key)
-                .is_none_or(|at| now.saturating_sub(*at) >= resend_after);
-            if due {
-                self.in_flight.insert(key.clone(), now);
-                out.push(ClientMessage::Change(entry.message.clone()));
-            }
+        let due: Vec<EntityKey> = self
+            .state
+            .outbox
+            .keys()
+            .filter(|key| {
+                self.in_flight
+                    .get(*key)
+                    .is_none_or(|(_, at)| now.saturating_sub(*at) >= resend_after)
+            })
+            .cloned()
+            .collect();
+        for key in due {
+            out.extend(self.send_entry(&key, now));
         }
         if out.is_empty() && now.saturating_sub(self.last_sent) >= self.config.heartbeat_interval {
             let id = self.next_message_id();
@@ -514,6 +514,10 @@ impl Replica {
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
             out.apply
                 .extend(self.settle(&key, entry, Some((result_version, result_state)), now));
+        } else {
+            // An older change of an entity with a newer edit queued: send that one now.
+            out.send
+                .extend(self.release_waiting(&key, &ack.ack_of, now));
         }
         out.events.push(ReplicaEvent::Acked {
             message_id: ack.ack_of,
@@ -541,12 +545,56 @@ impl Replica {
                     });
                 }
             }
-            _ => out.events.push(ReplicaEvent::ServerError {
-                code: e.code,
-                message: e.message,
-                refers_to: e.refers_to,
-            }),
+            _ => {
+                // About an older in-flight change (superseded by a queued edit)? Then the
+                // queued edit, which carries the latest content, goes now.
+                let older = e.refers_to.as_deref().and_then(|id| {
+                    self.in_flight
+                        .iter()
+                        .find(|(_, (sent, _))| sent == id)
+                        .map(|(k, _)| k.clone())
+                });
+                if let (Some(key), Some(id)) = (older, e.refers_to.as_deref()) {
+                    out.send.extend(self.release_waiting(&key, id, now));
+                }
+                out.events.push(ReplicaEvent::ServerError {
+                    code: e.code,
+                    message: e.message,
+                    refers_to: e.refers_to,
+                });
+            }
         }
+    }
+
+    /// Sends the outbox entry of `key` and marks it in flight.
+    fn send_entry(&mut self, key: &EntityKey, now: Millis) -> Option<ClientMessage> {
+        let message = self.state.outbox.get(key)?.message.clone();
+        self.in_flight
+            .insert(key.clone(), (message.message_id.clone(), now));
+        self.sent(now);
+        Some(ClientMessage::Change(message))
+    }
+
+    /// The in-flight change `message_id` of `key` was answered: a newer edit of the entity
+    /// waiting behind it is sent now.
+    fn release_waiting(
+        &mut self,
+        key: &EntityKey,
+        message_id: &str,
+        now: Millis,
+    ) -> Option<ClientMessage> {
+        if self
+            .in_flight
+            .get(key)
+            .is_none_or(|(sent, _)| sent != message_id)
+        {
+            return None;
+        }
+        self.in_flight.remove(key);
+        if self.link != LinkState::Connected {
+            return None;
+        }
+        self.send_entry(key, now)
     }
 
     /// Takes in a server state of an entity (counting its version as received); returns

@@ -458,9 +458,13 @@ fn acked_through_waits_for_every_earlier_change() {
     let seq_a1 = r.last_seq();
     let b = r.local_change(&local_upsert("b", json!({}), 2), 2).unwrap();
     let seq_b = r.last_seq();
-    let a2 = r
+    let waiting = r
         .local_change(&local_upsert("a", json!({"n": 2}), 3), 3)
         .unwrap();
+    assert!(
+        waiting.is_empty(),
+        "one change per entity in flight: a2 waits for a1's ack"
+    );
     let seq_a2 = r.last_seq();
     assert!(r.acked_through() < seq_a1);
     // b is acknowledged, but a1 (folded into a2) is not: nothing new is durable yet.
@@ -476,7 +480,7 @@ fn acked_through_waits_for_every_earlier_change() {
     assert!(r.acked_through() < seq_a1);
     // The ack of the superseded a1 does not settle the entry either.
     let a1_id = change_of(&a1[0]).message_id.clone();
-    r.handle(
+    let out = r.handle(
         ack(
             &a1_id,
             2,
@@ -491,7 +495,8 @@ fn acked_through_waits_for_every_earlier_change() {
     );
     assert!(r.acked_through() < seq_a1);
     assert_eq!(r.outbox_len(), 1);
-    let a2_id = change_of(&a2[0]).message_id.clone();
+    assert_eq!(out.send.len(), 1, "a1's ack releases a2");
+    let a2_id = change_of(&out.send[0]).message_id.clone();
     r.handle(
         ack(
             &a2_id,
@@ -568,4 +573,49 @@ fn after_a_refusal_the_next_server_state_replaces_the_refused_content() {
     same.entity.as_mut().unwrap().updated_at = 1;
     let out = r.handle(broadcast(same), 4);
     assert_eq!(out.apply.len(), 1);
+}
+
+#[test]
+fn a_queued_edit_goes_out_when_the_change_ahead_of_it_fails_or_times_out() {
+    let mut r = connected();
+    let first = r
+        .local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    let first_id = change_of(&first[0]).message_id.clone();
+    assert!(
+        r.local_change(&local_upsert("a", json!({"n": 2}), 2), 2)
+            .unwrap()
+            .is_empty()
+    );
+    // The first write failed on the server: the queued edit (latest content) goes at once.
+    let failed = ServerMessage::Error(Envelope::new(
+        "e",
+        SERVER_USER_ID,
+        3,
+        ErrorPayload {
+            code: ErrorCode::StorageFailed,
+            message: "m".into(),
+            refers_to: Some(first_id),
+        },
+    ));
+    let out = r.handle(failed, 3);
+    assert_eq!(out.send.len(), 1);
+    let second = change_of(&out.send[0]);
+    assert_eq!(
+        second.payload.entity.as_ref().unwrap().data,
+        json!({"n": 2})
+    );
+    // Another edit queues behind it; a silent server makes the resend timer send it.
+    assert!(
+        r.local_change(&local_upsert("a", json!({"n": 3}), 4), 4)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(r.tick(50).is_empty());
+    let resent = r.tick(200);
+    assert_eq!(resent.len(), 1);
+    assert_eq!(
+        change_of(&resent[0]).payload.entity.as_ref().unwrap().data,
+        json!({"n": 3})
+    );
 }
