@@ -3,14 +3,15 @@
 
 use std::marker::PhantomData;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
 use crate::entity::{Entity, EntityId, EntityKind, Kind};
 use crate::error::{Error, Result};
 use crate::store::query::{Query, Scan};
-use crate::store::table::Table;
+use crate::store::table::{ErasedTable, Table};
+use crate::store::tx::Tx;
 use crate::store::{Notification, Store, Subscription};
 
 /// The entities of one kind, as the user's own type `T` (no JSON on read).
@@ -219,17 +220,47 @@ impl<T: EntityKind> std::fmt::Debug for Collection<T> {
 pub struct DynCollection {
     store: Store,
     kind: Kind,
+    /// The kind's slot once it exists. Slots are never removed or moved (a conversion to a
+    /// typed table replaces the table in place), so the index stays valid, and reads skip
+    /// hashing the kind name on every call.
+    slot: OnceLock<usize>,
 }
 
 impl DynCollection {
     pub(crate) fn new(store: Store, kind: Kind) -> Self {
-        Self { store, kind }
+        Self {
+            store,
+            kind,
+            slot: OnceLock::new(),
+        }
     }
 
     /// This collection's kind.
     #[must_use]
     pub fn kind(&self) -> &Kind {
         &self.kind
+    }
+
+    /// The kind's slot inside a write, created as a JSON table if it does not exist.
+    fn slot_in(&self, tx: &mut Tx<'_>) -> usize {
+        if let Some(&slot) = self.slot.get() {
+            return slot;
+        }
+        let slot = tx.state.slot_for_json(&self.kind);
+        let _ = self.slot.set(slot);
+        slot
+    }
+
+    /// Runs a read against the kind's table (`None` while the kind has no slot).
+    fn with_table<R>(&self, f: impl FnOnce(Option<&dyn ErasedTable>) -> R) -> R {
+        self.store.read(|view| {
+            let slot = self.slot.get().copied().or_else(|| {
+                let slot = view.state.slot_index(&self.kind)?;
+                let _ = self.slot.set(slot);
+                Some(slot)
+            });
+            f(slot.map(|s| &*view.state.slots[s].table))
+        })
     }
 
     /// Inserts or replaces `entity`; returns it as stored (schema defaults applied,
@@ -240,7 +271,7 @@ impl DynCollection {
     /// [`Error::Validation`], [`Error::Conversion`]. Nothing changes then.
     pub fn upsert(&self, entity: Entity<Value>) -> Result<Arc<Entity<Value>>> {
         let stored = self.store.transaction(|tx| {
-            let slot = tx.state.slot_for_json(&self.kind);
+            let slot = self.slot_in(tx);
             tx.upsert_json_in(slot, entity)
         })?;
         Ok(stored.downcast::<Value>().unwrap_or_else(|| {
@@ -271,7 +302,7 @@ impl DynCollection {
     /// The first refused entity's error; nothing is written then.
     pub fn bulk_upsert(&self, entities: impl IntoIterator<Item = Entity<Value>>) -> Result<usize> {
         self.store.transaction(|tx| {
-            let slot = tx.state.slot_for_json(&self.kind);
+            let slot = self.slot_in(tx);
             let mut n = 0;
             for e in entities {
                 tx.upsert_json_in(slot, e)?;
@@ -284,7 +315,7 @@ impl DynCollection {
     /// The entity `id`.
     #[must_use]
     pub fn find_by_id(&self, id: &str) -> Option<Arc<Entity<Value>>> {
-        self.store.with_slot(&self.kind, |t| {
+        self.with_table(|t| {
             let t = t?;
             // JSON rows are handed out as they are, without a round trip through AnyEntity.
             match t.as_any().downcast_ref::<Table<Value>>() {
@@ -297,7 +328,7 @@ impl DynCollection {
     /// The entity at `index` in collection order.
     #[must_use]
     pub fn get(&self, index: usize) -> Option<Arc<Entity<Value>>> {
-        self.store.with_slot(&self.kind, |t| {
+        self.with_table(|t| {
             t.and_then(|t| t.get_index(index))
                 .and_then(|e| json_arc(&e))
         })
@@ -306,8 +337,7 @@ impl DynCollection {
     /// How many entities there are.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.store
-            .with_slot(&self.kind, |t| t.map_or(0, |t| t.len()))
+        self.with_table(|t| t.map_or(0, |t| t.len()))
     }
 
     /// Whether there are none.
@@ -355,7 +385,7 @@ fn json_arc(e: &crate::AnyEntity) -> Option<Arc<Entity<Value>>> {
 
 impl Scan<Value> for DynCollection {
     fn scan(&self, f: &mut dyn FnMut(&Arc<Entity<Value>>) -> ControlFlow<()>) {
-        self.store.with_slot(&self.kind, |t| {
+        self.with_table(|t| {
             let Some(t) = t else { return };
             if let Some(table) = t.as_any().downcast_ref::<Table<Value>>() {
                 for e in table.rows.values() {

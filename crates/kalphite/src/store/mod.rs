@@ -527,16 +527,6 @@ impl Store {
             None => f(&indexmap::IndexMap::new()),
         }
     }
-
-    /// Runs a read against one kind's rows as type-erased entities.
-    pub(crate) fn with_slot<R>(
-        &self,
-        kind: &str,
-        f: impl FnOnce(Option<&dyn table::ErasedTable>) -> R,
-    ) -> R {
-        let state = self.read_state();
-        f(state.slot_index(kind).map(|s| &*state.slots[s].table))
-    }
 }
 
 impl std::fmt::Debug for Store {
