@@ -361,3 +361,59 @@ async fn healthz_and_metrics_answer() {
     }
     server.stop().await;
 }
+
+/// A change whose write fails is never acknowledged nor broadcast: the room resets, its
+/// members are disconnected, and a newcomer does not see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_is_never_acknowledged() {
+    let db = kalphite_db::Database::open(
+        kalphite_db::DatabaseConfig::new("sqlite::memory:").max_storage_mb(1),
+    )
+    .await
+    .expect("db");
+    let server = start(config(db).max_frame_bytes(4 << 20)).await;
+    let mut writer = Raw::connect(&server.url()).await;
+    writer.join("r", "w").await;
+    let mut reader = Raw::connect(&server.url()).await;
+    reader.join("r", "reader").await;
+    writer
+        .send_json(change_frame("w-1", "w", "small", json!({"n": 1}), 1))
+        .await;
+    writer
+        .recv_until(|m| matches!(m, ServerMessage::Ack(_)).then_some(()))
+        .await;
+    let big = "x".repeat(2 << 20);
+    writer
+        .send_json(change_frame("w-2", "w", "big", json!({"blob": big}), 1))
+        .await;
+    // Both connections are closed without an ack for w-2 nor a broadcast of it.
+    while let Some(m) = writer.recv().await {
+        assert!(!matches!(m, ServerMessage::Ack(ref a) if a.payload.ack_of == "w-2"));
+    }
+    while let Some(m) = reader.recv().await {
+        assert!(
+            !matches!(m, ServerMessage::Change(ref c) if c.payload.entity_id.as_str() == "big")
+        );
+    }
+    let mut late = Raw::connect(&server.url()).await;
+    late.hello("r", "late", Some(&token("late", &["r"]))).await;
+    let ids = late
+        .recv_until(|m| match m {
+            ServerMessage::CatchUp(c) if c.payload.complete => Some(
+                c.payload
+                    .changes
+                    .iter()
+                    .map(|c| c.entity_id.to_string())
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ids, ["small"]);
+    let (_, metrics) = http_get(server.addr, "/metrics").await;
+    assert!(
+        metrics.contains("kalphite_sync_storage_errors_total 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}

@@ -10,13 +10,14 @@ use kalphite::{Millis, now_millis};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use super::log::{Job, record_entity};
 use super::metrics::Metrics;
-use super::{RoomSlot, RoomState, Shared, auth};
+use super::{Frame, RoomHandle, Shared, auth};
 use crate::protocol::{
     ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
     SERVER_USER_ID, ServerMessage, decode_client, encode,
 };
-use crate::room::{ConnId, Outbound, Recipient, Step};
+use crate::room::{ConnId, Outbound, Step};
 
 /// WebSocket close codes used here.
 const CLOSE_NORMAL: u16 = 1000;
@@ -70,7 +71,7 @@ struct Conn {
     id: ConnId,
     shared: Arc<Shared>,
     /// Set once the hello was accepted: the room and its id.
-    room: Option<(Arc<RoomSlot>, String)>,
+    room: Option<Arc<RoomHandle>>,
     /// The sending half of this connection's queue, until the room holds it.
     tx: Option<mpsc::Sender<Utf8Bytes>>,
     next_message: u64,
@@ -108,7 +109,8 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
             out = rx.recv(), if conn.room.is_some() => {
                 let Some(first) = out else {
                     let text = conn.error_frame(ErrorCode::Internal,
-                        "this connection fell too far behind; reconnect to catch up", None);
+                        "the server dropped this connection from its room (it fell behind, or \
+                         the room was reset); reconnect to catch up", None);
                     let _ = socket.send(Message::Text(text)).await;
                     break Some((CLOSE_POLICY, "too slow".to_owned()));
                 };
@@ -256,14 +258,13 @@ impl Conn {
                 }
             }
             other => {
-                let Some((slot, room_id)) = self.room.clone() else {
+                let Some(room) = self.room.clone() else {
                     let id = Some(other.message_id().to_owned());
                     return self
                         .reply_error(socket, ErrorCode::NotJoined, "send a hello first", id)
                         .await;
                 };
-                self.on_room_message(&slot, &room_id, other).await;
-                Next::Continue
+                self.on_room_message(&room, other).await
             }
         }
     }
@@ -308,16 +309,11 @@ impl Conn {
                 )
                 .await;
         }
-        let slot = self.shared.slot(&room_id);
-        let mut guard = slot.lock().await;
+        let handle = self.shared.room(&room_id);
+        let mut guard = handle.state.lock().await;
         if guard.is_none() {
             match self.shared.load_room(&room_id).await {
-                Ok(room) => {
-                    *guard = Some(RoomState {
-                        room,
-                        members: std::collections::HashMap::new(),
-                    });
-                }
+                Ok(room) => *guard = Some(room),
                 Err(e) => {
                     tracing::error!(room = %room_id, error = %e, "could not restore room");
                     drop(guard);
@@ -332,18 +328,27 @@ impl Conn {
                 }
             }
         }
-        let Some(state) = guard.as_mut() else {
+        let Some(room) = guard.as_mut() else {
             return Next::Continue;
         };
-        match state.room.join(self.id, &user, &hello, Self::now()) {
+        match room.join(self.id, &user, &hello, Self::now()) {
             Ok(outs) => {
                 if let Some(tx) = self.tx.take() {
-                    state.members.insert(self.id, tx);
+                    handle.members.lock().insert(self.id, tx);
                 }
-                deliver(state, outs, &self.shared.metrics);
+                let frames = encode_all(outs, &self.shared.metrics);
+                let job = Job {
+                    room: Arc::clone(&handle),
+                    record: None,
+                    frames,
+                };
+                let submitted = self.shared.log.submit(job).await;
                 drop(guard);
-                self.room = Some((slot, room_id));
-                Next::Continue
+                self.room = Some(handle);
+                match submitted {
+                    Ok(()) => Next::Continue,
+                    Err(_) => Next::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
+                }
             }
             Err(e) => {
                 drop(guard);
@@ -353,90 +358,85 @@ impl Conn {
         }
     }
 
-    /// Handles a message of a joined connection; replies go through the room's queues.
-    async fn on_room_message(&mut self, slot: &RoomSlot, room_id: &str, message: ClientMessage) {
-        let mut guard = slot.lock().await;
-        let Some(state) = guard.as_mut() else {
-            return;
+    /// Handles a message of a joined connection. The room commits changes in memory and
+    /// queues them, with the frames they produce, to the log writer, which makes them
+    /// durable before delivering anything (in order); the room lock is held only while
+    /// queueing, so a room's changes pipeline into group commits.
+    async fn on_room_message(&mut self, handle: &Arc<RoomHandle>, message: ClientMessage) -> Next {
+        let mut guard = handle.state.lock().await;
+        if handle.is_poisoned() {
+            return Next::Close(CLOSE_GOING_AWAY, "room reset; reconnect".into());
+        }
+        let Some(room) = guard.as_mut() else {
+            return Next::Continue;
         };
         let now = Self::now();
-        match state.room.handle(self.id, message, now) {
-            Step::Reply(outs) => deliver(state, outs, &self.shared.metrics),
-            Step::Persist(pending) => {
-                // The room lock is held across the write: the room takes one change at a
-                // time, and nothing is acknowledged or broadcast before it is durable.
-                match self.shared.log.append(room_id, pending.record()).await {
-                    Ok(()) => {
-                        Metrics::inc(&self.shared.metrics.changes_persisted);
-                        match state.room.commit(pending) {
-                            Ok(outs) => deliver(state, outs, &self.shared.metrics),
-                            Err(e) => {
-                                tracing::error!(room = room_id, error = %e, "commit refused");
-                            }
-                        }
-                    }
+        let metrics = &self.shared.metrics;
+        let job = match room.handle(self.id, message, now) {
+            Step::Reply(outs) => Job {
+                room: Arc::clone(handle),
+                record: None,
+                frames: encode_all(outs, metrics),
+            },
+            Step::Persist(pending) => match record_entity(&handle.id, pending.record()) {
+                Ok(entity) => match room.commit(pending) {
+                    Ok(outs) => Job {
+                        room: Arc::clone(handle),
+                        record: Some(entity),
+                        frames: encode_all(outs, metrics),
+                    },
                     Err(e) => {
-                        Metrics::inc(&self.shared.metrics.storage_errors);
-                        tracing::warn!(room = room_id, error = %e, "room log write failed");
-                        match state.room.abort(pending, &e.to_string(), now) {
-                            Ok(out) => deliver(state, vec![out], &self.shared.metrics),
-                            Err(e) => tracing::error!(room = room_id, error = %e, "abort refused"),
-                        }
+                        tracing::error!(room = %handle.id, error = %e, "commit refused");
+                        return Next::Continue;
                     }
-                }
-            }
+                },
+                Err(e) => match room.abort(pending, &e.to_string(), now) {
+                    Ok(out) => Job {
+                        room: Arc::clone(handle),
+                        record: None,
+                        frames: encode_all(vec![out], metrics),
+                    },
+                    Err(e) => {
+                        tracing::error!(room = %handle.id, error = %e, "abort refused");
+                        return Next::Continue;
+                    }
+                },
+            },
+        };
+        match self.shared.log.submit(job).await {
+            Ok(()) => Next::Continue,
+            Err(_) => Next::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
         }
     }
 
     /// Leaves the room, if joined.
     async fn leave(&mut self) {
-        if let Some((slot, _)) = self.room.take() {
-            let mut guard = slot.lock().await;
-            if let Some(state) = guard.as_mut() {
-                state.room.leave(self.id);
-                state.members.remove(&self.id);
+        if let Some(handle) = self.room.take() {
+            handle.members.lock().remove(&self.id);
+            let mut guard = handle.state.lock().await;
+            if let Some(room) = guard.as_mut() {
+                room.leave(self.id);
             }
         }
     }
 }
 
-/// Queues each outbound message for its recipients, encoding it once. A member whose
-/// queue is full is dropped from the room (its connection then closes).
-fn deliver(state: &mut RoomState, outs: Vec<Outbound>, metrics: &Metrics) {
-    let mut slow = Vec::new();
+/// Encodes each outbound message once, counting conflicts and errors.
+fn encode_all(outs: Vec<Outbound>, metrics: &Metrics) -> Vec<Frame> {
+    let mut frames = Vec::with_capacity(outs.len());
     for out in outs {
         match &out.message {
             ServerMessage::Conflict(_) => Metrics::inc(&metrics.conflicts),
             ServerMessage::Error(_) => Metrics::inc(&metrics.errors),
             _ => {}
         }
-        let text: Utf8Bytes = match encode(&out.message) {
-            Ok(t) => t.into(),
-            Err(e) => {
-                tracing::error!(error = %e, "could not encode a server message");
-                continue;
-            }
-        };
-        match out.to {
-            Recipient::One(conn) => {
-                if let Some(tx) = state.members.get(&conn)
-                    && tx.try_send(text).is_err()
-                {
-                    slow.push(conn);
-                }
-            }
-            Recipient::AllExcept(except) => {
-                for (conn, tx) in &state.members {
-                    if *conn != except && tx.try_send(text.clone()).is_err() {
-                        slow.push(*conn);
-                    }
-                }
-            }
+        match encode(&out.message) {
+            Ok(text) => frames.push(Frame {
+                to: out.to,
+                text: text.into(),
+            }),
+            Err(e) => tracing::error!(error = %e, "could not encode a server message"),
         }
     }
-    for conn in slow {
-        tracing::warn!(conn, "dropping a connection that fell behind");
-        state.members.remove(&conn);
-        state.room.leave(conn);
-    }
+    frames
 }

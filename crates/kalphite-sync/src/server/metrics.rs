@@ -27,6 +27,8 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     /// Room-log writes that failed.
     pub storage_errors: AtomicU64,
+    /// Connections dropped because they fell too far behind.
+    pub slow_consumers: AtomicU64,
 }
 
 impl Metrics {
@@ -48,7 +50,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     #[must_use]
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "kalphite_sync_connections",
                 "gauge",
@@ -108,6 +110,12 @@ impl Metrics {
                 "counter",
                 "Failed room-log writes.",
                 &self.storage_errors,
+            ),
+            (
+                "kalphite_sync_slow_consumers_total",
+                "counter",
+                "Connections dropped for falling behind.",
+                &self.slow_consumers,
             ),
         ];
         let mut out = String::new();

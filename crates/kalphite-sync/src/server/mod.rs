@@ -24,7 +24,7 @@ mod metrics;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::conflict::ConflictPolicy;
-use crate::room::{ConnId, Room, RoomLimits};
+use crate::room::{ConnId, Recipient, Room, RoomLimits};
 
 pub use auth::{AuthError, Claims, encode_claims, issue_token, verify_token};
 pub use log::{LogError, ROOM_KIND_PREFIX};
@@ -200,37 +200,103 @@ pub enum ServerError {
     Config(String),
 }
 
-/// One room in memory: the state machine and the outbound queues of its members.
-pub(crate) struct RoomState {
-    pub(crate) room: Room,
-    pub(crate) members: HashMap<ConnId, mpsc::Sender<Utf8Bytes>>,
+/// An encoded frame and who gets it.
+pub(crate) struct Frame {
+    pub(crate) to: Recipient,
+    pub(crate) text: Utf8Bytes,
 }
 
-/// A room slot: `None` until the first hello restores the room from the log.
-pub(crate) type RoomSlot = tokio::sync::Mutex<Option<RoomState>>;
+/// One room: the state machine (behind an async mutex: one message at a time), the
+/// outbound queues of its members (a short sync lock, also taken by the log writer when
+/// it delivers), and whether a failed write reset it.
+pub(crate) struct RoomHandle {
+    pub(crate) id: String,
+    /// `None` until the first hello restores the room from the log.
+    pub(crate) state: tokio::sync::Mutex<Option<Room>>,
+    pub(crate) members: parking_lot::Mutex<HashMap<ConnId, mpsc::Sender<Utf8Bytes>>>,
+    poisoned: AtomicBool,
+}
+
+impl RoomHandle {
+    fn new(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            state: tokio::sync::Mutex::new(None),
+            members: parking_lot::Mutex::new(HashMap::new()),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// A write of this room failed: its in-memory state is ahead of the log. Drops every
+    /// member (their connections close; clients reconnect and catch up from the log).
+    pub(crate) fn poison(&self) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::warn!(room = %self.id, "room reset after a failed write");
+            self.members.lock().clear();
+        }
+    }
+
+    /// Queues each frame for its recipients. A member whose queue is full is dropped
+    /// (its connection closes; it catches up when it reconnects).
+    pub(crate) fn deliver(&self, frames: Vec<Frame>, metrics: &Metrics) {
+        let mut members = self.members.lock();
+        let mut slow = Vec::new();
+        for frame in frames {
+            match frame.to {
+                Recipient::One(conn) => {
+                    if let Some(tx) = members.get(&conn)
+                        && tx.try_send(frame.text).is_err()
+                    {
+                        slow.push(conn);
+                    }
+                }
+                Recipient::AllExcept(except) => {
+                    for (conn, tx) in members.iter() {
+                        if *conn != except && tx.try_send(frame.text.clone()).is_err() {
+                            slow.push(*conn);
+                        }
+                    }
+                }
+            }
+        }
+        for conn in slow {
+            if members.remove(&conn).is_some() {
+                Metrics::inc(&metrics.slow_consumers);
+                tracing::warn!(room = %self.id, conn, "dropping a connection that fell behind");
+            }
+        }
+    }
+}
 
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     pub(crate) log: RoomLog,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) rooms: parking_lot::Mutex<HashMap<String, Arc<RoomSlot>>>,
+    pub(crate) rooms: parking_lot::Mutex<HashMap<String, Arc<RoomHandle>>>,
     pub(crate) next_conn: AtomicU64,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
 
 impl Shared {
-    /// The slot of `room`, created empty on first use.
-    pub(crate) fn slot(&self, room: &str) -> Arc<RoomSlot> {
+    /// The handle of `room`, created empty on first use (and again after a reset).
+    pub(crate) fn room(&self, room: &str) -> Arc<RoomHandle> {
         let mut rooms = self.rooms.lock();
-        if let Some(slot) = rooms.get(room) {
-            return Arc::clone(slot);
+        if let Some(handle) = rooms.get(room)
+            && !handle.is_poisoned()
+        {
+            return Arc::clone(handle);
         }
-        let slot = Arc::new(tokio::sync::Mutex::new(None));
-        rooms.insert(room.to_owned(), Arc::clone(&slot));
-        Metrics::inc(&self.metrics.rooms);
-        slot
+        let handle = Arc::new(RoomHandle::new(room));
+        if rooms.insert(room.to_owned(), Arc::clone(&handle)).is_none() {
+            Metrics::inc(&self.metrics.rooms);
+        }
+        handle
     }
 
     /// A fresh room restored from the log.
@@ -292,7 +358,7 @@ pub async fn run_with_metrics(
     }
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let log = RoomLog::spawn(config.database.clone(), &tracker);
+    let log = RoomLog::spawn(config.database.clone(), &tracker, Arc::clone(&metrics));
     let shared = Arc::new(Shared {
         config,
         log,
