@@ -6,7 +6,7 @@
 //!
 //! Each run prints its seed; `KALPHITE_SIM_SEED=<n> cargo test -p kalphite-sync --test
 //! simulation` replays one seed for every configuration, `KALPHITE_SIM_SEED=<a>..<b>`
-//! sweeps a range.
+//! sweeps a range, `KALPHITE_SIM_STEPS=<n>` changes the length of each run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -533,6 +533,11 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
 }
 
 fn simulate(replicas: usize, seeds: &[u64], steps: usize) -> Stats {
+    // `KALPHITE_SIM_STEPS=<n>` lengthens (or shortens) every run, for soak runs.
+    let steps = std::env::var("KALPHITE_SIM_STEPS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(steps);
     let mut total = Stats::default();
     for (name, policy) in POLICIES {
         for &seed in seeds {
