@@ -2,6 +2,7 @@
 //! JSONB. Batches are pipelined inside one transaction; queries compare strings with
 //! `COLLATE "C"` so that results and order match the SQLite backend byte for byte.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -32,6 +33,16 @@ const UPSERT: &str = "INSERT INTO kalphite_entities (type, id, data, updated_at)
     version = kalphite_entities.version + 1";
 const INSERT_WITH_VERSION: &str = "INSERT INTO kalphite_entities \
     (type, id, data, updated_at, version) VALUES ($1, $2, $3::text::jsonb, $4, $5)";
+const UPSERT_MANY: &str = "INSERT INTO kalphite_entities (type, id, data, updated_at) \
+    SELECT k, i, d::jsonb, u \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS r(k, i, d, u, n) \
+    ORDER BY n \
+    ON CONFLICT (type, id) DO UPDATE SET \
+    data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, \
+    version = kalphite_entities.version + 1";
+const DELETE_MANY: &str = "DELETE FROM kalphite_entities e \
+    USING UNNEST($1::text[], $2::text[]) AS r(k, i) WHERE e.type = r.k AND e.id = r.i \
+    RETURNING e.type, e.id";
 const DELETE: &str = "DELETE FROM kalphite_entities WHERE type = $1 AND id = $2";
 const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities \
     WHERE type = $1 AND id = $2";
@@ -53,7 +64,8 @@ pub(crate) struct Postgres {
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
@@ -74,7 +86,8 @@ impl Postgres {
             if !is_identifier(schema) {
                 return Err(Error::InvalidConfig {
                     reason: format!(
-                        "postgres_schema '{schema}' must be letters, digits and '_' (≤ 63)"
+                        "postgres_schema '{schema}' must be lowercase letters, digits and '_' \
+                         (at most 63, not starting with a digit)"
                     ),
                 });
             }
@@ -155,6 +168,112 @@ fn to_stored(row: &tokio_postgres::Row) -> Result<StoredEntity> {
         },
         version,
     })
+}
+
+fn has_distinct_keys(writes: &[Write]) -> bool {
+    let mut seen = HashSet::with_capacity(writes.len());
+    writes.iter().all(|w| match w {
+        Write::Upsert(r) => seen.insert((&r.kind, &r.id)),
+        Write::Delete { kind, id } => seen.insert((kind, id)),
+    })
+}
+
+/// A batch whose writes touch distinct entities: order between them does not matter, so
+/// one `DELETE` and one multi-row `INSERT … ON CONFLICT` do it (two statements, not one
+/// per entity).
+async fn write_distinct(
+    tx: &deadpool_postgres::Transaction<'_>,
+    writes: &[Write],
+) -> Result<Vec<bool>> {
+    let ctx = "writing a batch";
+    let (mut kinds, mut ids, mut data, mut stamps) = (vec![], vec![], vec![], vec![]);
+    let (mut del_kinds, mut del_ids) = (vec![], vec![]);
+    for w in writes {
+        match w {
+            Write::Upsert(r) => {
+                kinds.push(r.kind.as_str());
+                ids.push(r.id.as_str());
+                data.push(r.data.as_str());
+                stamps.push(r.updated_at);
+            }
+            Write::Delete { kind, id } => {
+                del_kinds.push(kind.as_str());
+                del_ids.push(id.as_str());
+            }
+        }
+    }
+    let mut deleted = HashSet::new();
+    if !del_ids.is_empty() {
+        let stmt = tx
+            .prepare_cached(DELETE_MANY)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        for row in tx
+            .query(&stmt, &[&del_kinds, &del_ids])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            let kind: String = row.try_get(0).map_err(Error::postgres(ctx))?;
+            let id: String = row.try_get(1).map_err(Error::postgres(ctx))?;
+            deleted.insert((kind, id));
+        }
+    }
+    if !ids.is_empty() {
+        let stmt = tx
+            .prepare_cached(UPSERT_MANY)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        tx.execute(&stmt, &[&kinds, &ids, &data, &stamps])
+            .await
+            .map_err(Error::postgres(ctx))?;
+    }
+    Ok(writes
+        .iter()
+        .map(|w| match w {
+            Write::Upsert(_) => true,
+            Write::Delete { kind, id } => deleted.contains(&(kind.to_string(), id.to_string())),
+        })
+        .collect())
+}
+
+/// A batch that writes some entity twice: one statement per write, in order, pipelined.
+async fn write_in_order(
+    tx: &deadpool_postgres::Transaction<'_>,
+    writes: &[Write],
+) -> Result<Vec<bool>> {
+    let ctx = "writing a batch";
+    let upsert = tx
+        .prepare_cached(UPSERT)
+        .await
+        .map_err(Error::postgres(ctx))?;
+    let delete = tx
+        .prepare_cached(DELETE)
+        .await
+        .map_err(Error::postgres(ctx))?;
+    let mut affected = Vec::with_capacity(writes.len());
+    for chunk in writes.chunks(PIPELINE_CHUNK) {
+        let pending = chunk.iter().map(|w| {
+            let (stmt, params): (_, Vec<Param>) = match w {
+                Write::Upsert(r) => (
+                    &upsert,
+                    vec![
+                        Box::new(r.kind.to_string()),
+                        Box::new(r.id.to_string()),
+                        Box::new(r.data.clone()),
+                        Box::new(r.updated_at),
+                    ],
+                ),
+                Write::Delete { kind, id } => (
+                    &delete,
+                    vec![Box::new(kind.to_string()), Box::new(id.to_string())],
+                ),
+            };
+            tx.execute_raw(stmt, params)
+        });
+        let counts = try_join_all(pending).await.map_err(Error::postgres(ctx))?;
+        affected.extend(counts.into_iter().map(|n| n > 0));
+    }
+    Ok(affected)
 }
 
 fn as_refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
@@ -245,6 +364,9 @@ impl Backend for Postgres {
     }
 
     async fn write(&self, writes: Vec<Write>, quota: Option<Quota>) -> Result<Vec<bool>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
         let ctx = "writing a batch";
         let mut client = self.client(ctx).await?;
         let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
@@ -259,37 +381,11 @@ impl Backend for Postgres {
                 writes.iter().map(Write::size).sum(),
             )?;
         }
-        let upsert = tx
-            .prepare_cached(UPSERT)
-            .await
-            .map_err(Error::postgres(ctx))?;
-        let delete = tx
-            .prepare_cached(DELETE)
-            .await
-            .map_err(Error::postgres(ctx))?;
-        let mut affected = Vec::with_capacity(writes.len());
-        for chunk in writes.chunks(PIPELINE_CHUNK) {
-            let pending = chunk.iter().map(|w| {
-                let (stmt, params): (_, Vec<Param>) = match w {
-                    Write::Upsert(r) => (
-                        &upsert,
-                        vec![
-                            Box::new(r.kind.to_string()),
-                            Box::new(r.id.to_string()),
-                            Box::new(r.data.clone()),
-                            Box::new(r.updated_at),
-                        ],
-                    ),
-                    Write::Delete { kind, id } => (
-                        &delete,
-                        vec![Box::new(kind.to_string()), Box::new(id.to_string())],
-                    ),
-                };
-                tx.execute_raw(stmt, params)
-            });
-            let counts = try_join_all(pending).await.map_err(Error::postgres(ctx))?;
-            affected.extend(counts.into_iter().map(|n| n > 0));
-        }
+        let affected = if has_distinct_keys(&writes) {
+            write_distinct(&tx, &writes).await?
+        } else {
+            write_in_order(&tx, &writes).await?
+        };
         tx.commit().await.map_err(Error::postgres(ctx))?;
         Ok(affected)
     }

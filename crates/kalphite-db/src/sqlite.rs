@@ -3,6 +3,7 @@
 //! WAL mode, `synchronous = NORMAL`: a committed transaction survives a process crash.
 
 use std::fmt::Write as _;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -79,7 +80,11 @@ impl Sqlite {
                     .as_deref()
                     .and_then(|p| start_checkpointer(&mut conn, p));
                 while let Ok(job) = receiver.recv() {
-                    job(&mut conn);
+                    // A panicking job (a bug) fails only its own call (its answer channel is
+                    // dropped: `Error::Closed`); an open transaction rolls back as it unwinds.
+                    if catch_unwind(AssertUnwindSafe(|| job(&mut conn))).is_err() {
+                        tracing::error!("a SQLite job panicked; the connection stays open");
+                    }
                 }
                 if let Err((_, e)) = conn.close() {
                     tracing::warn!(error = %e, "closing the SQLite connection failed");
@@ -266,6 +271,9 @@ impl Backend for Sqlite {
     }
 
     async fn write(&self, writes: Vec<Write>, quota: Option<Quota>) -> Result<Vec<bool>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
         self.call(move |conn| {
             let ctx = "writing a batch";
             let tx = conn

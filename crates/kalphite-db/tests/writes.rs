@@ -184,6 +184,24 @@ async fn flush_batches_apply_in_one_transaction(f: Fixture) -> anyhow::Result<()
     // Retrying the same batch (as the flush engine does after an error) is harmless.
     target.write(&batch).await.map_err(|e| anyhow::anyhow!(e))?;
     assert_eq!(ids(&db.get_by_type("comment").await?), ["c1"]);
+    // A batch touching each entity once (the flush engine's usual shape).
+    let distinct = vec![
+        up(comment("d1", "x", 1, "low"), Origin::Local),
+        del("comment", "c1"),
+        up(comment("d2", "y", 2, "low"), Origin::Remote),
+        del("review", "nope"),
+        up(review("r1", "again", "rejected"), Origin::Local),
+    ];
+    target
+        .write(&distinct)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(ids(&db.get_by_type("comment").await?), ["d1", "d2"]);
+    let r1 = db.get_stored("review", "r1").await?.expect("r1");
+    assert_eq!(
+        (r1.entity.data["title"].as_str(), r1.version),
+        (Some("again"), 3)
+    );
     Ok(())
 }
 
