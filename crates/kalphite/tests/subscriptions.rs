@@ -570,3 +570,32 @@ fn a_subscription_guard_may_outlive_its_store() {
     drop(sub);
     assert_eq!(get(&count), 0);
 }
+
+#[test]
+fn a_subscriber_may_subscribe_and_unsubscribe_from_inside_a_notification() {
+    let store = Store::new();
+    let inner_calls = Arc::new(AtomicUsize::new(0));
+    let held: Arc<Mutex<Vec<kalphite::Subscription>>> = Arc::default();
+    let (s, ic, h) = (store.clone(), Arc::clone(&inner_calls), Arc::clone(&held));
+    let _outer = store.subscribe(move |_| {
+        let mut held = h.lock().unwrap();
+        if held.is_empty() {
+            let ic = Arc::clone(&ic);
+            held.push(s.subscribe(move |_| {
+                ic.fetch_add(1, Ordering::SeqCst);
+            }));
+        } else {
+            held.clear(); // unsubscribes the inner one, from inside a delivery round
+        }
+    });
+    let docs = store.dynamic("comment");
+    docs.upsert(comment_json(1)).unwrap(); // outer subscribes inner
+    docs.upsert(comment_json(2)).unwrap(); // inner counts; outer unsubscribes it
+    docs.upsert(comment_json(3)).unwrap(); // outer subscribes it again
+    // A round calls the listeners subscribed when it started: inner ran for write 2 only.
+    assert_eq!(inner_calls.load(Ordering::SeqCst), 1);
+    let before = inner_calls.load(Ordering::SeqCst);
+    docs.upsert(comment_json(4)).unwrap();
+    assert_eq!(inner_calls.load(Ordering::SeqCst), before + 1);
+    assert_eq!(store.subscriber_panics(), 0);
+}
