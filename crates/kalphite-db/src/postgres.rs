@@ -12,6 +12,7 @@ use futures_util::future::try_join_all;
 use kalphite::{EntityId, Kind, now_millis};
 use serde_json::Value;
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use crate::backend::{Backend, Quota, ROW_OVERHEAD, StoredEntity, Write};
@@ -49,6 +50,9 @@ const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_enti
 const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
 const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
 const SIZE: &str = "SELECT COALESCE(pg_total_relation_size(to_regclass('kalphite_entities')), 0)";
+
+/// How often a deadlocked write batch is retried.
+const DEADLOCK_RETRIES: u32 = 8;
 
 /// How many pipelined statements a restore keeps in flight.
 const PIPELINE_CHUNK: usize = 512;
@@ -139,6 +143,30 @@ impl Postgres {
         }
         drop(client);
         Ok(db)
+    }
+
+    async fn write_once(&self, writes: &[Write], quota: Option<Quota>) -> Result<Vec<bool>> {
+        let ctx = "writing a batch";
+        let mut client = self.client(ctx).await?;
+        let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
+        if let Some(quota) = quota {
+            let used: i64 = tx
+                .query_one(SIZE, &[])
+                .await
+                .map_err(Error::postgres(ctx))?
+                .get(0);
+            quota.check(
+                u64::try_from(used).unwrap_or(0),
+                writes.iter().map(Write::size).sum(),
+            )?;
+        }
+        let affected = if has_distinct_keys(writes) {
+            write_distinct(&tx, writes).await?
+        } else {
+            write_in_order(&tx, writes).await?
+        };
+        tx.commit().await.map_err(Error::postgres(ctx))?;
+        Ok(affected)
     }
 
     async fn client(&self, context: &str) -> Result<deadpool_postgres::Object> {
@@ -367,27 +395,21 @@ impl Backend for Postgres {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let ctx = "writing a batch";
-        let mut client = self.client(ctx).await?;
-        let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
-        if let Some(quota) = quota {
-            let used: i64 = tx
-                .query_one(SIZE, &[])
-                .await
-                .map_err(Error::postgres(ctx))?
-                .get(0);
-            quota.check(
-                u64::try_from(used).unwrap_or(0),
-                writes.iter().map(Write::size).sum(),
-            )?;
+        // Two writers locking the same rows in different orders deadlock; PostgreSQL then
+        // aborts one transaction, which is retried here (all of it, from the start).
+        let mut attempt = 0;
+        loop {
+            match self.write_once(&writes, quota).await {
+                Err(Error::Postgres { source, .. })
+                    if attempt < DEADLOCK_RETRIES
+                        && source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(attempt, "write batch deadlocked; retrying");
+                }
+                other => return other,
+            }
         }
-        let affected = if has_distinct_keys(&writes) {
-            write_distinct(&tx, &writes).await?
-        } else {
-            write_in_order(&tx, &writes).await?
-        };
-        tx.commit().await.map_err(Error::postgres(ctx))?;
-        Ok(affected)
     }
 
     async fn get(&self, kind: Kind, id: EntityId) -> Result<Option<StoredEntity>> {
