@@ -33,6 +33,7 @@ use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use kalphite::SharedSchema;
 use kalphite_db::Database;
 use tokio::net::TcpListener;
@@ -48,6 +49,9 @@ pub use log::{LogError, ROOM_KIND_PREFIX};
 pub use metrics::{Metrics, resident_bytes};
 
 use log::RoomLog;
+
+/// Frames queued for a connection are buffered up to this size, then written together.
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Per-connection message rate limit: a token bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -387,6 +391,12 @@ pub async fn run_with_metrics(
             cancel.cancel();
         }
     };
+    // Small frames (acks, broadcasts) must not wait for Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(signal)
         .await;
@@ -408,7 +418,7 @@ async fn ws_handler(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> 
     let hard = shared.config.hard_frame_bytes;
     let ws = ws
         .read_buffer_size(shared.config.read_buffer_bytes)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(hard)
         .max_frame_size(hard);
     let tracker = shared.tracker.clone();
