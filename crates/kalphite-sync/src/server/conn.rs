@@ -7,11 +7,11 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use kalphite::{Millis, now_millis};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::log::{Job, record_entity};
 use super::metrics::Metrics;
+use super::outbox::Outbox;
 use super::{Frame, RoomHandle, Shared, auth};
 use crate::protocol::{
     ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
@@ -25,7 +25,7 @@ const CLOSE_GOING_AWAY: u16 = 1001;
 const CLOSE_POLICY: u16 = 1008;
 
 /// Most queued frames written before one flush.
-const WRITE_BATCH: u64 = 64;
+const WRITE_BATCH: usize = 64;
 
 /// What the frame handler wants the loop to do next.
 enum Next {
@@ -73,7 +73,7 @@ struct Conn {
     /// Set once the hello was accepted: the room and its id.
     room: Option<Arc<RoomHandle>>,
     /// The sending half of this connection's queue, until the room holds it.
-    tx: Option<mpsc::Sender<Utf8Bytes>>,
+    outbox: Arc<Outbox>,
     next_message: u64,
 }
 
@@ -85,7 +85,7 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Utf8Bytes>(shared.config.outbound_queue);
+    let outbox = Arc::new(Outbox::new(shared.config.outbound_queue));
     let cancel = shared.cancel.clone();
     let idle = shared.config.idle_timeout;
     let mut bucket = Bucket::new(
@@ -96,7 +96,7 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
         id,
         shared,
         room: None,
-        tx: Some(tx),
+        outbox: Arc::clone(&outbox),
         next_message: 0,
     };
     let mut deadline = Instant::now() + idle;
@@ -106,15 +106,16 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
             () = cancel.cancelled() => {
                 break Some((CLOSE_GOING_AWAY, "server shutting down".to_owned()));
             }
-            out = rx.recv(), if conn.room.is_some() => {
-                let Some(first) = out else {
+            () = outbox.ready(), if conn.room.is_some() => {
+                let mut batch = Vec::new();
+                if !outbox.drain(&mut batch, WRITE_BATCH) {
                     let text = conn.error_frame(ErrorCode::Internal,
                         "the server dropped this connection from its room (it fell behind, or \
                          the room was reset); reconnect to catch up", None);
                     let _ = socket.send(Message::Text(text)).await;
                     break Some((CLOSE_POLICY, "too slow".to_owned()));
-                };
-                if write_batch(&mut socket, first, &mut rx, &metrics).await.is_err() {
+                }
+                if write_batch(&mut socket, batch, &metrics).await.is_err() {
                     break None;
                 }
             }
@@ -160,25 +161,16 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
     Metrics::dec(&metrics.connections);
 }
 
-/// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+/// Writes a batch of queued frames, then flushes once.
 async fn write_batch(
     socket: &mut WebSocket,
-    first: Utf8Bytes,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    batch: Vec<Utf8Bytes>,
     metrics: &Metrics,
 ) -> Result<(), axum::Error> {
-    socket.feed(Message::Text(first)).await?;
-    let mut n: u64 = 1;
-    while n < WRITE_BATCH {
-        match rx.try_recv() {
-            Ok(more) => {
-                socket.feed(Message::Text(more)).await?;
-                n += 1;
-            }
-            Err(_) => break,
-        }
+    Metrics::add(&metrics.messages_out, batch.len() as u64);
+    for text in batch {
+        socket.feed(Message::Text(text)).await?;
     }
-    Metrics::add(&metrics.messages_out, n);
     socket.flush().await
 }
 
@@ -243,7 +235,9 @@ impl Conn {
             }
         };
         match message {
-            ClientMessage::Hello(hello) => self.on_hello(socket, hello).await,
+            // Boxed: the hello path (auth, room restore from the database) is large and
+            // rare; inline it would grow every idle connection's task.
+            ClientMessage::Hello(hello) => Box::pin(self.on_hello(socket, hello)).await,
             ClientMessage::Heartbeat(beat) if self.room.is_none() => {
                 let reply = ServerMessage::Heartbeat(Envelope::new(
                     self.next_id(),
@@ -333,9 +327,10 @@ impl Conn {
         };
         match room.join(self.id, &user, &hello, Self::now()) {
             Ok(outs) => {
-                if let Some(tx) = self.tx.take() {
-                    handle.members.lock().insert(self.id, tx);
-                }
+                handle
+                    .members
+                    .lock()
+                    .insert(self.id, Arc::clone(&self.outbox));
                 let frames = encode_all(outs, &self.shared.metrics);
                 let job = Job {
                     room: Arc::clone(&handle),

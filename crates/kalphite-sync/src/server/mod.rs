@@ -20,6 +20,7 @@ mod auth;
 mod conn;
 mod log;
 mod metrics;
+mod outbox;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +38,6 @@ use axum::serve::ListenerExt;
 use kalphite::SharedSchema;
 use kalphite_db::Database;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +49,7 @@ pub use log::{LogError, ROOM_KIND_PREFIX};
 pub use metrics::{Metrics, resident_bytes};
 
 use log::RoomLog;
+use outbox::Outbox;
 
 /// Frames queued for a connection are buffered up to this size, then written together.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
@@ -217,7 +218,7 @@ pub(crate) struct RoomHandle {
     pub(crate) id: String,
     /// `None` until the first hello restores the room from the log.
     pub(crate) state: tokio::sync::Mutex<Option<Room>>,
-    pub(crate) members: parking_lot::Mutex<HashMap<ConnId, mpsc::Sender<Utf8Bytes>>>,
+    pub(crate) members: parking_lot::Mutex<HashMap<ConnId, Arc<Outbox>>>,
     poisoned: AtomicBool,
 }
 
@@ -240,7 +241,9 @@ impl RoomHandle {
     pub(crate) fn poison(&self) {
         if !self.poisoned.swap(true, Ordering::AcqRel) {
             tracing::warn!(room = %self.id, "room reset after a failed write");
-            self.members.lock().clear();
+            for (_, outbox) in self.members.lock().drain() {
+                outbox.close();
+            }
         }
     }
 
@@ -252,15 +255,15 @@ impl RoomHandle {
         for frame in frames {
             match frame.to {
                 Recipient::One(conn) => {
-                    if let Some(tx) = members.get(&conn)
-                        && tx.try_send(frame.text).is_err()
+                    if let Some(outbox) = members.get(&conn)
+                        && !outbox.push(frame.text)
                     {
                         slow.push(conn);
                     }
                 }
                 Recipient::AllExcept(except) => {
-                    for (conn, tx) in members.iter() {
-                        if *conn != except && tx.try_send(frame.text.clone()).is_err() {
+                    for (conn, outbox) in members.iter() {
+                        if *conn != except && !outbox.push(frame.text.clone()) {
                             slow.push(*conn);
                         }
                     }
@@ -268,7 +271,8 @@ impl RoomHandle {
             }
         }
         for conn in slow {
-            if members.remove(&conn).is_some() {
+            if let Some(outbox) = members.remove(&conn) {
+                outbox.close();
                 Metrics::inc(&metrics.slow_consumers);
                 tracing::warn!(room = %self.id, conn, "dropping a connection that fell behind");
             }
