@@ -65,6 +65,9 @@ enum Command {
         /// Messages per second per connection (burst: twice that).
         #[arg(long, default_value_t = 1_000_000)]
         rate_limit: u32,
+        /// WebSocket read buffer per connection, bytes.
+        #[arg(long)]
+        read_buffer: Option<usize>,
     },
 }
 
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 open,
                 secret,
                 rate_limit,
+                read_buffer,
             }) => {
                 let database = Database::open(DatabaseConfig::new(db))
                     .await
@@ -91,6 +95,9 @@ fn main() -> anyhow::Result<()> {
                     .rate_limit(rate_limit, rate_limit.saturating_mul(2));
                 if let Some(secret) = secret {
                     config = config.token_secret(secret.into_bytes());
+                }
+                if let Some(bytes) = read_buffer {
+                    config.read_buffer_bytes = bytes;
                 }
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await
