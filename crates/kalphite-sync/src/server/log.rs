@@ -95,8 +95,10 @@ impl RoomLog {
                 }
                 // Jobs of a room reset by an earlier failure were built on lost state.
                 batch.retain(|job| !job.room.is_poisoned());
+                // Take the records out (no deep copy); `had_record` remembers whose they were.
+                let had_record: Vec<bool> = batch.iter().map(|job| job.record.is_some()).collect();
                 let entities: Vec<Entity> =
-                    batch.iter().filter_map(|job| job.record.clone()).collect();
+                    batch.iter_mut().filter_map(|job| job.record.take()).collect();
                 let written = entities.len() as u64;
                 let result = if entities.is_empty() {
                     Ok(())
@@ -113,8 +115,8 @@ impl RoomLog {
                     Err(e) => {
                         Metrics::inc(&metrics.storage_errors);
                         tracing::error!(error = %e, "room log write failed; resetting the rooms involved");
-                        for job in batch.drain(..) {
-                            if job.record.is_some() {
+                        for (job, had_record) in batch.drain(..).zip(had_record) {
+                            if had_record {
                                 job.room.poison();
                             } else if !job.room.is_poisoned() {
                                 job.room.deliver(job.frames, &metrics);
