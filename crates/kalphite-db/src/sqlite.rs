@@ -329,8 +329,8 @@ impl Backend for Sqlite {
                 .map_err(Error::sqlite(ctx))?;
             let mut out = Vec::new();
             for row in rows {
-                let (k, i, d, u, v) = row.map_err(Error::sqlite(ctx))?;
-                out.extend(parse_row(k, i, &d, u, v));
+                let (kind, id, data, updated_at, version) = row.map_err(Error::sqlite(ctx))?;
+                out.extend(parse_row(kind, id, &data, updated_at, version));
             }
             Ok(out)
         })
@@ -346,8 +346,8 @@ impl Backend for Sqlite {
                 .map_err(Error::sqlite(ctx))?;
             let mut out = Vec::new();
             for row in rows {
-                let (k, i, d, u, v) = row.map_err(Error::sqlite(ctx))?;
-                if let Some(s) = parse_row(k, i, &d, u, v) {
+                let (kind, id, data, updated_at, version) = row.map_err(Error::sqlite(ctx))?;
+                if let Some(s) = parse_row(kind, id, &data, updated_at, version) {
                     out.push(Record {
                         kind: s.entity.kind,
                         id: s.entity.id,
@@ -534,7 +534,7 @@ pub(crate) fn render(q: &Query) -> (String, Vec<SqlValue>) {
         sql.push_str(" AND ");
         match c {
             Condition::Compare { field, op, value } => {
-                render_compare(field, *op, value, &mut sql, &mut params)
+                render_compare(field, *op, value, &mut sql, &mut params);
             }
             Condition::In { field, values } => {
                 if values.is_empty() {
