@@ -16,7 +16,8 @@
 //! - [`backup`]: the backup format.
 //! - [`store`]: [`open_store`], a kalphite Store hydrated from and flushing into a database.
 //! - [`error`]: the [`Error`] type.
-//! - `backend`, `sqlite`, `postgres`: the storage trait and its two implementations.
+//! - `backend`, `sqlite`, `postgres` (with `postgres::render`): the storage trait and its two
+//!   implementations.
 //! - `target`: `impl FlushTarget for Database`.
 //!
 //! # Example
