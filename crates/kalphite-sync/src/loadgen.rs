@@ -81,6 +81,9 @@ pub struct BenchOptions {
     pub s4_idle: Duration,
     /// Hang guard for every wait.
     pub timeout: Duration,
+    /// S1 with full clients: two [`SyncClient`](crate::client::SyncClient)s over kalphite
+    /// Stores (in-memory SQLite), latency from `put` on A to B's store notifying it.
+    pub s1_full_clients: bool,
 }
 
 impl BenchOptions {
@@ -99,6 +102,7 @@ impl BenchOptions {
             s4_rooms: 100,
             s4_idle: Duration::from_secs(20),
             timeout: Duration::from_secs(120),
+            s1_full_clients: false,
         }
     }
 }
@@ -400,6 +404,81 @@ async fn ping_pong_latencies(
     Ok(latencies)
 }
 
+/// S1 through the product's client: A's `put` → sink → socket → server (durable) → B's
+/// session → B's Store transaction → B's subscriber.
+async fn full_client_latencies(
+    opts: &BenchOptions,
+    room: &str,
+    n: u64,
+) -> Result<Vec<Duration>, BenchError> {
+    use crate::client::{ConnectionStatus, SyncConfig, connect_store};
+    use kalphite::Store;
+    use kalphite_db::{Database, DatabaseConfig};
+
+    let mut clients = Vec::new();
+    for user in ["a", "b"] {
+        let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
+            .await
+            .map_err(|e| BenchError::Config(e.to_string()))?;
+        let user = format!("{room}-{user}");
+        let mut config = SyncConfig::new(opts.url.clone(), room, user.clone()).replica_id(&user);
+        if let Some(secret) = &opts.token_secret {
+            let token =
+                crate::server::issue_token(secret, &user, &[room], Duration::from_secs(3600))
+                    .map_err(|e| BenchError::Config(e.to_string()))?;
+            config = config.auth_token(token);
+        }
+        let (store, client) = connect_store(Store::builder(), &db, config)
+            .await
+            .map_err(|e| BenchError::Connect(e.to_string()))?;
+        let mut status = client.status_watch();
+        guarded(
+            opts,
+            "the client to connect",
+            status.wait_for(|s| *s == ConnectionStatus::Connected),
+        )
+        .await?
+        .map_err(|e| BenchError::Connect(e.to_string()))?;
+        clients.push((store, client, db));
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _subscription = clients[1].0.subscribe(move |note| {
+        for change in note.changes.iter() {
+            if let Some(k) = change
+                .id
+                .strip_prefix('c')
+                .and_then(|k| k.parse::<u64>().ok())
+            {
+                let _ = tx.send((k, Instant::now()));
+            }
+        }
+    });
+    let comments = clients[0].0.dynamic("comment");
+    let mut latencies = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for k in 1..=n {
+        let start = Instant::now();
+        let data =
+            json!({"message": format!("Message {k}"), "lineNumber": k, "updatedAt": now_millis()});
+        comments
+            .put(format!("c{k}"), data)
+            .map_err(|e| BenchError::Protocol(e.to_string()))?;
+        loop {
+            let (seen, at) = guarded(opts, "B's store to see the change", rx.recv())
+                .await?
+                .ok_or_else(|| BenchError::Connect("subscription ended".into()))?;
+            if seen == k {
+                latencies.push(at.saturating_duration_since(start));
+                break;
+            }
+        }
+    }
+    for (store, client, _) in &clients {
+        client.close().await;
+        let _ = store.close().await;
+    }
+    Ok(latencies)
+}
+
 fn latency_rows(report: &mut Report, prefix: &str, mut lat: Vec<Duration>) {
     lat.sort_unstable();
     for (name, p) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0)] {
@@ -414,9 +493,20 @@ fn latency_rows(report: &mut Report, prefix: &str, mut lat: Vec<Duration>) {
 async fn s1(opts: &BenchOptions) -> Result<Report, BenchError> {
     let run = run_id();
     ping_pong_latencies(opts, &format!("s1-warm-{run}"), opts.s1_warmup).await?;
-    let lat = ping_pong_latencies(opts, &format!("s1-{run}"), opts.s1_changes).await?;
+    let lat = if opts.s1_full_clients {
+        full_client_latencies(opts, &format!("s1-{run}"), opts.s1_changes).await?
+    } else {
+        ping_pong_latencies(opts, &format!("s1-{run}"), opts.s1_changes).await?
+    };
     let mut report = Report::default();
-    report.row("scenario", "S1 latency (write -> other client applied)");
+    report.row(
+        "scenario",
+        if opts.s1_full_clients {
+            "S1 latency, full clients (store put -> other store notified)"
+        } else {
+            "S1 latency (write -> other client applied)"
+        },
+    );
     report.row("changes", opts.s1_changes.to_string());
     latency_rows(&mut report, "", lat);
     Ok(report)

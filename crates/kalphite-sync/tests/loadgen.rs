@@ -30,5 +30,10 @@ async fn every_scenario_runs_at_small_scale() {
     }
     let report = run(Scenario::S2, &opts).await.expect("s2");
     assert!(report.to_string().contains("R=3 delivered"));
+    opts.s1_full_clients = true;
+    let report = guard(run(Scenario::S1, &opts))
+        .await
+        .expect("s1 full clients");
+    assert!(report.to_string().contains("full clients"), "{report}");
     server.stop().await;
 }

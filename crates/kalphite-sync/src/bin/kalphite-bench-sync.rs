@@ -41,6 +41,9 @@ struct Args {
     /// S4 clients.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
+    /// S1 through two full SyncClients over kalphite Stores.
+    #[arg(long)]
+    full_clients: bool,
     /// Multiplies every scenario's change count (0.1 for a quick smoke run).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -116,6 +119,7 @@ fn main() -> anyhow::Result<()> {
                 opts.s2_readers = args.readers;
                 opts.s4_idle = Duration::from_secs(args.idle_secs);
                 opts.s4_clients = args.clients;
+                opts.s1_full_clients = args.full_clients;
                 let scale = |n: u64| ((n as f64 * args.scale).round() as u64).max(2);
                 opts.s1_changes = scale(opts.s1_changes);
                 opts.s1_warmup = scale(opts.s1_warmup);
