@@ -78,6 +78,9 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Most entities with unacknowledged changes.
     pub outbox_limit: usize,
+    /// The replica state (offline queue, clocks, catch-up point) is written to the local
+    /// database at most this often while it changes, and always on [`SyncClient::close`].
+    pub persist_interval: Duration,
     /// Flush config of the local database engine.
     pub local_flush: FlushConfig,
     /// Flush config of the server-durability engine.
@@ -109,6 +112,7 @@ impl SyncConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             outbox_limit: 10_000,
+            persist_interval: Duration::from_millis(100),
             local_flush: FlushConfig::default(),
             server_flush: FlushConfig::default().durability(Durability::Server),
             connect_on_start: true,
@@ -155,6 +159,13 @@ impl SyncConfig {
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.backoff_base = base;
         self.backoff_max = max;
+        self
+    }
+
+    /// Sets how often the replica state is persisted while it changes.
+    #[must_use]
+    pub fn persist_interval(mut self, d: Duration) -> Self {
+        self.persist_interval = d;
         self
     }
 
@@ -327,13 +338,11 @@ impl Inner {
 
     /// Writes the replica state to the local database.
     async fn persist(&self) -> Result<(), SyncError> {
-        let data = {
+        let (replica_id, state) = {
             let replica = self.replica.lock();
-            serde_json::json!({
-                "replicaId": replica.config().replica_id,
-                "state": replica.state(),
-            })
+            (replica.config().replica_id.clone(), replica.state().clone())
         };
+        let data = serde_json::json!({"replicaId": replica_id, "state": state});
         let entity =
             Entity::new(self.config.room_id.clone(), REPLICA_KIND, data).at(kalphite::now_millis());
         self.db.upsert(entity).await?;
@@ -461,6 +470,12 @@ pub async fn connect_store(
             loop {
                 tokio::select! {
                     () = inner.dirty.notified() => {}
+                    () = inner.close_token.cancelled() => break,
+                }
+                // Coalesce: the state holds every known entity, so it is written at most
+                // once per interval, not once per message.
+                tokio::select! {
+                    () = tokio::time::sleep(inner.config.persist_interval) => {}
                     () = inner.close_token.cancelled() => break,
                 }
                 if let Err(e) = inner.persist().await {
