@@ -345,3 +345,35 @@ fn a_bad_token_is_refused_with_a_clear_error() {
     }
     server.stop();
 }
+
+#[test]
+fn bench_sync_runs_a_small_latency_scenario_against_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let out = ok(
+        dir.path(),
+        &[
+            "bench",
+            "sync",
+            "--url",
+            &server.url,
+            "--secret-file",
+            "kalphite.secret",
+            "--scenario",
+            "s1",
+            "--scale",
+            "0.01",
+        ],
+    );
+    assert!(
+        out.to_lowercase().contains("p50"),
+        "no latency percentiles in: {out}"
+    );
+    let err = kalphite(
+        dir.path(),
+        &["bench", "sync", "--url", &server.url, "--scenario", "s9"],
+    );
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("s9"));
+    server.stop();
+}
