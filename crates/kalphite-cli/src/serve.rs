@@ -166,13 +166,29 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         if args.open { "" } else { " --token TOKEN" }
     );
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        stop_signal().await;
         eprintln!("shutting down: finishing in-flight writes…");
     };
     run(listener, config, shutdown).await?;
     db.close().await?;
     println!("stopped cleanly");
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what service managers send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Prints a token.
