@@ -112,10 +112,10 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
                     let text = conn.error_frame(ErrorCode::Internal,
                         "the server dropped this connection from its room (it fell behind, or \
                          the room was reset); reconnect to catch up", None);
-                    let _ = socket.send(Message::Text(text)).await;
+                    let _ = Box::pin(socket.send(Message::Text(text))).await;
                     break Some((CLOSE_POLICY, "too slow".to_owned()));
                 }
-                if write_batch(&mut socket, batch, &metrics).await.is_err() {
+                if Box::pin(write_batch(&mut socket, batch, &metrics)).await.is_err() {
                     break None;
                 }
             }
@@ -128,16 +128,16 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
                 let next = match frame {
                     Message::Text(text) => {
                         if bucket.take() {
-                            conn.on_text(&mut socket, text.as_str()).await
+                            Box::pin(conn.on_text(&mut socket, text.as_str())).await
                         } else {
-                            conn.reply_error(&mut socket, ErrorCode::RateLimited,
+                            Box::pin(conn.reply_error(&mut socket, ErrorCode::RateLimited,
                                 "too many messages on this connection; slow down and resend",
-                                None).await
+                                None)).await
                         }
                     }
-                    Message::Binary(_) => conn.reply_error(&mut socket,
+                    Message::Binary(_) => Box::pin(conn.reply_error(&mut socket,
                         ErrorCode::InvalidMessage,
-                        "binary frames are not supported; send JSON text frames", None).await,
+                        "binary frames are not supported; send JSON text frames", None)).await,
                     Message::Close(_) => Next::Close(CLOSE_NORMAL, String::new()),
                     Message::Ping(_) | Message::Pong(_) => Next::Continue,
                 };
@@ -155,9 +155,9 @@ pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
             code,
             reason: reason.into(),
         };
-        let _ = socket.send(Message::Close(Some(frame))).await;
+        let _ = Box::pin(socket.send(Message::Close(Some(frame)))).await;
     }
-    conn.leave().await;
+    Box::pin(conn.leave()).await;
     Metrics::dec(&metrics.connections);
 }
 
