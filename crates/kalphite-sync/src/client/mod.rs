@@ -32,7 +32,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
-use kalphite::{Change, Durability, Entity, Origin, Store, StoreBuilder};
+use kalphite::{Change, Durability, Entity, EntityId, Kind, Origin, Store, StoreBuilder};
 use kalphite_db::Database;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
@@ -451,6 +451,17 @@ pub async fn connect_store(
             .clone()
             .durability(Durability::Server),
     )?;
+    if inner.replica.lock().outbox_len() > 0 {
+        // Changes from an earlier session wait in the restored offline queue. The server
+        // engine never saw them, so give it a marker: its batch completes only once the
+        // server acknowledged everything queued so far, and `durable(Server)` waits for it.
+        server.schedule(Change::delete(
+            Kind::from(REPLICA_KIND),
+            EntityId::from(inner.config.room_id.as_str()),
+            kalphite::now_millis(),
+            Origin::Local,
+        ));
+    }
     let store = builder
         .sink(Arc::new(wiring::OutboxSink(Arc::clone(&inner))))
         .flush_engine(local)
