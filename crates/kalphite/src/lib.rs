@@ -11,6 +11,43 @@
 //! - [`store`]: Layer 1, the in-memory store, collections, queries, subscriptions.
 //! - [`error`]: why a write was refused.
 //! - [`flush`]: Layer 2, the flush engine and its targets.
+//!
+//! The database (Layer 3) is the `kalphite-db` crate, sync (Layer 4) `kalphite-sync`.
+//!
+//! # Example
+//! ```
+//! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+//! use kalphite::{EntityKind, Store};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Debug, Serialize, Deserialize)]
+//! struct Comment { message: String, line: u32 }
+//! impl EntityKind for Comment { const KIND: &'static str = "comment"; }
+//!
+//! let store = Store::new();
+//! let comments = store.collection::<Comment>()?;
+//! let seen = Arc::new(AtomicUsize::new(0));
+//! let counter = Arc::clone(&seen);
+//! let _sub = store.subscribe(move |n| {
+//!     counter.fetch_add(n.changes.len(), Ordering::SeqCst);
+//! });
+//!
+//! comments.put("c1", Comment { message: "TODO: tests".into(), line: 10 })?;
+//! store.transaction(|tx| {
+//!     tx.put("c2", Comment { message: "looks good".into(), line: 3 })?;
+//!     tx.put("c3", Comment { message: "TODO: docs".into(), line: 7 })?;
+//!     Ok::<_, kalphite::Error>(())
+//! })?;
+//!
+//! let todos = comments
+//!     .query()
+//!     .filter(|c| c.data.message.starts_with("TODO"))
+//!     .order_by(|c| c.data.line)
+//!     .collect();
+//! assert_eq!(todos.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["c3", "c1"]);
+//! assert_eq!(seen.load(Ordering::SeqCst), 3); // two notifications, three changes
+//! # Ok::<(), kalphite::Error>(())
+//! ```
 
 pub mod change;
 pub mod entity;
@@ -24,8 +61,7 @@ pub use entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Mill
 pub use error::{Error, Result};
 pub use flush::{Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
-pub use store::query_json_cmp as json_cmp;
 pub use store::{
     ChangeSink, ChangeStream, Collection, DynCollection, Listener, Notification, Query, RecvError,
-    Store, StoreBuilder, Subscription, Tx, View,
+    Store, StoreBuilder, Subscription, Tx, View, json_cmp,
 };

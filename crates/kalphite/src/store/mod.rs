@@ -17,7 +17,7 @@ use serde_json::Value;
 
 pub use collection::{Collection, DynCollection};
 pub use notify::{ChangeStream, Listener, Notification, RecvError, Subscription};
-pub use query::{Query, json_cmp as query_json_cmp};
+pub use query::{Query, json_cmp};
 pub use tx::{Tx, View};
 
 use crate::change::{Change, Origin};
