@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::loadgen::{BenchOptions, Scenario, run};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use kalphite_sync::loadgen::{BenchOptions, Scenario, run};
 
 /// `kalphite bench`.
 #[derive(Debug, Args)]

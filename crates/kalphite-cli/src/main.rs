@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod loadgen;
 mod serve;
 mod session;
 mod todo;

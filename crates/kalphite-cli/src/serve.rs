@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kalphite_db::{Database, DatabaseConfig};
-use kalphite_sync::server::{ServerConfig, issue_token, run};
+use kalphite_server::{ServerConfig, issue_token, run};
 
 /// `kalphite serve`.
 #[derive(Debug, Args)]

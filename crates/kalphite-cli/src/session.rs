@@ -10,8 +10,8 @@ use clap::Args;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use kalphite::{Durability, Store, StoreBuilder};
+use kalphite_client::{ConnectionStatus, SyncClient, SyncConfig, SyncEvent, connect_store};
 use kalphite_db::{Database, DatabaseConfig};
-use kalphite_sync::client::{ConnectionStatus, SyncClient, SyncConfig, SyncEvent, connect_store};
 
 /// How long a command waits for the server before going on offline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

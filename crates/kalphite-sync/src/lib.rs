@@ -13,9 +13,10 @@
 //! - [`conflict`]: conflict strategies (last-write-wins, field merge, manual, custom).
 //! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
 //! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
-//! - [`client`]: the tokio-tungstenite client around [`Replica`], wired to a Store.
-//! - [`loadgen`]: the workload-S load generator (`kalphite-bench-sync`).
-//! - [`server`]: the axum WebSocket server around [`Room`] (auth, limits, room log).
+//!
+//! The adapters live in their own crates, by dependency weight: `kalphite-client` (the
+//! tokio-tungstenite client around [`Replica`], wired to a Store and a local database) and
+//! `kalphite-server` (the axum WebSocket server around [`Room`]: auth, limits, room log).
 //!
 //! The conflict rules and why every replica converges are in `docs/sync.md`.
 //!
@@ -70,14 +71,11 @@
 use kalphite::{EntityId, Kind};
 use serde::{Deserialize, Serialize};
 
-pub mod client;
 pub mod clock;
 pub mod conflict;
-pub mod loadgen;
 pub mod protocol;
 pub mod replica;
 pub mod room;
-pub mod server;
 
 pub use clock::{Causality, VectorClock};
 pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version};

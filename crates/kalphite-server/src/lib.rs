@@ -8,7 +8,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use kalphite_db::{Database, DatabaseConfig};
-//! use kalphite_sync::server::{run, ServerConfig};
+//! use kalphite_server::{run, ServerConfig};
 //! let db = Database::open(DatabaseConfig::new("sqlite:./rooms.db")).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8787").await?;
 //! let config = ServerConfig::new(db).token_secret(b"change me".to_vec());
@@ -41,8 +41,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conflict::ConflictPolicy;
-use crate::room::{ConnId, Recipient, Room, RoomLimits};
+use kalphite_sync::conflict::ConflictPolicy;
+use kalphite_sync::room::{ConnId, Recipient, Room, RoomLimits};
 
 pub use auth::{AuthError, Claims, encode_claims, issue_token, verify_token};
 pub use log::{LogError, ROOM_KIND_PREFIX};
@@ -132,8 +132,8 @@ impl ServerConfig {
             open: false,
             policy: ConflictPolicy::default(),
             schema: None,
-            max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
-            hard_frame_bytes: 4 * crate::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes: kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
+            hard_frame_bytes: 4 * kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
             rate_limit: RateLimit::default(),
             idle_timeout: Duration::from_secs(120),
             outbound_queue: 16_384,

@@ -13,8 +13,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionStatus, Inner, SyncEvent};
-use crate::protocol::{ClientMessage, ErrorCode, ServerMessage, decode_server, encode};
-use crate::replica::ReplicaEvent;
+use kalphite_sync::protocol::{ClientMessage, ErrorCode, ServerMessage, decode_server, encode};
+use kalphite_sync::replica::ReplicaEvent;
 
 /// Largest server frame the client reads.
 const MAX_SERVER_FRAME: usize = 64 << 20;
@@ -270,7 +270,7 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     let Ok((send, events, applied, refused)) = result else {
         return Ok(Vec::new());
     };
-    if is_welcome && inner.replica.lock().link() == crate::replica::LinkState::Connected {
+    if is_welcome && inner.replica.lock().link() == kalphite_sync::LinkState::Connected {
         inner.set_status(ConnectionStatus::Connected);
     }
     let mut woke = false;
@@ -305,6 +305,8 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
                 code: Some(code),
                 message,
             },
+            // Events a newer replica reports that this client does not surface yet.
+            _ => continue,
         };
         inner.emit(event);
     }

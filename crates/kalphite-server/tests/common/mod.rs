@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use kalphite::Store;
+use kalphite_client::{ConnectionStatus, SyncClient, SyncConfig, connect_store};
 use kalphite_db::{Database, DatabaseConfig};
-use kalphite_sync::client::{ConnectionStatus, SyncClient, SyncConfig, connect_store};
+use kalphite_server::{ServerConfig, run};
 use kalphite_sync::protocol::{ServerMessage, decode_server};
-use kalphite_sync::server::{ServerConfig, run};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,7 +27,7 @@ pub const GUARD: Duration = Duration::from_secs(30);
 pub struct Server {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), kalphite_sync::server::ServerError>>>,
+    task: Option<JoinHandle<Result<(), kalphite_server::ServerError>>>,
 }
 
 impl Server {
@@ -88,8 +88,7 @@ pub fn config(db: Database) -> ServerConfig {
 }
 
 pub fn token(user: &str, rooms: &[&str]) -> String {
-    kalphite_sync::server::issue_token(SECRET, user, rooms, Duration::from_secs(3600))
-        .expect("token")
+    kalphite_server::issue_token(SECRET, user, rooms, Duration::from_secs(3600)).expect("token")
 }
 
 /// Client config with short timings for tests.

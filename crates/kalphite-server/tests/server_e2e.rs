@@ -118,8 +118,8 @@ async fn server_restart_loses_no_acknowledged_change() {
     // The server goes away mid-session: both keep editing offline.
     server.stop().await;
     wait_for("clients notice", || {
-        ca.connection_status() != kalphite_sync::client::ConnectionStatus::Connected
-            && cb.connection_status() != kalphite_sync::client::ConnectionStatus::Connected
+        ca.connection_status() != kalphite_client::ConnectionStatus::Connected
+            && cb.connection_status() != kalphite_client::ConnectionStatus::Connected
     })
     .await;
     a.dynamic("todo")
@@ -206,7 +206,7 @@ async fn conflict_under(
     let mut events = events;
     guard(async {
         while let Some(e) = events.next().await {
-            if matches!(e, kalphite_sync::client::SyncEvent::Conflict(_)) {
+            if matches!(e, kalphite_client::SyncEvent::Conflict(_)) {
                 break;
             }
         }

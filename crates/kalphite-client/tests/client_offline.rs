@@ -2,11 +2,12 @@
 //! unreachable, the app restarts (store and client dropped, the SQLite file reopened),
 //! reconnects, and nothing is lost. Also: `durable(Server)` waits for the server's ack.
 
+#[path = "../../kalphite-server/tests/common/mod.rs"]
 mod common;
 
 use common::*;
 use kalphite::Durability;
-use kalphite_sync::client::ConnectionStatus;
+use kalphite_client::ConnectionStatus;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

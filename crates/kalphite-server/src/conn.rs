@@ -13,11 +13,11 @@ use super::log::{Job, record_entity};
 use super::metrics::Metrics;
 use super::outbox::Outbox;
 use super::{Frame, RoomHandle, Shared, auth};
-use crate::protocol::{
+use kalphite_sync::protocol::{
     ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
     SERVER_USER_ID, ServerMessage, decode_client, encode,
 };
-use crate::room::{ConnId, Outbound, Step};
+use kalphite_sync::room::{ConnId, Outbound, Step};
 
 /// WebSocket close codes used here.
 const CLOSE_NORMAL: u16 = 1000;

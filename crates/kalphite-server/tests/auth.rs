@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use kalphite_sync::client::ConnectionStatus;
+use kalphite_client::ConnectionStatus;
+use kalphite_server::{Claims, encode_claims};
 use kalphite_sync::protocol::{ErrorCode, ServerMessage};
-use kalphite_sync::server::{Claims, encode_claims};
 
 /// Sends a hello with `token` and returns the error code and message the server answered.
 async fn refused(url: &str, room: &str, token: Option<&str>) -> (ErrorCode, String) {
@@ -40,7 +40,7 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
     assert_eq!(code, ErrorCode::Unauthorized);
     assert!(msg.contains("invalid token"), "{msg}");
 
-    let forged = kalphite_sync::server::issue_token(
+    let forged = kalphite_server::issue_token(
         b"another-secret",
         "mallory",
         &["r"],
@@ -87,8 +87,7 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_mode_admits_hellos_without_a_token() {
-    let server =
-        start(kalphite_sync::server::ServerConfig::new(memory_db().await).open(true)).await;
+    let server = start(kalphite_server::ServerConfig::new(memory_db().await).open(true)).await;
     let mut raw = Raw::connect(&server.url()).await;
     raw.hello("r", "guest", None).await;
     raw.recv_until(|m| matches!(m, ServerMessage::Welcome(_)).then_some(()))

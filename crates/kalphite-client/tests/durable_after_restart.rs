@@ -3,6 +3,7 @@
 //! persisted offline queue; a CLI that closed right after it lost the chance to send them
 //! and its replica diverged. Now it waits for those too.
 
+#[path = "../../kalphite-server/tests/common/mod.rs"]
 mod common;
 
 use common::{client, client_config, config, guard, memory_db, snapshot, sqlite, start};

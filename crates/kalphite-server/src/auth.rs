@@ -7,7 +7,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::ErrorCode;
+use kalphite_sync::protocol::ErrorCode;
 
 /// The claims of a room token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +88,7 @@ pub fn encode_claims(secret: &[u8], claims: &Claims) -> Result<String, AuthError
 ///
 /// ```
 /// use std::time::Duration;
-/// use kalphite_sync::server::{issue_token, verify_token};
+/// use kalphite_server::{issue_token, verify_token};
 /// let token = issue_token(b"secret", "alice", &["room-1"], Duration::from_secs(60)).unwrap();
 /// let claims = verify_token(b"secret", &token).unwrap();
 /// assert_eq!(claims.sub, "alice");

@@ -2,6 +2,7 @@
 //! server that stops answering is noticed by the heartbeat and the client reconnects;
 //! remote entities the local schema refuses are reported, not applied.
 
+#[path = "../../kalphite-server/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use kalphite::{Durability, FnSchema, Store};
-use kalphite_sync::client::{SyncEvent, backoff, connect_store};
+use kalphite_client::{SyncEvent, backoff, connect_store};
 use kalphite_sync::protocol::{
     CatchUpPayload, Envelope, ErrorCode, PROTOCOL_VERSION, SERVER_USER_ID, ServerMessage,
     WelcomePayload, encode,

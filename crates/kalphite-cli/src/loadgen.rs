@@ -2,8 +2,8 @@
 //! rooms, S4 idle connections, against any running sync server. Clients speak the wire
 //! protocol directly; observers read each frame's type and entity id (borrowed, the rest
 //! skipped) and keep the frame in a map, their "store", so thousands of clients and
-//! hundreds of thousands of frames per second fit in one generator core. Used by `kalphite-bench-sync` (later `kalphite bench
-//! sync`).
+//! hundreds of thousands of frames per second fit in one generator core. Run by
+//! `kalphite bench sync`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,8 +20,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::clock::VectorClock;
-use crate::protocol::{
+use kalphite_sync::clock::VectorClock;
+use kalphite_sync::protocol::{
     ChangePayload, ClientMessage, Envelope, HelloPayload, PROTOCOL_VERSION, ServerMessage,
     decode_server, encode,
 };
@@ -81,7 +81,7 @@ pub struct BenchOptions {
     pub s4_idle: Duration,
     /// Hang guard for every wait.
     pub timeout: Duration,
-    /// S1 with full clients: two [`SyncClient`](crate::client::SyncClient)s over kalphite
+    /// S1 with full clients: two [`SyncClient`](kalphite_client::SyncClient)s over kalphite
     /// Stores (in-memory SQLite), latency from `put` on A to B's store notifying it.
     pub s1_full_clients: bool,
 }
@@ -196,7 +196,7 @@ impl Client {
         let (mut sink, mut source) = ws.split();
         let token = match &opts.token_secret {
             Some(secret) => Some(
-                crate::server::issue_token(secret, user, &[room], Duration::from_secs(3600))
+                kalphite_server::issue_token(secret, user, &[room], Duration::from_secs(3600))
                     .map_err(|e| BenchError::Config(e.to_string()))?,
             ),
             None => None,
@@ -411,8 +411,8 @@ async fn full_client_latencies(
     room: &str,
     n: u64,
 ) -> Result<Vec<Duration>, BenchError> {
-    use crate::client::{ConnectionStatus, SyncConfig, connect_store};
     use kalphite::Store;
+    use kalphite_client::{ConnectionStatus, SyncConfig, connect_store};
     use kalphite_db::{Database, DatabaseConfig};
 
     let mut clients = Vec::new();
@@ -424,7 +424,7 @@ async fn full_client_latencies(
         let mut config = SyncConfig::new(opts.url.clone(), room, user.clone()).replica_id(&user);
         if let Some(secret) = &opts.token_secret {
             let token =
-                crate::server::issue_token(secret, &user, &[room], Duration::from_secs(3600))
+                kalphite_server::issue_token(secret, &user, &[room], Duration::from_secs(3600))
                     .map_err(|e| BenchError::Config(e.to_string()))?;
             config = config.auth_token(token);
         }
@@ -706,4 +706,66 @@ pub async fn server_rss(opts: &BenchOptions) -> Option<u64> {
     body.lines()
         .find_map(|l| l.strip_prefix("kalphite_sync_process_resident_bytes "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every scenario runs end to end (tiny sizes) against a real server with tokens, so
+    //! `kalphite bench sync` keeps working.
+
+    use std::time::Duration;
+
+    use kalphite_db::{Database, DatabaseConfig};
+    use kalphite_server::{ServerConfig, run as serve};
+
+    use super::{BenchOptions, Scenario, run};
+
+    const SECRET: &[u8] = b"loadgen-test-secret-of-32-bytes!";
+    const GUARD: Duration = Duration::from_secs(60);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_scenario_runs_at_small_scale() {
+        let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
+            .await
+            .expect("open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServerConfig::new(db).token_secret(SECRET.to_vec());
+        let server = tokio::spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+
+        let mut opts = BenchOptions::new(format!("ws://{addr}/sync"));
+        opts.token_secret = Some(SECRET.to_vec());
+        opts.s1_changes = 20;
+        opts.s1_warmup = 5;
+        opts.s2_readers = vec![3];
+        opts.s2_changes = 50;
+        opts.s3_rooms = 5;
+        opts.s3_changes = 10;
+        opts.s4_clients = 20;
+        opts.s4_rooms = 4;
+        opts.s4_idle = Duration::ZERO;
+        opts.timeout = GUARD;
+        for scenario in [Scenario::S1, Scenario::S2, Scenario::S3, Scenario::S4] {
+            let report = tokio::time::timeout(GUARD, run(scenario, &opts))
+                .await
+                .expect("hang guard")
+                .expect("scenario");
+            assert!(report.rows.len() >= 3, "{scenario:?}: {report}");
+        }
+        let report = run(Scenario::S2, &opts).await.expect("s2");
+        assert!(report.to_string().contains("R=3 delivered"));
+        opts.s1_full_clients = true;
+        let report = tokio::time::timeout(GUARD, run(Scenario::S1, &opts))
+            .await
+            .expect("hang guard")
+            .expect("s1 full clients");
+        assert!(report.to_string().contains("full clients"), "{report}");
+        let _ = stop.send(());
+        server.await.expect("join").expect("server");
+    }
 }

@@ -10,7 +10,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use kalphite::{Durability, Store};
 //! use kalphite_db::{Database, DatabaseConfig};
-//! use kalphite_sync::client::{SyncConfig, connect_store};
+//! use kalphite_client::{SyncConfig, connect_store};
 //! let db = Database::open(DatabaseConfig::new("sqlite:./app.db")).await?;
 //! let config = SyncConfig::new("ws://127.0.0.1:8787/sync", "room-1", "alice")
 //!     .auth_token("<token from `kalphite token`>");
@@ -39,8 +39,8 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{ClientMessage, ConflictPayload, ErrorCode};
-use crate::replica::{Replica, ReplicaConfig, ReplicaState};
+use kalphite_sync::protocol::{ClientMessage, ConflictPayload, ErrorCode};
+use kalphite_sync::replica::{Replica, ReplicaConfig, ReplicaState};
 
 pub use session::backoff;
 
