@@ -59,7 +59,7 @@ pub mod store;
 pub use change::{Change, FlushChange, Op, Origin};
 pub use entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, now_millis};
 pub use error::{Error, Result};
-pub use flush::{Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
+pub use flush::{Annotation, Batch, Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
 pub use store::{
     ChangeSink, ChangeStream, Collection, DynCollection, Listener, Notification, Query, RecvError,

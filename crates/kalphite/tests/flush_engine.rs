@@ -862,3 +862,193 @@ async fn counters_track_scheduled_written_and_queue_length() {
     let s = e.stats();
     assert_eq!((s.scheduled, s.written, s.queued, s.batches), (10, 4, 0, 1));
 }
+
+// ---- Batches end at store-transaction boundaries ----
+
+/// Regression: dedup kept an entity's first position with its newest content and each batch
+/// was its own transaction, so with `max_batch_size` 2 the first batch was {a=2, b=1} while
+/// c=1, accepted before a=2, waited for the next batch — a crash between the two batches
+/// left a state the store never had.
+#[tokio::test(start_paused = true)]
+async fn a_batch_never_holds_a_newer_change_without_the_older_ones() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().max_batch_size(2));
+    e.schedule(change("a", 1));
+    e.schedule(change("b", 1));
+    e.schedule(change("c", 1));
+    e.schedule(change("a", 2));
+    e.flush_now().await.unwrap();
+    let first: Vec<_> = t.batches()[0]
+        .iter()
+        .map(|c| (c.id.to_string(), n_of(c)))
+        .collect();
+    assert_eq!(
+        first,
+        vec![("a".into(), 2), ("b".into(), 1), ("c".into(), 1)],
+        "the first batch must hold the state after the fourth transaction"
+    );
+}
+
+/// Regression: a store transaction larger than `max_batch_size` was split across batches,
+/// so a crash between them left half a transaction in the database.
+#[tokio::test(start_paused = true)]
+async fn a_transaction_larger_than_max_batch_size_is_written_in_one_batch() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().max_batch_size(2));
+    let tx1: Vec<_> = (0..5).map(|i| change(&format!("a{i}"), i)).collect();
+    let tx2: Vec<_> = (0..3).map(|i| change(&format!("b{i}"), i)).collect();
+    e.schedule_all(&tx1);
+    e.schedule_all(&tx2);
+    e.flush_now().await.unwrap();
+    assert_eq!(
+        t.sizes(),
+        vec![5, 3],
+        "one batch per transaction, none split"
+    );
+}
+
+/// What a shadow target holds: entity id → `n`.
+type ShadowState = std::collections::BTreeMap<String, i64>;
+
+/// One generated store transaction: `(key, Some(n))` upserts entity `k{key}` with `n`,
+/// `(key, None)` deletes it; then the clock moves `wait_ms` and the target fails its next
+/// `fail_next` attempts.
+#[derive(Clone, Debug)]
+struct GenTx {
+    writes: Vec<(u8, Option<i64>)>,
+    wait_ms: u64,
+    fail_next: u32,
+}
+
+/// A target that applies each batch to a shadow map and checks, after every batch, that
+/// the shadow is the store's state after some prefix of the transactions.
+struct ShadowTarget {
+    prefixes: Vec<ShadowState>,
+    shadow: Mutex<ShadowState>,
+    violations: Mutex<Vec<String>>,
+    fail_next: AtomicU32,
+    write_time: Duration,
+}
+
+impl ShadowTarget {
+    fn apply(&self, changes: &[Change]) -> Result<(), TargetError> {
+        if self.fail_next.load(Ordering::SeqCst) > 0 {
+            self.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return Err("injected failure".into());
+        }
+        let mut shadow = self.shadow.lock();
+        for c in changes {
+            match c.op {
+                Op::Upsert => shadow.insert(c.id.to_string(), n_of(c)),
+                Op::Delete => shadow.remove(c.id.as_str()),
+            };
+        }
+        if !self.prefixes.contains(&shadow) {
+            self.violations.lock().push(format!(
+                "after batch {changes:?}: {shadow:?} is no prefix state"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl FlushTarget for ShadowTarget {
+    async fn write(&self, batch: &[Change]) -> Result<(), TargetError> {
+        if !self.write_time.is_zero() {
+            sleep(self.write_time).await;
+        }
+        self.apply(batch)
+    }
+}
+
+/// Runs `txs` through an engine in front of a [`ShadowTarget`]; returns the violations.
+fn run_transactions(txs: &[GenTx], max_batch_size: usize, write_ms: u64) -> Vec<String> {
+    let mut prefixes = vec![ShadowState::new()];
+    for tx in txs {
+        let mut next = prefixes[prefixes.len() - 1].clone();
+        for &(key, n) in &tx.writes {
+            match n {
+                Some(n) => next.insert(format!("k{key}"), n),
+                None => next.remove(&format!("k{key}")),
+            };
+        }
+        prefixes.push(next);
+    }
+    let last = prefixes[prefixes.len() - 1].clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let target = Arc::new(ShadowTarget {
+            prefixes,
+            shadow: Mutex::new(ShadowState::new()),
+            violations: Mutex::new(Vec::new()),
+            fail_next: AtomicU32::new(0),
+            write_time: Duration::from_millis(write_ms),
+        });
+        let e = FlushEngine::spawn(
+            Arc::clone(&target) as Arc<dyn FlushTarget>,
+            FlushConfig::default()
+                .debounce(Duration::from_millis(10))
+                .max_wait(Duration::from_millis(40))
+                .max_retries(1)
+                .base_retry_delay(Duration::from_millis(5))
+                .max_batch_size(max_batch_size),
+        )
+        .unwrap();
+        for tx in txs {
+            let changes: Vec<Change> = tx
+                .writes
+                .iter()
+                .map(|&(key, n)| match n {
+                    Some(n) => change(&format!("k{key}"), n),
+                    None => delete(&format!("k{key}")),
+                })
+                .collect();
+            e.schedule_all(&changes);
+            target.fail_next.fetch_add(tx.fail_next, Ordering::SeqCst);
+            advance(Duration::from_millis(tx.wait_ms)).await;
+            settle().await;
+        }
+        target.fail_next.store(0, Ordering::SeqCst);
+        while e.flush_now().await.is_err() {}
+        let mut violations = target.violations.lock().clone();
+        if *target.shadow.lock() != last {
+            violations.push(format!("final {:?} != {last:?}", target.shadow.lock()));
+        }
+        violations
+    })
+}
+
+fn gen_tx() -> impl proptest::strategy::Strategy<Value = GenTx> {
+    use proptest::prelude::*;
+    (
+        prop::collection::vec((0u8..5, prop::option::weighted(0.8, 0i64..1000)), 1..4),
+        prop_oneof![4 => Just(0u64), 3 => 1u64..15, 1 => 15u64..60],
+        prop_oneof![6 => Just(0u32), 1 => 1u32..4],
+    )
+        .prop_map(|(writes, wait_ms, fail_next)| GenTx {
+            writes,
+            wait_ms,
+            fail_next,
+        })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    /// Whatever the timing, failures and batch size, the target holds the state after some
+    /// prefix of the store's transactions after every batch, and the final state at the end.
+    #[test]
+    fn every_batch_leaves_the_target_at_a_transaction_boundary(
+        txs in proptest::collection::vec(gen_tx(), 1..40),
+        max_batch_size in 1usize..4,
+        write_ms in proptest::prelude::prop_oneof![proptest::strategy::Just(0u64), 1u64..8],
+    ) {
+        let violations = run_transactions(&txs, max_batch_size, write_ms);
+        proptest::prop_assert!(violations.is_empty(), "{violations:#?}");
+    }
+}

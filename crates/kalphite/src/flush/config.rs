@@ -25,12 +25,17 @@ pub struct FlushConfig {
     /// Longest a change waits under a steady stream of writes (the debounce never
     /// postpones a flush past this).
     pub max_wait: Duration,
-    /// Retries of a failed batch before it goes back to the queue (so `max_retries + 1`
-    /// attempts in all).
+    /// Retries of a failed batch before the engine gives up for now (so `max_retries + 1`
+    /// attempts in a row): the waiters then fail, the batch stays queued and the engine
+    /// keeps trying on its own, every `max_retries + 1` further failures giving up again.
     pub max_retries: u32,
-    /// Delay before the first retry; doubled for each later one.
+    /// Delay before the first retry; doubled for each later one, up to `max_retry_delay`.
     pub base_retry_delay: Duration,
-    /// Most changes in one batch. A full batch flushes without waiting for the debounce.
+    /// The longest wait between two attempts, however many failed before.
+    pub max_retry_delay: Duration,
+    /// Entries (changes and annotation keys) in one batch, a soft limit: a batch is
+    /// extended to the end of the store transactions it holds. A full batch flushes
+    /// without waiting for the debounce.
     pub max_batch_size: usize,
     /// `false` makes the engine a no-op (a memory-only store).
     pub enable_persistence: bool,
@@ -45,6 +50,7 @@ impl Default for FlushConfig {
             max_wait: Duration::from_secs(1),
             max_retries: 3,
             base_retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(30),
             max_batch_size: 100,
             enable_persistence: true,
             durability: Durability::Local,
@@ -81,7 +87,14 @@ impl FlushConfig {
         self
     }
 
-    /// Sets the batch size.
+    /// Sets the longest wait between two attempts.
+    #[must_use]
+    pub fn max_retry_delay(mut self, d: Duration) -> Self {
+        self.max_retry_delay = d;
+        self
+    }
+
+    /// Sets the batch size (a soft limit: transactions are never split).
     #[must_use]
     pub fn max_batch_size(mut self, n: usize) -> Self {
         self.max_batch_size = n;
@@ -106,7 +119,8 @@ impl FlushConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a zero batch size, a `max_wait` shorter than the
-    /// debounce, a zero retry delay with retries enabled, or `Durability::Memory`.
+    /// debounce, a zero retry delay with retries enabled, a zero `max_retry_delay` or one
+    /// shorter than `base_retry_delay`, more than 30 retries, or `Durability::Memory`.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
         if self.max_batch_size == 0 {
@@ -119,7 +133,13 @@ impl FlushConfig {
             return bad("base_retry_delay must be positive when retries are enabled");
         }
         if self.max_retries > 30 {
-            return bad("max_retries above 30 would wait longer than a lifetime between tries");
+            return bad("max_retries must be at most 30");
+        }
+        if self.max_retry_delay.is_zero() {
+            return bad("max_retry_delay must be positive");
+        }
+        if self.max_retry_delay < self.base_retry_delay {
+            return bad("max_retry_delay must not be shorter than base_retry_delay");
         }
         if self.durability == Durability::Memory {
             return bad("a flush target cannot provide Durability::Memory; use Local or Server");
@@ -127,11 +147,20 @@ impl FlushConfig {
         Ok(())
     }
 
-    /// The wait before retry number `retry` (1-based): base, 2×base, 4×base, …
+    /// The wait after failed attempt number `failure` (1-based, counted since the last
+    /// successful write): base, 2×base, 4×base, … capped at `max_retry_delay` (which is
+    /// also the wait when the base is zero, as it may be without retries).
     #[must_use]
-    pub fn retry_delay(&self, retry: u32) -> Duration {
-        self.base_retry_delay
-            .saturating_mul(1u32 << retry.saturating_sub(1).min(30))
+    pub fn retry_delay(&self, failure: u32) -> Duration {
+        let delay = self
+            .base_retry_delay
+            .saturating_mul(1u32 << failure.saturating_sub(1).min(30))
+            .min(self.max_retry_delay);
+        if delay.is_zero() {
+            self.max_retry_delay
+        } else {
+            delay
+        }
     }
 }
 
@@ -145,6 +174,7 @@ mod tests {
         assert_eq!(c.debounce, Duration::from_millis(100));
         assert_eq!(c.max_retries, 3);
         assert_eq!(c.base_retry_delay, Duration::from_millis(100));
+        assert_eq!(c.max_retry_delay, Duration::from_secs(30));
         assert_eq!(c.max_batch_size, 100);
         assert!(c.enable_persistence);
         assert!(c.validate().is_ok());
@@ -182,6 +212,17 @@ mod tests {
                 .validate()
                 .is_err()
         );
+        let e = FlushConfig::default()
+            .max_retry_delay(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("max_retry_delay"), "{e}");
+        assert!(
+            FlushConfig::default()
+                .max_retry_delay(Duration::from_millis(50))
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]
@@ -189,5 +230,17 @@ mod tests {
         let c = FlushConfig::default();
         let delays: Vec<_> = (1..=3).map(|r| c.retry_delay(r).as_millis()).collect();
         assert_eq!(delays, vec![100, 200, 400]);
+    }
+
+    #[test]
+    fn retry_delays_stop_doubling_at_the_cap() {
+        let c = FlushConfig::default().max_retry_delay(Duration::from_millis(1000));
+        let delays: Vec<_> = (1..=6).map(|r| c.retry_delay(r).as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(c.retry_delay(u32::MAX), Duration::from_millis(1000));
+        let no_base = FlushConfig::default()
+            .max_retries(0)
+            .base_retry_delay(Duration::ZERO);
+        assert_eq!(no_base.retry_delay(1), Duration::from_secs(30));
     }
 }

@@ -1,6 +1,11 @@
-//! The [`FlushEngine`]: a background task that takes the store's changes, deduplicates them
-//! per entity, waits for a quiet moment (debounce), writes them to its target in ordered
-//! batches, retries failures with exponential backoff, and never drops a change.
+//! The [`FlushEngine`]: a background task that takes the store's committed transactions,
+//! deduplicates them per entity (and per annotation key), waits for a quiet moment
+//! (debounce), writes them to its target in ordered batches, retries failures with a capped
+//! exponential backoff, and never drops a change.
+//!
+//! A batch ends only at a transaction boundary: the oldest `max_batch_size` entries, extended
+//! until every entry left queued was first touched after the newest transaction in the batch,
+//! so the target, applying batches in order, always holds the state after some transaction.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -8,32 +13,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use indexmap::IndexMap;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, broadcast, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::change::{Change, Origin};
-use crate::entity::{EntityId, Kind};
 use crate::error::{Error, Result};
 use crate::flush::config::FlushConfig;
-use crate::flush::target::FlushTarget;
+use crate::flush::queue::{Cut, Queue};
+use crate::flush::target::{Annotation, Batch, FlushTarget};
 use crate::store::ChangeSink;
 
 /// Why changes could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FlushError {
-    /// The target failed every attempt; the changes stay queued for the next flush.
+    /// The target failed `max_retries + 1` attempts in a row; the changes stay queued and
+    /// the engine keeps trying (a later `durable`/`flush_now` tries again at once).
     #[error(
-        "flush target '{target}' failed {attempts} times ({cause}); \
-         {queued} changes stay queued and will be tried again on the next flush"
+        "flush target '{target}' failed {attempts} times in a row ({cause}); \
+         {queued} changes stay queued and the engine keeps trying"
     )]
     TargetFailed {
         /// The target's name.
         target: String,
-        /// How many attempts were made.
+        /// Failed attempts in a row.
         attempts: u32,
         /// The last error, as text.
         cause: String,
@@ -65,14 +70,15 @@ pub enum FlushEvent {
     },
     /// An attempt failed; another follows after `retry_in`.
     AttemptFailed {
-        /// 1-based attempt number.
+        /// Failed attempts in a row, this one included.
         attempt: u32,
         /// The target's error.
         cause: String,
         /// The backoff before the next attempt.
         retry_in: Duration,
     },
-    /// Every attempt failed; the batch went back to the queue.
+    /// `max_retries + 1` attempts in a row failed: the waiters were told, the batch went
+    /// back to the queue, and the engine keeps trying after a (capped) backoff.
     GaveUp {
         /// Changes in the batch.
         changes: usize,
@@ -89,13 +95,17 @@ pub struct FlushStats {
     pub scheduled: u64,
     /// Changes written by the target (after deduplication).
     pub written: u64,
+    /// Annotations accepted for flushing (before deduplication per key).
+    pub annotations_scheduled: u64,
+    /// Annotations written by the target (after deduplication per key).
+    pub annotations_written: u64,
     /// Batches written.
     pub batches: u64,
     /// Failed attempts.
     pub failed_attempts: u64,
-    /// Retries made.
+    /// Attempts made after a failed one.
     pub retries: u64,
-    /// Batches that exhausted their retries and went back to the queue.
+    /// Times `max_retries + 1` attempts in a row failed (the engine kept the batch queued).
     pub gave_up: u64,
     /// Changes queued now (pending and in flight).
     pub queued: usize,
@@ -115,39 +125,29 @@ pub struct ShutdownError {
 struct Counters {
     scheduled: AtomicU64,
     written: AtomicU64,
+    annotations_scheduled: AtomicU64,
+    annotations_written: AtomicU64,
     batches: AtomicU64,
     failed_attempts: AtomicU64,
     retries: AtomicU64,
     gave_up: AtomicU64,
 }
 
-type Key = (Kind, EntityId);
-
-struct Entry {
-    change: Change,
-    /// Sequence number of the oldest change this entry stands for (a newer change to
-    /// the same entity replaces the content, not the position or the sequence).
-    first_seq: u64,
-}
-
-struct InFlight {
-    changes: Arc<[Change]>,
-    first_seqs: Vec<u64>,
-}
-
 struct Waiter {
-    /// Resolves once no queued change has a sequence number below this.
+    /// Resolves once no queued entry stands for a transaction below this.
     upto: u64,
     tx: oneshot::Sender<Result<(), FlushError>>,
 }
 
 struct State {
-    /// Deduplicated changes, in first-scheduled order (so `first_seq` ascends).
-    pending: IndexMap<Key, Entry>,
-    in_flight: Option<InFlight>,
-    next_seq: u64,
+    /// Entries not yet handed to the target, in first-scheduled order.
+    queue: Queue,
+    /// The batch the target is writing now.
+    in_flight: Option<Cut>,
+    /// Number of the next transaction (one per scheduling call).
+    next_tx: u64,
     paused: bool,
-    /// `flush_now` asks for every change below this to be flushed without waiting.
+    /// `flush_now` asks for every transaction below this to be flushed without waiting.
     force_upto: u64,
     deadline: Option<Instant>,
     oldest_pending_at: Option<Instant>,
@@ -155,31 +155,40 @@ struct State {
     closing: bool,
     closed: bool,
     last_error: Option<String>,
-    /// A batch gave up: hold the queue until something new happens (a change,
-    /// `flush_now`, `resume`, shutdown) instead of hammering a failing target.
-    held: bool,
+    /// Failed attempts in a row (since the last write, or since a waiter started fresh
+    /// tries): drives the backoff, and every `max_retries + 1` of them is a give-up.
+    failures: u32,
+    /// After a failed attempt: no attempt before this, whatever the debounce says.
+    retry_at: Option<Instant>,
+    /// The engine gave up and retries on its own at a slow pace; the next waiter
+    /// (`durable`, `flush_now`, shutdown) starts fresh tries at once.
+    gave_up: bool,
 }
 
 impl State {
-    /// Lowest sequence number still queued, if any.
-    fn oldest_seq(&self) -> Option<u64> {
-        let flying = self
-            .in_flight
-            .as_ref()
-            .and_then(|f| f.first_seqs.first().copied());
-        let pending = self.pending.first().map(|(_, e)| e.first_seq);
+    /// Lowest transaction still queued, if any.
+    fn oldest_tx(&self) -> Option<u64> {
+        let flying = self.in_flight.as_ref().and_then(Cut::first_tx);
+        let pending = self.queue.first_tx();
         match (flying, pending) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
+    /// Changes queued (pending and in flight); annotations are not counted.
     fn queued(&self) -> usize {
-        self.pending.len() + self.in_flight.as_ref().map_or(0, |f| f.changes.len())
+        self.queue.changes().count() + self.in_flight.as_ref().map_or(0, |f| f.changes.len())
+    }
+
+    /// Every change not yet written: in flight (or retrying) first, then pending.
+    fn queued_changes(&self) -> Vec<Change> {
+        let flying = self.in_flight.iter().flat_map(|f| f.changes.iter());
+        flying.chain(self.queue.changes()).cloned().collect()
     }
 
     fn resolve_waiters(&mut self) {
-        let oldest = self.oldest_seq();
+        let oldest = self.oldest_tx();
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|w| oldest.is_none_or(|o| o >= w.upto));
@@ -189,31 +198,20 @@ impl State {
         }
     }
 
-    fn fail_waiters(&mut self, from_seq: u64, err: &FlushError) {
-        let (failed, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| w.upto > from_seq);
-        self.waiters = waiting;
-        for w in failed {
+    fn fail_waiters(&mut self, err: &FlushError) {
+        for w in std::mem::take(&mut self.waiters) {
             let _ = w.tx.send(Err(err.clone()));
         }
     }
 
-    /// Puts a failed batch back in front of the queue. Where a newer change to the same
-    /// entity arrived meanwhile, the newer content is kept, at the older position.
-    fn requeue(&mut self, flight: InFlight) {
-        let mut merged: IndexMap<Key, Entry> =
-            IndexMap::with_capacity(self.pending.len() + flight.changes.len());
-        for (change, first_seq) in flight.changes.iter().zip(flight.first_seqs) {
-            let key = (change.kind.clone(), change.id.clone());
-            let change = match self.pending.shift_remove(&key) {
-                Some(newer) => newer.change,
-                None => change.clone(),
-            };
-            merged.insert(key, Entry { change, first_seq });
+    /// After a give-up, starts a fresh round of attempts now, with the backoff from its
+    /// base (someone is waiting for an answer).
+    fn start_fresh_tries(&mut self) {
+        if self.gave_up {
+            self.gave_up = false;
+            self.failures = 0;
+            self.retry_at = Some(Instant::now());
         }
-        merged.extend(self.pending.drain(..));
-        self.pending = merged;
     }
 }
 
@@ -230,7 +228,8 @@ struct Shared {
 /// The flush engine: a cheap handle (clones share one engine) to a background task.
 ///
 /// Give it to a store with [`crate::StoreBuilder::flush_engine`]; the store then schedules
-/// every accepted change on it.
+/// every accepted change on it. With [`crate::StoreBuilder::flush_engine_via`] a feeder
+/// schedules them instead, adding its own annotations ([`Self::schedule_annotated`]).
 #[derive(Clone)]
 pub struct FlushEngine {
     shared: Arc<Shared>,
@@ -238,20 +237,12 @@ pub struct FlushEngine {
 
 /// What the worker does next.
 enum Step {
-    Write(Arc<[Change]>),
+    Write {
+        changes: Arc<[Change]>,
+        annotations: Arc<[(Arc<str>, Annotation)]>,
+    },
     Wait(Option<Instant>),
     Exit,
-}
-
-/// How a batch ended.
-enum Outcome {
-    Written,
-    GaveUp {
-        attempts: u32,
-        cause: String,
-    },
-    /// Paused between retries: back to the queue, nothing failed.
-    Interrupted,
 }
 
 impl FlushEngine {
@@ -269,9 +260,9 @@ impl FlushEngine {
             config,
             target,
             state: Mutex::new(State {
-                pending: IndexMap::new(),
+                queue: Queue::default(),
                 in_flight: None,
-                next_seq: 0,
+                next_tx: 0,
                 paused: false,
                 force_upto: 0,
                 deadline: None,
@@ -280,7 +271,9 @@ impl FlushEngine {
                 closing: false,
                 closed: false,
                 last_error: None,
-                held: false,
+                failures: 0,
+                retry_at: None,
+                gave_up: false,
             }),
             wake: Notify::new(),
             counters: Counters::default(),
@@ -298,62 +291,68 @@ impl FlushEngine {
         &self.shared.config
     }
 
-    /// Schedules an upsert or delete (the store calls this for every accepted change).
+    /// Schedules one upsert or delete, as a transaction of its own.
     pub fn schedule(&self, change: Change) {
         self.schedule_all(std::slice::from_ref(&change));
     }
 
-    /// Schedules several changes at once.
+    /// Schedules the changes of one store transaction (the store calls this for every
+    /// committed write). They are never split across batches.
     pub fn schedule_all(&self, changes: &[Change]) {
+        self.schedule_annotated(changes, Vec::new());
+    }
+
+    /// Schedules one transaction holding `changes` and keyed `annotations` (bookkeeping the
+    /// engine does not look into, such as a sync outbox). Per key the latest annotation
+    /// wins, as the latest change does per entity, and the target receives each annotation
+    /// in the same batch as the changes of the transaction that set it
+    /// ([`FlushTarget::write_batch`]). A call with annotations and no changes is a
+    /// transaction too; changes marked [`Origin::Storage`] are left out.
+    pub fn schedule_annotated(&self, changes: &[Change], annotations: Vec<(Arc<str>, Annotation)>) {
         let shared = &*self.shared;
         if !shared.config.enable_persistence {
             return;
         }
         let now = Instant::now();
         let mut accepted = 0u64;
+        let notes = annotations.len() as u64;
         {
             let mut st = shared.state.lock();
+            let tx = st.next_tx;
             for change in changes.iter().filter(|c| c.origin != Origin::Storage) {
-                let seq = st.next_seq;
-                st.next_seq += 1;
+                st.queue.push_change(change.clone(), tx);
                 accepted += 1;
-                let key = (change.kind.clone(), change.id.clone());
-                match st.pending.entry(key) {
-                    indexmap::map::Entry::Occupied(mut e) => e.get_mut().change = change.clone(),
-                    indexmap::map::Entry::Vacant(e) => {
-                        e.insert(Entry {
-                            change: change.clone(),
-                            first_seq: seq,
-                        });
-                    }
-                }
             }
-            if accepted == 0 {
+            if accepted == 0 && notes == 0 {
                 return;
             }
-            st.held = false;
+            for (key, annotation) in annotations {
+                st.queue.push_annotation(key, annotation, tx);
+            }
+            st.next_tx += 1;
             st.deadline = Some(now + shared.config.debounce);
             st.oldest_pending_at.get_or_insert(now);
         }
-        shared
-            .counters
-            .scheduled
-            .fetch_add(accepted, Ordering::Relaxed);
+        let c = &shared.counters;
+        c.scheduled.fetch_add(accepted, Ordering::Relaxed);
+        c.annotations_scheduled.fetch_add(notes, Ordering::Relaxed);
         shared.wake.notify_one();
     }
 
     /// Writes everything queued up to this call now, ignoring the debounce and a pause;
-    /// resolves when all of it has been written, or fails with the cause.
+    /// resolves when all of it (annotations included) has been written, or fails with the
+    /// cause.
     ///
     /// # Errors
-    /// [`FlushError::TargetFailed`] when a batch holding these changes exhausted its
-    /// retries (the changes stay queued), [`FlushError::Closed`] after shutdown.
+    /// [`FlushError::TargetFailed`] when `max_retries + 1` attempts in a row failed (the
+    /// changes stay queued), [`FlushError::Closed`] after shutdown.
     pub fn flush_now(&self) -> impl Future<Output = Result<(), FlushError>> + Send + 'static {
         self.wait(true)
     }
 
-    /// Resolves once every change scheduled before this call has been written (on the
-    /// engine's own schedule), or fails with the cause.
+    /// Resolves once everything scheduled before this call (annotations included) has
+    /// been written, on the engine's own schedule, or fails with the cause. After the
+    /// engine gave up, this starts a fresh round of attempts at once.
     ///
     /// # Errors
     /// As [`Self::flush_now`].
@@ -365,8 +364,8 @@ impl FlushEngine {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = self.shared.state.lock();
-            let upto = st.next_seq;
-            if st.oldest_seq().is_none_or(|o| o >= upto) {
+            let upto = st.next_tx;
+            if st.oldest_tx().is_none_or(|o| o >= upto) {
                 let _ = tx.send(Ok(()));
             } else if st.closed {
                 let _ = tx.send(Err(FlushError::Closed {
@@ -375,8 +374,8 @@ impl FlushEngine {
             } else {
                 if force {
                     st.force_upto = st.force_upto.max(upto);
-                    st.held = false;
                 }
+                st.start_fresh_tries();
                 st.waiters.push(Waiter { upto, tx });
             }
         }
@@ -389,13 +388,13 @@ impl FlushEngine {
         self.shared.state.lock().paused = true;
     }
 
-    /// Releases a pause: what was queued flushes on the normal schedule.
+    /// Releases a pause: what was queued flushes on the normal schedule (a batch waiting
+    /// for a retry keeps its backoff).
     pub fn resume(&self) {
         {
             let mut st = self.shared.state.lock();
             st.paused = false;
-            st.held = false;
-            if !st.pending.is_empty() {
+            if !st.queue.is_empty() {
                 st.deadline = Some(Instant::now() + self.shared.config.debounce);
             }
         }
@@ -408,14 +407,10 @@ impl FlushEngine {
         self.shared.state.lock().paused
     }
 
-    /// Every change not yet written: in flight (or retrying) first, then pending.
+    /// Every change not yet written: in flight first, then pending (annotations left out).
     #[must_use]
     pub fn queued_changes(&self) -> Vec<Change> {
-        let st = self.shared.state.lock();
-        let flying = st.in_flight.iter().flat_map(|f| f.changes.iter().cloned());
-        flying
-            .chain(st.pending.values().map(|e| e.change.clone()))
-            .collect()
+        self.shared.state.lock().queued_changes()
     }
 
     /// The counters.
@@ -425,6 +420,8 @@ impl FlushEngine {
         FlushStats {
             scheduled: c.scheduled.load(Ordering::Relaxed),
             written: c.written.load(Ordering::Relaxed),
+            annotations_scheduled: c.annotations_scheduled.load(Ordering::Relaxed),
+            annotations_written: c.annotations_written.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
             failed_attempts: c.failed_attempts.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
@@ -433,19 +430,20 @@ impl FlushEngine {
         }
     }
 
-    /// The last error the target returned, if the last batch failed.
+    /// The last error the target returned, if the last attempt failed.
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
         self.shared.state.lock().last_error.clone()
     }
 
-    /// Events as they happen (written batches, failed attempts, batches given up).
+    /// Events as they happen (written batches, failed attempts, give-ups).
     #[must_use]
     pub fn events(&self) -> broadcast::Receiver<FlushEvent> {
         self.shared.events.subscribe()
     }
 
-    /// Drains: writes everything queued (even if paused), then stops the worker.
+    /// Drains: writes everything queued (even if paused), then stops the worker. Draining
+    /// stops at the first give-up.
     ///
     /// # Errors
     /// [`ShutdownError`] with every change that could not be written.
@@ -462,11 +460,8 @@ impl FlushEngine {
         if st.queued() == 0 {
             return Ok(());
         }
-        let flying = st.in_flight.iter().flat_map(|f| f.changes.iter().cloned());
         Err(ShutdownError {
-            unwritten: flying
-                .chain(st.pending.values().map(|e| e.change.clone()))
-                .collect(),
+            unwritten: st.queued_changes(),
             cause: st
                 .last_error
                 .clone()
@@ -476,7 +471,11 @@ impl FlushEngine {
 
     /// Starts draining without waiting (used when the last store handle is dropped).
     pub fn begin_shutdown(&self) {
-        self.shared.state.lock().closing = true;
+        {
+            let mut st = self.shared.state.lock();
+            st.closing = true;
+            st.start_fresh_tries();
+        }
         self.shared.wake.notify_one();
     }
 }
@@ -510,9 +509,16 @@ async fn run(shared: Arc<Shared>) {
                 }
                 None => shared.wake.notified().await,
             },
-            Step::Write(batch) => {
-                let outcome = write_with_retries(&shared, &batch).await;
-                if !finish_batch(&shared, outcome) {
+            Step::Write {
+                changes,
+                annotations,
+            } => {
+                let batch = Batch {
+                    changes: &changes,
+                    annotations: &annotations,
+                };
+                let result = attempt(&shared, &batch).await;
+                if !finish_batch(&shared, result) {
                     return;
                 }
                 // Targets that never wait would otherwise keep this task from yielding.
@@ -526,144 +532,141 @@ fn next_step(shared: &Shared) -> Step {
     let cfg = &shared.config;
     let mut st = shared.state.lock();
     st.resolve_waiters();
-    let Some((_, front)) = st.pending.first() else {
+    let Some(front_tx) = st.queue.first_tx() else {
         if st.closing {
             st.closed = true;
             let queued = st.queued();
-            st.fail_waiters(0, &FlushError::Closed { queued });
+            st.fail_waiters(&FlushError::Closed { queued });
             return Step::Exit;
         }
         return Step::Wait(None);
     };
-    let forced = st.closing || front.first_seq < st.force_upto;
-    if (st.paused || st.held) && !forced {
+    let forced = st.closing || front_tx < st.force_upto;
+    if st.paused && !forced {
         return Step::Wait(None);
     }
     let now = Instant::now();
-    let by_debounce = st.deadline.unwrap_or(now);
-    let by_max_wait = st.oldest_pending_at.map_or(now, |t| t + cfg.max_wait);
-    let due_at = by_debounce.min(by_max_wait);
-    if !(forced || st.pending.len() >= cfg.max_batch_size || due_at <= now) {
+    let due_at = match st.retry_at {
+        // A failed batch waits out its backoff, whatever else happens.
+        Some(t) => t,
+        None if forced || st.queue.len() >= cfg.max_batch_size => now,
+        None => {
+            let by_debounce = st.deadline.unwrap_or(now);
+            let by_max_wait = st.oldest_pending_at.map_or(now, |t| t + cfg.max_wait);
+            by_debounce.min(by_max_wait)
+        }
+    };
+    if due_at > now {
         return Step::Wait(Some(due_at));
     }
-    let n = st.pending.len().min(cfg.max_batch_size);
-    let (changes, first_seqs): (Vec<Change>, Vec<u64>) = st
-        .pending
-        .drain(..n)
-        .map(|(_, e)| (e.change, e.first_seq))
-        .unzip();
-    let changes: Arc<[Change]> = changes.into();
-    st.oldest_pending_at = if st.pending.is_empty() {
-        None
-    } else {
-        Some(now)
+    let Some(cut) = st.queue.cut(cfg.max_batch_size) else {
+        return Step::Wait(None);
     };
-    st.in_flight = Some(InFlight {
-        changes: Arc::clone(&changes),
-        first_seqs,
-    });
-    Step::Write(changes)
+    if st.last_error.is_some() {
+        shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    st.oldest_pending_at = if st.queue.is_empty() { None } else { Some(now) };
+    let step = Step::Write {
+        changes: Arc::clone(&cut.changes),
+        annotations: Arc::clone(&cut.annotations),
+    };
+    st.in_flight = Some(cut);
+    step
 }
 
-async fn write_with_retries(shared: &Shared, batch: &[Change]) -> Outcome {
-    let cfg = &shared.config;
-    let name = shared.target.name().to_owned();
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        tracing::debug!(target: "kalphite::flush", target_name = %name, changes = batch.len(), attempt, "flush start");
-        let result = AssertUnwindSafe(shared.target.write(batch))
-            .catch_unwind()
-            .await;
-        let cause = match result {
-            Ok(Ok(())) => {
-                tracing::debug!(target: "kalphite::flush", target_name = %name, changes = batch.len(), "flush done");
-                return Outcome::Written;
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => format!("the target panicked: {}", panic_message(&*panic)),
-        };
-        shared
-            .counters
-            .failed_attempts
-            .fetch_add(1, Ordering::Relaxed);
-        shared.state.lock().last_error = Some(cause.clone());
-        if attempt > cfg.max_retries {
-            return Outcome::GaveUp {
-                attempts: attempt,
-                cause,
-            };
+/// One attempt at writing `batch`; a panicking target counts as a failed attempt.
+async fn attempt(shared: &Shared, batch: &Batch<'_>) -> std::result::Result<(), String> {
+    let name = shared.target.name();
+    let (changes, annotations) = (batch.changes.len(), batch.annotations.len());
+    tracing::debug!(target: "kalphite::flush", target_name = %name, changes, annotations, "flush start");
+    let result = AssertUnwindSafe(shared.target.write_batch(batch))
+        .catch_unwind()
+        .await;
+    match result {
+        Ok(Ok(())) => {
+            tracing::debug!(target: "kalphite::flush", target_name = %name, changes, annotations, "flush done");
+            Ok(())
         }
-        let delay = cfg.retry_delay(attempt);
-        tracing::warn!(target: "kalphite::flush", target_name = %name, attempt, error = %cause, retry_in_ms = delay.as_millis() as u64, "flush attempt failed");
-        let _ = shared.events.send(FlushEvent::AttemptFailed {
-            attempt,
-            cause,
-            retry_in: delay,
-        });
-        tokio::time::sleep(delay).await;
-        {
-            let st = shared.state.lock();
-            let forced = st.closing || st.force_upto > 0;
-            if st.paused && !forced {
-                return Outcome::Interrupted;
-            }
-        }
-        shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("the target panicked: {}", panic_message(&*panic))),
     }
 }
 
-/// Records how a batch ended; `false` when the worker must stop.
-fn finish_batch(shared: &Shared, outcome: Outcome) -> bool {
+/// Records how an attempt ended; `false` when the worker must stop.
+fn finish_batch(shared: &Shared, result: std::result::Result<(), String>) -> bool {
+    let cfg = &shared.config;
     let mut st = shared.state.lock();
     let Some(flight) = st.in_flight.take() else {
         return true;
     };
     let n = flight.changes.len();
-    match outcome {
-        Outcome::Written => {
+    let cause = match result {
+        Ok(()) => {
             st.last_error = None;
-            shared
-                .counters
-                .written
-                .fetch_add(n as u64, Ordering::Relaxed);
-            shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+            st.failures = 0;
+            st.retry_at = None;
+            st.gave_up = false;
+            let c = &shared.counters;
+            c.written.fetch_add(n as u64, Ordering::Relaxed);
+            c.annotations_written
+                .fetch_add(flight.annotations.len() as u64, Ordering::Relaxed);
+            c.batches.fetch_add(1, Ordering::Relaxed);
             let _ = shared.events.send(FlushEvent::Written { changes: n });
-            if st.pending.is_empty() || st.oldest_seq() >= Some(st.force_upto) {
+            if st.queue.is_empty() || st.oldest_tx() >= Some(st.force_upto) {
                 st.force_upto = 0;
             }
             st.resolve_waiters();
+            return true;
         }
-        Outcome::Interrupted => st.requeue(flight),
-        Outcome::GaveUp { attempts, cause } => {
-            let from_seq = flight.first_seqs.first().copied().unwrap_or(0);
-            st.requeue(flight);
-            shared.counters.gave_up.fetch_add(1, Ordering::Relaxed);
-            let queued = st.queued();
-            tracing::error!(
-                target: "kalphite::flush",
-                target_name = %shared.target.name(), attempts, error = %cause, queued,
-                "flush gave up; the changes stay queued"
-            );
-            let err = FlushError::TargetFailed {
-                target: shared.target.name().to_owned(),
-                attempts,
-                cause: cause.clone(),
-                queued,
-            };
-            st.fail_waiters(from_seq, &err);
-            // Stop forcing: the next flush_now, change or resume tries again.
-            st.force_upto = 0;
-            st.held = true;
-            let _ = shared.events.send(FlushEvent::GaveUp { changes: n, cause });
-            if st.closing {
-                // Draining failed: stop here and let shutdown report what is left.
-                st.closed = true;
-                let queued = st.queued();
-                st.fail_waiters(0, &FlushError::Closed { queued });
-                return false;
-            }
-        }
+        Err(cause) => cause,
+    };
+    // Back in front of the queue; the next attempt waits out the backoff and may take
+    // newer transactions along.
+    st.queue.requeue(flight);
+    shared
+        .counters
+        .failed_attempts
+        .fetch_add(1, Ordering::Relaxed);
+    st.failures = st.failures.saturating_add(1);
+    let failures = st.failures;
+    let delay = cfg.retry_delay(failures);
+    st.retry_at = Some(Instant::now() + delay);
+    st.last_error = Some(cause.clone());
+    let name = shared.target.name();
+    if !failures.is_multiple_of(cfg.max_retries + 1) {
+        tracing::warn!(target: "kalphite::flush", target_name = %name, attempt = failures, error = %cause, retry_in_ms = delay.as_millis() as u64, "flush attempt failed");
+        let _ = shared.events.send(FlushEvent::AttemptFailed {
+            attempt: failures,
+            cause,
+            retry_in: delay,
+        });
+        return true;
+    }
+    shared.counters.gave_up.fetch_add(1, Ordering::Relaxed);
+    let queued = st.queued();
+    tracing::error!(
+        target: "kalphite::flush",
+        target_name = %name, attempts = failures, error = %cause, queued,
+        retry_in_ms = delay.as_millis() as u64,
+        "flush gave up for now; the changes stay queued"
+    );
+    st.fail_waiters(&FlushError::TargetFailed {
+        target: name.to_owned(),
+        attempts: failures,
+        cause: cause.clone(),
+        queued,
+    });
+    // Stop forcing (a pause holds again) and retry on the slow schedule until a waiter
+    // asks for fresh tries.
+    st.force_upto = 0;
+    st.gave_up = true;
+    let _ = shared.events.send(FlushEvent::GaveUp { changes: n, cause });
+    if st.closing {
+        // Draining failed: stop here and let shutdown report what is left.
+        st.closed = true;
+        let queued = st.queued();
+        st.fail_waiters(&FlushError::Closed { queued });
+        return false;
     }
     true
 }

@@ -30,7 +30,9 @@ use tx::State;
 
 /// Receives every accepted change, in commit order, while the write is being committed.
 ///
-/// This is the seam between Layer 1 and the layers above: the flush engine implements it.
+/// This is the seam between Layer 1 and the layers above: the flush engine implements it,
+/// and a feeder given to [`StoreBuilder::flush_engine_via`] implements it to schedule the
+/// changes on its engine with annotations of its own.
 /// `accept` runs under the store's write lock, so it must be quick and must not call back
 /// into the store (queue the changes and return).
 pub trait ChangeSink: Send + Sync + 'static {
@@ -63,7 +65,8 @@ struct Inner {
     state: RwLock<State>,
     schema: Option<SharedSchema>,
     sinks: Vec<Arc<dyn ChangeSink>>,
-    /// The flush engines among the sinks, for flush control and durability waits.
+    /// The flush engines (fed directly or through a feeder among the sinks), for flush
+    /// control and durability waits.
     engines: Vec<FlushEngine>,
     notifier: Arc<Notifier>,
 }
@@ -119,6 +122,19 @@ impl StoreBuilder {
     /// one per target, such as the database and the sync client).
     pub fn flush_engine(mut self, engine: FlushEngine) -> Self {
         self.sinks.push(Arc::new(engine.clone()));
+        self.engines.push(engine);
+        self
+    }
+
+    /// Like [`Self::flush_engine`], except that the store does not schedule changes on
+    /// `engine` itself: `feeder` is added as a sink (in builder order with the other sinks)
+    /// and is expected to schedule each committed write on the engine, typically with
+    /// [`FlushEngine::schedule_annotated`] to write bookkeeping in the same batches. The
+    /// store still controls the engine: [`Store::flush_now`], [`Store::durable`] at its
+    /// durability level, pause and resume, [`Store::queued_changes`], [`Store::close`],
+    /// and draining when the last handle is dropped.
+    pub fn flush_engine_via(mut self, engine: FlushEngine, feeder: Arc<dyn ChangeSink>) -> Self {
+        self.sinks.push(feeder);
         self.engines.push(engine);
         self
     }
