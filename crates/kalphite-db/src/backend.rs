@@ -8,6 +8,7 @@ use crate::backup::Record;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::Query;
+use crate::sync_state::{SyncTables, SyncWrite};
 
 /// One entity ready to be written: data already validated and serialized.
 #[derive(Clone, Debug)]
@@ -33,7 +34,12 @@ pub(crate) const ROW_OVERHEAD: usize = 32;
 #[derive(Clone, Debug)]
 pub(crate) enum Write {
     Upsert(Row),
-    Delete { kind: Kind, id: EntityId },
+    Delete {
+        kind: Kind,
+        id: EntityId,
+    },
+    /// A row of the sync client's bookkeeping tables.
+    Sync(SyncWrite),
 }
 
 impl Write {
@@ -41,6 +47,7 @@ impl Write {
         match self {
             Self::Upsert(row) => row.size(),
             Self::Delete { .. } => 0,
+            Self::Sync(w) => w.size(),
         }
     }
 }
@@ -96,6 +103,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn dump(&self) -> Result<Vec<Record>>;
     /// Replaces every entity with `records`, in one transaction.
     async fn replace_all(&self, records: Vec<Record>, quota: Option<Quota>) -> Result<()>;
+    /// Everything in the sync bookkeeping tables.
+    async fn read_sync(&self) -> Result<SyncTables>;
     /// Each kind with its entity count.
     async fn kinds(&self) -> Result<Vec<(Kind, u64)>>;
     /// Bytes the quota counts as used.

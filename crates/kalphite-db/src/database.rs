@@ -16,6 +16,7 @@ use crate::migration::{self, AppliedMigration, Migration};
 use crate::postgres::Postgres;
 use crate::query::Query;
 use crate::sqlite::Sqlite;
+use crate::sync_state::{SyncTables, SyncWrite};
 
 /// An open database: SQLite or PostgreSQL behind one API. A cheap `Clone` handle.
 ///
@@ -313,7 +314,17 @@ impl Database {
     /// [`Error::InvalidChange`] for an upsert without its entity, [`Error::Validation`],
     /// [`Error::QuotaExceeded`], backend errors. Nothing is written on error.
     pub async fn apply_changes(&self, changes: &[Change]) -> Result<()> {
-        let mut writes = Vec::with_capacity(changes.len());
+        self.write_with_sync(changes, Vec::new()).await
+    }
+
+    /// Applies a batch of changes and writes the sync client's bookkeeping rows that go
+    /// with them, all in one transaction: after a crash the bookkeeping always describes
+    /// the entity rows that are on disk.
+    ///
+    /// # Errors
+    /// As [`Database::apply_changes`]. Nothing is written on error.
+    pub async fn write_with_sync(&self, changes: &[Change], sync: Vec<SyncWrite>) -> Result<()> {
+        let mut writes = Vec::with_capacity(changes.len() + sync.len());
         for c in changes {
             match c.op {
                 Op::Delete => writes.push(Write::Delete {
@@ -323,8 +334,18 @@ impl Database {
                 Op::Upsert => writes.push(Write::Upsert(self.change_row(c)?)),
             }
         }
+        // Entity writes first, bookkeeping after: the backends rely on this order.
+        writes.extend(sync.into_iter().map(Write::Sync));
         self.inner.backend.write(writes, self.inner.quota).await?;
         Ok(())
+    }
+
+    /// Everything in the sync client's bookkeeping tables.
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn read_sync(&self) -> Result<SyncTables> {
+        self.inner.backend.read_sync().await
     }
 
     fn change_row(&self, c: &Change) -> Result<Row> {

@@ -15,6 +15,7 @@
 //! - [`migration`]: [`Migration`]s and the built-in ones.
 //! - [`backup`]: the backup format.
 //! - [`store`]: [`open_store`], a kalphite Store hydrated from and flushing into a database.
+//! - [`sync_state`]: the sync client's bookkeeping tables, written with the entity rows.
 //! - [`error`]: the [`Error`] type.
 //! - `backend`, `sqlite`, `postgres` (with `postgres::render`): the storage trait and its two
 //!   implementations.
@@ -52,6 +53,7 @@ mod postgres;
 pub mod query;
 mod sqlite;
 pub mod store;
+pub mod sync_state;
 mod target;
 
 pub use backend::StoredEntity;
@@ -61,3 +63,4 @@ pub use error::{Error, Result};
 pub use migration::{AppliedMigration, Migration, MigrationSql};
 pub use query::{Cmp, Condition, Direction, Field, Query};
 pub use store::open_store;
+pub use sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};

@@ -112,6 +112,15 @@ pub fn builtin() -> Vec<Migration> {
                 include_str!("../migrations/postgres/0001_entities.up.sql"),
                 include_str!("../migrations/postgres/0001_entities.down.sql"),
             ),
+        Migration::new(2, "sync_client")
+            .sqlite(
+                include_str!("../migrations/sqlite/0002_sync_client.up.sql"),
+                include_str!("../migrations/sqlite/0002_sync_client.down.sql"),
+            )
+            .postgres(
+                include_str!("../migrations/postgres/0002_sync_client.up.sql"),
+                include_str!("../migrations/postgres/0002_sync_client.down.sql"),
+            ),
     ]
 }
 
@@ -257,10 +266,10 @@ mod tests {
         let up = plan(&known, &[], None, Dialect::Sqlite).unwrap();
         assert_eq!(
             up.iter().map(|s| s.version).collect::<Vec<_>>(),
-            [1, 1000, 1001]
+            [1, 2, 1000, 1001]
         );
         assert!(up.iter().all(|s| s.up));
-        let down = plan(&known, &[1, 1000, 1001], Some(1), Dialect::Sqlite).unwrap();
+        let down = plan(&known, &[1, 2, 1000, 1001], Some(2), Dialect::Sqlite).unwrap();
         assert_eq!(
             down.iter().map(|s| (s.version, s.up)).collect::<Vec<_>>(),
             [(1001, false), (1000, false)]
@@ -285,7 +294,7 @@ mod tests {
         ));
         let known = all_migrations(&[], Dialect::Sqlite).unwrap();
         assert!(matches!(
-            plan(&known, &[1, 4242], None, Dialect::Sqlite),
+            plan(&known, &[1, 2, 4242], None, Dialect::Sqlite),
             Err(Error::UnknownMigration { version: 4242 })
         ));
     }

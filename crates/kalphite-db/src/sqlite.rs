@@ -21,6 +21,7 @@ use crate::backup::Record;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::{Cmp, Condition, Direction, Field, Query};
+use crate::sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};
 
 const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS kalphite_migrations (
     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)";
@@ -36,6 +37,24 @@ const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_enti
     WHERE type = ?1 AND id = ?2";
 const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
 const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
+/// What a restore empties: the entities and, since they no longer describe what is on
+/// disk, the sync bookkeeping (the client then starts over as a new replica).
+const REPLACE_ALL_CLEAR: &str = "DELETE FROM kalphite_entities; DELETE FROM kalphite_sync_state; \
+    DELETE FROM kalphite_sync_outbox; DELETE FROM kalphite_sync_known;";
+const SYNC_STATE_PUT: &str = "INSERT INTO kalphite_sync_state (key, value) VALUES (?1, ?2) \
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const SYNC_OUTBOX_PUT: &str = "INSERT INTO kalphite_sync_outbox (type, id, position, entry) \
+    VALUES (?1, ?2, ?3, ?4) ON CONFLICT (type, id) DO UPDATE SET \
+    position = excluded.position, entry = excluded.entry";
+const SYNC_OUTBOX_DELETE: &str = "DELETE FROM kalphite_sync_outbox WHERE type = ?1 AND id = ?2";
+const SYNC_KNOWN_PUT: &str = "INSERT INTO kalphite_sync_known (type, id, version, entry) \
+    VALUES (?1, ?2, ?3, ?4) ON CONFLICT (type, id) DO UPDATE SET \
+    version = excluded.version, entry = excluded.entry";
+const SYNC_KNOWN_CLEAR: &str = "DELETE FROM kalphite_sync_known";
+const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER BY key";
+const SYNC_READ_OUTBOX: &str =
+    "SELECT type, id, position, entry FROM kalphite_sync_outbox ORDER BY position, type, id";
+const SYNC_READ_KNOWN: &str = "SELECT type, id, version, entry FROM kalphite_sync_known";
 
 /// Connection settings after `journal_mode = WAL`. With WAL, `synchronous = NORMAL` keeps
 /// every committed transaction across a process crash without an fsync per commit; the WAL
@@ -295,6 +314,7 @@ impl Backend for Sqlite {
                             r.updated_at
                         ]),
                         Write::Delete { kind, id } => delete.execute([kind.as_str(), id.as_str()]),
+                        Write::Sync(w) => write_sync(&tx, w),
                     }
                     .map_err(Error::sqlite(ctx))?;
                     affected.push(n > 0);
@@ -383,7 +403,7 @@ impl Backend for Sqlite {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(Error::sqlite(ctx))?;
-            tx.execute("DELETE FROM kalphite_entities", [])
+            tx.execute_batch(REPLACE_ALL_CLEAR)
                 .map_err(Error::sqlite(ctx))?;
             {
                 let mut insert = tx
@@ -402,6 +422,13 @@ impl Backend for Sqlite {
                 }
             }
             tx.commit().map_err(Error::sqlite(ctx))
+        })
+        .await
+    }
+
+    async fn read_sync(&self) -> Result<SyncTables> {
+        self.call(|conn| {
+            read_sync_tables(conn).map_err(Error::sqlite("reading the sync bookkeeping"))
         })
         .await
     }
@@ -439,6 +466,76 @@ impl Backend for Sqlite {
         }
         Ok(())
     }
+}
+
+/// Writes one row of the sync bookkeeping tables.
+fn write_sync(tx: &rusqlite::Transaction<'_>, w: &SyncWrite) -> rusqlite::Result<usize> {
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    match w {
+        SyncWrite::State { key, value } => tx
+            .prepare_cached(SYNC_STATE_PUT)?
+            .execute(params![key, value]),
+        SyncWrite::Outbox {
+            kind,
+            id,
+            position,
+            entry,
+        } => tx.prepare_cached(SYNC_OUTBOX_PUT)?.execute(params![
+            kind.as_str(),
+            id.as_str(),
+            int(*position),
+            entry
+        ]),
+        SyncWrite::OutboxRemoved { kind, id } => tx
+            .prepare_cached(SYNC_OUTBOX_DELETE)?
+            .execute([kind.as_str(), id.as_str()]),
+        SyncWrite::Known {
+            kind,
+            id,
+            version,
+            entry,
+        } => tx.prepare_cached(SYNC_KNOWN_PUT)?.execute(params![
+            kind.as_str(),
+            id.as_str(),
+            int(*version),
+            entry
+        ]),
+        SyncWrite::KnownCleared => tx.execute(SYNC_KNOWN_CLEAR, []),
+    }
+}
+
+fn read_sync_tables(conn: &Connection) -> rusqlite::Result<SyncTables> {
+    let uint = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut tables = SyncTables::default();
+    let mut stmt = conn.prepare(SYNC_READ_STATE)?;
+    for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+        tables.state.push(row?);
+    }
+    let mut stmt = conn.prepare(SYNC_READ_OUTBOX)?;
+    let rows = stmt.query_map([], |r| {
+        Ok(OutboxRow {
+            kind: Kind::from(r.get::<_, String>(0)?),
+            id: EntityId::from(r.get::<_, String>(1)?),
+            position: uint(r.get(2)?),
+            entry: r.get(3)?,
+        })
+    })?;
+    for row in rows {
+        tables.outbox.push(row?);
+    }
+    let mut stmt = conn.prepare(SYNC_READ_KNOWN)?;
+    let rows = stmt.query_map([], |r| {
+        Ok(KnownRow {
+            kind: Kind::from(r.get::<_, String>(0)?),
+            id: EntityId::from(r.get::<_, String>(1)?),
+            version: uint(r.get(2)?),
+            entry: r.get(3)?,
+        })
+    })?;
+    for row in rows {
+        tables.known.push(row?);
+    }
+    Ok(tables)
 }
 
 /// The SQLite JSON path of a data field: `$."a"."b"`.

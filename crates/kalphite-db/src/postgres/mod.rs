@@ -20,6 +20,7 @@ use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::{Condition, Query};
+use crate::sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};
 
 const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS kalphite_migrations (
     version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)";
@@ -48,6 +49,24 @@ const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_enti
     WHERE type = $1 AND id = $2";
 const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
 const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
+/// What a restore empties: the entities and, since they no longer describe what is on
+/// disk, the sync bookkeeping (the client then starts over as a new replica).
+const REPLACE_ALL_CLEAR: &str = "DELETE FROM kalphite_entities; DELETE FROM kalphite_sync_state; \
+    DELETE FROM kalphite_sync_outbox; DELETE FROM kalphite_sync_known;";
+const SYNC_STATE_PUT: &str = "INSERT INTO kalphite_sync_state (key, value) VALUES ($1, $2) \
+    ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value";
+const SYNC_OUTBOX_PUT: &str = "INSERT INTO kalphite_sync_outbox (type, id, position, entry) \
+    VALUES ($1, $2, $3, $4) ON CONFLICT (type, id) DO UPDATE SET \
+    position = EXCLUDED.position, entry = EXCLUDED.entry";
+const SYNC_OUTBOX_DELETE: &str = "DELETE FROM kalphite_sync_outbox WHERE type = $1 AND id = $2";
+const SYNC_KNOWN_PUT: &str = "INSERT INTO kalphite_sync_known (type, id, version, entry) \
+    VALUES ($1, $2, $3, $4) ON CONFLICT (type, id) DO UPDATE SET \
+    version = EXCLUDED.version, entry = EXCLUDED.entry";
+const SYNC_KNOWN_CLEAR: &str = "DELETE FROM kalphite_sync_known";
+const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER BY key";
+const SYNC_READ_OUTBOX: &str = "SELECT type, id, position, entry FROM kalphite_sync_outbox \
+    ORDER BY position, type COLLATE \"C\", id COLLATE \"C\"";
+const SYNC_READ_KNOWN: &str = "SELECT type, id, version, entry FROM kalphite_sync_known";
 const SIZE: &str = "SELECT COALESCE(pg_total_relation_size(to_regclass('kalphite_entities')), 0)";
 
 /// How often a deadlocked write batch is retried.
@@ -164,11 +183,23 @@ impl Postgres {
                 writes.iter().map(Write::size).sum(),
             )?;
         }
-        let affected = if has_distinct_keys(writes) {
-            write_distinct(&tx, writes).await?
+        // Entity writes come first in a batch, bookkeeping rows after them.
+        let split = writes
+            .iter()
+            .position(|w| matches!(w, Write::Sync(_)))
+            .unwrap_or(writes.len());
+        let (entities, sync) = writes.split_at(split);
+        let mut affected = if has_distinct_keys(entities) {
+            write_distinct(&tx, entities).await?
         } else {
-            write_in_order(&tx, writes).await?
+            write_in_order(&tx, entities).await?
         };
+        for w in sync {
+            if let Write::Sync(w) = w {
+                write_sync(&tx, w).await?;
+            }
+            affected.push(true);
+        }
         tx.commit().await.map_err(Error::postgres(ctx))?;
         Ok(affected)
     }
@@ -207,6 +238,7 @@ fn has_distinct_keys(writes: &[Write]) -> bool {
     writes.iter().all(|w| match w {
         Write::Upsert(r) => seen.insert((&r.kind, &r.id)),
         Write::Delete { kind, id } => seen.insert((kind, id)),
+        Write::Sync(_) => true,
     })
 }
 
@@ -232,6 +264,8 @@ async fn write_distinct(
                 del_kinds.push(kind.as_str());
                 del_ids.push(id.as_str());
             }
+            // Bookkeeping rows are written by `write_sync`.
+            Write::Sync(_) => {}
         }
     }
     let mut deleted = HashSet::new();
@@ -262,13 +296,53 @@ async fn write_distinct(
     Ok(writes
         .iter()
         .map(|w| match w {
-            Write::Upsert(_) => true,
+            Write::Upsert(_) | Write::Sync(_) => true,
             Write::Delete { kind, id } => deleted.contains(&(kind.to_string(), id.to_string())),
         })
         .collect())
 }
 
 /// A batch that writes some entity twice: one statement per write, in order, pipelined.
+/// Writes one row of the sync bookkeeping tables.
+async fn write_sync(tx: &deadpool_postgres::Transaction<'_>, w: &SyncWrite) -> Result<()> {
+    let ctx = "writing the sync bookkeeping";
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    match w {
+        SyncWrite::State { key, value } => tx.execute(SYNC_STATE_PUT, &[key, value]).await,
+        SyncWrite::Outbox {
+            kind,
+            id,
+            position,
+            entry,
+        } => {
+            tx.execute(
+                SYNC_OUTBOX_PUT,
+                &[&kind.as_str(), &id.as_str(), &int(*position), entry],
+            )
+            .await
+        }
+        SyncWrite::OutboxRemoved { kind, id } => {
+            tx.execute(SYNC_OUTBOX_DELETE, &[&kind.as_str(), &id.as_str()])
+                .await
+        }
+        SyncWrite::Known {
+            kind,
+            id,
+            version,
+            entry,
+        } => {
+            tx.execute(
+                SYNC_KNOWN_PUT,
+                &[&kind.as_str(), &id.as_str(), &int(*version), entry],
+            )
+            .await
+        }
+        SyncWrite::KnownCleared => tx.execute(SYNC_KNOWN_CLEAR, &[]).await,
+    }
+    .map_err(Error::postgres(ctx))?;
+    Ok(())
+}
+
 async fn write_in_order(
     tx: &deadpool_postgres::Transaction<'_>,
     writes: &[Write],
@@ -284,7 +358,8 @@ async fn write_in_order(
         .map_err(Error::postgres(ctx))?;
     let mut affected = Vec::with_capacity(writes.len());
     for chunk in writes.chunks(PIPELINE_CHUNK) {
-        let pending = chunk.iter().map(|w| {
+        // Bookkeeping rows are written by `write_sync`: callers pass entity writes only.
+        let pending = chunk.iter().filter_map(|w| {
             let (stmt, params): (_, Vec<Param>) = match w {
                 Write::Upsert(r) => (
                     &upsert,
@@ -299,8 +374,9 @@ async fn write_in_order(
                     &delete,
                     vec![Box::new(kind.to_string()), Box::new(id.to_string())],
                 ),
+                Write::Sync(_) => return None,
             };
-            tx.execute_raw(stmt, params)
+            Some(tx.execute_raw(stmt, params))
         });
         let counts = try_join_all(pending).await.map_err(Error::postgres(ctx))?;
         affected.extend(counts.into_iter().map(|n| n > 0));
@@ -493,7 +569,7 @@ impl Backend for Postgres {
         }
         let mut client = self.client(ctx).await?;
         let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
-        tx.batch_execute("DELETE FROM kalphite_entities")
+        tx.batch_execute(REPLACE_ALL_CLEAR)
             .await
             .map_err(Error::postgres(ctx))?;
         let insert = tx
@@ -514,6 +590,48 @@ impl Backend for Postgres {
             try_join_all(pending).await.map_err(Error::postgres(ctx))?;
         }
         tx.commit().await.map_err(Error::postgres(ctx))
+    }
+
+    async fn read_sync(&self) -> Result<SyncTables> {
+        let ctx = "reading the sync bookkeeping";
+        let client = self.client(ctx).await?;
+        let uint = |n: i64| u64::try_from(n).unwrap_or(0);
+        let mut tables = SyncTables::default();
+        for r in client
+            .query(SYNC_READ_STATE, &[])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            tables.state.push((
+                r.try_get(0).map_err(Error::postgres(ctx))?,
+                r.try_get(1).map_err(Error::postgres(ctx))?,
+            ));
+        }
+        for r in client
+            .query(SYNC_READ_OUTBOX, &[])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            tables.outbox.push(OutboxRow {
+                kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
+                id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
+                position: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
+                entry: r.try_get(3).map_err(Error::postgres(ctx))?,
+            });
+        }
+        for r in client
+            .query(SYNC_READ_KNOWN, &[])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            tables.known.push(KnownRow {
+                kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
+                id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
+                version: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
+                entry: r.try_get(3).map_err(Error::postgres(ctx))?,
+            });
+        }
+        Ok(tables)
     }
 
     async fn kinds(&self) -> Result<Vec<(Kind, u64)>> {
