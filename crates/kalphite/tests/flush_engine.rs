@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kalphite::flush::{FanOut, FlushEvent, FnTarget, TargetError};
 use kalphite::{
-    AnyEntity, Change, Durability, Entity, EntityKind, FlushConfig, FlushEngine, FlushError,
-    FlushTarget, Op, Origin, Store,
+    Annotation, AnyEntity, Batch, Change, ChangeSink, Durability, Entity, EntityKind, FlushConfig,
+    FlushEngine, FlushError, FlushTarget, Op, Origin, Store,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,8 @@ use tokio::time::{Instant, advance, sleep};
 struct Seen {
     at: Duration,
     batch: Vec<Change>,
+    /// The batch's annotations, as `(key, i64 value)`.
+    notes: Vec<(String, i64)>,
 }
 
 /// A flush target that records batches and fails or panics on cue.
@@ -63,6 +65,10 @@ impl Recorder {
         self.seen.lock().iter().map(|s| s.batch.len()).collect()
     }
 
+    fn notes(&self) -> Vec<Vec<(String, i64)>> {
+        self.seen.lock().iter().map(|s| s.notes.clone()).collect()
+    }
+
     fn ids(&self) -> Vec<String> {
         self.seen
             .lock()
@@ -74,7 +80,15 @@ impl Recorder {
 
 #[async_trait]
 impl FlushTarget for Recorder {
-    async fn write(&self, batch: &[Change]) -> Result<(), TargetError> {
+    async fn write(&self, changes: &[Change]) -> Result<(), TargetError> {
+        self.write_batch(&Batch {
+            changes,
+            annotations: &[],
+        })
+        .await
+    }
+
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<(), TargetError> {
         self.attempts.lock().push(self.start.elapsed());
         if !self.write_time.is_zero() {
             sleep(self.write_time).await;
@@ -92,7 +106,8 @@ impl FlushTarget for Recorder {
         }
         self.seen.lock().push(Seen {
             at: self.start.elapsed(),
-            batch: batch.to_vec(),
+            batch: batch.changes.to_vec(),
+            notes: notes_of(batch),
         });
         Ok(())
     }
@@ -109,6 +124,25 @@ fn change(id: &str, n: i64) -> Change {
 
 fn delete(id: &str) -> Change {
     Change::delete("comment".into(), id.into(), 1, Origin::Local)
+}
+
+/// An annotation holding `n`.
+fn note(key: &str, n: i64) -> (Arc<str>, Annotation) {
+    (key.into(), Arc::new(n))
+}
+
+/// A batch's annotations as `(key, n)` (-1 for a value that is not an `i64`).
+fn notes_of(batch: &Batch<'_>) -> Vec<(String, i64)> {
+    batch
+        .annotations
+        .iter()
+        .map(|(k, a)| {
+            (
+                k.to_string(),
+                a.downcast_ref::<i64>().copied().unwrap_or(-1),
+            )
+        })
+        .collect()
 }
 
 fn n_of(c: &Change) -> i64 {
@@ -907,15 +941,17 @@ async fn a_transaction_larger_than_max_batch_size_is_written_in_one_batch() {
     );
 }
 
-/// What a shadow target holds: entity id → `n`.
+/// What a shadow target holds: entity id `k{i}` → `n`, and annotation key `@n{i}` → value.
 type ShadowState = std::collections::BTreeMap<String, i64>;
 
 /// One generated store transaction: `(key, Some(n))` upserts entity `k{key}` with `n`,
-/// `(key, None)` deletes it; then the clock moves `wait_ms` and the target fails its next
-/// `fail_next` attempts.
+/// `(key, None)` deletes it, `(key, v)` in `notes` sets annotation `@n{key}` to `v` (a
+/// transaction may hold only annotations); then the clock moves `wait_ms` and the target
+/// fails its next `fail_next` attempts.
 #[derive(Clone, Debug)]
 struct GenTx {
     writes: Vec<(u8, Option<i64>)>,
+    notes: Vec<(u8, i64)>,
     wait_ms: u64,
     fail_next: u32,
 }
@@ -930,35 +966,36 @@ struct ShadowTarget {
     write_time: Duration,
 }
 
-impl ShadowTarget {
-    fn apply(&self, changes: &[Change]) -> Result<(), TargetError> {
+#[async_trait]
+impl FlushTarget for ShadowTarget {
+    async fn write(&self, _: &[Change]) -> Result<(), TargetError> {
+        Err("the engine must call write_batch".into())
+    }
+
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<(), TargetError> {
+        if !self.write_time.is_zero() {
+            sleep(self.write_time).await;
+        }
         if self.fail_next.load(Ordering::SeqCst) > 0 {
             self.fail_next.fetch_sub(1, Ordering::SeqCst);
             return Err("injected failure".into());
         }
         let mut shadow = self.shadow.lock();
-        for c in changes {
+        for c in batch.changes {
             match c.op {
                 Op::Upsert => shadow.insert(c.id.to_string(), n_of(c)),
                 Op::Delete => shadow.remove(c.id.as_str()),
             };
         }
+        for (key, n) in notes_of(batch) {
+            shadow.insert(format!("@{key}"), n);
+        }
         if !self.prefixes.contains(&shadow) {
             self.violations.lock().push(format!(
-                "after batch {changes:?}: {shadow:?} is no prefix state"
+                "after batch {batch:?}: {shadow:?} is no prefix state"
             ));
         }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl FlushTarget for ShadowTarget {
-    async fn write(&self, batch: &[Change]) -> Result<(), TargetError> {
-        if !self.write_time.is_zero() {
-            sleep(self.write_time).await;
-        }
-        self.apply(batch)
     }
 }
 
@@ -972,6 +1009,9 @@ fn run_transactions(txs: &[GenTx], max_batch_size: usize, write_ms: u64) -> Vec<
                 Some(n) => next.insert(format!("k{key}"), n),
                 None => next.remove(&format!("k{key}")),
             };
+        }
+        for &(key, n) in &tx.notes {
+            next.insert(format!("@n{key}"), n);
         }
         prefixes.push(next);
     }
@@ -1008,7 +1048,12 @@ fn run_transactions(txs: &[GenTx], max_batch_size: usize, write_ms: u64) -> Vec<
                     None => delete(&format!("k{key}")),
                 })
                 .collect();
-            e.schedule_all(&changes);
+            let notes = tx
+                .notes
+                .iter()
+                .map(|&(key, n)| note(&format!("n{key}"), n))
+                .collect();
+            e.schedule_annotated(&changes, notes);
             target.fail_next.fetch_add(tx.fail_next, Ordering::SeqCst);
             advance(Duration::from_millis(tx.wait_ms)).await;
             settle().await;
@@ -1026,12 +1071,14 @@ fn run_transactions(txs: &[GenTx], max_batch_size: usize, write_ms: u64) -> Vec<
 fn gen_tx() -> impl proptest::strategy::Strategy<Value = GenTx> {
     use proptest::prelude::*;
     (
-        prop::collection::vec((0u8..5, prop::option::weighted(0.8, 0i64..1000)), 1..4),
+        prop::collection::vec((0u8..5, prop::option::weighted(0.8, 0i64..1000)), 0..4),
+        prop::collection::vec((0u8..2, 0i64..1000), 0..3),
         prop_oneof![4 => Just(0u64), 3 => 1u64..15, 1 => 15u64..60],
         prop_oneof![6 => Just(0u32), 1 => 1u32..4],
     )
-        .prop_map(|(writes, wait_ms, fail_next)| GenTx {
+        .prop_map(|(writes, notes, wait_ms, fail_next)| GenTx {
             writes,
+            notes,
             wait_ms,
             fail_next,
         })
@@ -1040,8 +1087,9 @@ fn gen_tx() -> impl proptest::strategy::Strategy<Value = GenTx> {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
 
-    /// Whatever the timing, failures and batch size, the target holds the state after some
-    /// prefix of the store's transactions after every batch, and the final state at the end.
+    /// Whatever the timing, failures and batch size, the target holds the state (entities
+    /// and annotations) after some prefix of the transactions after every batch, and the
+    /// final state at the end.
     #[test]
     fn every_batch_leaves_the_target_at_a_transaction_boundary(
         txs in proptest::collection::vec(gen_tx(), 1..40),
@@ -1051,4 +1099,352 @@ proptest::proptest! {
         let violations = run_transactions(&txs, max_batch_size, write_ms);
         proptest::prop_assert!(violations.is_empty(), "{violations:#?}");
     }
+}
+
+// ---- Annotations: bookkeeping written with the changes of the same transactions ----
+
+#[tokio::test(start_paused = true)]
+async fn annotations_travel_with_their_transactions_changes_latest_per_key() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    e.schedule_annotated(&[change("a", 1)], vec![note("outbox", 1), note("seen", 10)]);
+    e.schedule_annotated(&[change("b", 1)], vec![note("outbox", 2)]);
+    e.flush_now().await.unwrap();
+    assert_eq!(t.ids(), vec!["a", "b"]);
+    assert_eq!(
+        t.notes(),
+        vec![vec![("outbox".into(), 2), ("seen".into(), 10)]],
+        "one batch; the latest value per key, in first-scheduled order"
+    );
+    let s = e.stats();
+    assert_eq!((s.scheduled, s.written), (2, 2));
+    assert_eq!((s.annotations_scheduled, s.annotations_written), (3, 2));
+    assert!(e.queued_changes().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_annotations_only_transaction_is_written_and_waited_for() {
+    let t = Recorder::slow(Duration::from_millis(30));
+    let e = engine(&t, FlushConfig::default());
+    e.schedule_annotated(&[], vec![note("watermark", 7)]);
+    assert!(e.queued_changes().is_empty(), "annotations are not changes");
+    assert_eq!(e.stats().queued, 0);
+    let start = Instant::now();
+    e.durable().await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(130),
+        "durable resolved before the annotation was written"
+    );
+    assert_eq!(t.notes(), vec![vec![("watermark".into(), 7)]]);
+    assert_eq!(t.sizes(), vec![0]);
+    // Nothing at all is not a transaction.
+    e.schedule_annotated(&[], Vec::new());
+    assert_eq!(e.stats().batches, 1);
+    e.flush_now().await.unwrap();
+    assert_eq!(t.attempts.lock().len(), 1);
+}
+
+/// Annotation keys take part in the transaction-boundary rule like entities: a batch never
+/// carries an annotation newer than its entity rows.
+#[tokio::test(start_paused = true)]
+async fn an_annotation_never_runs_ahead_of_the_changes_before_it() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().max_batch_size(1));
+    e.schedule_annotated(&[], vec![note("watermark", 1)]);
+    e.schedule_annotated(&[change("a", 1)], Vec::new());
+    e.schedule_annotated(&[], vec![note("watermark", 3)]);
+    e.schedule_annotated(&[change("b", 1)], Vec::new());
+    e.flush_now().await.unwrap();
+    assert_eq!(
+        t.batches()[0].len(),
+        1,
+        "the watermark of the third transaction"
+    );
+    assert_eq!(
+        t.batches()[0][0].id,
+        "a",
+        "needs a, from the second, beside it"
+    );
+    assert_eq!(t.notes()[0], vec![("watermark".into(), 3)]);
+    assert_eq!(t.ids(), vec!["a", "b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_batch_keeps_its_annotations_and_takes_newer_ones() {
+    let t = Recorder::slow(Duration::from_millis(10));
+    t.fail_next.store(1, Ordering::SeqCst);
+    let e = engine(&t, FlushConfig::default());
+    e.schedule_annotated(&[change("a", 1)], vec![note("outbox", 1), note("seen", 5)]);
+    sleep(Duration::from_millis(105)).await; // the first attempt is under way
+    e.schedule_annotated(&[change("b", 1)], vec![note("outbox", 2)]);
+    e.flush_now().await.unwrap();
+    assert_eq!(t.attempts.lock().len(), 2);
+    assert_eq!(t.ids(), vec!["a", "b"]);
+    assert_eq!(
+        t.notes(),
+        vec![vec![("outbox".into(), 2), ("seen".into(), 5)]],
+        "the retry carries the newer outbox in its old place"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fan_out_forwards_annotations_and_default_targets_skip_empty_batches() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = Arc::clone(&calls);
+    let plain = Arc::new(FnTarget::new("plain", move |_: Vec<Change>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    }));
+    let r = Recorder::new();
+    let fan = Arc::new(FanOut::new(vec![plain, r.clone()]));
+    let e = FlushEngine::spawn(fan, FlushConfig::default()).unwrap();
+    e.schedule_annotated(&[change("x", 1)], vec![note("outbox", 1)]);
+    e.flush_now().await.unwrap();
+    e.schedule_annotated(&[], vec![note("outbox", 2)]);
+    e.flush_now().await.unwrap();
+    assert_eq!(
+        r.notes(),
+        vec![vec![("outbox".into(), 1)], vec![("outbox".into(), 2)]]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "a target that ignores annotations never sees an empty batch"
+    );
+}
+
+#[test]
+fn batch_accessors_find_and_downcast_annotations() {
+    let notes = [note("outbox", 3)];
+    let batch = Batch {
+        changes: &[],
+        annotations: &notes,
+    };
+    assert_eq!(batch.annotation_as::<i64>("outbox"), Some(&3));
+    assert!(batch.annotation_as::<String>("outbox").is_none());
+    assert!(batch.annotation("missing").is_none());
+    assert!(!batch.is_empty());
+    assert!(
+        Batch {
+            changes: &[],
+            annotations: &[]
+        }
+        .is_empty()
+    );
+}
+
+// ---- After a give-up ----
+
+/// Regression: after a batch exhausted its retries the engine held the queue until a new
+/// change, `flush_now` or `resume`, so a later `durable()` waited forever even though the
+/// target had recovered.
+#[tokio::test(start_paused = true)]
+async fn durable_after_a_give_up_resolves_once_the_target_recovers() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .max_retries(1)
+            .max_retry_delay(Duration::from_secs(60)),
+    );
+    e.schedule(change("c1", 1));
+    assert!(matches!(
+        e.durable().await,
+        Err(FlushError::TargetFailed { attempts: 2, .. })
+    ));
+    *t.fail_always.lock() = false;
+    let start = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(600), e.durable()).await;
+    assert!(matches!(result, Ok(Ok(()))), "durable hung: {result:?}");
+    assert!(
+        start.elapsed() < Duration::from_millis(10),
+        "waited {:?} instead of trying at once",
+        start.elapsed()
+    );
+    assert_eq!(t.ids(), vec!["c1"]);
+}
+
+/// Regression: as above, with the target still failing: `durable()` must answer with the
+/// cause after a fresh round of attempts, not hang.
+#[tokio::test(start_paused = true)]
+async fn durable_while_the_target_still_fails_resolves_with_the_cause() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .max_retries(1)
+            .max_retry_delay(Duration::from_secs(60)),
+    );
+    let mut events = e.events();
+    e.schedule(change("c1", 1));
+    assert!(e.durable().await.is_err());
+    let before = t.attempts.lock().len();
+    let start = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(600), e.durable()).await;
+    match result {
+        Ok(Err(FlushError::TargetFailed { cause, queued, .. })) => {
+            assert!(cause.contains("disk on fire"));
+            assert_eq!(queued, 1);
+        }
+        other => panic!("expected TargetFailed, got {other:?}"),
+    }
+    assert_eq!(
+        t.attempts.lock().len(),
+        before + 2,
+        "a fresh round of 2 attempts"
+    );
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_millis(100),
+        "fresh tries start at once, from the base delay"
+    );
+    let gave_up = std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|ev| matches!(ev, FlushEvent::GaveUp { .. }))
+        .count();
+    assert_eq!(gave_up, 2, "one GaveUp per exhausted round");
+    assert_eq!(e.queued_changes().len(), 1, "nothing dropped");
+}
+
+/// Regression: after a give-up nothing happened until a new trigger; now the engine keeps
+/// trying on its own, the backoff doubling up to `max_retry_delay`.
+#[tokio::test(start_paused = true)]
+async fn the_engine_retries_by_itself_after_a_give_up_with_a_capped_backoff() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .max_retries(1)
+            .max_retry_delay(Duration::from_secs(1)),
+    );
+    e.schedule(change("c1", 1));
+    sleep(Duration::from_millis(4650)).await; // attempts at 100, 200, 400, … 3600, 4600 ms
+    let attempts = t.attempts.lock().clone();
+    let gaps: Vec<u128> = attempts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    assert_eq!(gaps, vec![100, 200, 400, 800, 1000, 1000, 1000]);
+    assert_eq!(e.stats().gave_up, 4, "a give-up every 2 failed attempts");
+    *t.fail_always.lock() = false;
+    sleep(Duration::from_millis(1000)).await;
+    assert_eq!(t.ids(), vec!["c1"], "written with no new trigger");
+    assert!(e.queued_changes().is_empty());
+    assert!(e.last_error().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_the_retries_after_a_give_up() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(&t, FlushConfig::default().max_retries(0));
+    e.schedule(change("c1", 1));
+    assert!(e.flush_now().await.is_err());
+    e.pause();
+    *t.fail_always.lock() = false;
+    let attempts = t.attempts.lock().len();
+    sleep(Duration::from_secs(120)).await;
+    assert_eq!(t.attempts.lock().len(), attempts, "tried while paused");
+    let waiting = e.durable();
+    sleep(Duration::from_secs(120)).await;
+    assert_eq!(t.attempts.lock().len(), attempts, "durable broke the pause");
+    e.resume();
+    waiting.await.unwrap();
+    assert_eq!(t.ids(), vec!["c1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_after_a_give_up_drains_at_once() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(
+        &t,
+        FlushConfig::default()
+            .max_retries(1)
+            .max_retry_delay(Duration::from_secs(60)),
+    );
+    e.schedule(change("c1", 1));
+    assert!(e.flush_now().await.is_err());
+    *t.fail_always.lock() = false;
+    let start = Instant::now();
+    e.shutdown().await.unwrap();
+    assert!(start.elapsed() < Duration::from_millis(10));
+    assert_eq!(t.ids(), vec!["c1"]);
+}
+
+// ---- A store engine fed by someone else ----
+
+/// A feeder that schedules each committed write with an annotation counting transactions,
+/// and logs the order in which sinks are called.
+struct Annotating {
+    engine: FlushEngine,
+    txs: std::sync::atomic::AtomicI64,
+    log: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl ChangeSink for Annotating {
+    fn accept(&self, changes: &[Change]) {
+        self.log.lock().push("feeder");
+        let n = self.txs.fetch_add(1, Ordering::SeqCst) + 1;
+        self.engine
+            .schedule_annotated(changes, vec![note("txs", n)]);
+    }
+}
+
+struct Logging(Arc<Mutex<Vec<&'static str>>>, &'static str);
+
+impl ChangeSink for Logging {
+    fn accept(&self, _: &[Change]) {
+        self.0.lock().push(self.1);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_engine_fed_through_a_feeder_carries_its_annotations() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let feeder = Arc::new(Annotating {
+        engine: e.clone(),
+        txs: std::sync::atomic::AtomicI64::new(0),
+        log: Arc::clone(&log),
+    });
+    let store = Store::builder()
+        .sink(Arc::new(Logging(Arc::clone(&log), "before")))
+        .flush_engine_via(e.clone(), feeder)
+        .sink(Arc::new(Logging(Arc::clone(&log), "after")))
+        .build();
+    let docs = store.dynamic("doc");
+    docs.put("a", json!({})).unwrap();
+    store
+        .transaction(|tx| {
+            tx.upsert_json(Entity::new("b", "doc", json!({})))?;
+            tx.upsert_json(Entity::new("c", "doc", json!({})))?;
+            Ok::<_, kalphite::Error>(())
+        })
+        .unwrap();
+    assert_eq!(*log.lock(), ["before", "feeder", "after"].repeat(2));
+    assert_eq!(store.queued_changes().len(), 3);
+    store.durable(Durability::Local).await.unwrap();
+    assert_eq!(t.ids(), vec!["a", "b", "c"]);
+    assert_eq!(t.notes(), vec![vec![("txs".into(), 2)]]);
+    assert_eq!(
+        e.stats().scheduled,
+        3,
+        "the store must not schedule the changes itself as well"
+    );
+
+    // The store still controls the engine: pause, flush_now, close.
+    store.pause_flush();
+    docs.put("d", json!({})).unwrap();
+    sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.queued_changes().len(), 1);
+    store.flush_now().await.unwrap();
+    assert_eq!(t.notes()[1], vec![("txs".into(), 3)]);
+    docs.put("e", json!({})).unwrap();
+    store.close().await.unwrap();
+    assert_eq!(t.ids(), vec!["a", "b", "c", "d", "e"]);
+    assert_eq!(t.notes()[2], vec![("txs".into(), 4)]);
 }
