@@ -1,6 +1,8 @@
 //! Layer 2: the flush engine, on paused tokio time (no wall-clock sleeps). Covers every
 //! Layer 2 behaviour of BEHAVIORS.md §2.2 and §8.6-8.7, minus the original's bugs
-//! (dropping changes while paused, the in-flight overwrite race, fixed windows).
+//! (dropping changes while paused, the in-flight overwrite race, fixed windows); then
+//! batches cut at transaction boundaries (against a shadow target), annotations, retries
+//! after a give-up, and a store engine fed through a feeder.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -178,7 +178,7 @@ impl State {
 
     /// Changes queued (pending and in flight); annotations are not counted.
     fn queued(&self) -> usize {
-        self.queue.changes().count() + self.in_flight.as_ref().map_or(0, |f| f.changes.len())
+        self.queue.changes_len() + self.in_flight.as_ref().map_or(0, |f| f.changes.len())
     }
 
     /// Every change not yet written: in flight (or retrying) first, then pending.

@@ -59,6 +59,8 @@ impl Cut {
 #[derive(Default)]
 pub(crate) struct Queue {
     entries: IndexMap<Key, Entry>,
+    /// How many of the entries are annotations (so counting changes is O(1)).
+    annotations: usize,
 }
 
 impl Queue {
@@ -82,6 +84,9 @@ impl Queue {
                 entry.last_tx = tx;
             }
             indexmap::map::Entry::Vacant(e) => {
+                if matches!(e.key(), Key::Annotation(_)) {
+                    self.annotations += 1;
+                }
                 e.insert(Entry {
                     content,
                     first_tx: tx,
@@ -94,6 +99,11 @@ impl Queue {
     /// Entries queued (changes and annotations).
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Changes queued.
+    pub(crate) fn changes_len(&self) -> usize {
+        self.entries.len().saturating_sub(self.annotations)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -157,6 +167,7 @@ impl Queue {
                 last_tx: entry.last_tx,
             });
         }
+        self.annotations = self.annotations.saturating_sub(annotations.len());
         Some(Cut {
             changes: changes.into(),
             annotations: annotations.into(),
@@ -206,5 +217,65 @@ impl Queue {
         }
         merged.extend(self.entries.drain(..));
         self.entries = merged;
+        self.annotations = self
+            .entries
+            .keys()
+            .filter(|k| matches!(k, Key::Annotation(_)))
+            .count();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Origin;
+
+    fn delete(id: &str) -> Change {
+        Change::delete("doc".into(), id.into(), 1, Origin::Local)
+    }
+
+    fn note() -> Annotation {
+        Arc::new(())
+    }
+
+    fn ids(cut: &Cut) -> Vec<String> {
+        cut.changes.iter().map(|c| c.id.to_string()).collect()
+    }
+
+    #[test]
+    fn a_cut_extends_to_every_entry_first_touched_up_to_its_newest_transaction() {
+        let mut q = Queue::default();
+        q.push_change(delete("a"), 0);
+        q.push_change(delete("b"), 1);
+        q.push_annotation("w".into(), note(), 2);
+        q.push_change(delete("a"), 2);
+        q.push_change(delete("c"), 3);
+        let cut = q.cut(1).unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            ids(&cut),
+            ["a", "b"],
+            "a was last touched by 2, which also set w"
+        );
+        assert_eq!(cut.annotations.len(), 1);
+        assert_eq!((q.len(), q.changes_len()), (1, 1));
+        assert_eq!(q.first_tx(), Some(3));
+    }
+
+    #[test]
+    fn a_requeued_cut_goes_back_in_front_with_the_newer_content() {
+        let mut q = Queue::default();
+        q.push_annotation("w".into(), note(), 0);
+        q.push_change(delete("a"), 0);
+        let cut = q.cut(10).unwrap_or_else(|| unreachable!());
+        assert_eq!((q.len(), q.changes_len()), (0, 0));
+        q.push_change(delete("b"), 1);
+        q.push_annotation("w".into(), note(), 2);
+        q.requeue(cut);
+        assert_eq!((q.len(), q.changes_len()), (3, 2));
+        assert_eq!(q.first_tx(), Some(0));
+        let again = q.cut(1).unwrap_or_else(|| unreachable!());
+        assert_eq!(ids(&again), ["a", "b"], "w now stands for transaction 2");
+        assert_eq!(again.annotations.len(), 1);
+        assert!(q.is_empty());
     }
 }
