@@ -81,7 +81,8 @@ pub use clock::{Causality, VectorClock};
 pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version};
 pub use protocol::{ClientMessage, PROTOCOL_VERSION, ProtocolError, ServerMessage};
 pub use replica::{
-    LinkState, Output, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, ReplicaState,
+    Known, LinkState, OutboxEntry, Output, Progress, Replica, ReplicaConfig, ReplicaError,
+    ReplicaEvent, ReplicaState, StateDelta,
 };
 pub use room::{
     ConnId, Outbound, Pending, Recipient, Room, RoomError, RoomLimits, Step, StoredChange,

@@ -10,6 +10,10 @@ use serde_json::Value;
 
 use crate::clock::VectorClock;
 
+/// Kinds starting with this are kalphite's own bookkeeping: never data, refused on the
+/// wire and in stores.
+pub const RESERVED_KIND_PREFIX: &str = "_kalphite_";
+
 /// The protocol version this crate speaks. A peer with another version is refused with
 /// [`ErrorCode::UnsupportedVersion`].
 pub const PROTOCOL_VERSION: u32 = 1;

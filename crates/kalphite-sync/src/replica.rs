@@ -2,7 +2,7 @@
 //! into outgoing messages (vector clock, outbox, resend until acknowledged) and server
 //! messages into changes to apply to the local store, marked remote.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use indexmap::IndexMap;
@@ -15,7 +15,7 @@ use crate::clock::VectorClock;
 use crate::conflict::content_hash;
 use crate::protocol::{
     ChangePayload, ClientMessage, ConflictPayload, Envelope, ErrorCode, HeartbeatPayload,
-    HelloPayload, PROTOCOL_VERSION, ServerMessage,
+    HelloPayload, PROTOCOL_VERSION, RESERVED_KIND_PREFIX, ServerMessage,
 };
 
 /// Who this replica is and how it behaves.
@@ -28,6 +28,11 @@ pub struct ReplicaConfig {
     /// This installation's id: its slot in vector clocks and the prefix of its message ids.
     /// Must be unique per room and stable across restarts.
     pub replica_id: String,
+    /// Distinguishes this run of the replica from every earlier one (a random number per
+    /// process start, chosen by the adapter): it is part of every message id, so ids never
+    /// repeat even when the persisted state was rolled back (a crash, a restored backup, a
+    /// copied database) and the message counter with it.
+    pub incarnation: u64,
     /// Sent in the hello.
     pub auth_token: Option<String>,
     /// How long to wait for an ack before resending a change.
@@ -50,6 +55,7 @@ impl ReplicaConfig {
             room_id: room_id.into(),
             user_id: user_id.into(),
             replica_id: replica_id.into(),
+            incarnation: 0,
             auth_token: None,
             resend_after: 5_000,
             heartbeat_interval: 30_000,
@@ -139,6 +145,79 @@ pub struct ReplicaState {
     pub outbox: IndexMap<EntityKey, OutboxEntry>,
 }
 
+/// The scalar part of [`ReplicaState`]: where the replica stands in the room.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// [`ReplicaState::next_seq`].
+    pub next_seq: u64,
+    /// [`ReplicaState::watermark`].
+    pub watermark: u64,
+    /// [`ReplicaState::received_above`].
+    pub received_above: BTreeSet<u64>,
+}
+
+/// What changed in the persistent state since the last [`Replica::take_delta`]: the
+/// adapter writes it in the same database transaction as the store changes that go with
+/// it, so what is on disk always describes the data on disk.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StateDelta {
+    /// Outbox entries put (`Some`) or removed (`None`), by entity.
+    pub outbox: Vec<(EntityKey, Option<OutboxEntry>)>,
+    /// What the server last said, by entity.
+    pub known: Vec<(EntityKey, Known)>,
+    /// The scalar part, when it changed.
+    pub progress: Option<Progress>,
+}
+
+impl StateDelta {
+    /// True when nothing changed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.outbox.is_empty() && self.known.is_empty() && self.progress.is_none()
+    }
+}
+
+impl ReplicaState {
+    /// Applies a [`StateDelta`]: a state persisted as the deltas of a replica, applied in
+    /// order, equals that replica's state. The outbox stays in queue order (by
+    /// [`OutboxEntry::first_seq`], which a replaced entry keeps).
+    pub fn apply_delta(&mut self, delta: StateDelta) {
+        let mut put = false;
+        for (key, entry) in delta.outbox {
+            match entry {
+                Some(entry) => {
+                    put = true;
+                    self.outbox.insert(key, entry);
+                }
+                None => {
+                    self.outbox.shift_remove(&key);
+                }
+            }
+        }
+        if put {
+            // An entry acknowledged and queued again since the last delta comes back with
+            // a later `first_seq`: its place in the queue moves too.
+            self.outbox
+                .sort_by(|_, a, _, b| a.first_seq.cmp(&b.first_seq));
+        }
+        self.known.extend(delta.known);
+        if let Some(p) = delta.progress {
+            self.next_seq = p.next_seq;
+            self.watermark = p.watermark;
+            self.received_above = p.received_above;
+        }
+    }
+}
+
+/// Which parts of the state changed since the last [`Replica::take_delta`].
+#[derive(Debug, Default)]
+struct Dirty {
+    outbox: HashSet<EntityKey>,
+    known: HashSet<EntityKey>,
+    progress: bool,
+}
+
 /// Where the connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -219,6 +298,7 @@ pub struct Replica {
     link: LinkState,
     last_sent: Millis,
     last_heard: Millis,
+    dirty: Dirty,
 }
 
 impl Replica {
@@ -230,7 +310,11 @@ impl Replica {
 
     /// A replica resuming from a persisted state.
     #[must_use]
-    pub fn restore(config: ReplicaConfig, state: ReplicaState) -> Self {
+    pub fn restore(config: ReplicaConfig, mut state: ReplicaState) -> Self {
+        // Sequence numbers only order this replica's own changes: they must stay above
+        // every queued entry's, whatever the persisted counter says.
+        let queued = state.outbox.values().map(|e| e.first_seq).max();
+        state.next_seq = state.next_seq.max(queued.unwrap_or(0));
         Self {
             config,
             state,
@@ -238,6 +322,36 @@ impl Replica {
             link: LinkState::Disconnected,
             last_sent: 0,
             last_heard: 0,
+            dirty: Dirty::default(),
+        }
+    }
+
+    /// Takes what changed in the persistent state since the last call (see [`StateDelta`]).
+    pub fn take_delta(&mut self) -> StateDelta {
+        let dirty = std::mem::take(&mut self.dirty);
+        let state = &self.state;
+        StateDelta {
+            outbox: dirty
+                .outbox
+                .into_iter()
+                .map(|key| {
+                    let entry = state.outbox.get(&key).cloned();
+                    (key, entry)
+                })
+                .collect(),
+            known: dirty
+                .known
+                .into_iter()
+                .filter_map(|key| {
+                    let known = state.known.get(&key).cloned()?;
+                    Some((key, known))
+                })
+                .collect(),
+            progress: dirty.progress.then(|| Progress {
+                next_seq: state.next_seq,
+                watermark: state.watermark,
+                received_above: state.received_above.clone(),
+            }),
         }
     }
 
@@ -401,6 +515,8 @@ impl Replica {
         };
         // Re-inserting keeps an existing entry's queue position.
         self.state.outbox.insert(key.clone(), entry);
+        self.dirty.outbox.insert(key.clone());
+        self.dirty.progress = true;
         let mut out = Vec::new();
         if self.link == LinkState::Connected && !self.in_flight.contains_key(&key) {
             out.extend(self.send_entry(&key, now));
@@ -425,6 +541,8 @@ impl Replica {
                     for known in self.state.known.values_mut() {
                         known.version = 0;
                     }
+                    self.dirty.known.extend(self.state.known.keys().cloned());
+                    self.dirty.progress = true;
                 }
                 self.link = LinkState::Connected;
                 out.events.push(ReplicaEvent::Connected {
@@ -443,6 +561,7 @@ impl Replica {
                 if page.from_version <= self.state.watermark {
                     self.state.watermark = self.state.watermark.max(page.to_version);
                     self.absorb();
+                    self.dirty.progress = true;
                 }
                 if page.complete {
                     out.events.push(ReplicaEvent::CaughtUp {
@@ -512,6 +631,7 @@ impl Replica {
             .get(&key)
             .is_some_and(|e| e.message.message_id == ack.ack_of);
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
+            self.dirty.outbox.insert(key.clone());
             out.apply
                 .extend(self.settle(&key, entry, Some((result_version, result_state)), now));
         } else {
@@ -536,6 +656,7 @@ impl Replica {
         match refused {
             Some(key) if !e.code.is_retryable() => {
                 if let Some(entry) = self.state.outbox.shift_remove(&key) {
+                    self.dirty.outbox.insert(key.clone());
                     let message = entry.message.clone();
                     out.apply.extend(self.settle(&key, entry, None, now));
                     out.events.push(ReplicaEvent::Rejected {
@@ -605,6 +726,10 @@ impl Replica {
         if change.operation == Op::Upsert && change.entity.is_none() {
             return None;
         }
+        if change.entity_type.starts_with(RESERVED_KIND_PREFIX) {
+            // kalphite's own names are never data, whoever sent them.
+            return None;
+        }
         let key = EntityKey::new(change.entity_type, change.entity_id);
         let hash = content_hash(change.entity.as_ref());
         let known = self.known_mut(&key);
@@ -622,6 +747,7 @@ impl Replica {
                 version,
                 state: change.entity,
             });
+            self.dirty.outbox.insert(key);
             return None;
         }
         (previous_hash != hash).then(|| to_change(&key, change.entity, now))
@@ -629,6 +755,9 @@ impl Replica {
 
     /// What the replica knows of `key` (a never-seen entity: version 0, absent).
     fn known_mut(&mut self, key: &EntityKey) -> &mut Known {
+        if !self.dirty.known.contains(key) {
+            self.dirty.known.insert(key.clone());
+        }
         self.state
             .known
             .entry(key.clone())
@@ -670,6 +799,7 @@ impl Replica {
         if version > self.state.watermark {
             self.state.received_above.insert(version);
             self.absorb();
+            self.dirty.progress = true;
         }
     }
 
@@ -686,7 +816,11 @@ impl Replica {
 
     fn next_message_id(&mut self) -> String {
         self.state.next_seq = self.state.next_seq.saturating_add(1);
-        format!("{}-{}", self.config.replica_id, self.state.next_seq)
+        self.dirty.progress = true;
+        format!(
+            "{}-{:x}-{}",
+            self.config.replica_id, self.config.incarnation, self.state.next_seq
+        )
     }
 
     fn sent(&mut self, now: Millis) {

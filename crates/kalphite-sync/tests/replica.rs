@@ -619,3 +619,74 @@ fn a_queued_edit_goes_out_when_the_change_ahead_of_it_fails_or_times_out() {
         json!({"n": 3})
     );
 }
+
+/// Regression: any room member could send an upsert of kind `_kalphite_sync_replica` with
+/// id = the room id; it was broadcast and the victim's flush wrote it over its own sync
+/// state. Reserved kinds are never applied (the version still counts as received).
+#[test]
+fn a_remote_change_of_a_reserved_kind_is_never_applied() {
+    let mut r = connected();
+    let mut forged = state(
+        "r",
+        Some(json!({"replicaId": "x", "state": {}})),
+        1,
+        VectorClock::new(),
+    );
+    forged.entity_type = "_kalphite_sync_replica".into();
+    if let Some(e) = forged.entity.as_mut() {
+        e.kind = "_kalphite_sync_replica".into();
+    }
+    let out = r.handle(broadcast(forged), 1);
+    assert!(out.apply.is_empty(), "{:?}", out.apply);
+    assert_eq!(r.watermark(), 1, "the version is still received");
+    assert!(r.state().known.is_empty(), "nothing is remembered about it");
+}
+
+/// What changed since the last `take_delta` is exactly what is reported: local edits put
+/// outbox entries, acks remove them and record what the server said, and the counters
+/// move; a second call reports nothing new.
+#[test]
+fn deltas_report_each_change_of_the_persistent_state_once() {
+    let mut r = connected();
+    let _ = r.take_delta();
+    let sent = r
+        .local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    let id = change_of(&sent[0]).message_id.clone();
+    let delta = r.take_delta();
+    assert_eq!(delta.outbox.len(), 1);
+    assert!(delta.outbox[0].1.is_some(), "queued");
+    assert!(delta.progress.is_some());
+    assert!(r.take_delta().is_empty(), "nothing new");
+
+    r.handle(
+        ack(
+            &id,
+            1,
+            state(
+                "a",
+                Some(json!({"n": 1})),
+                1,
+                VectorClock::from([("ra", 1)]),
+            ),
+        ),
+        2,
+    );
+    let delta = r.take_delta();
+    assert_eq!(delta.outbox.len(), 1);
+    assert!(delta.outbox[0].1.is_none(), "acknowledged: removed");
+    assert_eq!(delta.known.len(), 1);
+    assert_eq!(delta.known[0].1.version, 1);
+    assert_eq!(delta.progress.as_ref().map(|p| p.watermark), Some(1));
+
+    // The deltas of a whole history rebuild the state.
+    let mut disk = kalphite_sync::ReplicaState::default();
+    let mut replay = Replica::new(config());
+    replay.connect(0);
+    replay.handle(welcome(0, 0), 0);
+    replay
+        .local_change(&local_upsert("b", json!({"n": 2}), 3), 3)
+        .unwrap();
+    disk.apply_delta(replay.take_delta());
+    assert_eq!(&disk, replay.state());
+}

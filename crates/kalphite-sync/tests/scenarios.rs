@@ -254,3 +254,34 @@ fn sequential_edits_across_users_never_conflict() {
     assert!(w.clients.iter().all(|c| c.conflicts.is_empty()));
     assert_eq!(w.db_len, 5);
 }
+
+/// Regression: message ids repeated after any rollback of a client's persisted state (a
+/// crash before the state was saved, a restored backup, a copied database). Ids were
+/// `<replica>-<counter>`; the counter went back with the state, and the room, which
+/// deduplicates on the id, acknowledged the client's next edit as a duplicate of an old
+/// one without storing it. Every process start now has its own incarnation in the ids.
+#[test]
+fn a_client_whose_state_rolled_back_reuses_no_message_id() {
+    let mut w = World::new(ConflictPolicy::default(), &["alice", "bob"]);
+    let before = w.clients[0].replica.state().clone();
+    w.connect(0);
+    w.connect(1);
+    w.write(0, "t1", Some(json!({"n": 1})));
+    assert_eq!(w.db_len, 1);
+
+    // Alice's process dies; what was persisted is the state from before her edit.
+    w.disconnect(0);
+    let mut config = w.clients[0].replica.config().clone();
+    config.incarnation = 0x5eed;
+    w.clients[0].replica = Replica::restore(config, before);
+    w.connect(0);
+    w.write(0, "t2", Some(json!({"n": 2})));
+
+    assert_eq!(
+        w.db_len, 2,
+        "the new edit was stored, not taken for a duplicate"
+    );
+    assert_eq!(w.clients[0].replica.outbox_len(), 0);
+    assert_eq!(w.data(1, "t2"), Some(json!({"n": 2})));
+    w.assert_converged();
+}

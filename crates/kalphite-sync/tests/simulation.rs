@@ -46,6 +46,8 @@ struct SimReplica {
     store: BTreeMap<EntityKey, Entity<Value>>,
     conn: Option<ConnId>,
     conflicts: Vec<ConflictPayload>,
+    /// The replica state as persisted: every `take_delta` applied in order.
+    disk: ReplicaState,
 }
 
 #[derive(Default, Debug)]
@@ -102,6 +104,7 @@ impl Sim {
                     store: BTreeMap::new(),
                     conn: None,
                     conflicts: Vec::new(),
+                    disk: ReplicaState::default(),
                 }
             })
             .collect();
@@ -339,6 +342,16 @@ impl Sim {
     fn advance(&mut self) {
         self.now += self.rng.random_range(1..2 * RESEND_AFTER);
         self.tick_all();
+        // Persist at arbitrary moments, as the client's flushes do.
+        let who = self.rng.random_range(0..self.replicas.len());
+        self.persist(who);
+    }
+
+    /// Writes what changed in a replica's state since its last persist to its "disk".
+    fn persist(&mut self, idx: usize) {
+        let r = &mut self.replicas[idx];
+        let delta = r.core.take_delta();
+        r.disk.apply_delta(delta);
     }
 
     fn tick_all(&mut self) {
@@ -376,15 +389,27 @@ impl Sim {
     fn restart_replica(&mut self, idx: usize) {
         self.stats.restarts += 1;
         self.disconnect(idx);
+        self.persist(idx);
         let r = &mut self.replicas[idx];
-        let saved = serde_json::to_string(r.core.state()).expect("state serializes");
-        let state: ReplicaState = serde_json::from_str(&saved).expect("state deserializes");
+        // The deltas captured every change: the disk holds exactly the state, in order.
         assert_eq!(
-            &state,
+            &r.disk,
             r.core.state(),
-            "seed {}: state round-trips",
+            "seed {}: persisted state",
             self.seed
         );
+        let order = |s: &ReplicaState| s.outbox.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            order(&r.disk),
+            order(r.core.state()),
+            "seed {}: outbox order",
+            self.seed
+        );
+        let saved = serde_json::to_string(&r.disk).expect("state serializes");
+        let state: ReplicaState = serde_json::from_str(&saved).expect("state deserializes");
+        assert_eq!(state, r.disk, "seed {}: state round-trips", self.seed);
+        // A new process: a new incarnation, so its message ids are new too.
+        r.config.incarnation += 1;
         r.core = Replica::restore(r.config.clone(), state);
     }
 
