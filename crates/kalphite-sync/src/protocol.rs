@@ -218,6 +218,15 @@ pub enum ErrorCode {
     StorageFailed,
     /// A bug on the server.
     Internal,
+    /// The hello's `replicaId` is already bound to another user in this room (a replica id
+    /// belongs to the user who first used it there). Pick another replica id.
+    ReplicaTaken,
+    /// A change reuses the `messageId` of an earlier change of the same replica that named
+    /// another entity; message ids must be unique per replica.
+    MessageIdReused,
+    /// A change's vector clock claims more edits by another replica than the room has
+    /// ever accepted from it.
+    InvalidClock,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,

@@ -40,6 +40,44 @@ pub enum RoomError {
         /// Why.
         reason: String,
     },
+    /// The hello's replica id is bound to another user in this room.
+    #[error(
+        "replica id '{replica_id}' is already used by another user in this room; \
+         use a replica id of your own (a new random one per installation)"
+    )]
+    ReplicaTaken {
+        /// The replica id asked for.
+        replica_id: String,
+    },
+    /// A change reuses the message id of an earlier change of the same replica that named
+    /// another entity.
+    #[error(
+        "message id '{message_id}' was already used by this replica for {earlier}, not \
+         {kind}/{id}; give every change a new message id"
+    )]
+    MessageIdReused {
+        /// The reused message id.
+        message_id: String,
+        /// The entity the earlier change named, as `kind/id`.
+        earlier: String,
+        /// The kind this change names.
+        kind: String,
+        /// The id this change names.
+        id: String,
+    },
+    /// A change's clock claims edits of another replica that the room never accepted.
+    #[error(
+        "the change's clock counts {claimed} edits by replica '{replica}', but the room has \
+         accepted only {known}; build clocks from the states the room sent"
+    )]
+    InvalidClock {
+        /// The replica whose counter is too high.
+        replica: String,
+        /// The counter the change claims.
+        claimed: u64,
+        /// The highest counter the room has accepted from that replica.
+        known: u64,
+    },
     /// A change arrived while the previous accepted change was not yet committed.
     #[error("the previous change is still being written; resend later")]
     CommitPending,
@@ -71,6 +109,9 @@ impl RoomError {
             Self::NotJoined => ErrorCode::NotJoined,
             Self::AlreadyJoined => ErrorCode::AlreadyJoined,
             Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
+            Self::ReplicaTaken { .. } => ErrorCode::ReplicaTaken,
+            Self::MessageIdReused { .. } => ErrorCode::MessageIdReused,
+            Self::InvalidClock { .. } => ErrorCode::InvalidClock,
             Self::CommitPending
             | Self::StalePending
             | Self::OutOfOrder { .. }

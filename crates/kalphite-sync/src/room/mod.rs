@@ -57,6 +57,20 @@ impl Default for RoomLimits {
 #[derive(Clone, Debug)]
 struct Member {
     user_id: String,
+    /// The hello's replica id: the connection's slot in vector clocks and the namespace of
+    /// its message ids.
+    replica_id: String,
+}
+
+/// Who a replica id belongs to in this room.
+#[derive(Clone, Debug)]
+struct Binding {
+    /// The user who first used the replica id here.
+    user_id: String,
+    /// True once the room holds a change by this replica: the binding then lasts (it is
+    /// rebuilt from the log). A binding made by hellos alone is dropped when the last of
+    /// those connections leaves, so hellos cannot grow the room without bound.
+    stored: bool,
 }
 
 /// One sync room: the authoritative, versioned state of a set of entities.
@@ -72,10 +86,18 @@ pub struct Room {
     bases: BTreeMap<u64, (EntityKey, Option<Entity<Value>>)>,
     /// Current version → entity, for catch-up in version order.
     by_version: BTreeMap<u64, EntityKey>,
-    /// Change message id → (entity, version assigned), for deduplication.
-    seen: HashMap<String, (EntityKey, u64)>,
-    /// The ids in `seen`, oldest first, to keep it within `limits.dedup_window`.
-    seen_order: VecDeque<String>,
+    /// Replica id → change message id → (entity, version assigned), for deduplication:
+    /// message ids are unique per replica, not per room.
+    seen: HashMap<String, HashMap<String, (EntityKey, u64)>>,
+    /// The (replica id, message id) pairs in `seen`, oldest first, to keep it within
+    /// `limits.dedup_window`.
+    seen_order: VecDeque<(String, String)>,
+    /// Replica id → the user it belongs to. A hello of another user with a bound replica
+    /// id is refused.
+    replicas: HashMap<String, Binding>,
+    /// Replica id → the highest counter of that replica in any clock the room stored. An
+    /// incoming clock may not exceed it for any replica but its author's.
+    high: HashMap<String, u64>,
     /// Ordered so that broadcasts go out in a deterministic order.
     members: BTreeMap<ConnId, Member>,
     /// The version reserved by the uncommitted [`Pending`], if any.
@@ -122,6 +144,8 @@ impl Room {
             by_version: BTreeMap::new(),
             seen: HashMap::new(),
             seen_order: VecDeque::new(),
+            replicas: HashMap::new(),
+            high: HashMap::new(),
             members: BTreeMap::new(),
             pending: None,
             next_message: 0,
@@ -224,10 +248,28 @@ impl Room {
         if self.members.contains_key(&conn) {
             return Err(RoomError::AlreadyJoined);
         }
+        match self.replicas.get(&h.replica_id) {
+            Some(binding) if binding.user_id != user_id => {
+                return Err(RoomError::ReplicaTaken {
+                    replica_id: truncate(&h.replica_id),
+                });
+            }
+            Some(_) => {}
+            None => {
+                self.replicas.insert(
+                    h.replica_id.clone(),
+                    Binding {
+                        user_id: user_id.to_owned(),
+                        stored: false,
+                    },
+                );
+            }
+        }
         self.members.insert(
             conn,
             Member {
                 user_id: user_id.to_owned(),
+                replica_id: h.replica_id.clone(),
             },
         );
         let from = if h.last_version > self.version {
@@ -293,7 +335,20 @@ impl Room {
 
     /// Forgets a connection (closed, timed out).
     pub fn leave(&mut self, conn: ConnId) {
-        self.members.remove(&conn);
+        let Some(member) = self.members.remove(&conn) else {
+            return;
+        };
+        let unused = self
+            .replicas
+            .get(&member.replica_id)
+            .is_some_and(|b| !b.stored)
+            && !self
+                .members
+                .values()
+                .any(|m| m.replica_id == member.replica_id);
+        if unused {
+            self.replicas.remove(&member.replica_id);
+        }
     }
 
     /// An error message for `conn`.
@@ -326,8 +381,8 @@ impl Room {
                 return Step::Reply(vec![beat]);
             }
             (Some(member), ClientMessage::Change(change)) => {
-                let user = member.user_id.clone();
-                self.accept(conn, &user, change, now)
+                let member = member.clone();
+                self.accept(conn, &member, change, now)
             }
         };
         match result {
@@ -346,21 +401,34 @@ impl Room {
     fn accept(
         &mut self,
         conn: ConnId,
-        user_id: &str,
+        member: &Member,
         change: Envelope<ChangePayload>,
         now: Millis,
     ) -> Result<Step, RoomError> {
+        let user_id = member.user_id.as_str();
         let key = EntityKey::new(
             change.payload.entity_type.clone(),
             change.payload.entity_id.clone(),
         );
-        if let Some((seen_key, version)) = self.seen.get(&change.message_id) {
-            let (seen_key, version) = (seen_key.clone(), *version);
+        if let Some((seen_key, version)) = self
+            .seen
+            .get(&member.replica_id)
+            .and_then(|ids| ids.get(&change.message_id))
+        {
+            if *seen_key != key {
+                return Err(RoomError::MessageIdReused {
+                    message_id: truncate(&change.message_id),
+                    earlier: truncate(&format!("{}/{}", seen_key.kind, seen_key.id)),
+                    kind: truncate(&key.kind),
+                    id: truncate(&key.id),
+                });
+            }
+            let version = *version;
             return Ok(Step::Reply(self.ack(
                 conn,
                 &change.message_id,
                 version,
-                &seen_key,
+                &key,
                 now,
             )));
         }
@@ -369,6 +437,7 @@ impl Room {
         }
         let incoming = self.incoming_version(&change, user_id)?;
         let vector = change.payload.vector.clone().normalized();
+        self.check_clock(&member.replica_id, &vector)?;
         let decision = match self.entities.get(&key) {
             None => Decision::Store {
                 version: incoming,
@@ -380,7 +449,12 @@ impl Room {
         let (version, vector, conflict) = match decision {
             Decision::AlreadyKnown => {
                 let current = self.entities.get(&key).map_or(0, |c| c.version);
-                self.remember(change.message_id.clone(), key.clone(), current);
+                self.remember(
+                    member.replica_id.clone(),
+                    change.message_id.clone(),
+                    key.clone(),
+                    current,
+                );
                 return Ok(Step::Reply(self.ack(
                     conn,
                     &change.message_id,
@@ -406,6 +480,8 @@ impl Room {
             vector,
             stamp: version.stamp,
             message_id: change.message_id.clone(),
+            replica_id: member.replica_id.clone(),
+            author: user_id.to_owned(),
         };
         let payload = record.to_payload();
         let ack = AckPayload {
@@ -436,6 +512,25 @@ impl Room {
             record,
             outputs,
         }))
+    }
+
+    /// Refuses a clock that counts more edits of another replica than the room has ever
+    /// stored from it; only the author's (`me`) own counter may advance.
+    fn check_clock(&self, me: &str, vector: &VectorClock) -> Result<(), RoomError> {
+        for (replica, claimed) in vector.iter() {
+            if replica == me {
+                continue;
+            }
+            let known = self.high.get(replica).copied().unwrap_or(0);
+            if claimed > known {
+                return Err(RoomError::InvalidClock {
+                    replica: truncate(replica),
+                    claimed,
+                    known,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Compares an incoming change with the entity's current state.
@@ -590,28 +685,54 @@ impl Room {
         ))
     }
 
-    /// Remembers a change message id for deduplication, forgetting the oldest past the
-    /// window.
-    fn remember(&mut self, message_id: String, key: EntityKey, version: u64) {
-        if self
-            .seen
-            .insert(message_id.clone(), (key, version))
-            .is_none()
-        {
-            self.seen_order.push_back(message_id);
+    /// Remembers a change message id of `replica` for deduplication, forgetting the
+    /// oldest past the window.
+    fn remember(&mut self, replica: String, message_id: String, key: EntityKey, version: u64) {
+        let ids = self.seen.entry(replica.clone()).or_default();
+        if ids.insert(message_id.clone(), (key, version)).is_none() {
+            self.seen_order.push_back((replica, message_id));
         }
         while self.seen_order.len() > self.limits.dedup_window.max(1) {
-            if let Some(old) = self.seen_order.pop_front() {
-                self.seen.remove(&old);
+            let Some((replica, message_id)) = self.seen_order.pop_front() else {
+                break;
+            };
+            if let Some(ids) = self.seen.get_mut(&replica) {
+                ids.remove(&message_id);
+                if ids.is_empty() {
+                    self.seen.remove(&replica);
+                }
             }
         }
     }
 
-    /// Makes `record` the entity's current state.
+    /// Makes `record` the entity's current state, and records what it says about its
+    /// author (the replica binding) and about every replica's counter.
     fn install(&mut self, record: StoredChange) {
         let key = record.key();
         self.version = record.version;
-        self.remember(record.message_id.clone(), key.clone(), record.version);
+        for (replica, counter) in record.vector.iter() {
+            match self.high.get_mut(replica) {
+                Some(high) => *high = (*high).max(counter),
+                None => {
+                    self.high.insert(replica.to_owned(), counter);
+                }
+            }
+        }
+        if !record.replica_id.is_empty() {
+            self.replicas
+                .entry(record.replica_id.clone())
+                .or_insert_with(|| Binding {
+                    user_id: record.author.clone(),
+                    stored: true,
+                })
+                .stored = true;
+        }
+        self.remember(
+            record.replica_id.clone(),
+            record.message_id.clone(),
+            key.clone(),
+            record.version,
+        );
         self.by_version.insert(record.version, key.clone());
         if let Some(old) = self.entities.insert(key.clone(), record) {
             self.by_version.remove(&old.version);
@@ -687,6 +808,11 @@ fn encoded_len(value: &impl serde::Serialize) -> usize {
     // Serializing JSON values cannot fail; an error would only under-count.
     let _ = serde_json::to_writer(&mut count, value);
     count.0
+}
+
+/// At most 64 characters of an untrusted string, for echoing it in an error.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 fn join(issues: &[kalphite::Issue]) -> String {

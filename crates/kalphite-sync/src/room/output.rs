@@ -30,6 +30,9 @@ pub struct Outbound {
 ///
 /// Deliberately exhaustive (unlike the error and message enums): a caller that matched a
 /// new variant with `_` would silently drop messages.
+// Returned and matched at once, never stored or held across an await: boxing the
+// pending write would only add an allocation per accepted change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[must_use]
 pub enum Step {

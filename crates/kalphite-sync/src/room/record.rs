@@ -28,8 +28,16 @@ pub struct StoredChange {
     pub vector: VectorClock,
     /// The last-write-wins stamp of the state.
     pub stamp: Stamp,
-    /// The client message that produced it (the deduplication key).
+    /// The client message that produced it (with `replica_id`, the deduplication key).
     pub message_id: String,
+    /// The replica id of the connection that sent the change (its hello's `replicaId`).
+    /// Empty in logs written before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica_id: String,
+    /// The user id of the connection that sent the change. Not always the stamp's user:
+    /// after a conflict the stamp is the last-write-wins winner's. Empty in older logs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub author: String,
 }
 
 impl StoredChange {
