@@ -16,6 +16,23 @@ use serde_json::Value;
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
+/// The prefix of kalphite's own bookkeeping kinds (`_kalphite_sync_replica`, the server's
+/// `_kalphite_room:<room>` log, …).
+///
+/// The store never holds an entity whose kind starts with it: every write of such a kind
+/// (typed or dynamic, local, bulk or remote) is refused with
+/// [`Error::ReservedKind`](crate::Error::ReservedKind), [`Store::hydrate`](crate::Store::hydrate)
+/// skips such rows, and reads of such a kind find nothing. This keeps a room member from
+/// planting an entity that kalphite code would read as its own state.
+pub const RESERVED_KIND_PREFIX: &str = "_kalphite_";
+
+/// Whether `kind` is one of kalphite's own bookkeeping kinds (starts with
+/// [`RESERVED_KIND_PREFIX`]).
+#[must_use]
+pub fn is_reserved_kind(kind: &str) -> bool {
+    kind.starts_with(RESERVED_KIND_PREFIX)
+}
+
 /// The current wall-clock time in milliseconds since the epoch.
 #[must_use]
 pub fn now_millis() -> Millis {
@@ -360,6 +377,15 @@ mod tests {
         assert!(Arc::ptr_eq(&any.downcast::<Comment>().unwrap(), &typed));
         assert!(any.downcast::<Value>().is_none());
         assert_eq!(any.to_json().unwrap().data, json!({"message": "m"}));
+    }
+
+    #[test]
+    fn reserved_kinds_are_the_ones_with_the_prefix() {
+        assert!(is_reserved_kind("_kalphite_sync_replica"));
+        assert!(is_reserved_kind("_kalphite_"));
+        assert!(!is_reserved_kind("kalphite_todo"));
+        assert!(!is_reserved_kind("_kalphite"));
+        assert!(!is_reserved_kind(""));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The store's error type: every refused write says what was refused and why, and leaves
 //! the store exactly as it was.
 
-use crate::entity::{EntityId, Kind};
+use crate::entity::{EntityId, Kind, RESERVED_KIND_PREFIX};
 use crate::schema::{Issue, join_issues};
 
 /// Why the store refused an operation.
@@ -81,6 +81,17 @@ pub enum Error {
         existing: &'static str,
         /// The data type that was asked for.
         requested: &'static str,
+    },
+    /// The kind starts with [`RESERVED_KIND_PREFIX`]: such kinds are kalphite's own
+    /// bookkeeping and are never stored as entities (whoever sent it, local code or a
+    /// room member).
+    #[error(
+        "refused kind '{kind}': kinds starting with '{RESERVED_KIND_PREFIX}' are reserved \
+         for kalphite's own bookkeeping"
+    )]
+    ReservedKind {
+        /// The refused kind.
+        kind: Kind,
     },
     /// The flush engine's configuration is invalid.
     #[error("invalid flush configuration: {0}")]

@@ -57,7 +57,10 @@ pub mod schema;
 pub mod store;
 
 pub use change::{Change, FlushChange, Op, Origin};
-pub use entity::{AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, now_millis};
+pub use entity::{
+    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, RESERVED_KIND_PREFIX,
+    is_reserved_kind, now_millis,
+};
 pub use error::{Error, Result};
 pub use flush::{Annotation, Batch, Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};

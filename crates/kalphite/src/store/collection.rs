@@ -242,13 +242,16 @@ impl DynCollection {
     }
 
     /// The kind's slot inside a write, created as a JSON table if it does not exist.
-    fn slot_in(&self, tx: &mut Tx<'_>) -> usize {
+    ///
+    /// # Errors
+    /// [`Error::ReservedKind`] for kalphite's own bookkeeping kinds.
+    fn slot_in(&self, tx: &mut Tx<'_>) -> Result<usize> {
         if let Some(&slot) = self.slot.get() {
-            return slot;
+            return Ok(slot);
         }
-        let slot = tx.state.slot_for_json(&self.kind);
+        let slot = tx.state.slot_for_json(&self.kind)?;
         let _ = self.slot.set(slot);
-        slot
+        Ok(slot)
     }
 
     /// Runs a read against the kind's table (`None` while the kind has no slot).
@@ -267,11 +270,12 @@ impl DynCollection {
     /// `updated_at` stamped if unset).
     ///
     /// # Errors
-    /// [`Error::WrongKind`], [`Error::EmptyId`], [`Error::NotAnObject`],
-    /// [`Error::Validation`], [`Error::Conversion`]. Nothing changes then.
+    /// [`Error::ReservedKind`] for kalphite's own bookkeeping kinds, [`Error::WrongKind`],
+    /// [`Error::EmptyId`], [`Error::NotAnObject`], [`Error::Validation`],
+    /// [`Error::Conversion`]. Nothing changes then.
     pub fn upsert(&self, entity: Entity<Value>) -> Result<Arc<Entity<Value>>> {
         let stored = self.store.transaction(|tx| {
-            let slot = self.slot_in(tx);
+            let slot = self.slot_in(tx)?;
             tx.upsert_json_in(slot, entity)
         })?;
         Ok(stored.downcast::<Value>().unwrap_or_else(|| {
@@ -302,7 +306,7 @@ impl DynCollection {
     /// The first refused entity's error; nothing is written then.
     pub fn bulk_upsert(&self, entities: impl IntoIterator<Item = Entity<Value>>) -> Result<usize> {
         self.store.transaction(|tx| {
-            let slot = self.slot_in(tx);
+            let slot = self.slot_in(tx)?;
             let mut n = 0;
             for e in entities {
                 tx.upsert_json_in(slot, e)?;

@@ -21,7 +21,7 @@ pub use query::{Query, json_cmp};
 pub use tx::{Tx, View};
 
 use crate::change::{Change, Origin};
-use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind};
+use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind, is_reserved_kind};
 use crate::error::{Error, Result};
 use crate::flush::{Durability, FlushEngine, FlushError, ShutdownError};
 use crate::schema::SharedSchema;
@@ -148,6 +148,9 @@ impl StoreBuilder {
 
     /// Registers `T` as the data type of `T::KIND` up front, so JSON arriving for that
     /// kind (bulk loads, hydration, sync) is checked against it from the start.
+    ///
+    /// A reserved `T::KIND` (see [`crate::RESERVED_KIND_PREFIX`]) registers nothing; its
+    /// [`Store::collection`] reports [`Error::ReservedKind`].
     pub fn register<T: EntityKind>(mut self) -> Self {
         self.typed.push(Box::new(|state| {
             state.slot_for_type::<T>(&Kind::from(T::KIND)).map(drop)
@@ -159,8 +162,11 @@ impl StoreBuilder {
     pub fn build(self) -> Store {
         let mut state = State::default();
         for register in self.typed {
-            // An empty state cannot hold conflicting data, so registration cannot fail.
-            let _ = register(&mut state);
+            // An empty state cannot hold conflicting data, so registration fails only for
+            // a reserved kind, which must not get a slot (`collection` reports it).
+            if let Err(e) = register(&mut state) {
+                tracing::warn!(error = %e, "kalphite: a registered kind was not registered");
+            }
         }
         Store {
             inner: Arc::new(Inner {
@@ -200,8 +206,10 @@ impl Store {
     /// The typed collection of `T::KIND`: a live view that always shows the current state.
     ///
     /// # Errors
-    /// [`Error::KindTypeMismatch`] if the kind is already open as another Rust type, or
-    /// [`Error::Conversion`] if it holds JSON entities that do not fit `T` (nothing changes).
+    /// [`Error::ReservedKind`] if `T::KIND` is one of kalphite's own bookkeeping kinds
+    /// (see [`crate::RESERVED_KIND_PREFIX`]), [`Error::KindTypeMismatch`] if the kind is
+    /// already open as another Rust type, or [`Error::Conversion`] if it holds JSON
+    /// entities that do not fit `T` (nothing changes).
     pub fn collection<T: EntityKind>(&self) -> Result<Collection<T>> {
         let kind = Kind::from(T::KIND);
         let existing = {
@@ -218,6 +226,9 @@ impl Store {
     }
 
     /// The collection of `kind` as JSON (`serde_json::Value` data), whatever its Rust type.
+    ///
+    /// For a reserved kind (see [`crate::RESERVED_KIND_PREFIX`]) every write is refused
+    /// with [`Error::ReservedKind`] and every read finds nothing.
     pub fn dynamic(&self, kind: impl Into<Kind>) -> DynCollection {
         DynCollection::new(self.clone(), kind.into())
     }
@@ -277,10 +288,36 @@ impl Store {
     /// Loads entities read from local storage at start-up: like [`Self::load_entities`],
     /// but the changes are marked [`Origin::Storage`] so they are not written back.
     ///
+    /// Entities of reserved kinds (see [`crate::RESERVED_KIND_PREFIX`]) are skipped with a
+    /// warning instead of refusing the load: databases written by older clients hold such
+    /// rows (the sync client's `_kalphite_sync_replica` state), and they must not keep the
+    /// app from starting. The returned count does not include them.
+    ///
     /// # Errors
-    /// As [`Self::load_entities`].
+    /// As [`Self::load_entities`], for any other invalid entity.
     pub fn hydrate(&self, entities: impl IntoIterator<Item = Entity<Value>>) -> Result<usize> {
-        self.load_with_origin(entities, Origin::Storage)
+        let mut skipped: Vec<Kind> = Vec::new();
+        let mut skipped_count = 0usize;
+        let entities = entities.into_iter().filter(|e| {
+            if !is_reserved_kind(&e.kind) {
+                return true;
+            }
+            skipped_count += 1;
+            if !skipped.contains(&e.kind) {
+                skipped.push(e.kind.clone());
+            }
+            false
+        });
+        let loaded = self.load_with_origin(entities, Origin::Storage);
+        if skipped_count > 0 {
+            tracing::warn!(
+                skipped = skipped_count,
+                kinds = ?skipped,
+                "kalphite: hydration skipped stored entities of reserved kinds \
+                 (kalphite's own bookkeeping, never loaded as entities)"
+            );
+        }
+        loaded
     }
 
     fn load_with_origin(

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::change::{Change, Origin};
 use crate::entity::{
-    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, now_millis,
+    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, is_reserved_kind, now_millis,
 };
 use crate::error::{Error, Result, json_type_name};
 use crate::schema::Schema;
@@ -42,11 +42,16 @@ impl State {
     }
 
     /// The slot of `kind`, created as a JSON table if it does not exist.
-    pub(crate) fn slot_for_json(&mut self, kind: &Kind) -> usize {
-        match self.slot_index(kind) {
+    ///
+    /// # Errors
+    /// [`Error::ReservedKind`]: a reserved kind never gets a slot, so it never holds an
+    /// entity and every read of it finds nothing.
+    pub(crate) fn slot_for_json(&mut self, kind: &Kind) -> Result<usize> {
+        refuse_reserved(kind)?;
+        Ok(match self.slot_index(kind) {
             Some(i) => i,
             None => self.add_slot(Slot::new::<Value>(kind.clone())),
-        }
+        })
     }
 
     /// The slot of `kind` holding `T`: created if absent; converted if it holds JSON
@@ -62,6 +67,7 @@ impl State {
         &mut self,
         kind: &Kind,
     ) -> Result<(usize, Option<Box<dyn ErasedTable>>)> {
+        refuse_reserved(kind)?;
         let Some(index) = self.slot_index(kind) else {
             return Ok((self.add_slot(Slot::new::<T>(kind.clone())), None));
         };
@@ -87,6 +93,14 @@ impl State {
         let json_table = std::mem::replace(&mut slot.table, Box::new(typed));
         Ok((index, Some(json_table)))
     }
+}
+
+/// [`Error::ReservedKind`] for kalphite's own bookkeeping kinds.
+fn refuse_reserved(kind: &Kind) -> Result<()> {
+    if is_reserved_kind(kind) {
+        return Err(Error::ReservedKind { kind: kind.clone() });
+    }
+    Ok(())
 }
 
 enum Undo {
@@ -157,8 +171,9 @@ impl<'a> Tx<'a> {
     /// Inserts or replaces a typed entity; returns it as stored.
     ///
     /// # Errors
-    /// [`Error::WrongKind`] if `entity.kind` is not `T::KIND`, [`Error::EmptyId`],
-    /// [`Error::Validation`] if the store's schema rejects it.
+    /// [`Error::ReservedKind`] if `T::KIND` is reserved (see
+    /// [`crate::RESERVED_KIND_PREFIX`]), [`Error::WrongKind`] if `entity.kind` is not
+    /// `T::KIND`, [`Error::EmptyId`], [`Error::Validation`] if the store's schema rejects it.
     pub fn upsert<T: EntityKind>(&mut self, entity: Entity<T>) -> Result<Arc<Entity<T>>> {
         let (slot, converted) = self
             .state
@@ -191,15 +206,18 @@ impl<'a> Tx<'a> {
     /// Inserts or replaces an entity given as JSON, in whatever collection its kind has.
     ///
     /// # Errors
-    /// [`Error::EmptyId`], [`Error::EmptyKind`], [`Error::NotAnObject`],
+    /// [`Error::ReservedKind`] for kalphite's own bookkeeping kinds (see
+    /// [`crate::RESERVED_KIND_PREFIX`]; whatever the origin: a room member cannot plant
+    /// one), [`Error::EmptyId`], [`Error::EmptyKind`], [`Error::NotAnObject`],
     /// [`Error::Validation`], or [`Error::Conversion`] when the kind is typed and the data
     /// does not fit its Rust type.
     pub fn upsert_json(&mut self, entity: Entity<Value>) -> Result<AnyEntity> {
-        let slot = self.state.slot_for_json(&entity.kind);
+        let slot = self.state.slot_for_json(&entity.kind)?;
         self.upsert_json_in(slot, entity)
     }
 
-    /// Deletes the entity `(kind, id)`; `true` if it existed.
+    /// Deletes the entity `(kind, id)`; `true` if it existed. A reserved kind never holds
+    /// an entity, so deleting one finds nothing and announces nothing.
     pub fn delete_json(&mut self, kind: &str, id: &str) -> bool {
         self.state
             .slot_index(kind)
