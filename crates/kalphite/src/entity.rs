@@ -215,6 +215,24 @@ impl<T: Serialize> Entity<T> {
     }
 }
 
+/// How many bytes `value` takes as compact JSON, counted as it is serialized (nothing is
+/// allocated).
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, serde_json::Error> {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value)?;
+    Ok(counter.0)
+}
+
 /// A stored entity of any data type, shared and type-erased.
 ///
 /// Layers that speak JSON (flush targets, the database, sync) read it through
@@ -229,6 +247,7 @@ trait ErasedEntity: Send + Sync + 'static {
     fn kind(&self) -> &Kind;
     fn updated_at(&self) -> Millis;
     fn data_json(&self) -> Result<Value, serde_json::Error>;
+    fn json_len(&self) -> Result<usize, serde_json::Error>;
     fn debug(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
     fn as_any_arc(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
@@ -245,6 +264,9 @@ impl<T: EntityData> ErasedEntity for Entity<T> {
     }
     fn data_json(&self) -> Result<Value, serde_json::Error> {
         serde_json::to_value(&self.data)
+    }
+    fn json_len(&self) -> Result<usize, serde_json::Error> {
+        json_len(self)
     }
     fn debug(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
@@ -297,6 +319,11 @@ impl AnyEntity {
             data: self.data_json()?,
             updated_at: self.updated_at(),
         })
+    }
+
+    /// How many bytes the whole record takes as JSON, without building the JSON.
+    pub(crate) fn json_len(&self) -> Result<usize, serde_json::Error> {
+        self.0.json_len()
     }
 
     /// The typed entity, if its data type is `T`.
@@ -377,6 +404,28 @@ mod tests {
         assert!(Arc::ptr_eq(&any.downcast::<Comment>().unwrap(), &typed));
         assert!(any.downcast::<Value>().is_none());
         assert_eq!(any.to_json().unwrap().data, json!({"message": "m"}));
+    }
+
+    #[test]
+    fn json_len_counts_the_bytes_of_the_whole_record() {
+        let typed = Arc::new(
+            Entity::new(
+                "c1",
+                "comment",
+                Comment {
+                    message: "héllo \"x\"".into(),
+                },
+            )
+            .at(42),
+        );
+        let any = AnyEntity::new(Arc::clone(&typed));
+        let expected = serde_json::to_vec(&*typed).unwrap().len();
+        assert_eq!(json_len(&*typed).unwrap(), expected);
+        assert_eq!(any.json_len().unwrap(), expected);
+        assert_eq!(
+            serde_json::to_vec(&any.to_json().unwrap()).unwrap().len(),
+            expected
+        );
     }
 
     #[test]

@@ -62,8 +62,9 @@ pub enum Error {
         /// The deserializer's explanation.
         message: String,
     },
-    /// A typed entity could not be turned into JSON for validation.
-    #[error("could not serialize {kind} '{id}' for validation: {message}")]
+    /// A typed entity could not be turned into JSON (to validate it, or to measure it
+    /// against the size limit).
+    #[error("could not serialize {kind} '{id}' as JSON: {message}")]
     Serialize {
         /// The record's kind.
         kind: Kind,
@@ -92,6 +93,23 @@ pub enum Error {
     ReservedKind {
         /// The refused kind.
         kind: Kind,
+    },
+    /// The store has an entity size limit ([`crate::Store::set_max_entity_bytes`]) and the
+    /// entity's JSON record is larger.
+    #[error(
+        "refused {kind} '{id}': it is {bytes} bytes as JSON, over the store's limit of \
+         {limit} bytes per entity (the sync server refuses larger entities, so it could \
+         never be synced)"
+    )]
+    EntityTooLarge {
+        /// The record's kind.
+        kind: Kind,
+        /// The record's id.
+        id: EntityId,
+        /// The size of the whole `{id, type, data, updatedAt}` record as JSON.
+        bytes: usize,
+        /// The store's limit.
+        limit: usize,
     },
     /// The flush engine's configuration is invalid.
     #[error("invalid flush configuration: {0}")]

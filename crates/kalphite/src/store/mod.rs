@@ -11,6 +11,7 @@ mod tx;
 use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 use serde_json::Value;
@@ -69,7 +70,12 @@ struct Inner {
     /// control and durability waits.
     engines: Vec<FlushEngine>,
     notifier: Arc<Notifier>,
+    /// The entity size limit for local writes, [`NO_LIMIT`] when there is none.
+    max_entity_bytes: AtomicUsize,
 }
+
+/// `max_entity_bytes` when the store has no size limit.
+const NO_LIMIT: usize = usize::MAX;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -88,6 +94,7 @@ pub struct StoreBuilder {
     engines: Vec<FlushEngine>,
     stream_capacity: usize,
     typed: Vec<Registration>,
+    max_entity_bytes: Option<usize>,
 }
 
 /// Registers a Rust type for a kind when the store is built.
@@ -101,6 +108,7 @@ impl Default for StoreBuilder {
             engines: Vec::new(),
             stream_capacity: 1024,
             typed: Vec::new(),
+            max_entity_bytes: None,
         }
     }
 }
@@ -158,6 +166,14 @@ impl StoreBuilder {
         self
     }
 
+    /// Refuses every local upsert whose entity is larger than `bytes` as JSON, with
+    /// [`Error::EntityTooLarge`] (see [`Store::set_max_entity_bytes`], which can also
+    /// change or lift the limit later). No limit by default.
+    pub fn max_entity_bytes(mut self, bytes: usize) -> Self {
+        self.max_entity_bytes = Some(bytes);
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> Store {
         let mut state = State::default();
@@ -175,6 +191,7 @@ impl StoreBuilder {
                 sinks: self.sinks,
                 engines: self.engines,
                 notifier: Arc::new(Notifier::new(self.stream_capacity)),
+                max_entity_bytes: AtomicUsize::new(self.max_entity_bytes.unwrap_or(NO_LIMIT)),
             }),
         }
     }
@@ -373,7 +390,19 @@ impl Store {
         let inner = &*self.inner;
         let record = !inner.sinks.is_empty() || inner.notifier.wanted();
         let mut guard = self.write_state();
-        let mut tx = Tx::new(&mut guard, inner.schema.as_deref(), origin, record);
+        // Only local writes are measured: remote ones were accepted by the server already,
+        // stored ones by this store earlier.
+        let max_bytes = match origin {
+            Origin::Local => self.max_entity_bytes(),
+            Origin::Remote | Origin::Storage => None,
+        };
+        let mut tx = Tx::new(
+            &mut guard,
+            inner.schema.as_deref(),
+            origin,
+            record,
+            max_bytes,
+        );
         let key = self.key();
         IN_TRANSACTION.with(|t| t.borrow_mut().push(key));
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&mut tx)));
@@ -404,6 +433,35 @@ impl Store {
                 drop(guard);
                 resume_unwind(panic)
             }
+        }
+    }
+
+    /// Sets (`Some`) or lifts (`None`) the entity size limit; it applies to transactions
+    /// that start afterwards.
+    ///
+    /// With a limit, every local upsert — typed or dynamic, single, in a transaction or in
+    /// a bulk load — whose whole `{id, type, data, updatedAt}` record (as stored: schema
+    /// defaults applied, `updatedAt` stamped) is more than `bytes` bytes of JSON is
+    /// refused with [`Error::EntityTooLarge`], like any invalid write (a transaction rolls
+    /// back). The sync client sets it to the server's frame limit once it learns it: an
+    /// entity the server would refuse is then refused at write time instead of being
+    /// queued and resent forever, holding up every change behind it.
+    ///
+    /// Remote changes ([`Origin::Remote`]) and hydration ([`Origin::Storage`]) are never
+    /// size-checked: the server already accepted them. Deletes are never size-checked.
+    /// Without a limit (the default) nothing is measured.
+    pub fn set_max_entity_bytes(&self, bytes: Option<usize>) {
+        self.inner
+            .max_entity_bytes
+            .store(bytes.unwrap_or(NO_LIMIT), Ordering::Relaxed);
+    }
+
+    /// The entity size limit for local writes, if any (see [`Self::set_max_entity_bytes`]).
+    #[must_use]
+    pub fn max_entity_bytes(&self) -> Option<usize> {
+        match self.inner.max_entity_bytes.load(Ordering::Relaxed) {
+            NO_LIMIT => None,
+            bytes => Some(bytes),
         }
     }
 

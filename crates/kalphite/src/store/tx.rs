@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::change::{Change, Origin};
 use crate::entity::{
-    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, is_reserved_kind, now_millis,
+    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, is_reserved_kind, json_len,
+    now_millis,
 };
 use crate::error::{Error, Result, json_type_name};
 use crate::schema::Schema;
@@ -103,6 +104,19 @@ fn refuse_reserved(kind: &Kind) -> Result<()> {
     Ok(())
 }
 
+/// [`Error::EntityTooLarge`] when a record of `bytes` bytes is over `limit`.
+fn check_size(bytes: usize, limit: usize, kind: &Kind, id: &EntityId) -> Result<()> {
+    if bytes > limit {
+        return Err(Error::EntityTooLarge {
+            kind: kind.clone(),
+            id: id.clone(),
+            bytes,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 enum Undo {
     /// `count` new ids were appended to the slot (consecutive inserts share one entry).
     Inserted {
@@ -145,6 +159,9 @@ pub struct Tx<'a> {
     now: Option<Millis>,
     /// Whether anyone (a sink, a subscriber) will read the change records.
     pub(crate) record: bool,
+    /// The entity size limit this transaction's upserts are checked against (`None`: no
+    /// limit, or a remote or storage transaction, which are never measured).
+    max_bytes: Option<usize>,
     pub(crate) changes: Vec<Change>,
     undo: Vec<Undo>,
 }
@@ -155,6 +172,7 @@ impl<'a> Tx<'a> {
         schema: Option<&'a dyn Schema>,
         origin: Origin,
         record: bool,
+        max_bytes: Option<usize>,
     ) -> Self {
         let undo = std::mem::take(&mut state.spare_undo);
         Self {
@@ -163,6 +181,7 @@ impl<'a> Tx<'a> {
             origin,
             now: None,
             record,
+            max_bytes,
             changes: Vec::new(),
             undo,
         }
@@ -173,7 +192,9 @@ impl<'a> Tx<'a> {
     /// # Errors
     /// [`Error::ReservedKind`] if `T::KIND` is reserved (see
     /// [`crate::RESERVED_KIND_PREFIX`]), [`Error::WrongKind`] if `entity.kind` is not
-    /// `T::KIND`, [`Error::EmptyId`], [`Error::Validation`] if the store's schema rejects it.
+    /// `T::KIND`, [`Error::EmptyId`], [`Error::Validation`] if the store's schema rejects it,
+    /// [`Error::EntityTooLarge`] in a local transaction when the store has a size limit
+    /// (see [`crate::Store::set_max_entity_bytes`]).
     pub fn upsert<T: EntityKind>(&mut self, entity: Entity<T>) -> Result<Arc<Entity<T>>> {
         let (slot, converted) = self
             .state
@@ -209,8 +230,9 @@ impl<'a> Tx<'a> {
     /// [`Error::ReservedKind`] for kalphite's own bookkeeping kinds (see
     /// [`crate::RESERVED_KIND_PREFIX`]; whatever the origin: a room member cannot plant
     /// one), [`Error::EmptyId`], [`Error::EmptyKind`], [`Error::NotAnObject`],
-    /// [`Error::Validation`], or [`Error::Conversion`] when the kind is typed and the data
-    /// does not fit its Rust type.
+    /// [`Error::Validation`], [`Error::Conversion`] when the kind is typed and the data
+    /// does not fit its Rust type, or [`Error::EntityTooLarge`] in a local transaction when
+    /// the store has a size limit (see [`crate::Store::set_max_entity_bytes`]).
     pub fn upsert_json(&mut self, entity: Entity<Value>) -> Result<AnyEntity> {
         let slot = self.state.slot_for_json(&entity.kind)?;
         self.upsert_json_in(slot, entity)
@@ -294,6 +316,14 @@ impl<'a> Tx<'a> {
                     })?;
             }
         }
+        if let Some(limit) = self.max_bytes {
+            let bytes = json_len(&entity).map_err(|e| Error::Serialize {
+                kind: entity.kind.clone(),
+                id: entity.id.clone(),
+                message: e.to_string(),
+            })?;
+            check_size(bytes, limit, &entity.kind, &entity.id)?;
+        }
         let entity = Arc::new(entity);
         let Some(table) = self.state.slots[slot].typed_mut::<T>() else {
             return Err(Error::KindTypeMismatch {
@@ -351,6 +381,15 @@ impl<'a> Tx<'a> {
         } else {
             table.convert(entity)?
         };
+        if let Some(limit) = self.max_bytes {
+            // Measured as stored: a typed kind's record is what its Rust type serializes to.
+            let bytes = stored.json_len().map_err(|e| Error::Serialize {
+                kind: stored.kind().clone(),
+                id: stored.id().clone(),
+                message: e.to_string(),
+            })?;
+            check_size(bytes, limit, stored.kind(), stored.id())?;
+        }
         match table.insert(stored.clone()) {
             Some(prev) => self.undo.push(Undo::Replaced { slot, prev }),
             None => self.push_inserted(slot),
