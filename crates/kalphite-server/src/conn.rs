@@ -15,7 +15,7 @@ use super::outbox::Outbox;
 use super::{Frame, RoomHandle, Shared, auth};
 use kalphite_sync::protocol::{
     ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
-    SERVER_USER_ID, ServerMessage, decode_client, encode,
+    SERVER_USER_ID, ServerMessage, decode_client, encode, peek_message_id,
 };
 use kalphite_sync::room::{ConnId, Outbound, Step};
 
@@ -228,7 +228,11 @@ impl Conn {
         let message = match decode_client(text, self.shared.config.max_frame_bytes) {
             Ok(m) => m,
             Err(e) => {
-                let p = e.to_payload();
+                let mut p = e.to_payload();
+                if p.refers_to.is_none() && p.code == ErrorCode::Oversized {
+                    // Not parsed, but the client needs to know which change was refused.
+                    p.refers_to = peek_message_id(text);
+                }
                 return self
                     .reply_error(socket, p.code, &p.message, p.refers_to)
                     .await;
@@ -346,9 +350,13 @@ impl Conn {
                 }
             }
             Err(e) => {
+                // A refused hello (unsupported version, another room, a replica id of
+                // another user) ends the connection, as the auth refusals do.
                 drop(guard);
-                self.reply_error(socket, e.code(), &e.to_string(), refers_to)
-                    .await
+                tracing::debug!(conn = self.id, room = %room_id, error = %e, "hello refused");
+                let text = self.error_frame(e.code(), &e.to_string(), refers_to);
+                let _ = self.send_direct(socket, text).await;
+                Next::Close(CLOSE_POLICY, "hello refused".to_owned())
             }
         }
     }

@@ -139,3 +139,29 @@ async fn rate_limit_answers_with_an_error_and_keeps_the_connection() {
     assert!(limited >= 5, "limited {limited}, answered {beats}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_change_is_named_in_refers_to() {
+    // Bug: the server's `oversized` error had no `refersTo`, so a client could not tell
+    // which of its changes was refused.
+    let server = start(config(memory_db().await).max_frame_bytes(4096)).await;
+    let mut raw = Raw::connect(&server.url()).await;
+    raw.join("r", "u").await;
+    let big = json!({"blob": "x".repeat(6000)});
+    raw.send_json(change_frame("raw-u-7-1", "u", "big", big, 1))
+        .await;
+    let (code, refers_to) = raw
+        .recv_until(|m| match m {
+            ServerMessage::Error(e) => Some((e.payload.code, e.payload.refers_to.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, ErrorCode::Oversized);
+    assert_eq!(refers_to.as_deref(), Some("raw-u-7-1"));
+    // The connection goes on.
+    raw.send_json(change_frame("raw-u-7-2", "u", "small", json!({}), 1))
+        .await;
+    raw.recv_until(|m| matches!(m, ServerMessage::Ack(_)).then_some(()))
+        .await;
+    server.stop().await;
+}

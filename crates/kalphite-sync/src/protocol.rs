@@ -540,6 +540,68 @@ pub fn encode<M: Serialize>(message: &M) -> Result<String, ProtocolError> {
     })
 }
 
+/// How far into a frame [`peek_message_id`] looks, in bytes.
+pub const PEEK_BYTES: usize = 4096;
+
+/// The top-level `messageId` of a frame that will not be parsed (over the size limit), so
+/// that the error about it can name it in `refersTo`. A bounded scan of the first
+/// [`PEEK_BYTES`] bytes that tracks strings and nesting (a `messageId` inside the payload
+/// is not taken), with no full parse; `None` when the id is not there. Never panics.
+#[must_use]
+pub fn peek_message_id(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let end = bytes.len().min(PEEK_BYTES);
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < end {
+        match bytes[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => {
+                let close = string_end(bytes, i, end)?;
+                let is_key = depth == 1 && &text[i..=close] == "\"messageId\"";
+                i = close;
+                if is_key {
+                    let colon = skip_whitespace(bytes, close + 1, end);
+                    if bytes.get(colon) == Some(&b':') {
+                        let open = skip_whitespace(bytes, colon + 1, end);
+                        if open >= end || bytes[open] != b'"' {
+                            return None;
+                        }
+                        let close = string_end(bytes, open, end)?;
+                        return serde_json::from_str(&text[open..=close]).ok();
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The index of the quote closing the JSON string that opens at `open`, before `end`.
+fn string_end(bytes: &[u8], open: usize, end: usize) -> Option<usize> {
+    let mut i = open + 1;
+    while i < end {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The first index at or after `from` that is not JSON whitespace (or `end`).
+fn skip_whitespace(bytes: &[u8], from: usize, end: usize) -> usize {
+    let mut i = from;
+    while i < end && matches!(bytes[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
 /// Reads the field name out of serde's "missing field `x`" message.
 fn missing_field_name(reason: &str) -> Option<String> {
     let rest = reason.strip_prefix("missing field `")?;
@@ -691,6 +753,57 @@ mod tests {
                 limit: 50
             })
         );
+    }
+
+    #[test]
+    fn the_message_id_of_an_unparsed_frame_can_be_peeked() {
+        let frame = encode(&ClientMessage::Heartbeat(Envelope::new(
+            "r1-7-42",
+            "u",
+            1,
+            HeartbeatPayload {},
+        )))
+        .unwrap();
+        assert_eq!(peek_message_id(&frame).as_deref(), Some("r1-7-42"));
+        // Spacing, escapes, and a messageId inside the payload that is not the envelope's.
+        let spaced = r#"{ "payload" : {"messageId": "inner", "x": ["messageId"]},
+            "messageId" :	"a\"b\u0041" , "type": "change"}"#;
+        assert_eq!(peek_message_id(spaced).as_deref(), Some("a\"bA"));
+        for (text, why) in [
+            (r#"{"payload": {"messageId": "inner"}}"#, "only nested"),
+            (r#"{"type": "messageId", "x": 1}"#, "a value, not a key"),
+            (r#"{"messageId": 7}"#, "not a string"),
+            (r#"{"messageId": "unterminated"#, "cut off"),
+            ("", "empty"),
+            ("\"", "a lone quote"),
+            (r#"{"messageId""#, "no value"),
+            ("}}]]{\"messageId\":\"x\"}", "unbalanced before"),
+        ] {
+            assert!(
+                matches!(peek_message_id(text).as_deref(), None | Some("x")),
+                "{why}: {text}"
+            );
+        }
+        assert_eq!(
+            peek_message_id(r#"{"payload": {"messageId": "inner"}}"#),
+            None
+        );
+        let late = format!(r#"{{"pad":"{}","messageId":"m"}}"#, "x".repeat(PEEK_BYTES));
+        assert_eq!(peek_message_id(&late), None, "the scan is bounded");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn peeking_never_panics_and_finds_the_envelope_id(
+            junk in ".{0,300}",
+            id in "[a-z0-9\\-\"\\\\é]{0,40}",
+        ) {
+            let _ = peek_message_id(&junk);
+            let frame = encode(&ClientMessage::Heartbeat(Envelope::new(
+                id.clone(), "u", 1, HeartbeatPayload {},
+            ))).unwrap();
+            proptest::prop_assert_eq!(peek_message_id(&frame), Some(id));
+        }
     }
 
     #[test]

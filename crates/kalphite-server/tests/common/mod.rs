@@ -19,7 +19,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-pub const SECRET: &[u8] = b"test-secret";
+/// At least `MIN_SECRET_BYTES` (32) long, or the server refuses to start.
+pub const SECRET: &[u8] = b"kalphite-test-secret-0123456789abcdef";
 /// Hang guard for every wait.
 pub const GUARD: Duration = Duration::from_secs(30);
 
@@ -208,8 +209,14 @@ impl Raw {
     }
 
     pub async fn hello(&mut self, room: &str, user: &str, token: Option<&str>) {
+        self.hello_as(room, user, &format!("raw-{user}"), token)
+            .await;
+    }
+
+    /// A hello with the replica id `replica`.
+    pub async fn hello_as(&mut self, room: &str, user: &str, replica: &str, token: Option<&str>) {
         let mut payload = serde_json::json!({
-            "protocolVersion": 1, "roomId": room, "replicaId": format!("raw-{user}"), "lastVersion": 0
+            "protocolVersion": 1, "roomId": room, "replicaId": replica, "lastVersion": 0
         });
         if let Some(t) = token {
             payload["token"] = Value::String(t.to_owned());
