@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kalphite_db::{Database, DatabaseConfig};
-use kalphite_server::{ServerConfig, issue_token, run};
+use kalphite_server::{MIN_SECRET_BYTES, ServerConfig, check_secret, issue_token, run};
 
 /// `kalphite serve`.
 #[derive(Debug, Args)]
@@ -19,13 +19,22 @@ pub struct ServeArgs {
     /// Database URL: `sqlite:PATH` (default) or `postgres://…`.
     #[arg(long, env = "KALPHITE_DB", default_value = "sqlite:./kalphite.db")]
     pub db: String,
-    /// Secret that signs access tokens. Without it (and without --open) the server
-    /// keeps a random secret in `kalphite.secret` next to the database.
-    #[arg(long, env = "KALPHITE_AUTH_SECRET", hide_env_values = true)]
-    pub auth_secret: Option<String>,
+    /// Secret that signs access tokens, at least 32 bytes (`openssl rand -hex 32`).
+    /// Without it, --secret-file or --open, the server keeps a random secret in
+    /// `kalphite.secret` next to the database.
+    #[arg(
+        long,
+        alias = "auth-secret",
+        env = "KALPHITE_AUTH_SECRET",
+        hide_env_values = true
+    )]
+    pub secret: Option<String>,
+    /// A file holding the secret (at least 32 bytes; surrounding whitespace is ignored).
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
     /// No authentication: anyone who can reach the port reads and writes every room.
     /// For local development only.
-    #[arg(long, conflicts_with = "auth_secret")]
+    #[arg(long, conflicts_with_all = ["secret", "secret_file"])]
     pub open: bool,
     /// Messages per second one connection may send (bursts of twice that).
     #[arg(long, default_value_t = 1000)]
@@ -35,7 +44,7 @@ pub struct ServeArgs {
 /// `kalphite token`.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
-    /// The server's secret.
+    /// The server's secret (at least 32 bytes).
     #[arg(
         long,
         env = "KALPHITE_AUTH_SECRET",
@@ -98,11 +107,18 @@ fn default_secret_file(db_url: &str) -> PathBuf {
         .join("kalphite.secret")
 }
 
+/// Refuses a secret too short to sign tokens with; `source` names where it came from.
+fn strong(secret: String, source: &str) -> Result<String> {
+    check_secret(secret.as_bytes()).with_context(|| format!("{source} is too short"))?;
+    Ok(secret)
+}
+
 fn load_or_create_secret(path: &Path) -> Result<String> {
     if path.exists() {
         return read_secret(path);
     }
-    let secret: String = (0..32)
+    // 32 random bytes, hex: 64 bytes of secret.
+    let secret: String = (0..MIN_SECRET_BYTES)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect();
     write_private(path, &secret)
@@ -127,29 +143,49 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(path, contents)
 }
 
+/// The secret `serve` signs tokens with (`None` in open mode) and how to describe it.
+/// Refuses a secret shorter than [`MIN_SECRET_BYTES`].
+fn server_secret(args: &ServeArgs) -> Result<(Option<String>, String)> {
+    if args.open {
+        let auth = "OPEN MODE: no authentication, every room is readable and writable by anyone who can reach this port";
+        return Ok((None, auth.to_owned()));
+    }
+    if let Some(secret) = &args.secret {
+        let secret = strong(secret.clone(), "--secret (or KALPHITE_AUTH_SECRET)")?;
+        let auth = "tokens signed with --secret (kalphite token --secret … --user U --room R)";
+        return Ok((Some(secret), auth.to_owned()));
+    }
+    let file = match &args.secret_file {
+        Some(file) => file.clone(),
+        None => default_secret_file(&args.db),
+    };
+    let secret = match &args.secret_file {
+        Some(file) => read_secret(file)?,
+        None => load_or_create_secret(&file)?,
+    };
+    let secret = strong(secret, &format!("the secret in {}", file.display()))?;
+    let auth = format!(
+        "tokens signed with the secret in {0}\n  make one: kalphite token --secret-file {0} --user alice --room todo",
+        file.display()
+    );
+    Ok((Some(secret), auth))
+}
+
 /// Runs the server until Ctrl-C.
 pub async fn serve(args: ServeArgs) -> Result<()> {
-    let db = Database::open(DatabaseConfig::new(&args.db)).await?;
     if args.rate_limit == 0 {
         bail!("--rate-limit must be at least 1");
     }
+    // Before anything is opened or created: a bad secret is a one-line error.
+    let (secret, auth) = server_secret(&args)?;
+    let db = Database::open(DatabaseConfig::new(&args.db)).await?;
     let mut config = ServerConfig::new(db.clone())
-        .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2));
-    let auth = if args.open {
-        config = config.open(true);
-        "OPEN MODE: no authentication, every room is readable and writable by anyone who can reach this port".to_owned()
-    } else if let Some(secret) = &args.auth_secret {
-        config = config.token_secret(secret.as_bytes().to_vec());
-        "tokens signed with --auth-secret (kalphite token --secret … --user U --room R)".to_owned()
-    } else {
-        let file = default_secret_file(&args.db);
-        let secret = load_or_create_secret(&file)?;
+        .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
+        .open(args.open);
+    if let Some(secret) = secret {
         config = config.token_secret(secret.into_bytes());
-        format!(
-            "tokens signed with the secret in {0}\n  make one: kalphite token --secret-file {0} --user alice --room todo",
-            file.display()
-        )
-    };
+    }
+    config.validate()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -194,8 +230,11 @@ async fn stop_signal() {
 /// Prints a token.
 pub fn token(args: &TokenArgs) -> Result<()> {
     let secret = match (&args.secret, &args.secret_file) {
-        (Some(s), _) => s.clone(),
-        (None, Some(file)) => read_secret(file)?,
+        (Some(s), _) => strong(s.clone(), "--secret (or KALPHITE_AUTH_SECRET)")?,
+        (None, Some(file)) => strong(
+            read_secret(file)?,
+            &format!("the secret in {}", file.display()),
+        )?,
         (None, None) => bail!("give --secret or --secret-file"),
     };
     let rooms: Vec<&str> = args.rooms.iter().map(String::as_str).collect();

@@ -9,6 +9,34 @@ use serde::{Deserialize, Serialize};
 
 use kalphite_sync::protocol::ErrorCode;
 
+/// The shortest token secret accepted, in bytes: HS256 tokens signed with a shorter (or
+/// empty) key can be forged by guessing it.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A token secret shorter than [`MIN_SECRET_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the token secret is {len} bytes long; it must be at least {MIN_SECRET_BYTES} bytes, or \
+     tokens can be forged. Make one with `openssl rand -hex 32 > kalphite.secret` and pass \
+     --secret-file kalphite.secret (or give no secret: `kalphite serve` then creates one)"
+)]
+#[non_exhaustive]
+pub struct WeakSecret {
+    /// The secret's length in bytes.
+    pub len: usize,
+}
+
+/// Checks that `secret` is long enough to sign tokens with.
+///
+/// # Errors
+/// [`WeakSecret`] when it is shorter than [`MIN_SECRET_BYTES`].
+pub fn check_secret(secret: &[u8]) -> Result<(), WeakSecret> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(WeakSecret { len: secret.len() });
+    }
+    Ok(())
+}
+
 /// The claims of a room token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -50,9 +78,12 @@ pub enum AuthError {
         /// The room asked for.
         room: String,
     },
-    /// The secret is empty or signing failed.
+    /// Signing failed.
     #[error("cannot sign a token: {0}")]
     Signing(String),
+    /// The secret is too short to sign or check tokens with.
+    #[error(transparent)]
+    WeakSecret(#[from] WeakSecret),
 }
 
 impl AuthError {
@@ -60,7 +91,9 @@ impl AuthError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Missing | Self::Invalid(_) | Self::Signing(_) => ErrorCode::Unauthorized,
+            Self::Missing | Self::Invalid(_) | Self::Signing(_) | Self::WeakSecret(_) => {
+                ErrorCode::Unauthorized
+            }
             Self::Expired => ErrorCode::TokenExpired,
             Self::Forbidden { .. } => ErrorCode::Forbidden,
         }
@@ -70,11 +103,10 @@ impl AuthError {
 /// Signs `claims` with `secret` (HS256).
 ///
 /// # Errors
-/// [`AuthError::Signing`] for an empty secret or a signing failure.
+/// [`AuthError::WeakSecret`] for a secret shorter than [`MIN_SECRET_BYTES`],
+/// [`AuthError::Signing`] for a signing failure.
 pub fn encode_claims(secret: &[u8], claims: &Claims) -> Result<String, AuthError> {
-    if secret.is_empty() {
-        return Err(AuthError::Signing("the secret is empty".into()));
-    }
+    check_secret(secret)?;
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
@@ -89,14 +121,17 @@ pub fn encode_claims(secret: &[u8], claims: &Claims) -> Result<String, AuthError
 /// ```
 /// use std::time::Duration;
 /// use kalphite_server::{issue_token, verify_token};
-/// let token = issue_token(b"secret", "alice", &["room-1"], Duration::from_secs(60)).unwrap();
-/// let claims = verify_token(b"secret", &token).unwrap();
+/// let secret = b"at least 32 bytes of random data";
+/// let token = issue_token(secret, "alice", &["room-1"], Duration::from_secs(60)).unwrap();
+/// let claims = verify_token(secret, &token).unwrap();
 /// assert_eq!(claims.sub, "alice");
 /// assert!(claims.allows("room-1") && !claims.allows("room-2"));
+/// // A short secret is refused.
+/// assert!(issue_token(b"secret", "alice", &["room-1"], Duration::from_secs(60)).is_err());
 /// ```
 ///
 /// # Errors
-/// [`AuthError::Signing`] for an empty secret.
+/// [`AuthError::WeakSecret`] for a secret shorter than [`MIN_SECRET_BYTES`].
 pub fn issue_token(
     secret: &[u8],
     user: &str,
@@ -114,8 +149,10 @@ pub fn issue_token(
 /// Checks a token's signature and expiry (no leeway) and returns its claims.
 ///
 /// # Errors
-/// [`AuthError::Expired`] or [`AuthError::Invalid`].
+/// [`AuthError::Expired`] or [`AuthError::Invalid`]; [`AuthError::WeakSecret`] for a
+/// secret shorter than [`MIN_SECRET_BYTES`] (tokens signed with it prove nothing).
 pub fn verify_token(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
+    check_secret(secret)?;
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 0;
     validation.set_required_spec_claims(&["exp", "sub"]);

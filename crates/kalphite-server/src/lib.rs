@@ -11,7 +11,8 @@
 //! use kalphite_server::{run, ServerConfig};
 //! let db = Database::open(DatabaseConfig::new("sqlite:./rooms.db")).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8787").await?;
-//! let config = ServerConfig::new(db).token_secret(b"change me".to_vec());
+//! // At least 32 bytes (`MIN_SECRET_BYTES`); `run` refuses a shorter secret.
+//! let config = ServerConfig::new(db).token_secret(std::fs::read("kalphite.secret")?);
 //! run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
@@ -44,7 +45,10 @@ use tokio_util::task::TaskTracker;
 use kalphite_sync::conflict::ConflictPolicy;
 use kalphite_sync::room::{ConnId, Recipient, Room, RoomLimits};
 
-pub use auth::{AuthError, Claims, encode_claims, issue_token, verify_token};
+pub use auth::{
+    AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
+    verify_token,
+};
 pub use log::{LogError, ROOM_KIND_PREFIX};
 pub use metrics::{Metrics, resident_bytes};
 
@@ -78,7 +82,8 @@ impl Default for RateLimit {
 pub struct ServerConfig {
     /// Where the room log lives (SQLite by default, PostgreSQL for shared deployments).
     pub database: Database,
-    /// The HS256 secret that room tokens are signed with.
+    /// The HS256 secret that room tokens are signed with: at least [`MIN_SECRET_BYTES`]
+    /// bytes, or [`run`] refuses to start.
     pub token_secret: Option<Vec<u8>>,
     /// Explicit open mode: hellos without a token may join any room as the user they
     /// claim. Off by default.
@@ -142,7 +147,8 @@ impl ServerConfig {
         }
     }
 
-    /// Sets the token secret.
+    /// Sets the token secret (at least [`MIN_SECRET_BYTES`] bytes; checked by
+    /// [`ServerConfig::validate`]).
     #[must_use]
     pub fn token_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
         self.token_secret = Some(secret.into());
@@ -191,6 +197,28 @@ impl ServerConfig {
         self.idle_timeout = timeout;
         self
     }
+
+    /// Checks that the configuration can work; [`run`] does this before serving.
+    ///
+    /// # Errors
+    /// [`ServerError::WeakSecret`] for a token secret shorter than [`MIN_SECRET_BYTES`],
+    /// [`ServerError::Config`] for unusable limits.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if let Some(secret) = &self.token_secret {
+            check_secret(secret)?;
+        }
+        if self.max_frame_bytes == 0 || self.hard_frame_bytes < self.max_frame_bytes {
+            return Err(ServerError::Config(
+                "max_frame_bytes must be positive and at most hard_frame_bytes".into(),
+            ));
+        }
+        if self.outbound_queue == 0 || self.rate_limit.per_second == 0 {
+            return Err(ServerError::Config(
+                "outbound_queue and rate_limit.per_second must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why the server could not run.
@@ -203,6 +231,9 @@ pub enum ServerError {
     /// The configuration cannot work.
     #[error("invalid server configuration: {0}")]
     Config(String),
+    /// The token secret is too short: tokens signed with it could be forged.
+    #[error(transparent)]
+    WeakSecret(#[from] WeakSecret),
 }
 
 /// An encoded frame and who gets it.
@@ -331,8 +362,8 @@ impl Shared {
 /// closes every socket (in-flight room-log writes finish first) and returns.
 ///
 /// # Errors
-/// [`ServerError::Config`] for an unusable configuration, [`ServerError::Io`] when serving
-/// fails.
+/// [`ServerError::WeakSecret`] or [`ServerError::Config`] for an unusable configuration
+/// (see [`ServerConfig::validate`]), [`ServerError::Io`] when serving fails.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -351,17 +382,8 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    if config.max_frame_bytes == 0 || config.hard_frame_bytes < config.max_frame_bytes {
-        return Err(ServerError::Config(
-            "max_frame_bytes must be positive and at most hard_frame_bytes".into(),
-        ));
-    }
-    if config.outbound_queue == 0 || config.rate_limit.per_second == 0 {
-        return Err(ServerError::Config(
-            "outbound_queue and rate_limit.per_second must be positive".into(),
-        ));
-    }
-    if !config.open && config.token_secret.as_ref().is_none_or(Vec::is_empty) {
+    config.validate()?;
+    if !config.open && config.token_secret.is_none() {
         tracing::warn!("no token secret and not in open mode: every hello will be refused");
     }
     let cancel = CancellationToken::new();

@@ -1,6 +1,7 @@
 //! Tokens: missing, bad, expired and wrong-room tokens are refused with a clear error and
 //! the connection is closed; a valid token joins; open mode admits hellos without one; a
-//! refused client stops reconnecting and says why.
+//! refused client stops reconnecting and says why; a server with a short secret does not
+//! start.
 
 mod common;
 
@@ -41,7 +42,7 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
     assert!(msg.contains("invalid token"), "{msg}");
 
     let forged = kalphite_server::issue_token(
-        b"another-secret",
+        b"another-secret-that-is-long-enough-too",
         "mallory",
         &["r"],
         std::time::Duration::from_secs(60),
@@ -117,4 +118,50 @@ async fn a_refused_client_stops_and_reports_why() {
     assert_eq!(client.offline_queue_size(), 1);
     client.close().await;
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_short_secret_refuses_to_start() {
+    // Bug: an empty (or short) secret started a server that welcomed tokens HMAC'd with
+    // an empty key, which anyone can make.
+    for secret in [&b""[..], b"short", &[7u8; 31]] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let config = kalphite_server::ServerConfig::new(memory_db().await).token_secret(secret);
+        assert!(matches!(
+            config.validate(),
+            Err(kalphite_server::ServerError::WeakSecret(_))
+        ));
+        let result = guard(kalphite_server::run(listener, config, async {})).await;
+        let err = result.expect_err("a short secret must not start a server");
+        assert!(
+            matches!(err, kalphite_server::ServerError::WeakSecret(ref w) if w.len == secret.len()),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("at least 32 bytes"), "{message}");
+        assert!(
+            message.contains("openssl rand -hex 32"),
+            "says how: {message}"
+        );
+    }
+    let ok = kalphite_server::ServerConfig::new(memory_db().await).token_secret([7u8; 32]);
+    ok.validate().expect("32 bytes are enough");
+    // Nor can a short secret sign or check tokens.
+    assert!(matches!(
+        kalphite_server::issue_token(b"", "u", &["r"], std::time::Duration::from_secs(60)),
+        Err(kalphite_server::AuthError::WeakSecret(_))
+    ));
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims {
+            sub: "mallory".into(),
+            rooms: vec!["*".into()],
+            exp: jsonwebtoken::get_current_timestamp() + 60,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(b""),
+    )
+    .expect("forge");
+    assert!(kalphite_server::verify_token(b"", &forged).is_err());
 }
