@@ -807,6 +807,55 @@ mod tests {
     }
 
     #[test]
+    fn every_error_code_is_documented_and_every_documented_code_is_known() {
+        const DOC: &str = include_str!("../../../docs/protocol.md");
+        let section = DOC
+            .split("## 8.")
+            .nth(1)
+            .and_then(|s| s.split("## 9.").next())
+            .expect("docs/protocol.md has a section 8");
+        let documented: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .collect();
+        for code in &documented {
+            let parsed: ErrorCode = serde_json::from_value(json!(code)).unwrap();
+            assert_ne!(
+                parsed,
+                ErrorCode::Unknown,
+                "documented code {code} is not known"
+            );
+        }
+        for code in [
+            ErrorCode::MalformedJson,
+            ErrorCode::InvalidMessage,
+            ErrorCode::MissingField,
+            ErrorCode::UnknownType,
+            ErrorCode::Oversized,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::Unauthorized,
+            ErrorCode::TokenExpired,
+            ErrorCode::Forbidden,
+            ErrorCode::NotJoined,
+            ErrorCode::AlreadyJoined,
+            ErrorCode::InvalidEntity,
+            ErrorCode::RateLimited,
+            ErrorCode::StorageFailed,
+            ErrorCode::Internal,
+            ErrorCode::ReplicaTaken,
+            ErrorCode::MessageIdReused,
+            ErrorCode::InvalidClock,
+        ] {
+            let wire = serde_json::to_value(code).unwrap();
+            let wire = wire.as_str().unwrap();
+            assert!(
+                documented.contains(&wire),
+                "{wire} is not in docs/protocol.md §8"
+            );
+        }
+    }
+
+    #[test]
     fn heartbeat_payload_may_be_omitted() {
         let msg = decode_client(
             r#"{"type":"heartbeat","messageId":"h","userId":"u","timestamp":2}"#,
