@@ -315,3 +315,30 @@ fn the_clock_high_water_marks_survive_a_restart() {
     let honest = upsert("x", json!({}), clock([("phone", 3), ("evil", 1)]));
     assert!(send(&mut restored, &mut log, 2, change("evil-2", honest)).acked());
 }
+
+#[test]
+fn a_replica_id_released_while_its_change_was_being_written_goes_to_that_changes_author() {
+    // Bug: a replica id released when its last connection left, then taken by another
+    // user's hello before the first user's pending change was committed, stayed with the
+    // newcomer, who could then write under the id that the stored change belongs to.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    room.join(1, "alice", &hello("tablet"), 1).unwrap();
+    let edit = upsert("a", json!({}), clock([("tablet", 1)]));
+    let Step::Persist(pending) = room.handle(1, change("tablet-1", edit), 10) else {
+        panic!("must persist")
+    };
+    room.leave(1);
+    room.join(2, "mallory", &hello("tablet"), 1).unwrap();
+    room.commit(pending).unwrap();
+    let mut log = Vec::new();
+    let hers = upsert("b", json!({}), clock([("tablet", 2)]));
+    let reply = send(&mut room, &mut log, 2, change("tablet-2", hers));
+    assert_eq!(
+        reply.error(),
+        Some((ErrorCode::ReplicaTaken, Some("tablet-2".into())))
+    );
+    assert_eq!(data(&room, "b"), None);
+    room.leave(2);
+    assert!(room.join(3, "mallory", &hello("tablet"), 1).is_err());
+    room.join(3, "alice", &hello("tablet"), 1).unwrap();
+}

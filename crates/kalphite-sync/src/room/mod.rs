@@ -406,6 +406,17 @@ impl Room {
         now: Millis,
     ) -> Result<Step, RoomError> {
         let user_id = member.user_id.as_str();
+        if self
+            .replicas
+            .get(&member.replica_id)
+            .is_none_or(|b| b.user_id != member.user_id)
+        {
+            // The binding moved to the author of a change committed after this
+            // connection joined (see `install`).
+            return Err(RoomError::ReplicaTaken {
+                replica_id: truncate(&member.replica_id),
+            });
+        }
         let key = EntityKey::new(
             change.payload.entity_type.clone(),
             change.payload.entity_id.clone(),
@@ -719,13 +730,23 @@ impl Room {
             }
         }
         if !record.replica_id.is_empty() {
-            self.replicas
-                .entry(record.replica_id.clone())
-                .or_insert_with(|| Binding {
-                    user_id: record.author.clone(),
-                    stored: true,
-                })
-                .stored = true;
+            match self.replicas.get_mut(&record.replica_id) {
+                // Bound by an earlier change, or by its author's hello.
+                Some(binding) if binding.stored || binding.user_id == record.author => {
+                    binding.stored = true;
+                }
+                // Unbound, or bound by another user's hello after the author left while
+                // this change was being written: the stored change decides.
+                _ => {
+                    self.replicas.insert(
+                        record.replica_id.clone(),
+                        Binding {
+                            user_id: record.author.clone(),
+                            stored: true,
+                        },
+                    );
+                }
+            }
         }
         self.remember(
             record.replica_id.clone(),
