@@ -29,8 +29,10 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope<P> {
-    /// Unique per sender. For a change it is also the deduplication key: a change resent
-    /// with the same id is acknowledged again, never applied twice.
+    /// Unique per sender. For a change it is also the deduplication key, together with
+    /// the replica id of the sender's hello: a change resent with the same id is
+    /// acknowledged again, never applied twice. Clients build it as
+    /// `<replicaId>-<incarnation>-<counter>`; the server does not parse it.
     pub message_id: String,
     /// Who sent it (for server-originated messages, [`SERVER_USER_ID`]).
     pub user_id: String,

@@ -1,9 +1,12 @@
 //! The server side of sync as a sans-IO state machine: a [`Room`] takes decoded client
 //! messages (with the current time as an argument) and returns the messages to send.
 //! Accepted changes come back as a [`Pending`] that the caller persists before the ack
-//! and the broadcast are released.
+//! and the broadcast are released. A member speaks only for its own replica (see
+//! `replicas`): message ids are deduplicated per replica, a replica id belongs to the
+//! user who first used it, and a clock may not count edits of another replica that the
+//! room never stored.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 
 use kalphite::{Entity, Millis, Op, SharedSchema};
 use serde_json::Value;
@@ -20,10 +23,13 @@ use crate::protocol::{
 mod error;
 mod output;
 mod record;
+mod replicas;
 
 pub use error::RoomError;
 pub use output::{ConnId, Outbound, Pending, Recipient, Step};
 pub use record::StoredChange;
+
+use replicas::{Replicas, truncate};
 
 /// Tuning for a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,9 +42,10 @@ pub struct RoomLimits {
     /// Superseded entity states kept per room (the most recent ones) to serve as
     /// three-way merge bases; a change whose base is older merges by last-write-wins.
     pub merge_bases: usize,
-    /// Change message ids remembered for deduplication (the most recent ones). A resend
-    /// older than that is still not applied twice — its clock is dominated by the entity's
-    /// — but is acknowledged with the entity's current version instead of its own.
+    /// (replica id, change message id) pairs remembered for deduplication (the most
+    /// recent ones). A resend older than that is still not applied twice — its clock is
+    /// dominated by the entity's — but is acknowledged with the entity's current version
+    /// instead of its own.
     pub dedup_window: usize,
 }
 
@@ -62,17 +69,6 @@ struct Member {
     replica_id: String,
 }
 
-/// Who a replica id belongs to in this room.
-#[derive(Clone, Debug)]
-struct Binding {
-    /// The user who first used the replica id here.
-    user_id: String,
-    /// True once the room holds a change by this replica: the binding then lasts (it is
-    /// rebuilt from the log). A binding made by hellos alone is dropped when the last of
-    /// those connections leaves, so hellos cannot grow the room without bound.
-    stored: bool,
-}
-
 /// One sync room: the authoritative, versioned state of a set of entities.
 pub struct Room {
     id: String,
@@ -86,18 +82,8 @@ pub struct Room {
     bases: BTreeMap<u64, (EntityKey, Option<Entity<Value>>)>,
     /// Current version → entity, for catch-up in version order.
     by_version: BTreeMap<u64, EntityKey>,
-    /// Replica id → change message id → (entity, version assigned), for deduplication:
-    /// message ids are unique per replica, not per room.
-    seen: HashMap<String, HashMap<String, (EntityKey, u64)>>,
-    /// The (replica id, message id) pairs in `seen`, oldest first, to keep it within
-    /// `limits.dedup_window`.
-    seen_order: VecDeque<(String, String)>,
-    /// Replica id → the user it belongs to. A hello of another user with a bound replica
-    /// id is refused.
-    replicas: HashMap<String, Binding>,
-    /// Replica id → the highest counter of that replica in any clock the room stored. An
-    /// incoming clock may not exceed it for any replica but its author's.
-    high: HashMap<String, u64>,
+    /// Per replica: its owner, its highest stored counter, its recent message ids.
+    replicas: Replicas,
     /// Ordered so that broadcasts go out in a deterministic order.
     members: BTreeMap<ConnId, Member>,
     /// The version reserved by the uncommitted [`Pending`], if any.
@@ -142,10 +128,7 @@ impl Room {
             entities: HashMap::new(),
             bases: BTreeMap::new(),
             by_version: BTreeMap::new(),
-            seen: HashMap::new(),
-            seen_order: VecDeque::new(),
-            replicas: HashMap::new(),
-            high: HashMap::new(),
+            replicas: Replicas::default(),
             members: BTreeMap::new(),
             pending: None,
             next_message: 0,
@@ -248,23 +231,7 @@ impl Room {
         if self.members.contains_key(&conn) {
             return Err(RoomError::AlreadyJoined);
         }
-        match self.replicas.get(&h.replica_id) {
-            Some(binding) if binding.user_id != user_id => {
-                return Err(RoomError::ReplicaTaken {
-                    replica_id: truncate(&h.replica_id),
-                });
-            }
-            Some(_) => {}
-            None => {
-                self.replicas.insert(
-                    h.replica_id.clone(),
-                    Binding {
-                        user_id: user_id.to_owned(),
-                        stored: false,
-                    },
-                );
-            }
-        }
+        self.replicas.bind(&h.replica_id, user_id)?;
         self.members.insert(
             conn,
             Member {
@@ -338,16 +305,12 @@ impl Room {
         let Some(member) = self.members.remove(&conn) else {
             return;
         };
-        let unused = self
-            .replicas
-            .get(&member.replica_id)
-            .is_some_and(|b| !b.stored)
-            && !self
-                .members
-                .values()
-                .any(|m| m.replica_id == member.replica_id);
-        if unused {
-            self.replicas.remove(&member.replica_id);
+        if !self
+            .members
+            .values()
+            .any(|m| m.replica_id == member.replica_id)
+        {
+            self.replicas.release(&member.replica_id);
         }
     }
 
@@ -406,25 +369,13 @@ impl Room {
         now: Millis,
     ) -> Result<Step, RoomError> {
         let user_id = member.user_id.as_str();
-        if self
-            .replicas
-            .get(&member.replica_id)
-            .is_none_or(|b| b.user_id != member.user_id)
-        {
-            // The binding moved to the author of a change committed after this
-            // connection joined (see `install`).
-            return Err(RoomError::ReplicaTaken {
-                replica_id: truncate(&member.replica_id),
-            });
-        }
+        self.replicas.check_owner(&member.replica_id, user_id)?;
         let key = EntityKey::new(
             change.payload.entity_type.clone(),
             change.payload.entity_id.clone(),
         );
-        if let Some((seen_key, version)) = self
-            .seen
-            .get(&member.replica_id)
-            .and_then(|ids| ids.get(&change.message_id))
+        if let Some((seen_key, version)) =
+            self.replicas.seen(&member.replica_id, &change.message_id)
         {
             if *seen_key != key {
                 return Err(RoomError::MessageIdReused {
@@ -448,7 +399,7 @@ impl Room {
         }
         let incoming = self.incoming_version(&change, user_id)?;
         let vector = change.payload.vector.clone().normalized();
-        self.check_clock(&member.replica_id, &vector)?;
+        self.replicas.check_clock(&member.replica_id, &vector)?;
         let decision = match self.entities.get(&key) {
             None => Decision::Store {
                 version: incoming,
@@ -460,11 +411,12 @@ impl Room {
         let (version, vector, conflict) = match decision {
             Decision::AlreadyKnown => {
                 let current = self.entities.get(&key).map_or(0, |c| c.version);
-                self.remember(
-                    member.replica_id.clone(),
-                    change.message_id.clone(),
+                self.replicas.remember(
+                    &member.replica_id,
+                    &change.message_id,
                     key.clone(),
                     current,
+                    self.limits.dedup_window,
                 );
                 return Ok(Step::Reply(self.ack(
                     conn,
@@ -523,25 +475,6 @@ impl Room {
             record,
             outputs,
         }))
-    }
-
-    /// Refuses a clock that counts more edits of another replica than the room has ever
-    /// stored from it; only the author's (`me`) own counter may advance.
-    fn check_clock(&self, me: &str, vector: &VectorClock) -> Result<(), RoomError> {
-        for (replica, claimed) in vector.iter() {
-            if replica == me {
-                continue;
-            }
-            let known = self.high.get(replica).copied().unwrap_or(0);
-            if claimed > known {
-                return Err(RoomError::InvalidClock {
-                    replica: truncate(replica),
-                    claimed,
-                    known,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Compares an incoming change with the entity's current state.
@@ -696,64 +629,12 @@ impl Room {
         ))
     }
 
-    /// Remembers a change message id of `replica` for deduplication, forgetting the
-    /// oldest past the window.
-    fn remember(&mut self, replica: String, message_id: String, key: EntityKey, version: u64) {
-        let ids = self.seen.entry(replica.clone()).or_default();
-        if ids.insert(message_id.clone(), (key, version)).is_none() {
-            self.seen_order.push_back((replica, message_id));
-        }
-        while self.seen_order.len() > self.limits.dedup_window.max(1) {
-            let Some((replica, message_id)) = self.seen_order.pop_front() else {
-                break;
-            };
-            if let Some(ids) = self.seen.get_mut(&replica) {
-                ids.remove(&message_id);
-                if ids.is_empty() {
-                    self.seen.remove(&replica);
-                }
-            }
-        }
-    }
-
     /// Makes `record` the entity's current state, and records what it says about its
     /// author (the replica binding) and about every replica's counter.
     fn install(&mut self, record: StoredChange) {
         let key = record.key();
         self.version = record.version;
-        for (replica, counter) in record.vector.iter() {
-            match self.high.get_mut(replica) {
-                Some(high) => *high = (*high).max(counter),
-                None => {
-                    self.high.insert(replica.to_owned(), counter);
-                }
-            }
-        }
-        if !record.replica_id.is_empty() {
-            match self.replicas.get_mut(&record.replica_id) {
-                // Bound by an earlier change, or by its author's hello.
-                Some(binding) if binding.stored || binding.user_id == record.author => {
-                    binding.stored = true;
-                }
-                // Unbound, or bound by another user's hello after the author left while
-                // this change was being written: the stored change decides.
-                _ => {
-                    self.replicas.insert(
-                        record.replica_id.clone(),
-                        Binding {
-                            user_id: record.author.clone(),
-                            stored: true,
-                        },
-                    );
-                }
-            }
-        }
-        self.remember(
-            record.replica_id.clone(),
-            record.message_id.clone(),
-            key.clone(),
-            record.version,
-        );
+        self.replicas.record(&record, self.limits.dedup_window);
         self.by_version.insert(record.version, key.clone());
         if let Some(old) = self.entities.insert(key.clone(), record) {
             self.by_version.remove(&old.version);
@@ -829,11 +710,6 @@ fn encoded_len(value: &impl serde::Serialize) -> usize {
     // Serializing JSON values cannot fail; an error would only under-count.
     let _ = serde_json::to_writer(&mut count, value);
     count.0
-}
-
-/// At most 64 characters of an untrusted string, for echoing it in an error.
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 fn join(issues: &[kalphite::Issue]) -> String {
