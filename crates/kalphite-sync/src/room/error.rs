@@ -78,6 +78,14 @@ pub enum RoomError {
         /// The highest counter the room has accepted from that replica.
         known: u64,
     },
+    /// A replica id or message id is longer than [`MAX_ID_BYTES`](super::MAX_ID_BYTES).
+    #[error("{field} is {len} bytes long; at most {max} are accepted", max = super::MAX_ID_BYTES)]
+    IdTooLong {
+        /// Which field: `replicaId` or `messageId`.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A change arrived while the previous accepted change was not yet committed.
     #[error("the previous change is still being written; resend later")]
     CommitPending,
@@ -112,6 +120,7 @@ impl RoomError {
             Self::ReplicaTaken { .. } => ErrorCode::ReplicaTaken,
             Self::MessageIdReused { .. } => ErrorCode::MessageIdReused,
             Self::InvalidClock { .. } => ErrorCode::InvalidClock,
+            Self::IdTooLong { .. } => ErrorCode::InvalidMessage,
             Self::CommitPending
             | Self::StalePending
             | Self::OutOfOrder { .. }

@@ -31,6 +31,11 @@ pub use record::StoredChange;
 
 use replicas::{Replicas, truncate};
 
+/// The longest replica id (in a hello) and change message id a room accepts, in bytes.
+/// The room remembers both (bindings, the deduplication window), so their size bounds
+/// its memory; honest ids (`<replicaId>-<incarnation>-<counter>`) are far shorter.
+pub const MAX_ID_BYTES: usize = 512;
+
 /// Tuning for a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoomLimits {
@@ -231,6 +236,12 @@ impl Room {
         if self.members.contains_key(&conn) {
             return Err(RoomError::AlreadyJoined);
         }
+        if h.replica_id.len() > MAX_ID_BYTES {
+            return Err(RoomError::IdTooLong {
+                field: "replicaId",
+                len: h.replica_id.len(),
+            });
+        }
         self.replicas.bind(&h.replica_id, user_id)?;
         self.members.insert(
             conn,
@@ -369,6 +380,12 @@ impl Room {
         now: Millis,
     ) -> Result<Step, RoomError> {
         let user_id = member.user_id.as_str();
+        if change.message_id.len() > MAX_ID_BYTES {
+            return Err(RoomError::IdTooLong {
+                field: "messageId",
+                len: change.message_id.len(),
+            });
+        }
         self.replicas.check_owner(&member.replica_id, user_id)?;
         let key = EntityKey::new(
             change.payload.entity_type.clone(),
