@@ -421,7 +421,9 @@ async fn full_client_latencies(
             .await
             .map_err(|e| BenchError::Config(e.to_string()))?;
         let user = format!("{room}-{user}");
-        let mut config = SyncConfig::new(opts.url.clone(), room, user.clone()).replica_id(&user);
+        let mut config = SyncConfig::new(opts.url.clone(), room)
+            .user(user.clone())
+            .replica_id(&user);
         if let Some(secret) = &opts.token_secret {
             let token =
                 kalphite_server::issue_token(secret, &user, &[room], Duration::from_secs(3600))

@@ -133,16 +133,14 @@ impl Session {
         // Even offline, local changes go into the room's persisted offline queue, so a
         // later run with --server sends them.
         let online = options.server.is_some();
-        let url = options
-            .server
-            .as_deref()
-            .map_or_else(|| "offline".to_owned(), sync_url);
+        let url = options.server.as_deref().map_or_else(String::new, sync_url);
         let user = options
             .user
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "me".into());
-        let mut config = SyncConfig::new(&url, &options.room, user)
+        let mut config = SyncConfig::new(&url, &options.room)
+            .user(user)
             .reconnect_attempts(1)
             .backoff(Duration::from_millis(100), Duration::from_millis(500))
             .connect_on_start(online);

@@ -1,7 +1,8 @@
 //! The sync client: a tokio-tungstenite adapter around the sans-IO [`Replica`], wired to a
 //! kalphite [`Store`]. Local changes enter the replica's outbox synchronously (a store
-//! sink), are persisted with the local database (so the offline queue survives a restart)
-//! and sent while connected; remote changes are applied with [`Origin::Remote`] (validated
+//! sink); the outbox, the catch-up point and what the server said about each entity are
+//! written to the local database's sync tables in the same transaction as the entity rows
+//! (so after a crash they always describe the data on disk), and sent while connected; remote changes are applied with [`Origin::Remote`] (validated
 //! by the store's schema, never echoed back). A [`FlushTarget`] on the store, at
 //! [`Durability::Server`], completes a batch only once the server acknowledged it, so
 //! `store.durable(Durability::Server)` means "the server has it".
@@ -22,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bookkeeping;
 mod session;
 mod wiring;
 
@@ -32,10 +34,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
-use kalphite::{Change, Durability, Entity, EntityId, Kind, Origin, Store, StoreBuilder};
+use kalphite::{Change, Durability, EntityId, Kind, Origin, Store, StoreBuilder};
 use kalphite_db::Database;
 use parking_lot::Mutex;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -44,11 +46,12 @@ use kalphite_sync::replica::{Replica, ReplicaConfig, ReplicaState};
 
 pub use session::backoff;
 
-/// The kind under which replica states are kept in the local database.
-pub const REPLICA_KIND: &str = "_kalphite_sync_replica";
-
 /// Kinds starting with this are kalphite's own bookkeeping, never hydrated into a store.
-pub const INTERNAL_KIND_PREFIX: &str = "_kalphite_";
+pub use kalphite_sync::protocol::RESERVED_KIND_PREFIX as INTERNAL_KIND_PREFIX;
+
+/// The kind of the marker that makes the server-durability engine wait for changes queued
+/// by an earlier session (it never reaches a database).
+const QUEUED_MARKER_KIND: &str = "_kalphite_queued";
 
 /// Client configuration: the spec's fields plus the replica id and timings.
 #[derive(Clone, Debug)]
@@ -78,9 +81,6 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Most entities with unacknowledged changes.
     pub outbox_limit: usize,
-    /// The replica state (offline queue, clocks, catch-up point) is written to the local
-    /// database at most this often while it changes, and always on [`SyncClient::close`].
-    pub persist_interval: Duration,
     /// Flush config of the local database engine.
     pub local_flush: FlushConfig,
     /// Flush config of the server-durability engine.
@@ -93,17 +93,15 @@ pub struct SyncConfig {
 }
 
 impl SyncConfig {
-    /// A config with defaults: reconnect forever, 30 s heartbeat, 5 s resend, backoff
-    /// 100 ms to 10 s.
-    pub fn new(
-        ws_url: impl Into<String>,
-        room_id: impl Into<String>,
-        user_id: impl Into<String>,
-    ) -> Self {
+    /// A config for the server at `url` (`ws://host:port`; the `/sync` path is added when
+    /// the URL has none) and `room`, with defaults: user `anonymous` (a server that checks
+    /// tokens takes the token's user), reconnect forever, 30 s heartbeat, 5 s resend,
+    /// backoff 100 ms to 10 s.
+    pub fn new(url: impl Into<String>, room: impl Into<String>) -> Self {
         Self {
-            ws_url: ws_url.into(),
-            room_id: room_id.into(),
-            user_id: user_id.into(),
+            ws_url: url.into(),
+            room_id: room.into(),
+            user_id: "anonymous".into(),
             auth_token: None,
             reconnect_attempts: 0,
             heartbeat_interval: Duration::from_secs(30),
@@ -112,17 +110,29 @@ impl SyncConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             outbox_limit: 10_000,
-            persist_interval: Duration::from_millis(100),
             local_flush: FlushConfig::default(),
             server_flush: FlushConfig::default().durability(Durability::Server),
             connect_on_start: true,
         }
     }
 
-    /// Sets the token.
+    /// Sets the room token (`kalphite token …`).
     #[must_use]
-    pub fn auth_token(mut self, token: impl Into<String>) -> Self {
+    pub fn token(mut self, token: impl Into<String>) -> Self {
         self.auth_token = Some(token.into());
+        self
+    }
+
+    /// Sets the room token (the seed's name for [`Self::token`]).
+    #[must_use]
+    pub fn auth_token(self, token: impl Into<String>) -> Self {
+        self.token(token)
+    }
+
+    /// Sets the user (its name prefixes new replica ids; the server takes the token's).
+    #[must_use]
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user_id = user.into();
         self
     }
 
@@ -162,13 +172,6 @@ impl SyncConfig {
         self
     }
 
-    /// Sets how often the replica state is persisted while it changes.
-    #[must_use]
-    pub fn persist_interval(mut self, d: Duration) -> Self {
-        self.persist_interval = d;
-        self
-    }
-
     /// Sets the debounce of both flush engines (tests use a short one).
     #[must_use]
     pub fn flush_debounce(mut self, d: Duration) -> Self {
@@ -197,6 +200,8 @@ pub enum ConnectionStatus {
     Connecting,
     /// No connection (offline, backing off, refused or stopped).
     Disconnected,
+    /// The client was opened without a sync server.
+    LocalOnly,
 }
 
 /// What the client reports, as an async stream ([`SyncClient::events`]).
@@ -278,6 +283,19 @@ pub enum SyncError {
     /// The configuration cannot work.
     #[error("invalid sync configuration: {0}")]
     Config(String),
+    /// The local database holds the sync state of another room.
+    #[error(
+        "this database syncs with room '{bound}' ({pending} changes waiting to be sent there), \
+         not '{requested}': sync it with room '{bound}', or use another database for '{requested}'"
+    )]
+    RoomMismatch {
+        /// The room the database is bound to.
+        bound: String,
+        /// The room that was asked for.
+        requested: String,
+        /// Local changes queued for the bound room.
+        pending: usize,
+    },
 }
 
 /// State shared by the handle, the connection task, the sink and the flush target.
@@ -285,15 +303,15 @@ pub(crate) struct Inner {
     pub(crate) config: SyncConfig,
     pub(crate) replica: Mutex<Replica>,
     pub(crate) store: std::sync::OnceLock<Store>,
-    pub(crate) db: Database,
     pub(crate) status: watch::Sender<ConnectionStatus>,
     /// Bumped whenever acknowledgements may have advanced (wakes durability waiters).
     pub(crate) acked: watch::Sender<u64>,
     pub(crate) events: broadcast::Sender<SyncEvent>,
     /// The current session's outgoing queue (None while disconnected).
     pub(crate) outgoing: Mutex<Option<mpsc::UnboundedSender<ClientMessage>>>,
-    /// Set when the replica state changed and is not yet persisted.
-    pub(crate) dirty: Notify,
+    /// The local flush engine: entity rows and the replica's bookkeeping, one transaction
+    /// per batch.
+    pub(crate) local: FlushEngine,
     pub(crate) closed: AtomicBool,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) close_token: CancellationToken,
@@ -319,8 +337,15 @@ impl Inner {
         self.acked.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    pub(crate) fn mark_dirty(&self) {
-        self.dirty.notify_one();
+    /// Schedules what changed in the replica state outside a store transaction (acks,
+    /// counters) on the local engine. Under the replica lock, so deltas keep their order.
+    pub(crate) fn persist_bookkeeping(&self) {
+        let mut replica = self.replica.lock();
+        let delta = replica.take_delta();
+        if !delta.is_empty() {
+            self.local
+                .schedule_annotated(&[], bookkeeping::annotations(delta));
+        }
     }
 
     /// Sends on the current session, if any (a message lost with a dying session stays in
@@ -335,19 +360,6 @@ impl Inner {
             }
         }
     }
-
-    /// Writes the replica state to the local database.
-    async fn persist(&self) -> Result<(), SyncError> {
-        let (replica_id, state) = {
-            let replica = self.replica.lock();
-            (replica.config().replica_id.clone(), replica.state().clone())
-        };
-        let data = serde_json::json!({"replicaId": replica_id, "state": state});
-        let entity =
-            Entity::new(self.config.room_id.clone(), REPLICA_KIND, data).at(kalphite::now_millis());
-        self.db.upsert(entity).await?;
-        Ok(())
-    }
 }
 
 /// A running sync client (cheap to clone).
@@ -360,7 +372,6 @@ pub struct SyncClient {
 #[derive(Default)]
 struct Tasks {
     session: Option<(CancellationToken, JoinHandle<()>)>,
-    persister: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for SyncClient {
@@ -377,71 +388,112 @@ impl std::fmt::Debug for SyncClient {
 /// it, flushing into it), wires it to a sync client for `config.room_id`, and starts
 /// connecting. Must be called inside a tokio runtime.
 ///
-/// Shut down with [`SyncClient::close`] first (it persists the offline queue), then
-/// [`Store::close`].
+/// The database remembers the room it syncs with: opening it for another room is refused
+/// while it holds anything of the first ([`SyncError::RoomMismatch`]).
+///
+/// Shut down with [`SyncClient::close`] first, then [`Store::close`] (which writes the
+/// last entity rows and bookkeeping).
 ///
 /// # Errors
-/// Database errors, an unreadable persisted sync state, an invalid flush config or
-/// stored entities the store's schema refuses.
+/// Database errors, an unreadable persisted sync state, another room's database, an
+/// invalid flush config or stored entities the store's schema refuses.
 pub async fn connect_store(
     builder: StoreBuilder,
     db: &Database,
     config: SyncConfig,
 ) -> Result<(Store, SyncClient), SyncError> {
-    if config.ws_url.is_empty() || config.room_id.is_empty() {
-        return Err(SyncError::Config("ws_url and room_id must be set".into()));
+    let mut config = config;
+    if config.room_id.is_empty() {
+        return Err(SyncError::Config("the room must be named".into()));
     }
-    let (replica_id, state) = match db.get_by_id(REPLICA_KIND, &config.room_id).await? {
-        Some(stored) => {
-            let corrupt = |reason: String| SyncError::CorruptState {
-                room: config.room_id.clone(),
-                reason,
-            };
-            let id = stored
-                .data
-                .get("replicaId")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned);
-            let state: ReplicaState = stored
-                .data
-                .get("state")
-                .cloned()
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| corrupt(e.to_string()))?
-                .unwrap_or_default();
-            (id, state)
-        }
-        None => (None, ReplicaState::default()),
+    if !config.ws_url.is_empty() {
+        config.ws_url = sync_url(&config.ws_url)?;
+    } else if config.connect_on_start {
+        return Err(SyncError::Config(
+            "no server address: set one, or use connect_on_start(false) to queue changes offline"
+                .into(),
+        ));
+    }
+    let room = config.room_id.clone();
+    let corrupt = |reason: String| SyncError::CorruptState {
+        room: room.clone(),
+        reason,
     };
-    let replica_id = config
-        .replica_id
-        .clone()
-        .or(replica_id)
-        .unwrap_or_else(|| format!("{}-{:016x}", config.user_id, rand::random::<u64>()));
+    let mut tables = db.read_sync().await?;
+    if tables.is_empty() && bookkeeping::import_legacy(db, &room).await? {
+        tables = db.read_sync().await?;
+    }
+    let loaded = bookkeeping::load(&tables).map_err(|e| corrupt(e.to_string()))?;
+    let mut first_writes = Vec::new();
+    let mut state = loaded.state;
+    match &loaded.room {
+        Some(bound) if *bound != room => {
+            if !state.outbox.is_empty() || !state.known.is_empty() {
+                return Err(SyncError::RoomMismatch {
+                    bound: bound.clone(),
+                    requested: room,
+                    pending: state.outbox.len(),
+                });
+            }
+            // Nothing of the other room is here: the database moves to this one.
+            state = ReplicaState::default();
+            first_writes.push(bookkeeping::state_annotation(
+                bookkeeping::KEY_ROOM,
+                room.clone(),
+            ));
+        }
+        Some(_) => {}
+        None => first_writes.push(bookkeeping::state_annotation(
+            bookkeeping::KEY_ROOM,
+            room.clone(),
+        )),
+    }
+    let replica_id = match (&config.replica_id, loaded.replica_id) {
+        (Some(id), stored) => {
+            if stored.as_ref() != Some(id) {
+                first_writes.push(bookkeeping::state_annotation(
+                    bookkeeping::KEY_REPLICA_ID,
+                    id.clone(),
+                ));
+            }
+            id.clone()
+        }
+        (None, Some(stored)) => stored,
+        (None, None) => {
+            let id = format!("{}-{:016x}", config.user_id, rand::random::<u64>());
+            first_writes.push(bookkeeping::state_annotation(
+                bookkeeping::KEY_REPLICA_ID,
+                id.clone(),
+            ));
+            id
+        }
+    };
     let mut rc = ReplicaConfig::new(&config.room_id, &config.user_id, replica_id);
+    rc.incarnation = rand::random::<u64>();
     rc.auth_token.clone_from(&config.auth_token);
     rc.resend_after = millis(config.resend_after);
     rc.heartbeat_interval = millis(config.heartbeat_interval);
     rc.outbox_limit = config.outbox_limit;
     let replica = Replica::restore(rc, state);
 
+    let local_target: Arc<dyn FlushTarget> = Arc::new(bookkeeping::LocalTarget(db.clone()));
+    let local = FlushEngine::spawn(local_target, config.local_flush.clone())?;
+    if !first_writes.is_empty() {
+        local.schedule_annotated(&[], first_writes);
+    }
     let inner = Arc::new(Inner {
         replica: Mutex::new(replica),
         store: std::sync::OnceLock::new(),
-        db: db.clone(),
         status: watch::Sender::new(ConnectionStatus::Disconnected),
         acked: watch::Sender::new(0),
         events: broadcast::channel(1024).0,
         outgoing: Mutex::new(None),
-        dirty: Notify::new(),
+        local: local.clone(),
         closed: AtomicBool::new(false),
         last_error: Mutex::new(None),
         close_token: CancellationToken::new(),
         config,
     });
-    let local_target: Arc<dyn FlushTarget> = Arc::new(db.clone());
-    let local = FlushEngine::spawn(local_target, inner.config.local_flush.clone())?;
     let server_target: Arc<dyn FlushTarget> = Arc::new(wiring::ServerTarget(Arc::clone(&inner)));
     let server = FlushEngine::spawn(
         server_target,
@@ -456,15 +508,14 @@ pub async fn connect_store(
         // engine never saw them, so give it a marker: its batch completes only once the
         // server acknowledged everything queued so far, and `durable(Server)` waits for it.
         server.schedule(Change::delete(
-            Kind::from(REPLICA_KIND),
+            Kind::from(QUEUED_MARKER_KIND),
             EntityId::from(inner.config.room_id.as_str()),
             kalphite::now_millis(),
             Origin::Local,
         ));
     }
     let store = builder
-        .sink(Arc::new(wiring::OutboxSink(Arc::clone(&inner))))
-        .flush_engine(local)
+        .flush_engine_via(local, Arc::new(wiring::Feeder(Arc::clone(&inner))))
         .flush_engine(server)
         .build();
     let entities = db
@@ -475,40 +526,56 @@ pub async fn connect_store(
     store.hydrate(entities)?;
     let _ = inner.store.set(store.clone());
 
-    let persister = {
-        let inner = Arc::clone(&inner);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = inner.dirty.notified() => {}
-                    () = inner.close_token.cancelled() => break,
-                }
-                // Coalesce: the state holds every known entity, so it is written at most
-                // once per interval, not once per message.
-                tokio::select! {
-                    () = tokio::time::sleep(inner.config.persist_interval) => {}
-                    () = inner.close_token.cancelled() => break,
-                }
-                if let Err(e) = inner.persist().await {
-                    inner.emit(SyncEvent::Error {
-                        code: None,
-                        message: format!("could not persist the offline queue: {e}"),
-                    });
-                }
-            }
-        })
-    };
     let client = SyncClient {
         inner,
-        tasks: Arc::new(Mutex::new(Tasks {
-            session: None,
-            persister: Some(persister),
-        })),
+        tasks: Arc::new(Mutex::new(Tasks { session: None })),
     };
     if client.inner.config.connect_on_start {
         client.connect();
     }
     Ok((store, client))
+}
+
+/// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept; anything but
+/// `ws://` or `wss://` is refused with a hint.
+///
+/// # Errors
+/// [`SyncError::Config`] for an empty URL, `http(s)://` (with the `ws(s)://` form to use),
+/// or another scheme.
+pub fn sync_url(url: &str) -> Result<String, SyncError> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(SyncError::Config(format!(
+            "'{url}' is not a server address: use ws://HOST:PORT"
+        )));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "wss" => {}
+        "http" | "https" => {
+            let ws = if scheme.eq_ignore_ascii_case("https") {
+                "wss"
+            } else {
+                "ws"
+            };
+            return Err(SyncError::Config(format!(
+                "'{url}' is an HTTP address; the sync server speaks WebSocket: use {ws}://{rest}"
+            )));
+        }
+        other => {
+            return Err(SyncError::Config(format!(
+                "unsupported scheme '{other}' in '{url}': use ws://HOST:PORT or wss://HOST:PORT"
+            )));
+        }
+    }
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(SyncError::Config(format!(
+            "'{url}' names no host: use ws://HOST:PORT"
+        )));
+    }
+    Ok(match rest.split_once('/') {
+        Some((_, path)) if !path.is_empty() => url.to_owned(),
+        _ => format!("{}/sync", url.trim_end_matches('/')),
+    })
 }
 
 fn millis(d: Duration) -> u64 {
@@ -519,6 +586,13 @@ impl SyncClient {
     /// Starts connecting (and reconnecting) if not already doing so.
     pub fn connect(&self) {
         if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if self.inner.config.ws_url.is_empty() {
+            self.inner.emit(SyncEvent::Error {
+                code: None,
+                message: "no server address to connect to".into(),
+            });
             return;
         }
         let mut tasks = self.tasks.lock();
@@ -544,19 +618,14 @@ impl SyncClient {
         self.inner.set_status(ConnectionStatus::Disconnected);
     }
 
-    /// Disconnects, persists the offline queue a last time and stops. Pending
-    /// `durable(Server)` waits fail with [`SyncError::Closed`].
+    /// Disconnects and stops; what changed in the sync state is already queued on the
+    /// local flush engine ([`Store::close`] writes it). Pending `durable(Server)` waits
+    /// fail with [`SyncError::Closed`].
     pub async fn close(&self) {
         self.disconnect().await;
         self.inner.closed.store(true, Ordering::Release);
         self.inner.close_token.cancel();
-        let persister = self.tasks.lock().persister.take();
-        if let Some(handle) = persister {
-            let _ = handle.await;
-        }
-        if let Err(e) = self.inner.persist().await {
-            tracing::warn!(error = %e, "could not persist the offline queue on close");
-        }
+        self.inner.persist_bookkeeping();
         self.inner.wake_waiters();
     }
 

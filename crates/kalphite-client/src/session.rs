@@ -52,7 +52,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             *inner.outgoing.lock() = None;
         }
         inner.set_status(ConnectionStatus::Disconnected);
-        inner.mark_dirty();
+        inner.persist_bookkeeping();
         let reason = match end {
             End::Cancelled => {
                 inner.emit(SyncEvent::Disconnected {
@@ -322,7 +322,8 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     if woke {
         inner.wake_waiters();
     }
-    inner.mark_dirty();
+    // What the message changed in the replica outside a store transaction (an ack).
+    inner.persist_bookkeeping();
     Ok(send)
 }
 

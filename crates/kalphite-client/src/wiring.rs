@@ -13,14 +13,14 @@ use kalphite::{Change, now_millis};
 
 use super::{Inner, SyncError, SyncEvent, is_local};
 
-/// Feeds local changes into the replica (called by the store inside the commit).
-pub(crate) struct OutboxSink(pub(crate) Arc<Inner>);
+/// Feeds each committed store transaction to the replica and to the local flush engine
+/// (called by the store inside the commit): local changes enter the outbox, and the
+/// transaction's changes are scheduled together with every bookkeeping change the
+/// replica made up to this point, so the flush writes them in one database transaction.
+pub(crate) struct Feeder(pub(crate) Arc<Inner>);
 
-impl ChangeSink for OutboxSink {
+impl ChangeSink for Feeder {
     fn accept(&self, changes: &[Change]) {
-        if !changes.iter().any(is_local) {
-            return;
-        }
         let now = now_millis();
         let mut send = Vec::new();
         let mut errors = Vec::new();
@@ -32,9 +32,12 @@ impl ChangeSink for OutboxSink {
                     Err(e) => errors.push(format!("{}/{}: {e}", change.kind, change.id)),
                 }
             }
+            let delta = replica.take_delta();
+            self.0
+                .local
+                .schedule_annotated(changes, super::bookkeeping::annotations(delta));
         }
         self.0.send(send);
-        self.0.mark_dirty();
         for message in errors {
             self.0.emit(SyncEvent::Error {
                 code: None,

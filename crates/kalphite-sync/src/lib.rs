@@ -82,7 +82,7 @@ pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Vers
 pub use protocol::{ClientMessage, PROTOCOL_VERSION, ProtocolError, ServerMessage};
 pub use replica::{
     Known, LinkState, OutboxEntry, Output, Progress, Replica, ReplicaConfig, ReplicaError,
-    ReplicaEvent, ReplicaState, StateDelta,
+    ReplicaEvent, ReplicaState, StateDelta, Undelivered,
 };
 pub use room::{
     ConnId, Outbound, Pending, Recipient, Room, RoomError, RoomLimits, Step, StoredChange,

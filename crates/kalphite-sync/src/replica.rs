@@ -210,6 +210,21 @@ impl ReplicaState {
     }
 }
 
+/// A local change the server does not have and will not get: refused before it was queued
+/// (see [`ReplicaError`]) or rejected by the server for good. It stays reported until a
+/// newer change of the same entity is acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undelivered {
+    /// The entity.
+    pub key: EntityKey,
+    /// The sequence number it was given (compare with [`Replica::last_seq`]).
+    pub seq: u64,
+    /// The server's error code, when the server rejected it.
+    pub code: Option<ErrorCode>,
+    /// Why, for a person.
+    pub reason: String,
+}
+
 /// Which parts of the state changed since the last [`Replica::take_delta`].
 #[derive(Debug, Default)]
 struct Dirty {
@@ -299,6 +314,8 @@ pub struct Replica {
     last_sent: Millis,
     last_heard: Millis,
     dirty: Dirty,
+    /// Local changes the server will not get (not persisted: reported in this session).
+    undelivered: HashMap<EntityKey, Undelivered>,
 }
 
 impl Replica {
@@ -323,7 +340,22 @@ impl Replica {
             last_sent: 0,
             last_heard: 0,
             dirty: Dirty::default(),
+            undelivered: HashMap::new(),
         }
+    }
+
+    /// The local changes up to sequence number `upto` that the server will not get (see
+    /// [`Undelivered`]), oldest first.
+    #[must_use]
+    pub fn undelivered_through(&self, upto: u64) -> Vec<Undelivered> {
+        let mut out: Vec<Undelivered> = self
+            .undelivered
+            .values()
+            .filter(|u| u.seq <= upto)
+            .cloned()
+            .collect();
+        out.sort_by_key(|u| u.seq);
+        out
     }
 
     /// Takes what changed in the persistent state since the last call (see [`StateDelta`]).
@@ -440,8 +472,32 @@ impl Replica {
     /// # Errors
     /// [`ReplicaError::OutboxFull`] when the outbox is full and the entity is not in it;
     /// the change is then not queued. [`ReplicaError::MissingEntity`] or
-    /// [`ReplicaError::Serialize`] for an unusable change.
+    /// [`ReplicaError::Serialize`] for an unusable change. A refused change is reported by
+    /// [`Replica::undelivered_through`] until a newer change of the entity is acknowledged.
     pub fn local_change(
+        &mut self,
+        change: &Change,
+        now: Millis,
+    ) -> Result<Vec<ClientMessage>, ReplicaError> {
+        let result = self.queue_local(change, now);
+        if let Err(e) = &result {
+            self.state.next_seq = self.state.next_seq.saturating_add(1);
+            self.dirty.progress = true;
+            let key = EntityKey::new(change.kind.clone(), change.id.clone());
+            self.undelivered.insert(
+                key.clone(),
+                Undelivered {
+                    key,
+                    seq: self.state.next_seq,
+                    code: None,
+                    reason: e.to_string(),
+                },
+            );
+        }
+        result
+    }
+
+    fn queue_local(
         &mut self,
         change: &Change,
         now: Millis,
@@ -632,6 +688,7 @@ impl Replica {
             .is_some_and(|e| e.message.message_id == ack.ack_of);
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
             self.dirty.outbox.insert(key.clone());
+            self.undelivered.remove(&key);
             out.apply
                 .extend(self.settle(&key, entry, Some((result_version, result_state)), now));
         } else {
@@ -657,6 +714,15 @@ impl Replica {
             Some(key) if !e.code.is_retryable() => {
                 if let Some(entry) = self.state.outbox.shift_remove(&key) {
                     self.dirty.outbox.insert(key.clone());
+                    self.undelivered.insert(
+                        key.clone(),
+                        Undelivered {
+                            key: key.clone(),
+                            seq: entry.first_seq,
+                            code: Some(e.code),
+                            reason: e.message.clone(),
+                        },
+                    );
                     let message = entry.message.clone();
                     out.apply.extend(self.settle(&key, entry, None, now));
                     out.events.push(ReplicaEvent::Rejected {

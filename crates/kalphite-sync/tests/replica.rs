@@ -690,3 +690,82 @@ fn deltas_report_each_change_of_the_persistent_state_once() {
     disk.apply_delta(replay.take_delta());
     assert_eq!(&disk, replay.state());
 }
+
+/// Regression: "durable on the server" counted a change as done when the server never
+/// got it — refused because the outbox was full, or rejected by the server for good. Such
+/// changes are now reported until a newer change of the entity is acknowledged.
+#[test]
+fn changes_the_server_will_not_get_are_reported_until_superseded() {
+    let mut r = connected();
+    let a = r
+        .local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    r.local_change(&local_upsert("b", json!({"n": 1}), 1), 1)
+        .unwrap();
+    // Outbox limit 2: a third entity is refused.
+    r.local_change(&local_upsert("c", json!({"n": 1}), 2), 2)
+        .unwrap_err();
+    let upto = r.last_seq();
+    let refused = r.undelivered_through(upto);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].key.id.as_str(), "c");
+    assert!(
+        refused[0].reason.contains("offline queue is full"),
+        "{}",
+        refused[0].reason
+    );
+    assert!(r.acked_through() < upto, "a and b still wait");
+
+    // The server rejects a for good.
+    let a_id = change_of(&a[0]).message_id.clone();
+    r.handle(
+        ServerMessage::Error(Envelope::new(
+            "e",
+            SERVER_USER_ID,
+            3,
+            ErrorPayload {
+                code: ErrorCode::InvalidEntity,
+                message: "no".into(),
+                refers_to: Some(a_id),
+            },
+        )),
+        3,
+    );
+    let ids: Vec<_> = r
+        .undelivered_through(r.last_seq())
+        .iter()
+        .map(|u| (u.key.id.to_string(), u.code))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("a".to_owned(), Some(ErrorCode::InvalidEntity)),
+            ("c".to_owned(), None)
+        ]
+    );
+
+    // A newer edit of a, acknowledged, supersedes the rejected one.
+    let again = r
+        .local_change(&local_upsert("a", json!({"n": 2}), 4), 4)
+        .unwrap();
+    let id = change_of(&again[0]).message_id.clone();
+    r.handle(
+        ack(
+            &id,
+            1,
+            state(
+                "a",
+                Some(json!({"n": 2})),
+                1,
+                VectorClock::from([("ra", 2)]),
+            ),
+        ),
+        5,
+    );
+    let left: Vec<_> = r
+        .undelivered_through(r.last_seq())
+        .iter()
+        .map(|u| u.key.id.to_string())
+        .collect();
+    assert_eq!(left, ["c"]);
+}

@@ -94,7 +94,8 @@ pub fn token(user: &str, rooms: &[&str]) -> String {
 
 /// Client config with short timings for tests.
 pub fn client_config(url: &str, room: &str, user: &str, replica: &str) -> SyncConfig {
-    SyncConfig::new(url, room, user)
+    SyncConfig::new(url, room)
+        .user(user)
         .auth_token(token(user, &[room]))
         .replica_id(replica)
         .flush_debounce(Duration::from_millis(5))
