@@ -5,9 +5,10 @@ use async_trait::async_trait;
 use kalphite::{Entity, EntityId, Kind};
 
 use crate::backup::Record;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::Query;
+use crate::quota::Quota;
 use crate::sync_state::{SyncTables, SyncWrite};
 
 /// One entity ready to be written: data already validated and serialized.
@@ -42,16 +43,6 @@ pub(crate) enum Write {
     Sync(SyncWrite),
 }
 
-impl Write {
-    pub(crate) fn size(&self) -> u64 {
-        match self {
-            Self::Upsert(row) => row.size(),
-            Self::Delete { .. } => 0,
-            Self::Sync(w) => w.size(),
-        }
-    }
-}
-
 /// An entity as stored, with its version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredEntity {
@@ -59,30 +50,6 @@ pub struct StoredEntity {
     pub entity: Entity,
     /// How many times it has been written (1 after the first insert).
     pub version: i64,
-}
-
-/// The quota a write must respect.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Quota {
-    pub limit_mb: u64,
-}
-
-impl Quota {
-    pub(crate) fn limit_bytes(self) -> u64 {
-        self.limit_mb.saturating_mul(1024 * 1024)
-    }
-
-    /// Refuses when `used + needed` exceeds the limit.
-    pub(crate) fn check(self, used_bytes: u64, needed_bytes: u64) -> Result<()> {
-        if needed_bytes > 0 && used_bytes.saturating_add(needed_bytes) > self.limit_bytes() {
-            return Err(Error::QuotaExceeded {
-                limit_mb: self.limit_mb,
-                used_bytes,
-                needed_bytes,
-            });
-        }
-        Ok(())
-    }
 }
 
 /// A storage backend. Every method is one transaction (or one read).
@@ -95,7 +62,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn applied_migrations(&self) -> Result<Vec<AppliedMigration>>;
     /// Runs one migration step in its own transaction and records it.
     async fn run_step(&self, step: Step) -> Result<()>;
-    /// Writes a batch in one transaction; for each write, whether a row was affected.
+    /// Writes a batch in one transaction; for each write, whether a row was affected. With
+    /// a quota, the batch's net growth ([`crate::quota::net_growth`]) is checked first.
     async fn write(&self, writes: Vec<Write>, quota: Option<Quota>) -> Result<Vec<bool>>;
     async fn get(&self, kind: Kind, id: EntityId) -> Result<Option<StoredEntity>>;
     async fn find(&self, query: Query) -> Result<Vec<StoredEntity>>;

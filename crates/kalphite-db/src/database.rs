@@ -8,13 +8,14 @@ use std::sync::Arc;
 use kalphite::{Change, Entity, EntityId, Kind, Op, SharedSchema, now_millis};
 use serde_json::Value;
 
-use crate::backend::{Backend, Quota, Row, StoredEntity, Write};
+use crate::backend::{Backend, Row, StoredEntity, Write};
 use crate::backup;
 use crate::config::{DatabaseConfig, Target, parse_url, redact};
 use crate::error::{Error, Result};
 use crate::migration::{self, AppliedMigration, Migration};
 use crate::postgres::Postgres;
 use crate::query::Query;
+use crate::quota::Quota;
 use crate::sqlite::Sqlite;
 use crate::sync_state::{SyncTables, SyncWrite};
 

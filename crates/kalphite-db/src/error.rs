@@ -112,7 +112,8 @@ pub enum Error {
         limit_mb: u64,
         /// Bytes in use before the write.
         used_bytes: u64,
-        /// Bytes the refused write needed.
+        /// Bytes the refused write would add: its net growth (what it adds less what it
+        /// frees).
         needed_bytes: u64,
     },
 

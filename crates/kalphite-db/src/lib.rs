@@ -19,6 +19,7 @@
 //! - [`error`]: the [`Error`] type.
 //! - `backend`, `sqlite`, `postgres` (with `postgres::render`): the storage trait and its two
 //!   implementations.
+//! - `quota`: the storage quota and a batch's net growth.
 //! - `target`: `impl FlushTarget for Database`.
 //!
 //! # Example
@@ -51,6 +52,7 @@ pub mod error;
 pub mod migration;
 mod postgres;
 pub mod query;
+mod quota;
 mod sqlite;
 pub mod store;
 pub mod sync_state;

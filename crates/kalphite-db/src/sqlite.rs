@@ -2,6 +2,7 @@
 //! it never runs on the async executor); callers send it closures and await the answer.
 //! WAL mode, `synchronous = NORMAL`: a committed transaction survives a process crash.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -16,11 +17,12 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, param
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::backend::{Backend, Quota, StoredEntity, Write, parse_row};
+use crate::backend::{Backend, StoredEntity, Write, parse_row};
 use crate::backup::Record;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::{Cmp, Condition, Direction, Field, Query};
+use crate::quota::{Quota, StoredKey, net_growth, stored_keys};
 use crate::sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};
 
 const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS kalphite_migrations (
@@ -55,6 +57,16 @@ const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER 
 const SYNC_READ_OUTBOX: &str =
     "SELECT type, id, position, entry FROM kalphite_sync_outbox ORDER BY position, type, id";
 const SYNC_READ_KNOWN: &str = "SELECT type, id, version, entry FROM kalphite_sync_known";
+// The byte length of a stored row's data (entry, value), for the quota: `length` of TEXT
+// counts characters, of a BLOB bytes.
+const STORED_ENTITY_SIZE: &str =
+    "SELECT length(CAST(data AS BLOB)) FROM kalphite_entities WHERE type = ?1 AND id = ?2";
+const STORED_OUTBOX_SIZE: &str =
+    "SELECT length(CAST(entry AS BLOB)) FROM kalphite_sync_outbox WHERE type = ?1 AND id = ?2";
+const STORED_KNOWN_SIZE: &str =
+    "SELECT length(CAST(entry AS BLOB)) FROM kalphite_sync_known WHERE type = ?1 AND id = ?2";
+const STORED_STATE_SIZE: &str =
+    "SELECT length(CAST(value AS BLOB)) FROM kalphite_sync_state WHERE key = ?1";
 
 /// Connection settings after `journal_mode = WAL`. With WAL, `synchronous = NORMAL` keeps
 /// every committed transaction across a process crash without an fsync per commit; the WAL
@@ -208,6 +220,28 @@ fn used_bytes(conn: &Connection) -> Result<u64> {
     Ok(u64::try_from(pages * q("PRAGMA page_size")?).unwrap_or(0))
 }
 
+/// The sizes of the stored rows that `writes` replace or remove (see [`net_growth`]).
+fn stored_sizes(conn: &Connection, writes: &[Write]) -> rusqlite::Result<HashMap<StoredKey, u64>> {
+    let mut sizes = HashMap::new();
+    for key in stored_keys(writes) {
+        let (sql, args) = match &key {
+            StoredKey::Entity(kind, id) => (STORED_ENTITY_SIZE, vec![kind.as_str(), id.as_str()]),
+            StoredKey::Outbox(kind, id) => (STORED_OUTBOX_SIZE, vec![kind.as_str(), id.as_str()]),
+            StoredKey::Known(kind, id) => (STORED_KNOWN_SIZE, vec![kind.as_str(), id.as_str()]),
+            StoredKey::State(k) => (STORED_STATE_SIZE, vec![k.as_str()]),
+        };
+        let len: Option<i64> = conn
+            .prepare_cached(sql)?
+            .query_row(params_from_iter(args), |r| r.get(0))
+            .optional()?;
+        if let Some(len) = len {
+            let size = key.size(u64::try_from(len).unwrap_or(0));
+            sizes.insert(key, size);
+        }
+    }
+    Ok(sizes)
+}
+
 fn read_stored(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, i64, i64)> {
     Ok((
         row.get(0)?,
@@ -299,7 +333,9 @@ impl Backend for Sqlite {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(Error::sqlite(ctx))?;
             if let Some(quota) = quota {
-                quota.check(used_bytes(&tx)?, writes.iter().map(Write::size).sum())?;
+                let stored = stored_sizes(&tx, &writes)
+                    .map_err(Error::sqlite("measuring the rows a batch replaces"))?;
+                quota.check(used_bytes(&tx)?, net_growth(&writes, stored))?;
             }
             let mut affected = Vec::with_capacity(writes.len());
             {
@@ -398,7 +434,7 @@ impl Backend for Sqlite {
                 rows.push((r, data));
             }
             if let Some(quota) = quota {
-                quota.check(0, needed)?;
+                quota.check(0, i64::try_from(needed).unwrap_or(i64::MAX))?;
             }
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)

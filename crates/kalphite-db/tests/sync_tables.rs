@@ -1,12 +1,13 @@
 //! The sync client's bookkeeping tables on both backends: written in the same transaction
 //! as the entity rows (a refused batch leaves neither), read back in queue order, never
-//! seen as entities (hydration, `kinds`, backups), and emptied by a restore.
+//! seen as entities (hydration, `kinds`, backups), emptied by a restore, and counted by the
+//! quota net of the rows they replace or remove.
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{Fixture, comment};
+use common::{Fixture, comment, noise};
 use kalphite::{AnyEntity, Change, Origin};
 use kalphite_db::{Database, Error, SyncWrite};
 use serde_json::json;
@@ -15,6 +16,7 @@ both_backends!(
     bookkeeping_is_written_with_the_entities,
     a_refused_batch_writes_no_bookkeeping,
     bookkeeping_is_not_user_data,
+    bookkeeping_that_frees_space_passes_the_quota,
 );
 
 fn up(e: kalphite::Entity) -> Change {
@@ -147,5 +149,51 @@ async fn bookkeeping_is_not_user_data(f: Fixture) -> anyhow::Result<()> {
     assert_eq!(db.restore(&backup).await?, 1);
     assert!(db.read_sync().await?.is_empty());
     assert_eq!(db.get_all().await?.len(), 1);
+    Ok(())
+}
+
+/// The quota counts bookkeeping rows net of what they replace or remove: over the limit, an
+/// acknowledgement (the queue entry removed, the server's record and the watermark replaced
+/// by same-size ones) is accepted, so it does not hold back the changes queued behind it;
+/// new bookkeeping rows are refused.
+async fn bookkeeping_that_frees_space_passes_the_quota(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config()).await?;
+    let big = kalphite::Entity::new("big", "blob", json!({"b": noise(1_200_000, 1)}));
+    db.write_with_sync(
+        &[up(big)],
+        vec![
+            outbox("c1", 1, "queued"),
+            known("c1", 1),
+            state("watermark", "1"),
+        ],
+    )
+    .await?;
+    db.close().await?;
+    let db = Database::open(f.config().max_storage_mb(1)).await?;
+    assert!(
+        db.storage_bytes().await? > 1024 * 1024,
+        "the premise: over the limit"
+    );
+
+    db.write_with_sync(
+        &[],
+        vec![
+            SyncWrite::OutboxRemoved {
+                kind: "comment".into(),
+                id: "c1".into(),
+            },
+            known("c1", 2),
+            state("watermark", "2"),
+        ],
+    )
+    .await?;
+    let err = db
+        .write_with_sync(&[], vec![outbox("c2", 3, "queued")])
+        .await;
+    assert!(matches!(err, Err(Error::QuotaExceeded { .. })), "{err:?}");
+    let tables = db.read_sync().await?;
+    assert!(tables.outbox.is_empty());
+    assert_eq!(tables.known[0].version, 2);
+    assert_eq!(tables.state_value("watermark"), Some("2"));
     Ok(())
 }

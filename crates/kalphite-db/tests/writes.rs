@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Fixture, comment, ids, review};
+use common::{Fixture, comment, ids, noise, review};
 use kalphite::flush::FlushTarget;
 use kalphite::{AnyEntity, Change, Entity, Origin};
 use kalphite_db::{Database, Error};
@@ -17,6 +17,9 @@ both_backends!(
     schema_violations_write_nothing,
     schema_defaults_are_stored,
     quota_refuses_writes_past_the_limit,
+    quota_counts_what_deletes_free,
+    quota_accepts_batches_that_free_space_over_the_limit,
+    quota_counts_a_replaced_row_once,
     flush_batches_apply_in_one_transaction,
     a_bad_change_refuses_the_whole_batch,
     flush_target_accepts_typed_entities,
@@ -78,19 +81,6 @@ async fn schema_defaults_are_stored(f: Fixture) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text that compresses badly, so PostgreSQL's TOAST compression cannot hide its size.
-fn noise(len: usize, seed: u64) -> String {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + u8::try_from(x % 90).unwrap_or(0))
-        })
-        .collect()
-}
-
 async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config().max_storage_mb(1)).await?;
     // A single write bigger than the whole quota.
@@ -142,6 +132,111 @@ async fn quota_refuses_writes_past_the_limit(f: Fixture) -> anyhow::Result<()> {
         db.upsert(Entity::new("small", "blob", json!({"b": "x"})))
             .await?;
     }
+    Ok(())
+}
+
+/// A blob of `len` noise characters (a little more as JSON: `"` and `\\` are escaped).
+fn blob(id: &str, len: usize, seed: u64) -> Entity {
+    Entity::new(id, "blob", json!({"b": noise(len, seed)})).at(1)
+}
+
+const MIB: u64 = 1024 * 1024;
+
+fn is_quota_error(e: &kalphite::flush::TargetError) -> bool {
+    matches!(e.downcast_ref::<Error>(), Some(Error::QuotaExceeded { .. }))
+}
+
+/// Regression (issue 9, item 9: deletes wait behind quota-refused upserts): the quota
+/// counted only the bytes a batch adds, never what it frees. The flush engine retries a
+/// refused batch merged with the transactions queued since, so the retry of a refused
+/// upsert together with the deletes the user made to free space ([big upsert, delete a,
+/// delete b]) was refused as well, and every later change waited behind it.
+async fn quota_counts_what_deletes_free(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().max_storage_mb(1)).await?;
+    let target: Arc<dyn FlushTarget> = Arc::new(db.clone());
+    let write = |batch: Vec<Change>| {
+        let target = Arc::clone(&target);
+        async move { target.write(&batch).await }
+    };
+    write(vec![
+        up(blob("a", 420_000, 1), Origin::Local),
+        up(blob("b", 420_000, 2), Origin::Local),
+    ])
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let big = up(blob("big", 420_000, 3), Origin::Local);
+    let refused = write(vec![big.clone()]).await.unwrap_err();
+    assert!(is_quota_error(&refused), "{refused}");
+
+    // The engine's retry: the refused upsert first, then the deletes queued behind it.
+    write(vec![big, del("blob", "a"), del("blob", "b")])
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(ids(&db.get_by_type("blob").await?), ["big"]);
+    Ok(())
+}
+
+/// A database already over its limit (filled without a quota, reopened with one) accepts
+/// every batch that frees more than it adds, and refuses the ones that grow it.
+async fn quota_accepts_batches_that_free_space_over_the_limit(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config()).await?;
+    db.upsert_batch((0..4).map(|i| blob(&format!("b{i}"), 400_000, i)).collect())
+        .await?;
+    db.close().await?;
+    let db = Database::open(f.config().max_storage_mb(1)).await?;
+    assert!(
+        db.storage_bytes().await? > MIB,
+        "the premise: over the limit"
+    );
+
+    let refused = db.upsert(blob("new", 10, 9)).await.unwrap_err();
+    assert!(matches!(refused, Error::QuotaExceeded { .. }), "{refused}");
+    // A replacement that shrinks a row.
+    db.upsert(blob("b0", 10, 10)).await?;
+    assert!(
+        db.storage_bytes().await? > MIB,
+        "the premise: still over the limit"
+    );
+    // Shrinking, deleting and adding less than that frees, in one batch.
+    db.apply_changes(&[
+        up(blob("b1", 20, 11), Origin::Local),
+        up(blob("new", 1_000, 12), Origin::Local),
+        del("blob", "b2"),
+    ])
+    .await?;
+    // Only deleting.
+    db.apply_changes(&[del("blob", "b3")]).await?;
+    assert_eq!(ids(&db.get_by_type("blob").await?), ["b0", "b1", "new"]);
+    Ok(())
+}
+
+/// Regression (issue 9, item 9): a replaced row was counted as if it were new, so a
+/// database near its limit could not even rewrite an entity with data of the same size.
+async fn quota_counts_a_replaced_row_once(f: Fixture) -> anyhow::Result<()> {
+    let db = Database::open(f.config().max_storage_mb(1)).await?;
+    let a = blob("a", 420_000, 1);
+    db.upsert_batch(vec![a.clone(), blob("b", 420_000, 2)])
+        .await?;
+    assert!(
+        db.storage_bytes().await? + 420_000 > MIB,
+        "the premise: a as a new row would not fit"
+    );
+    // The same text backwards: the same size.
+    let text: String = a.data["b"]
+        .as_str()
+        .unwrap_or_default()
+        .chars()
+        .rev()
+        .collect();
+    let same_size = Entity::new("a", "blob", json!({"b": text})).at(2);
+    db.upsert(same_size).await?;
+    assert_eq!(
+        db.get_stored("blob", "a").await?.map(|s| s.version),
+        Some(2)
+    );
+    // Growing a row by more than is left is still refused.
+    let refused = db.upsert(blob("a", 700_000, 3)).await.unwrap_err();
+    assert!(matches!(refused, Error::QuotaExceeded { .. }), "{refused}");
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! JSONB. Batches are pipelined inside one transaction; queries compare strings with
 //! `COLLATE "C"` so that results and order match the SQLite backend byte for byte.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,12 +14,13 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use crate::backend::{Backend, Quota, ROW_OVERHEAD, StoredEntity, Write};
+use crate::backend::{Backend, ROW_OVERHEAD, StoredEntity, Write};
 use crate::backup::Record;
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
 use crate::query::{Condition, Query};
+use crate::quota::{Quota, StoredKey, net_growth, stored_keys};
 use crate::sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};
 
 const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS kalphite_migrations (
@@ -67,6 +68,20 @@ const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER 
 const SYNC_READ_OUTBOX: &str = "SELECT type, id, position, entry FROM kalphite_sync_outbox \
     ORDER BY position, type COLLATE \"C\", id COLLATE \"C\"";
 const SYNC_READ_KNOWN: &str = "SELECT type, id, version, entry FROM kalphite_sync_known";
+// The byte length of stored rows' data (entries, values), for the quota. JSONB has no text
+// of its own: `data::text` is its canonical rendering, with a space after each `:` and `,`,
+// a little longer than the compact JSON a write sends.
+const STORED_ENTITY_SIZES: &str = "SELECT e.type, e.id, octet_length(e.data::text)::int8 \
+    FROM kalphite_entities e JOIN UNNEST($1::text[], $2::text[]) AS r(k, i) \
+    ON e.type = r.k AND e.id = r.i";
+const STORED_OUTBOX_SIZES: &str = "SELECT e.type, e.id, octet_length(e.entry)::int8 \
+    FROM kalphite_sync_outbox e JOIN UNNEST($1::text[], $2::text[]) AS r(k, i) \
+    ON e.type = r.k AND e.id = r.i";
+const STORED_KNOWN_SIZES: &str = "SELECT e.type, e.id, octet_length(e.entry)::int8 \
+    FROM kalphite_sync_known e JOIN UNNEST($1::text[], $2::text[]) AS r(k, i) \
+    ON e.type = r.k AND e.id = r.i";
+const STORED_STATE_SIZES: &str = "SELECT key, octet_length(value)::int8 \
+    FROM kalphite_sync_state WHERE key = ANY($1::text[])";
 const SIZE: &str = "SELECT COALESCE(pg_total_relation_size(to_regclass('kalphite_entities')), 0)";
 
 /// How often a deadlocked write batch is retried.
@@ -178,10 +193,8 @@ impl Postgres {
                 .await
                 .map_err(Error::postgres(ctx))?
                 .get(0);
-            quota.check(
-                u64::try_from(used).unwrap_or(0),
-                writes.iter().map(Write::size).sum(),
-            )?;
+            let stored = stored_sizes(&tx, writes).await?;
+            quota.check(u64::try_from(used).unwrap_or(0), net_growth(writes, stored))?;
         }
         // Entity writes come first in a batch, bookkeeping rows after them.
         let split = writes
@@ -231,6 +244,88 @@ fn to_stored(row: &tokio_postgres::Row) -> Result<StoredEntity> {
         },
         version,
     })
+}
+
+/// The `(type, id)` keys of one table, as the two arrays its size query takes.
+#[derive(Default)]
+struct KeyArrays<'a> {
+    kinds: Vec<&'a str>,
+    ids: Vec<&'a str>,
+}
+
+impl<'a> KeyArrays<'a> {
+    fn push(&mut self, kind: &'a Kind, id: &'a EntityId) {
+        self.kinds.push(kind.as_str());
+        self.ids.push(id.as_str());
+    }
+}
+
+/// The sizes of the stored rows that `writes` replace or remove (see [`net_growth`]): one
+/// query per table the batch touches.
+async fn stored_sizes(
+    tx: &deadpool_postgres::Transaction<'_>,
+    writes: &[Write],
+) -> Result<HashMap<StoredKey, u64>> {
+    let ctx = "measuring the rows a batch replaces";
+    let keys = stored_keys(writes);
+    let (mut entities, mut outbox, mut known) = (
+        KeyArrays::default(),
+        KeyArrays::default(),
+        KeyArrays::default(),
+    );
+    let mut state = Vec::new();
+    for key in &keys {
+        match key {
+            StoredKey::Entity(kind, id) => entities.push(kind, id),
+            StoredKey::Outbox(kind, id) => outbox.push(kind, id),
+            StoredKey::Known(kind, id) => known.push(kind, id),
+            StoredKey::State(k) => state.push(k.as_str()),
+        }
+    }
+    type MakeKey = fn(Kind, EntityId) -> StoredKey;
+    let keyed: [(&str, KeyArrays<'_>, MakeKey); 3] = [
+        (STORED_ENTITY_SIZES, entities, StoredKey::Entity),
+        (STORED_OUTBOX_SIZES, outbox, StoredKey::Outbox),
+        (STORED_KNOWN_SIZES, known, StoredKey::Known),
+    ];
+    let mut sizes = HashMap::with_capacity(keys.len());
+    let len = |r: &tokio_postgres::Row, i| -> Result<u64> {
+        let n: i64 = r.try_get(i).map_err(Error::postgres(ctx))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    for (sql, KeyArrays { kinds, ids }, make) in &keyed {
+        if kinds.is_empty() {
+            continue;
+        }
+        let stmt = tx.prepare_cached(sql).await.map_err(Error::postgres(ctx))?;
+        for r in tx
+            .query(&stmt, &[kinds, ids])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            let kind: String = r.try_get(0).map_err(Error::postgres(ctx))?;
+            let id: String = r.try_get(1).map_err(Error::postgres(ctx))?;
+            let key = make(kind.into(), id.into());
+            let size = key.size(len(&r, 2)?);
+            sizes.insert(key, size);
+        }
+    }
+    if !state.is_empty() {
+        let stmt = tx
+            .prepare_cached(STORED_STATE_SIZES)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        for r in tx
+            .query(&stmt, &[&state])
+            .await
+            .map_err(Error::postgres(ctx))?
+        {
+            let key = StoredKey::State(r.try_get(0).map_err(Error::postgres(ctx))?);
+            let size = key.size(len(&r, 1)?);
+            sizes.insert(key, size);
+        }
+    }
+    Ok(sizes)
 }
 
 fn has_distinct_keys(writes: &[Write]) -> bool {
@@ -565,7 +660,7 @@ impl Backend for Postgres {
             rows.push((r, data, updated_at));
         }
         if let Some(quota) = quota {
-            quota.check(0, needed)?;
+            quota.check(0, i64::try_from(needed).unwrap_or(i64::MAX))?;
         }
         let mut client = self.client(ctx).await?;
         let tx = client.transaction().await.map_err(Error::postgres(ctx))?;

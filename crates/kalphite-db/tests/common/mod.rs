@@ -178,6 +178,19 @@ pub fn review(id: &str, title: &str, status: &str) -> Entity {
     .at(1_700_000_000_000)
 }
 
+/// Text that compresses badly, so PostgreSQL's TOAST compression cannot hide its size.
+pub fn noise(len: usize, seed: u64) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + u8::try_from(x % 90).unwrap_or(0))
+        })
+        .collect()
+}
+
 pub fn ids(entities: &[Entity]) -> Vec<String> {
     entities.iter().map(|e| e.id.to_string()).collect()
 }
