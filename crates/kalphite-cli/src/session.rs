@@ -1,36 +1,39 @@
-//! A todo session: the local database, the store hydrated from it, and — when a server
-//! is given — the sync client. Every todo command runs inside one.
+//! A todo session: one kalphite [`Client`] over the todo database — always with its sync
+//! side, so that offline edits are queued for the room the database is bound to — and,
+//! when a server is given, connected to it. Every todo command runs inside one.
 
 use std::path::PathBuf;
-
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
-use kalphite::{Durability, Store, StoreBuilder};
-use kalphite_client::{ConnectionStatus, SyncClient, SyncConfig, SyncEvent, connect_store};
-use kalphite_db::{Database, DatabaseConfig};
+use kalphite::{Durability, SharedSchema, Store};
+use kalphite_client::{
+    Client, ClientError, ConnectionStatus, DurableError, SyncConfig, SyncError, sync_url,
+};
 
-/// How long a command waits for the server before going on offline.
+use crate::todo::model::{Project, Tag, Todo};
+
+/// How long a command waits for the server's catch-up before going on offline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a command waits for the server to acknowledge its changes.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The room of a database that syncs with none yet.
+const DEFAULT_ROOM: &str = "todo";
 
 /// Where the todo data lives and where it syncs.
 #[derive(Debug, Args)]
 pub struct SessionOptions {
-    /// Database URL (`sqlite:PATH` or `postgres://…`); default: todo.db in the user's
-    /// data directory.
+    /// Database: a file path, `sqlite:PATH` or `postgres://…`; default: todo.db in the
+    /// user's data directory.
     #[arg(long, env = "KALPHITE_TODO_DB", global = true)]
     pub db: Option<String>,
     /// Sync server (`ws://HOST:PORT`); without it the app works offline only.
     #[arg(long, env = "KALPHITE_SERVER", global = true)]
     pub server: Option<String>,
-    /// Room to sync.
-    #[arg(long, env = "KALPHITE_ROOM", global = true, default_value = "todo")]
-    pub room: String,
+    /// Room to sync; default: the room this database syncs with (`todo` for a new one).
+    #[arg(long, env = "KALPHITE_ROOM", global = true)]
+    pub room: Option<String>,
     /// Access token (`kalphite token …`); not needed by a server in --open mode.
     #[arg(long, env = "KALPHITE_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -51,75 +54,22 @@ pub fn data_dir() -> PathBuf {
 
 /// An open session.
 pub struct Session {
-    db: Database,
-    store: Store,
-    sync: Sync,
-}
-
-/// The sync side of a session.
-struct Sync {
-    url: String,
-    client: SyncClient,
-    events: BoxStream<'static, SyncEvent>,
+    client: Client,
+    /// The server URL, when one was given.
+    url: Option<String>,
+    /// Whether a token was given.
+    has_token: bool,
     /// Why the server could not be used, if it could not.
     problem: Option<String>,
-    pulled: usize,
-    /// Whether a server was given.
-    online: bool,
-}
-
-/// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept as given.
-fn sync_url(server: &str) -> String {
-    let rest = server.split_once("://").map_or(server, |(_, r)| r);
-    if rest.contains('/') {
-        server.to_owned()
-    } else {
-        format!("{}/sync", server.trim_end_matches('/'))
-    }
-}
-
-impl Sync {
-    /// Waits until the server has sent everything the room holds (or gives up).
-    async fn catch_up(&mut self) {
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.next()).await {
-                Ok(Some(SyncEvent::CaughtUp { .. })) => return,
-                Ok(Some(SyncEvent::RemoteChange(_))) => self.pulled += 1,
-                Ok(Some(SyncEvent::Error { message, .. })) => {
-                    self.problem = Some(message);
-                    return;
-                }
-                Ok(Some(SyncEvent::Disconnected { reason })) => {
-                    self.problem = Some(format!(
-                        "cannot reach the sync server at {}: {reason}",
-                        self.url
-                    ));
-                    return;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    if self.client.connection_status() != ConnectionStatus::Connected {
-                        let why = self
-                            .client
-                            .last_error()
-                            .unwrap_or_else(|| "no answer".into());
-                        self.problem = Some(format!(
-                            "cannot reach the sync server at {}: {why}",
-                            self.url
-                        ));
-                    }
-                    return;
-                }
-            }
-        }
-    }
+    /// Whether the server refused us (a bad token, a wrong room): an error even for a
+    /// read-only command, unlike a server that cannot be reached.
+    refused: bool,
 }
 
 impl Session {
-    /// Opens the database and hydrates the store.
-    pub async fn open(options: &SessionOptions, builder: StoreBuilder) -> Result<Self> {
-        let url = match &options.db {
+    /// Opens the database (hydrating the store) and, with a server, catches up with it.
+    pub async fn open(options: &SessionOptions, schema: SharedSchema) -> Result<Self> {
+        let db_url = match &options.db {
             Some(url) => url.clone(),
             None => {
                 let dir = data_dir();
@@ -129,126 +79,210 @@ impl Session {
                 format!("sqlite:{}", dir.join("todo.db").display())
             }
         };
-        let db = Database::open(DatabaseConfig::new(url)).await?;
-        // Even offline, local changes go into the room's persisted offline queue, so a
-        // later run with --server sends them.
-        let online = options.server.is_some();
-        let url = options.server.as_deref().map_or_else(String::new, sync_url);
+        let url = options
+            .server
+            .as_deref()
+            .map(sync_url)
+            .transpose()
+            .map_err(|e| anyhow!("{}", sync_problem(&e)))?;
         let user = options
             .user
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "me".into());
-        let mut config = SyncConfig::new(&url, &options.room)
-            .user(user)
-            .reconnect_attempts(1)
-            .backoff(Duration::from_millis(100), Duration::from_millis(500))
-            .connect_on_start(online);
+        // Even offline, local changes go into the database's offline queue for its room,
+        // so a later run with --server sends them.
+        let mut config = SyncConfig::new(
+            url.clone().unwrap_or_default(),
+            options.room.clone().unwrap_or_default(),
+        )
+        .default_room(DEFAULT_ROOM)
+        .user(user)
+        .reconnect_attempts(1)
+        .backoff(Duration::from_millis(100), Duration::from_millis(500))
+        .connect_on_start(url.is_some());
         if let Some(token) = &options.token {
-            config = config.auth_token(token.clone());
+            config = config.token(token.clone());
         }
-        let (store, client) = connect_store(builder, &db, config).await?;
-        let events = client.events();
-        let mut sync = Sync {
-            url,
+        let client = Client::builder(db_url)
+            .schema(schema)
+            .kind::<Todo>()
+            .kind::<Project>()
+            .kind::<Tag>()
+            .sync(config)
+            .open()
+            .await
+            .map_err(|e| match e {
+                ClientError::Sync(e) => anyhow!("{}", sync_problem(&e)),
+                other => anyhow!(other),
+            })?;
+        let mut session = Self {
             client,
-            events,
+            url,
+            has_token: options.token.is_some(),
             problem: None,
-            pulled: 0,
-            online,
+            refused: false,
         };
-        if online {
-            sync.catch_up().await;
+        if session.url.is_some() {
+            session.catch_up().await;
         }
-        Ok(Self { db, store, sync })
+        Ok(session)
     }
 
     /// The store.
     pub fn store(&self) -> &Store {
-        &self.store
+        self.client.store()
     }
 
-    /// Pushes what is pending and reports what moved (pulling happened at open).
+    /// Waits until the server has sent everything the room holds, or notes why not.
+    async fn catch_up(&mut self) {
+        let Some(sync) = self.client.sync() else {
+            return;
+        };
+        let mut status = sync.status_watch();
+        let gave_up = async {
+            // Connecting failed for good (refused, or out of attempts).
+            let _ = status
+                .wait_for(|s| *s == ConnectionStatus::Disconnected)
+                .await;
+            // The first status may be a transient one; a failed session ends with an
+            // error event before the status settles.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let caught_up = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            tokio::select! {
+                () = sync.caught_up() => true,
+                () = gave_up => sync.is_caught_up(),
+            }
+        })
+        .await;
+        if caught_up != Ok(true) {
+            self.refused = sync.last_error().is_some();
+            self.problem = Some(self.connection_problem());
+        }
+    }
+
+    fn connection_problem(&self) -> String {
+        let url = self.url.as_deref().unwrap_or("?");
+        let sync = self.client.sync();
+        if let Some(error) = sync.and_then(kalphite_client::SyncClient::last_error) {
+            return explain(url, &error, self.has_token);
+        }
+        let why = sync
+            .and_then(kalphite_client::SyncClient::last_disconnect)
+            .unwrap_or_else(|| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()));
+        format!("cannot reach the sync server at {url}: {why}")
+    }
+
+    /// Pushes what is pending and reports what moved in this run.
     pub async fn sync_now(&mut self) -> Result<String> {
-        if !self.sync.online {
+        let Some(url) = self.url.clone() else {
             return Err(anyhow!(
                 "no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)"
             ));
-        }
-        if let Some(problem) = &self.sync.problem {
+        };
+        if let Some(problem) = &self.problem {
             return Err(anyhow!("{problem}"));
         }
-        let queued = self.sync.client.offline_queue_size();
         self.push().await?;
-        let sync = &self.sync;
+        let sync = self
+            .client
+            .sync()
+            .ok_or_else(|| anyhow!("no sync client"))?;
+        let stats = sync.stats();
         Ok(format!(
-            "Synced with {}: pushed {queued} changes, pulled {} changes; room version {}.",
-            sync.url,
-            sync.pulled,
-            sync.client.room_version()
+            "Synced room '{}' with {url}: pushed {} changes, pulled {} changes; room version {}.",
+            sync.room(),
+            stats.pushed,
+            stats.pulled,
+            sync.room_version()
         ))
     }
 
-    /// Waits until the server acknowledged every change made so far — in this run and
-    /// in earlier offline runs (those wait in the persisted offline queue).
+    /// Waits until the server acknowledged every change made so far — in this run and in
+    /// earlier offline runs (those wait in the database's offline queue).
     async fn push(&mut self) -> Result<()> {
-        if !self.sync.online {
-            return Ok(());
-        }
-        let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
-        let timed_out = || {
-            anyhow!(
-                "the server at {} did not acknowledge the changes within {}s",
-                self.sync.url,
+        let url = self.url.clone().unwrap_or_default();
+        match tokio::time::timeout(PUSH_TIMEOUT, self.client.durable(Durability::Server)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(DurableError::Undelivered(list))) => Err(anyhow!(
+                "the server refused {} changes: {}",
+                list.len(),
+                list.iter()
+                    .map(|u| format!("{}/{}: {}", u.key.kind, u.key.id, u.reason))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            Ok(Err(e)) => Err(anyhow!("the server did not take the changes: {e}")),
+            Err(_) => Err(anyhow!(
+                "the server at {url} did not acknowledge the changes within {}s",
                 PUSH_TIMEOUT.as_secs()
-            )
-        };
-        match tokio::time::timeout_at(deadline, self.store.durable(Durability::Server)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(anyhow!("the server did not take the changes: {e}")),
-            Err(_) => return Err(timed_out()),
+            )),
         }
-        while self.sync.client.offline_queue_size() > 0 {
-            let next = tokio::time::timeout(Duration::from_millis(50), self.sync.events.next());
-            match next.await {
-                Ok(Some(SyncEvent::RemoteChange(_))) => self.sync.pulled += 1,
-                Ok(Some(SyncEvent::Error { message, .. })) => return Err(anyhow!("{message}")),
-                Ok(Some(_) | None) | Err(_) => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(timed_out());
-            }
-        }
-        Ok(())
     }
 
-    /// Sends what is pending (with a server), writes everything to disk and closes. A
-    /// sync problem is reported after the local data is safe.
-    pub async fn finish(mut self) -> Result<()> {
-        let mut problem = self.sync.problem.clone();
-        if problem.is_none()
+    /// Sends what this command changed (with a server), writes everything to disk and
+    /// closes. A sync problem is reported after the local data is safe, and only a
+    /// command that changed something is told its changes wait in the file.
+    pub async fn finish(mut self, changed: bool) -> Result<()> {
+        let mut problem = self.problem.clone();
+        if self.url.is_some()
+            && problem.is_none()
+            && changed
             && let Err(e) = self.push().await
         {
             problem = Some(e.to_string());
         }
-        // The client persists what the server has not acknowledged yet, so only the
-        // local database must hold every change now; the server-side engine is dropped
-        // (its changes wait in the persisted offline queue for the next sync).
-        self.sync.client.close().await;
-        for engine in self.store.flush_engines() {
-            if engine.config().durability == Durability::Local {
-                engine
-                    .shutdown()
-                    .await
-                    .context("could not save every change")?;
-            }
-        }
-        self.db.close().await?;
+        let report = self
+            .client
+            .close()
+            .await
+            .context("could not save every change")?;
         match problem {
             None => Ok(()),
-            Some(p) => Err(anyhow!(
+            Some(p) if changed => Err(anyhow!(
                 "{p} (your changes are saved locally and will be sent on the next sync)"
             )),
+            Some(p) if self.refused => Err(anyhow!("{p}")),
+            // A read-only command did what was asked, from the local data.
+            Some(p) if report.unsynced > 0 => {
+                eprintln!(
+                    "warning: {p} ({} changes wait in the database for the next sync)",
+                    report.unsynced
+                );
+                Ok(())
+            }
+            Some(p) => {
+                eprintln!("warning: {p} (showing the local data)");
+                Ok(())
+            }
         }
     }
+}
+
+/// A sync error in the CLI's words.
+fn sync_problem(e: &SyncError) -> String {
+    match e {
+        SyncError::RoomMismatch {
+            bound,
+            requested,
+            pending,
+        } => format!(
+            "this database syncs with room '{bound}' ({pending} changes waiting to be sent \
+             there), not '{requested}': run it with --room {bound}, or use another --db for \
+             '{requested}'"
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Why the server could not be used, for a person.
+fn explain(url: &str, why: &str, has_token: bool) -> String {
+    if !has_token && why.contains("token") {
+        return format!(
+            "the sync server at {url} needs a token: make one with `kalphite token --user \
+             NAME --room ROOM` and pass it with --token (or KALPHITE_TOKEN)"
+        );
+    }
+    format!("cannot use the sync server at {url}: {why}")
 }

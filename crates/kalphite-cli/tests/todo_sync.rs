@@ -377,3 +377,228 @@ fn bench_sync_runs_a_small_latency_scenario_against_the_server() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("s9"));
     server.stop();
 }
+
+/// Regression: `sync` printed wrong counts ("pulled 0" when the room had moved on, 501
+/// pulled todos reported as 256, "pushed" under-counted). The counts now come from the
+/// client itself, not from a lossy event stream subscribed too late.
+#[test]
+fn sync_reports_what_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (alice, bob) = clients(dir.path(), &server);
+    for i in 0..40 {
+        alice.offline(&["add", &format!("todo {i}")]);
+    }
+    let out = alice.run(&["sync"]);
+    assert!(out.contains("pushed 40 changes, pulled 0 changes"), "{out}");
+    let out = bob.run(&["sync"]);
+    assert!(out.contains("pushed 0 changes, pulled 40 changes"), "{out}");
+    assert!(out.contains("room 'todo'"), "{out}");
+    bob.offline(&["add", "from bob"]);
+    bob.offline(&["add", "again from bob"]);
+    let out = bob.run(&["sync"]);
+    assert!(out.contains("pushed 2 changes, pulled 0 changes"), "{out}");
+    let out = alice.run(&["sync"]);
+    assert!(out.contains("pulled 2 changes"), "{out}");
+    server.stop();
+}
+
+/// Regression: a read-only `list` with changes queued and the server down waited 10 s
+/// and exited 1, and read-only commands said "your changes are saved locally".
+#[test]
+fn read_only_commands_never_wait_and_show_the_local_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["todo", "--db", "sqlite:x.db", "add", "queued"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let out = kalphite(
+        d,
+        &["todo", "--db", "sqlite:x.db", "--server", &url, "list"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("queued"));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("cannot reach the sync server"), "{err}");
+    assert!(err.contains("1 changes wait"), "{err}");
+    assert!(!err.contains("your changes are saved"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a read-only command waited {:?}",
+        started.elapsed()
+    );
+}
+
+/// Regressions in the CLI's own words: a missing token was explained in protocol terms
+/// ("send one in the hello's 'token' field"), an http:// address was not pointed to
+/// ws://, and log lines with colour codes reached a stderr that is not a terminal.
+#[test]
+fn connection_problems_are_explained_for_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let d = dir.path();
+    let out = kalphite(
+        d,
+        &[
+            "todo",
+            "--db",
+            "sqlite:x.db",
+            "--server",
+            &server.url,
+            "add",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("needs a token") && err.contains("kalphite token"),
+        "{err}"
+    );
+    assert!(!err.contains("hello"), "{err}");
+
+    let http = server.url.replace("ws://", "http://");
+    let out = kalphite(
+        d,
+        &["todo", "--db", "sqlite:x.db", "--server", &http, "list"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("use ws://"), "{err}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_kalphite"))
+        .args([
+            "todo",
+            "--db",
+            "sqlite:x.db",
+            "--server",
+            &server.url,
+            "list",
+        ])
+        .current_dir(d)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.is_empty(), "debug logs expected");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err}");
+    server.stop();
+}
+
+/// Regression: offline work was stranded silently when the room differed (`add` without
+/// --room queued it for room `todo`; `sync --room r1` said "pushed 0 changes" and the
+/// todo never left). The database remembers its room: naming another is refused with
+/// both names, and commands that name none use it.
+#[test]
+fn the_database_remembers_its_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let d = dir.path();
+    ok(d, &["todo", "--db", "b.db", "add", "x"]);
+    let token = server.token(d, "me", "r1");
+    let out = kalphite(
+        d,
+        &[
+            "todo",
+            "--db",
+            "b.db",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+            "--room",
+            "r1",
+            "sync",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("'todo'") && err.contains("'r1'"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let token = server.token(d, "me", "todo");
+    let out = ok(
+        d,
+        &[
+            "todo",
+            "--db",
+            "b.db",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+            "sync",
+        ],
+    );
+    assert!(
+        out.contains("room 'todo'") && out.contains("pushed 1 changes"),
+        "{out}"
+    );
+    server.stop();
+}
+
+/// Regression: two processes on one client database — in 60 concurrent adds all 60 were
+/// in the local file but 28 never reached the server, and every command exited 0. Now a
+/// second process waits for the first; whatever an add reported as done is on the server,
+/// and one that could not get the file says so and exits non-zero.
+#[test]
+fn concurrent_commands_on_one_database_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let d = dir.path().to_path_buf();
+    let token = server.token(&d, "me", "todo");
+    let handles: Vec<_> = (0..12)
+        .map(|i| {
+            let (d, url, token) = (d.clone(), server.url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let title = format!("concurrent {i}");
+                let out = kalphite(
+                    &d,
+                    &[
+                        "todo", "--db", "c.db", "--server", &url, "--token", &token, "add", &title,
+                    ],
+                );
+                (title, out)
+            })
+        })
+        .collect();
+    let mut added = Vec::new();
+    for h in handles {
+        let (title, out) = h.join().unwrap();
+        if out.status.success() {
+            added.push(title);
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("in use by another process"), "{err}");
+        }
+    }
+    assert!(!added.is_empty());
+    let other = Client {
+        dir: &d,
+        db: "sqlite:other.db".into(),
+        server: server.url.clone(),
+        token: server.token(&d, "other", "todo"),
+        user: "other",
+    };
+    let mut on_server: Vec<String> = other
+        .list()
+        .iter()
+        .map(|t| t["title"].as_str().unwrap().to_owned())
+        .collect();
+    on_server.sort();
+    added.sort();
+    assert_eq!(
+        on_server, added,
+        "every add that succeeded is on the server, and only those"
+    );
+    server.stop();
+}

@@ -1,31 +1,47 @@
-//! The sync client: a tokio-tungstenite adapter around the sans-IO [`Replica`], wired to a
-//! kalphite [`Store`]. Local changes enter the replica's outbox synchronously (a store
-//! sink); the outbox, the catch-up point and what the server said about each entity are
-//! written to the local database's sync tables in the same transaction as the entity rows
-//! (so after a crash they always describe the data on disk), and sent while connected; remote changes are applied with [`Origin::Remote`] (validated
-//! by the store's schema, never echoed back). A [`FlushTarget`] on the store, at
-//! [`Durability::Server`], completes a batch only once the server acknowledged it, so
-//! `store.durable(Durability::Server)` means "the server has it".
+//! kalphite-client — a kalphite [`Store`] over a local database, kept in sync with a
+//! kalphite server. Open one [`Client`] (database URL, kinds, optional [`SyncConfig`]);
+//! read and write its store synchronously; [`Client::durable`] tells when a change is on
+//! disk or on the server; [`Client::close`] writes everything and reports what is still
+//! unsynced (safely queued in the file).
 //!
+//! Local changes enter the sans-IO [`Replica`]'s outbox as the store commits them (a store
+//! sink). The outbox, the catch-up point and what the server said about each entity live
+//! in the database's sync tables, written by the local flush engine **in the same
+//! transaction** as the entity rows they describe, so after a crash the two always agree.
+//! Remote changes are applied with [`Origin::Remote`] (validated by the store's schema,
+//! never echoed back) and written the same way.
+//!
+//! # Layout
+//! - [`Client`], [`ClientBuilder`]: the owned handle (`client` module).
+//! - [`SyncClient`], [`connect_store`]: the connection and its controls, for callers that
+//!   bring their own [`Store`] builder and [`Database`].
+//! - `bookkeeping`: replica deltas as flush annotations; the local target; loading.
+//! - `session`: the WebSocket loop (hello, frames, resends, heartbeats, backoff).
+//! - `wiring`: the store sink that feeds the replica and the local engine; the
+//!   server-durability target.
+//!
+//! # Example
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use kalphite::{Durability, Store};
-//! use kalphite_db::{Database, DatabaseConfig};
-//! use kalphite_client::{SyncConfig, connect_store};
-//! let db = Database::open(DatabaseConfig::new("sqlite:./app.db")).await?;
-//! let config = SyncConfig::new("ws://127.0.0.1:8787/sync", "room-1", "alice")
-//!     .auth_token("<token from `kalphite token`>");
-//! let (store, client) = connect_store(Store::builder(), &db, config).await?;
-//! store.dynamic("todo").put("t1", serde_json::json!({"title": "milk"}))?;
-//! store.durable(Durability::Server).await?; // the server has it
-//! client.close().await;
-//! store.close().await?;
+//! use kalphite::Durability;
+//! use kalphite_client::{Client, SyncConfig};
+//! let client = Client::builder("sqlite:./app.db")
+//!     .sync(SyncConfig::new("ws://127.0.0.1:8787", "room-1").token("<kalphite token …>"))
+//!     .open()
+//!     .await?;
+//! client.store().dynamic("todo").put("t1", serde_json::json!({"title": "milk"}))?;
+//! client.durable(Durability::Server).await?; // the server has it
+//! client.close().await?;
 //! # Ok(()) }
 //! ```
 
 mod bookkeeping;
+mod client;
 mod session;
 mod wiring;
+
+pub use client::{Client, ClientBuilder, ClientError, CloseReport, DurableError};
+pub use kalphite_sync::Undelivered;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +97,9 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Most entities with unacknowledged changes.
     pub outbox_limit: usize,
+    /// The server's limit on a client frame (its `--max-frame-bytes`; default the
+    /// protocol's 1 MiB): a [`Client`] refuses local entities that could never fit.
+    pub max_frame_bytes: usize,
     /// Flush config of the local database engine.
     pub local_flush: FlushConfig,
     /// Flush config of the server-durability engine.
@@ -90,6 +109,10 @@ pub struct SyncConfig {
     /// queue, to be sent on a later [`SyncClient::connect`] (an app that works offline
     /// by choice).
     pub connect_on_start: bool,
+    /// The room to use when [`Self::room_id`] is empty and the database is bound to none
+    /// yet (an app's default room; an empty `room_id` otherwise means "the room this
+    /// database syncs with").
+    pub default_room: Option<String>,
 }
 
 impl SyncConfig {
@@ -110,9 +133,11 @@ impl SyncConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             outbox_limit: 10_000,
+            max_frame_bytes: kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
             local_flush: FlushConfig::default(),
             server_flush: FlushConfig::default().durability(Durability::Server),
             connect_on_start: true,
+            default_room: None,
         }
     }
 
@@ -179,6 +204,14 @@ impl SyncConfig {
         let server_wait = d.max(self.server_flush.max_wait);
         self.local_flush = self.local_flush.debounce(d).max_wait(local_wait);
         self.server_flush = self.server_flush.debounce(d).max_wait(server_wait);
+        self
+    }
+
+    /// Sets the room used when none is named and the database is bound to none yet (see
+    /// [`SyncConfig::default_room`]).
+    #[must_use]
+    pub fn default_room(mut self, room: impl Into<String>) -> Self {
+        self.default_room = Some(room.into());
         self
     }
 
@@ -258,6 +291,16 @@ pub enum SyncEvent {
     },
 }
 
+/// What moved since a client started ([`SyncClient::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SyncStats {
+    /// Remote changes applied to the local store.
+    pub pulled: u64,
+    /// Entities whose local changes the server acknowledged.
+    pub pushed: u64,
+}
+
 /// Why the client could not start or a write could not complete.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -302,7 +345,9 @@ pub enum SyncError {
 pub(crate) struct Inner {
     pub(crate) config: SyncConfig,
     pub(crate) replica: Mutex<Replica>,
-    pub(crate) store: std::sync::OnceLock<Store>,
+    /// The store; taken out when the client closes or its owner is dropped, so the
+    /// store → feeder → client → store cycle does not outlive them.
+    pub(crate) store: Mutex<Option<Store>>,
     pub(crate) status: watch::Sender<ConnectionStatus>,
     /// Bumped whenever acknowledgements may have advanced (wakes durability waiters).
     pub(crate) acked: watch::Sender<u64>,
@@ -312,15 +357,26 @@ pub(crate) struct Inner {
     /// The local flush engine: entity rows and the replica's bookkeeping, one transaction
     /// per batch.
     pub(crate) local: FlushEngine,
+    /// True from the end of a catch-up until the connection ends.
+    pub(crate) caught_up: watch::Sender<bool>,
+    /// Remote changes applied to the store.
+    pub(crate) pulled: std::sync::atomic::AtomicU64,
+    /// Local changes (per entity) the server acknowledged.
+    pub(crate) pushed: std::sync::atomic::AtomicU64,
     pub(crate) closed: AtomicBool,
     pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) last_disconnect: Mutex<Option<String>>,
     pub(crate) close_token: CancellationToken,
 }
 
 impl Inner {
     pub(crate) fn emit(&self, event: SyncEvent) {
-        if let SyncEvent::Error { message, .. } = &event {
-            *self.last_error.lock() = Some(message.clone());
+        match &event {
+            SyncEvent::Error { message, .. } => *self.last_error.lock() = Some(message.clone()),
+            SyncEvent::Disconnected { reason } => {
+                *self.last_disconnect.lock() = Some(reason.clone());
+            }
+            _ => {}
         }
         let _ = self.events.send(event);
     }
@@ -403,9 +459,6 @@ pub async fn connect_store(
     config: SyncConfig,
 ) -> Result<(Store, SyncClient), SyncError> {
     let mut config = config;
-    if config.room_id.is_empty() {
-        return Err(SyncError::Config("the room must be named".into()));
-    }
     if !config.ws_url.is_empty() {
         config.ws_url = sync_url(&config.ws_url)?;
     } else if config.connect_on_start {
@@ -414,16 +467,32 @@ pub async fn connect_store(
                 .into(),
         ));
     }
-    let room = config.room_id.clone();
-    let corrupt = |reason: String| SyncError::CorruptState {
-        room: room.clone(),
-        reason,
-    };
     let mut tables = db.read_sync().await?;
-    if tables.is_empty() && bookkeeping::import_legacy(db, &room).await? {
+    let legacy_room = if config.room_id.is_empty() {
+        config.default_room.clone()
+    } else {
+        Some(config.room_id.clone())
+    };
+    if tables.is_empty()
+        && let Some(room) = &legacy_room
+        && bookkeeping::import_legacy(db, room).await?
+    {
         tables = db.read_sync().await?;
     }
-    let loaded = bookkeeping::load(&tables).map_err(|e| corrupt(e.to_string()))?;
+    let loaded = bookkeeping::load(&tables).map_err(|e| SyncError::CorruptState {
+        room: config.room_id.clone(),
+        reason: e.to_string(),
+    })?;
+    if config.room_id.is_empty() {
+        config.room_id = loaded
+            .room
+            .clone()
+            .or_else(|| config.default_room.clone())
+            .ok_or_else(|| {
+                SyncError::Config("name a room: this database syncs with none yet".into())
+            })?;
+    }
+    let room = config.room_id.clone();
     let mut first_writes = Vec::new();
     let mut state = loaded.state;
     match &loaded.room {
@@ -483,14 +552,18 @@ pub async fn connect_store(
     }
     let inner = Arc::new(Inner {
         replica: Mutex::new(replica),
-        store: std::sync::OnceLock::new(),
+        store: Mutex::new(None),
         status: watch::Sender::new(ConnectionStatus::Disconnected),
         acked: watch::Sender::new(0),
         events: broadcast::channel(1024).0,
         outgoing: Mutex::new(None),
         local: local.clone(),
+        caught_up: watch::Sender::new(false),
+        pulled: std::sync::atomic::AtomicU64::new(0),
+        pushed: std::sync::atomic::AtomicU64::new(0),
         closed: AtomicBool::new(false),
         last_error: Mutex::new(None),
+        last_disconnect: Mutex::new(None),
         close_token: CancellationToken::new(),
         config,
     });
@@ -524,7 +597,7 @@ pub async fn connect_store(
         .into_iter()
         .filter(|e| !e.kind.starts_with(INTERNAL_KIND_PREFIX));
     store.hydrate(entities)?;
-    let _ = inner.store.set(store.clone());
+    *inner.store.lock() = Some(store.clone());
 
     let client = SyncClient {
         inner,
@@ -627,6 +700,7 @@ impl SyncClient {
         self.inner.close_token.cancel();
         self.inner.persist_bookkeeping();
         self.inner.wake_waiters();
+        self.inner.store.lock().take();
     }
 
     /// Where the connection stands.
@@ -639,6 +713,12 @@ impl SyncClient {
     #[must_use]
     pub fn last_error(&self) -> Option<String> {
         self.inner.last_error.lock().clone()
+    }
+
+    /// Why the last connection ended (or could not be made), if one did.
+    #[must_use]
+    pub fn last_disconnect(&self) -> Option<String> {
+        self.inner.last_disconnect.lock().clone()
     }
 
     /// A receiver that sees every status change.
@@ -659,16 +739,69 @@ impl SyncClient {
         self.inner.replica.lock().config().replica_id.clone()
     }
 
+    /// What moved since the client started.
+    #[must_use]
+    pub fn stats(&self) -> SyncStats {
+        SyncStats {
+            pulled: self.inner.pulled.load(Ordering::Relaxed),
+            pushed: self.inner.pushed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves once the current connection has caught up with the room (at once if it
+    /// has). Never resolves while offline: wrap it in a timeout.
+    pub async fn caught_up(&self) {
+        let mut rx = self.inner.caught_up.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Whether the current connection has caught up with the room.
+    #[must_use]
+    pub fn is_caught_up(&self) -> bool {
+        *self.inner.caught_up.borrow()
+    }
+
+    /// The room this client syncs with.
+    #[must_use]
+    pub fn room(&self) -> &str {
+        &self.inner.config.room_id
+    }
+
     /// The room version up to which this client has everything.
     #[must_use]
     pub fn room_version(&self) -> u64 {
         self.inner.replica.lock().watermark()
     }
 
-    /// The store this client syncs.
+    /// The store this client syncs (`None` once closed).
     #[must_use]
-    pub fn store(&self) -> Option<&Store> {
-        self.inner.store.get()
+    pub fn store(&self) -> Option<Store> {
+        self.inner.store.lock().clone()
+    }
+
+    /// The sequence number of the latest local change (see
+    /// [`Replica::last_seq`](kalphite_sync::Replica::last_seq)).
+    #[must_use]
+    pub fn last_seq(&self) -> u64 {
+        self.inner.replica.lock().last_seq()
+    }
+
+    /// Local changes up to sequence number `upto` that the server will not get: refused
+    /// before they were queued or rejected by the server for good (see
+    /// [`Undelivered`](kalphite_sync::Undelivered)).
+    #[must_use]
+    pub fn undelivered_through(&self, upto: u64) -> Vec<kalphite_sync::Undelivered> {
+        self.inner.replica.lock().undelivered_through(upto)
+    }
+
+    /// Stops at once, without waiting (for `Drop`): no more reconnects, what changed in the
+    /// sync state is scheduled on the local engine, and the client lets go of the store.
+    pub(crate) fn shut_down_now(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.close_token.cancel();
+        self.inner.persist_bookkeeping();
+        self.inner.wake_waiters();
+        self.inner.store.lock().take();
     }
 
     /// Events from now on, as an async stream (connected, disconnected, remote change,

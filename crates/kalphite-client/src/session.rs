@@ -3,6 +3,7 @@
 //! notice a dead server, and reconnect with exponential backoff and jitter.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -51,6 +52,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             inner.replica.lock().disconnected();
             *inner.outgoing.lock() = None;
         }
+        inner.caught_up.send_replace(false);
         inner.set_status(ConnectionStatus::Disconnected);
         inner.persist_bookkeeping();
         let reason = match end {
@@ -252,11 +254,16 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     }
     let is_welcome = matches!(message, ServerMessage::Welcome(_));
     let now = now_millis();
-    let Some(store) = inner.store.get() else {
+    let Some(store) = inner.store.lock().clone() else {
         return Ok(Vec::new());
     };
     let result = store.transaction_from(Origin::Remote, |tx| {
-        let out = inner.replica.lock().handle(message, now);
+        let (out, settled) = {
+            let mut replica = inner.replica.lock();
+            let before = replica.outbox_len();
+            let out = replica.handle(message, now);
+            (out, before.saturating_sub(replica.outbox_len()))
+        };
         let mut applied = Vec::with_capacity(out.apply.len());
         let mut refused = Vec::new();
         for change in out.apply {
@@ -265,11 +272,21 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
                 Err(e) => refused.push(format!("{}/{}: {e}", change.kind, change.id)),
             }
         }
-        Ok::<_, StoreError>((out.send, out.events, applied, refused))
+        Ok::<_, StoreError>((out.send, out.events, applied, refused, settled))
     });
-    let Ok((send, events, applied, refused)) = result else {
+    let Ok((send, events, applied, refused, settled)) = result else {
         return Ok(Vec::new());
     };
+    let rejected = events
+        .iter()
+        .filter(|e| matches!(e, ReplicaEvent::Rejected { .. }))
+        .count();
+    inner
+        .pushed
+        .fetch_add((settled.saturating_sub(rejected)) as u64, Ordering::Relaxed);
+    inner
+        .pulled
+        .fetch_add(applied.len() as u64, Ordering::Relaxed);
     if is_welcome && inner.replica.lock().link() == kalphite_sync::LinkState::Connected {
         inner.set_status(ConnectionStatus::Connected);
     }
@@ -277,7 +294,10 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     for event in events {
         let event = match event {
             ReplicaEvent::Connected { room_version } => SyncEvent::Connected { room_version },
-            ReplicaEvent::CaughtUp { version } => SyncEvent::CaughtUp { version },
+            ReplicaEvent::CaughtUp { version } => {
+                inner.caught_up.send_replace(true);
+                SyncEvent::CaughtUp { version }
+            }
             ReplicaEvent::Acked {
                 message_id,
                 version,

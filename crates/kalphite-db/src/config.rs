@@ -134,6 +134,18 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+impl DatabaseConfig {
+    /// The SQLite file this config opens, if it opens one (not `sqlite::memory:`, not
+    /// PostgreSQL, not an invalid URL).
+    #[must_use]
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        match parse_url(&self.url) {
+            Ok(Target::SqliteFile(path)) => Some(path),
+            _ => None,
+        }
+    }
+}
+
 /// Where a URL points.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -167,7 +179,13 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
     if url.is_empty() {
         return Err(invalid("the URL is empty"));
     }
-    Err(invalid("unknown scheme"))
+    if !url.contains("://") {
+        // A bare path names a SQLite file, as sqlite3 takes one.
+        return Ok(Target::SqliteFile(PathBuf::from(url)));
+    }
+    Err(invalid(
+        "unknown scheme: use sqlite:PATH, a file path, or postgres://…",
+    ))
 }
 
 /// The URL with any password replaced by `***`, for messages and logs.
@@ -193,6 +211,20 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_path_is_a_sqlite_file() {
+        assert_eq!(
+            parse_url("todo.db").unwrap(),
+            Target::SqliteFile(PathBuf::from("todo.db"))
+        );
+        assert_eq!(
+            DatabaseConfig::new("/tmp/a.db").sqlite_path(),
+            Some(PathBuf::from("/tmp/a.db"))
+        );
+        assert_eq!(DatabaseConfig::new("sqlite::memory:").sqlite_path(), None);
+        assert!(parse_url("mysql://x").is_err());
+    }
 
     #[test]
     fn sqlite_urls_parse() {

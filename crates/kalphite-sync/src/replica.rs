@@ -332,7 +332,7 @@ impl Replica {
         // every queued entry's, whatever the persisted counter says.
         let queued = state.outbox.values().map(|e| e.first_seq).max();
         state.next_seq = state.next_seq.max(queued.unwrap_or(0));
-        Self {
+        let mut replica = Self {
             config,
             state,
             in_flight: HashMap::new(),
@@ -341,6 +341,39 @@ impl Replica {
             last_heard: 0,
             dirty: Dirty::default(),
             undelivered: HashMap::new(),
+        };
+        replica.restamp_foreign_entries();
+        replica
+    }
+
+    /// Queued changes stamped by another replica id (the id was changed, or the state
+    /// comes from another installation) would be refused by the room, whose clocks never
+    /// saw that replica's edits: each becomes an edit of this replica on top of what the
+    /// room last said, with a new message id.
+    fn restamp_foreign_entries(&mut self) {
+        let prefix = format!("{}-", self.config.replica_id);
+        let foreign: Vec<EntityKey> = self
+            .state
+            .outbox
+            .iter()
+            .filter(|(_, e)| !e.message.message_id.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in foreign {
+            let id = self.next_message_id();
+            let vector = self
+                .state
+                .known
+                .get(&key)
+                .map(|k| k.vector.clone())
+                .unwrap_or_default()
+                .incremented(&self.config.replica_id);
+            if let Some(entry) = self.state.outbox.get_mut(&key) {
+                entry.message.message_id = id;
+                entry.message.user_id.clone_from(&self.config.user_id);
+                entry.message.payload.vector = vector;
+                self.dirty.outbox.insert(key);
+            }
         }
     }
 

@@ -769,3 +769,24 @@ fn changes_the_server_will_not_get_are_reported_until_superseded() {
         .collect();
     assert_eq!(left, ["c"]);
 }
+
+/// Changes queued under another replica id (the configured id changed between runs) are
+/// stamped anew as this replica's edits: sent with the old id's clock, the room would
+/// refuse them (a clock may not claim edits the room never had from another replica).
+#[test]
+fn changes_queued_under_another_replica_id_are_restamped() {
+    let mut old = Replica::new(config());
+    old.local_change(&local_upsert("a", json!({"n": 1}), 1), 1)
+        .unwrap();
+    let state = old.state().clone();
+    let mut c = config();
+    c.replica_id = "rb".into();
+    let mut r = Replica::restore(c, state);
+    r.connect(2);
+    let out = r.handle(welcome(0, 0), 2);
+    let sent = change_of(&out.send[0]);
+    assert!(sent.message_id.starts_with("rb-"), "{}", sent.message_id);
+    assert_eq!(sent.payload.vector, VectorClock::from([("rb", 1)]));
+    assert_eq!(sent.payload.entity.as_ref().unwrap().data, json!({"n": 1}));
+    assert_eq!(r.take_delta().outbox.len(), 1, "the new stamp is persisted");
+}

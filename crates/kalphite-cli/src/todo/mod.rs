@@ -104,16 +104,27 @@ fn schema() -> Arc<TypedSchema> {
 
 /// Runs one todo command.
 pub async fn run(args: TodoArgs) -> Result<()> {
-    let builder = Store::builder()
-        .schema(schema())
-        .register::<Todo>()
-        .register::<Project>()
-        .register::<Tag>();
-    let mut session = Session::open(&args.session, builder).await?;
+    let mut session = Session::open(&args.session, schema()).await?;
+    let changes = args.command.changes_data();
     let outcome = execute(&mut session, args.command).await;
-    let finished = session.finish().await;
+    let finished = session.finish(changes && outcome.is_ok()).await;
     outcome?;
     finished
+}
+
+impl TodoCommand {
+    /// Whether the command writes (read-only commands never wait for the server).
+    fn changes_data(&self) -> bool {
+        matches!(
+            self,
+            Self::Add { .. }
+                | Self::Complete { .. }
+                | Self::Status { .. }
+                | Self::Delete { .. }
+                | Self::Demo
+                | Self::Clear
+        )
+    }
 }
 
 async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {

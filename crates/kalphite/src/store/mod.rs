@@ -98,7 +98,7 @@ pub struct StoreBuilder {
 }
 
 /// Registers a Rust type for a kind when the store is built.
-type Registration = Box<dyn FnOnce(&mut State) -> Result<()>>;
+type Registration = Box<dyn FnOnce(&mut State) -> Result<()> + Send>;
 
 impl Default for StoreBuilder {
     fn default() -> Self {

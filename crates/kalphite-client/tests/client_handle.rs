@@ -1,0 +1,342 @@
+//! The one owned [`Client`]: opened by one builder, shut by one `close`, safe to drop, one
+//! process per database file, the database bound to its room, durability that names what
+//! the server will never get, and local entities refused when they could never be sent.
+
+#[path = "../../kalphite-server/tests/common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kalphite::{Durability, EntityKind, Error as StoreError};
+use kalphite_client::{Client, ClientError, ConnectionStatus, DurableError, SyncConfig, SyncError};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Todo {
+    title: String,
+}
+impl EntityKind for Todo {
+    const KIND: &'static str = "todo";
+}
+
+fn sync(url: &str, room: &str, user: &str) -> SyncConfig {
+    client_config(url, room, user, &format!("{user}-device"))
+}
+
+fn offline(room: &str) -> SyncConfig {
+    SyncConfig::new("ws://127.0.0.1:9", room)
+        .user("me")
+        .connect_on_start(false)
+        .flush_debounce(Duration::from_millis(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_only_client_is_a_persisted_store() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let client = Client::builder(&url)
+        .kind::<Todo>()
+        .open()
+        .await
+        .expect("open");
+    assert_eq!(client.status(), ConnectionStatus::LocalOnly);
+    let todos = client.store().collection::<Todo>().expect("todos");
+    todos
+        .put(
+            "t1",
+            Todo {
+                title: "milk".into(),
+            },
+        )
+        .expect("put");
+    guard(client.durable(Durability::Local))
+        .await
+        .expect("local");
+    assert!(matches!(
+        client.durable(Durability::Server).await,
+        Err(DurableError::LocalOnly)
+    ));
+    let report = client.close().await.expect("close");
+    assert_eq!(report.unsynced, 0);
+
+    let again = Client::builder(&url)
+        .kind::<Todo>()
+        .open()
+        .await
+        .expect("reopen");
+    let todos = again.store().collection::<Todo>().expect("todos");
+    assert_eq!(
+        todos.find_by_id("t1").map(|t| t.data.title.clone()),
+        Some("milk".into())
+    );
+    again.close().await.expect("close");
+}
+
+/// Regression: shutting down was a trap — `client.close()`, then `store.close()` (which
+/// failed while offline, its changes being safely queued), then `db.close()`, in that
+/// order. One `close` now writes everything and reports what is still unsynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_offline_is_not_an_error_and_keeps_the_queue() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let client = Client::builder(&url)
+        .sync(offline("r1"))
+        .open()
+        .await
+        .expect("open");
+    client
+        .store()
+        .dynamic("todo")
+        .put("t1", json!({"title": "a"}))
+        .expect("put");
+    client
+        .store()
+        .dynamic("todo")
+        .put("t2", json!({"title": "b"}))
+        .expect("put");
+    let report = client.close().await.expect("close offline");
+    assert_eq!(report.unsynced, 2);
+
+    // The next session sends them.
+    let server = start(config(memory_db().await)).await;
+    let client = Client::builder(&url)
+        .sync(sync(&server.url(), "r1", "me").replica_id("me-device"))
+        .open()
+        .await
+        .expect("reopen");
+    assert_eq!(client.unsynced(), 2);
+    guard(client.durable(Durability::Server))
+        .await
+        .expect("pushed");
+    assert_eq!(client.close().await.expect("close").unsynced, 0);
+    server.stop().await;
+}
+
+/// Regression: dropping the handles without closing leaked a client that kept
+/// reconnecting (a store → sink → client → store cycle). Dropped, the client lets go of
+/// its connection, and what it accepted reaches the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_disconnects_and_writes_what_it_accepted() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let server = start(config(memory_db().await)).await;
+    let client = Client::builder(&url)
+        .sync(sync(&server.url(), "r1", "me"))
+        .open()
+        .await
+        .expect("open");
+    wait_connected(client.sync().expect("sync")).await;
+    client
+        .store()
+        .dynamic("todo")
+        .put("t1", json!({"title": "a"}))
+        .expect("put");
+    drop(client);
+
+    let connections = || async {
+        let (_, metrics) = http_get(server.addr, "/metrics").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("kalphite_sync_connections "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while connections().await != Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dropped client stayed connected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It does not come back (no leaked reconnect loop).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(connections().await, Some(0));
+
+    // The drain holds the file until it is done; then everything is there.
+    let again = guard(
+        Client::builder(&url)
+            .sync(sync(&server.url(), "r1", "me"))
+            .lock_timeout(GUARD)
+            .open(),
+    )
+    .await
+    .expect("reopen");
+    assert!(again.store().get("todo", "t1").is_some());
+    again.close().await.expect("close");
+    server.stop().await;
+}
+
+/// Regression: two processes on one client database (two `kalphite todo` runs at once):
+/// the sync state was one record and the last writer won, so changes fell out of the
+/// offline queue and message ids collided, while every command exited 0. A second opener
+/// now waits briefly, then is refused with the holder's pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_opener_waits_then_is_refused_with_the_holder() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("a.db");
+    let url = format!("sqlite:{}", path.display());
+    let first = Client::builder(&url)
+        .sync(offline("r1"))
+        .open()
+        .await
+        .expect("open");
+    let started = tokio::time::Instant::now();
+    let err = Client::builder(&url)
+        .sync(offline("r1"))
+        .lock_timeout(Duration::from_millis(300))
+        .open()
+        .await
+        .expect_err("the file is in use");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "it waited first"
+    );
+    match &err {
+        ClientError::Busy { path: p, pid } => {
+            assert_eq!(p, &path);
+            assert_eq!(*pid, Some(std::process::id()));
+        }
+        other => panic!("expected Busy, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+
+    // Released on close: the next opener gets it, even one that was already waiting.
+    let waiting = tokio::spawn(
+        Client::builder(&url)
+            .sync(offline("r1"))
+            .lock_timeout(GUARD)
+            .open(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.close().await.expect("close");
+    let second = guard(waiting)
+        .await
+        .expect("join")
+        .expect("opened after release");
+    second.close().await.expect("close");
+}
+
+/// Regression: offline work was stranded silently when the room differed — changes queued
+/// for room `todo` were never sent by a later sync with room `r1`, which said "pushed 0".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_is_bound_to_its_room() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let client = Client::builder(&url)
+        .sync(offline("todo"))
+        .open()
+        .await
+        .expect("open");
+    client
+        .store()
+        .dynamic("todo")
+        .put("t1", json!({"title": "x"}))
+        .expect("put");
+    client.close().await.expect("close");
+
+    let err = Client::builder(&url)
+        .sync(offline("r1"))
+        .open()
+        .await
+        .expect_err("another room");
+    match &err {
+        ClientError::Sync(SyncError::RoomMismatch {
+            bound,
+            requested,
+            pending,
+        }) => {
+            assert_eq!(
+                (bound.as_str(), requested.as_str(), *pending),
+                ("todo", "r1", 1)
+            );
+        }
+        other => panic!("expected RoomMismatch, got {other}"),
+    }
+    let message = err.to_string();
+    assert!(
+        message.contains("'todo'") && message.contains("'r1'"),
+        "{message}"
+    );
+    // The bound room still opens, with its queue.
+    let client = Client::builder(&url)
+        .sync(offline("todo"))
+        .open()
+        .await
+        .expect("open");
+    assert_eq!(client.unsynced(), 1);
+    client.close().await.expect("close");
+}
+
+/// Regression: `durable(Server)` said yes for changes the server never got — refused
+/// because the offline queue was full, or rejected by the server for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_server_names_the_changes_the_server_will_not_get() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let server = start(config(memory_db().await)).await;
+    let mut config = sync(&server.url(), "r1", "me").connect_on_start(false);
+    config.outbox_limit = 1;
+    let client = Client::builder(&url)
+        .sync(config)
+        .open()
+        .await
+        .expect("open");
+    let todos = client.store().dynamic("todo");
+    todos.put("a", json!({"title": "queued"})).expect("put");
+    todos
+        .put("b", json!({"title": "refused: the queue is full"}))
+        .expect("put");
+    client.sync().expect("sync").connect();
+    let err = guard(client.durable(Durability::Server))
+        .await
+        .expect_err("b never reaches the server");
+    match &err {
+        DurableError::Undelivered(list) => {
+            let ids: Vec<_> = list.iter().map(|u| u.key.id.to_string()).collect();
+            assert_eq!(ids, ["b"]);
+        }
+        other => panic!("expected Undelivered, got {other}"),
+    }
+    assert!(err.to_string().contains("todo/b"), "{err}");
+    // Writing b again, now that the queue has room, delivers it.
+    todos.put("b", json!({"title": "again"})).expect("put");
+    guard(client.durable(Durability::Server))
+        .await
+        .expect("delivered");
+    client.close().await.expect("close");
+    server.stop().await;
+}
+
+/// Regression: a local entity larger than the server's frame limit was queued and resent
+/// forever (and, above the hard limit, cut the connection on each resend, so everything
+/// queued behind it never left). The client now refuses it at write time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_too_large_to_ever_sync_is_refused_at_write_time() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let mut config = offline("r1");
+    config.max_frame_bytes = 64 * 1024;
+    let client = Client::builder(&url)
+        .sync(config)
+        .open()
+        .await
+        .expect("open");
+    let todos = client.store().dynamic("todo");
+    let err = todos
+        .put("big", json!({"title": "x".repeat(64 * 1024)}))
+        .expect_err("too large");
+    assert!(matches!(err, StoreError::EntityTooLarge { .. }), "{err}");
+    todos.put("small", json!({"title": "fits"})).expect("fits");
+    assert_eq!(
+        client.unsynced(),
+        1,
+        "the refused entity never entered the queue"
+    );
+    client.close().await.expect("close");
+}
