@@ -242,6 +242,7 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
                 | ErrorCode::TokenExpired
                 | ErrorCode::Forbidden
                 | ErrorCode::UnsupportedVersion
+                | ErrorCode::ReplicaTaken
         );
         if fatal {
             let reason = format!("{:?}: {}", e.payload.code, e.payload.message);

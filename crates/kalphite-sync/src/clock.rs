@@ -56,6 +56,17 @@ impl VectorClock {
         next
     }
 
+    /// Only the counter of `replica` (what a replica can vouch for on its own).
+    #[must_use]
+    pub fn only(&self, replica: &str) -> Self {
+        let mut only = Self::new();
+        let n = self.get(replica);
+        if n > 0 {
+            only.0.insert(replica.to_owned(), n);
+        }
+        only
+    }
+
     /// Takes the element-wise maximum of both clocks.
     pub fn merge(&mut self, other: &Self) {
         for (replica, &count) in &other.0 {

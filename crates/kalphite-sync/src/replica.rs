@@ -627,10 +627,20 @@ impl Replica {
                     // The room is behind us (it was reset): our versions mean nothing there.
                     self.state.watermark = w.catch_up_from;
                     self.state.received_above.clear();
+                    // What the old room said no longer holds: other replicas' edits it
+                    // counted may be gone, and a clock claiming them would be refused.
+                    // Queued changes keep only what this replica vouches for itself.
+                    let me = self.config.replica_id.clone();
                     for known in self.state.known.values_mut() {
                         known.version = 0;
+                        known.vector = known.vector.only(&me);
+                    }
+                    for entry in self.state.outbox.values_mut() {
+                        entry.message.payload.vector = entry.message.payload.vector.only(&me);
+                        entry.message.payload.base_version = Some(0);
                     }
                     self.dirty.known.extend(self.state.known.keys().cloned());
+                    self.dirty.outbox.extend(self.state.outbox.keys().cloned());
                     self.dirty.progress = true;
                 }
                 self.link = LinkState::Connected;

@@ -790,3 +790,45 @@ fn changes_queued_under_another_replica_id_are_restamped() {
     assert_eq!(sent.payload.entity.as_ref().unwrap().data, json!({"n": 1}));
     assert_eq!(r.take_delta().outbox.len(), 1, "the new stamp is persisted");
 }
+
+/// A room restored from an older backup (its welcome starts below our watermark) no
+/// longer counts the other replicas' edits our clocks name; the room refuses a clock that
+/// claims them (`invalid_clock`). Queued changes and later edits keep only our own count.
+#[test]
+fn after_a_room_reset_clocks_claim_only_our_own_edits() {
+    let mut r = connected();
+    // The room told us bob edited `a` twice; then we edited it offline.
+    let c = state(
+        "c",
+        Some(json!({"n": 0})),
+        1,
+        VectorClock::from([("bob", 1)]),
+    );
+    r.handle(broadcast(c), 1);
+    let a = state(
+        "a",
+        Some(json!({"n": 1})),
+        2,
+        VectorClock::from([("bob", 2)]),
+    );
+    r.handle(broadcast(a), 1);
+    assert_eq!(r.watermark(), 2);
+    r.disconnected();
+    r.local_change(&local_upsert("a", json!({"n": 2}), 2), 2)
+        .unwrap();
+    r.local_change(&local_upsert("b", json!({"n": 1}), 2), 2)
+        .unwrap();
+    r.connect(3);
+    let out = r.handle(welcome(0, 0), 3);
+    for msg in &out.send {
+        let change = change_of(msg);
+        assert_eq!(
+            change.payload.vector,
+            VectorClock::from([("ra", 1)]),
+            "{}: only our own edit",
+            change.payload.entity_id
+        );
+    }
+    assert_eq!(out.send.len(), 2);
+    assert!(r.state().known.values().all(|k| k.vector.get("bob") == 0));
+}
