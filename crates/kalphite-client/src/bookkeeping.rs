@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
-use kalphite::flush::{Annotation, Batch, FlushTarget, TargetError};
-use kalphite::{Change, Origin};
+use kalphite::{Annotation, Batch, Change, FlushTarget, Origin, TargetError};
 use kalphite_db::{Database, SyncTables, SyncWrite};
 use kalphite_sync::{EntityKey, Known, OutboxEntry, Progress, ReplicaState, StateDelta};
 use serde::{Deserialize, Serialize};

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use kalphite::flush::{FlushConfig, FlushError};
-use kalphite::{Change, Durability, EntityKind, SharedSchema, Store, StoreBuilder};
+use kalphite::{
+    Change, Durability, EntityKind, FlushConfig, FlushError, SharedSchema, Store, StoreBuilder,
+};
 use kalphite_db::{Database, DatabaseConfig, open_store};
 use kalphite_sync::Undelivered;
 

@@ -49,8 +49,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
-use kalphite::{Change, Durability, EntityId, Kind, Origin, Store, StoreBuilder};
+use kalphite::{
+    Change, Durability, EntityId, FlushConfig, FlushEngine, FlushTarget, Kind, Origin, Store,
+    StoreBuilder,
+};
 use kalphite_db::Database;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc, watch};

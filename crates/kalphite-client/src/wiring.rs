@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use kalphite::ChangeSink;
-use kalphite::flush::{FlushTarget, TargetError};
-use kalphite::{Change, now_millis};
+use kalphite::{Change, ChangeSink, FlushTarget, TargetError, now_millis};
 
 use super::{Inner, SyncError, SyncEvent, is_local};
 

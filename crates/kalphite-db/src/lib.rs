@@ -5,7 +5,7 @@
 //! Entities live in one table keyed by `(type, id)` with their JSON data, `updatedAt` and a
 //! version that counts writes. Versioned migrations (up and down, one transaction each),
 //! queries pushed down into SQL, a portable backup format that restores into either
-//! backend, a storage quota, and a [`kalphite::flush::FlushTarget`] implementation so a
+//! backend, a storage quota, and a [`kalphite::FlushTarget`] implementation so a
 //! Store can flush into it.
 //!
 //! # Layout

@@ -11,8 +11,7 @@
 
 use std::sync::Arc;
 
-use kalphite::flush::{FlushConfig, FlushEngine, FlushTarget};
-use kalphite::{Store, StoreBuilder};
+use kalphite::{FlushConfig, FlushEngine, FlushTarget, Store, StoreBuilder};
 
 use crate::database::Database;
 use crate::error::{Error, Result};

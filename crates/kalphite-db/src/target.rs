@@ -2,8 +2,7 @@
 //! transaction, deletes and upserts in order, local and remote changes alike.
 
 use async_trait::async_trait;
-use kalphite::Change;
-use kalphite::flush::{FlushTarget, TargetError};
+use kalphite::{Change, FlushTarget, TargetError};
 
 use crate::database::Database;
 

@@ -8,8 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{Fixture, comment, ids, noise, review};
-use kalphite::flush::FlushTarget;
-use kalphite::{AnyEntity, Change, Entity, Origin};
+use kalphite::{AnyEntity, Change, Entity, FlushTarget, Origin};
 use kalphite_db::{Database, Error};
 use serde_json::json;
 
@@ -142,7 +141,7 @@ fn blob(id: &str, len: usize, seed: u64) -> Entity {
 
 const MIB: u64 = 1024 * 1024;
 
-fn is_quota_error(e: &kalphite::flush::TargetError) -> bool {
+fn is_quota_error(e: &kalphite::TargetError) -> bool {
     matches!(e.downcast_ref::<Error>(), Some(Error::QuotaExceeded { .. }))
 }
 

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kalphite::flush::TargetError;
-use kalphite::{AnyEntity, Change, Entity, FlushConfig, FlushEngine, FlushTarget, Origin};
+use kalphite::{
+    AnyEntity, Change, Entity, FlushConfig, FlushEngine, FlushTarget, Origin, TargetError,
+};
 use serde_json::json;
 
 const N: usize = 10_000;

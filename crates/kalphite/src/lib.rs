@@ -5,12 +5,14 @@
 //! the sync client consume.
 //!
 //! # Layout
-//! - [`entity`]: the `{id, type, data, updatedAt}` record, ids and kind names.
-//! - [`change`]: the change record every layer consumes.
-//! - [`schema`]: validation of entity data (JSON Schema, serde types, closures).
-//! - [`store`]: Layer 1, the in-memory store, collections, queries, subscriptions.
-//! - [`error`]: why a write was refused.
-//! - [`flush`]: Layer 2, the flush engine and its targets.
+//! - `entity`: the `{id, type, data, updatedAt}` record, ids and kind names.
+//! - `change`: the change record every layer consumes.
+//! - `schema`: validation of entity data (JSON Schema, serde types, closures).
+//! - `store`: Layer 1, the in-memory store, collections, queries, subscriptions.
+//! - `error`: why a write was refused.
+//! - `flush`: Layer 2, the flush engine and its targets.
+//!
+//! The modules are private; every public item is re-exported at the crate root.
 //!
 //! The database (Layer 3) is the `kalphite-db` crate, sync (Layer 4) `kalphite-sync`.
 //!
@@ -49,12 +51,16 @@
 //! # Ok::<(), kalphite::Error>(())
 //! ```
 
-pub mod change;
-pub mod entity;
-pub mod error;
-pub mod flush;
-pub mod schema;
-pub mod store;
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(clippy::must_use_candidate, clippy::too_many_lines)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod change;
+mod entity;
+mod error;
+mod flush;
+mod schema;
+mod store;
 
 pub use change::{Change, FlushChange, Op, Origin};
 pub use entity::{
@@ -62,7 +68,10 @@ pub use entity::{
     is_reserved_kind, now_millis,
 };
 pub use error::{Error, Result};
-pub use flush::{Annotation, Batch, Durability, FlushConfig, FlushEngine, FlushError, FlushTarget};
+pub use flush::{
+    Annotation, Batch, Durability, FanOut, FlushConfig, FlushEngine, FlushError, FlushEvent,
+    FlushStats, FlushTarget, FnTarget, ShutdownError, TargetError,
+};
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
 pub use store::{
     ChangeSink, ChangeStream, Collection, DynCollection, Listener, Notification, Query, RecvError,

@@ -196,7 +196,7 @@ impl TypedSchema {
     }
 }
 
-/// Turns a serde error into an issue; serde_json reports a message, not a path.
+/// Turns a serde error into an issue; `serde_json` reports a message, not a path.
 fn serde_issue(e: &serde_json::Error) -> Issue {
     Issue::new("", e.to_string())
 }

@@ -48,12 +48,12 @@ impl Fixture {
             .unwrap();
         let before = snapshot(&store);
         *sink.0.lock().unwrap() = 0;
-        let (count, _sub) = counter(&store);
+        let (count, sub) = counter(&store);
         Self {
             store,
             sink,
             count,
-            _sub,
+            _sub: sub,
             before,
         }
     }
@@ -246,7 +246,6 @@ fn a_kind_opened_as_two_different_rust_types_is_refused() {
 
 #[test]
 fn a_json_kind_whose_rows_do_not_fit_cannot_be_opened_typed() {
-    let f = Fixture::new();
     #[derive(Clone, Debug, Serialize, Deserialize)]
     struct Note {
         title: String,
@@ -254,6 +253,7 @@ fn a_json_kind_whose_rows_do_not_fit_cannot_be_opened_typed() {
     impl EntityKind for Note {
         const KIND: &'static str = "note";
     }
+    let f = Fixture::new();
     let err = f.store.collection::<Note>().unwrap_err();
     assert!(matches!(err, Error::Conversion { ref id, .. } if id == "n0"));
     f.assert_unchanged();

@@ -1,4 +1,4 @@
-//! Queries over one collection: find, filter (`where`), order_by (stable, on a copy), the
+//! Queries over one collection: find, filter (`where`), `order_by` (stable, on a copy), the
 //! chainable query, and the original suite's complex and real-world queries
 //! (BEHAVIORS.md §2.1 `Layer1-CoreStore`, `Layer1-Performance`, `Integration-Advanced`).
 

@@ -68,12 +68,12 @@ impl Fixture {
             .unwrap();
         let before = snapshot(&store);
         sink.0.lock().unwrap().clear();
-        let (count, _sub) = counter(&store);
+        let (count, sub) = counter(&store);
         Self {
             store,
             sink,
             count,
-            _sub,
+            _sub: sub,
             before,
         }
     }

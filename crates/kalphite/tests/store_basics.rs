@@ -1,6 +1,6 @@
 //! Layer 1 basics: collections, upsert/delete, order, identity, bulk load, clear —
 //! `Acceptance-BasicUsage` and `Layer1-CoreStore` of BEHAVIORS.md §2.1, translated
-//! (push / index assignment → upsert, splice → delete, loadEntities → load_entities).
+//! (push / index assignment → upsert, splice → delete, `loadEntities` → `load_entities`).
 
 mod common;
 
@@ -13,18 +13,18 @@ use serde_json::{Value, json};
 #[test]
 fn full_local_workflow_bulk_load_upsert_replace_and_totals() {
     let store = Store::new();
-    let review0 = Entity::new(
+    let first_review = Entity::new(
         "r1",
         "review",
         json!({"title": "R", "status": "pending", "approved": false, "priority": "normal"}),
     )
     .at(1);
     store
-        .load_entities([review0.clone(), comment_json(1).at(1)])
+        .load_entities([first_review.clone(), comment_json(1).at(1)])
         .unwrap();
     let reviews = store.dynamic("review");
     let comments = store.collection::<Comment>().unwrap();
-    assert_eq!(*reviews.find_by_id("r1").unwrap(), review0);
+    assert_eq!(*reviews.find_by_id("r1").unwrap(), first_review);
     assert_eq!(comments.len(), 1);
 
     comments.put("c2", comment("new comment", 2)).unwrap();

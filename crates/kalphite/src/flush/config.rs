@@ -234,10 +234,10 @@ mod tests {
 
     #[test]
     fn retry_delays_stop_doubling_at_the_cap() {
-        let c = FlushConfig::default().max_retry_delay(Duration::from_millis(1000));
+        let c = FlushConfig::default().max_retry_delay(Duration::from_secs(1));
         let delays: Vec<_> = (1..=6).map(|r| c.retry_delay(r).as_millis()).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(c.retry_delay(u32::MAX), Duration::from_millis(1000));
+        assert_eq!(c.retry_delay(u32::MAX), Duration::from_secs(1));
         let no_base = FlushConfig::default()
             .max_retries(0)
             .base_retry_delay(Duration::ZERO);

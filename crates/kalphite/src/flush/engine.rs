@@ -139,6 +139,9 @@ struct Waiter {
     tx: oneshot::Sender<Result<(), FlushError>>,
 }
 
+// Four independent flags: `paused` and `gave_up` can each hold in any phase of
+// `closing`/`closed`, so an enum would have to spell out their products.
+#[allow(clippy::struct_excessive_bools)]
 struct State {
     /// Entries not yet handed to the target, in first-scheduled order.
     queue: Queue,
@@ -292,6 +295,9 @@ impl FlushEngine {
     }
 
     /// Schedules one upsert or delete, as a transaction of its own.
+    // Public API: takes the change as `Store` writes take their data; `&Change` would
+    // change every caller's signature.
+    #[allow(clippy::needless_pass_by_value)]
     pub fn schedule(&self, change: Change) {
         self.schedule_all(std::slice::from_ref(&change));
     }
@@ -634,7 +640,7 @@ fn finish_batch(shared: &Shared, result: std::result::Result<(), String>) -> boo
     st.last_error = Some(cause.clone());
     let name = shared.target.name();
     if !failures.is_multiple_of(cfg.max_retries + 1) {
-        tracing::warn!(target: "kalphite::flush", target_name = %name, attempt = failures, error = %cause, retry_in_ms = delay.as_millis() as u64, "flush attempt failed");
+        tracing::warn!(target: "kalphite::flush", target_name = %name, attempt = failures, error = %cause, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "flush attempt failed");
         let _ = shared.events.send(FlushEvent::AttemptFailed {
             attempt: failures,
             cause,
@@ -647,7 +653,7 @@ fn finish_batch(shared: &Shared, result: std::result::Result<(), String>) -> boo
     tracing::error!(
         target: "kalphite::flush",
         target_name = %name, attempts = failures, error = %cause, queued,
-        retry_in_ms = delay.as_millis() as u64,
+        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         "flush gave up for now; the changes stay queued"
     );
     st.fail_waiters(&FlushError::TargetFailed {

@@ -83,6 +83,8 @@ pub trait FlushTarget: Send + Sync + 'static {
     }
 
     /// A short name for logs and error events.
+    // The default returns a literal, but implementors may return a name they own.
+    #[allow(clippy::unnecessary_literal_bound)]
     fn name(&self) -> &str {
         "target"
     }
@@ -173,7 +175,7 @@ impl FlushTarget for FanOut {
         }
         Ok(())
     }
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "fan-out"
     }
 }

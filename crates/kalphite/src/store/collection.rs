@@ -125,7 +125,8 @@ impl<T: EntityKind> Collection<T> {
     /// How many entities there are.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.store.with_table::<T, _>(self.slot, |rows| rows.len())
+        self.store
+            .with_table::<T, _>(self.slot, indexmap::IndexMap::len)
     }
 
     /// Whether there are none.
@@ -210,7 +211,7 @@ impl<T: EntityKind> std::fmt::Debug for Collection<T> {
         f.debug_struct("Collection")
             .field("kind", &self.kind)
             .field("len", &self.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -341,7 +342,7 @@ impl DynCollection {
     /// How many entities there are.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.with_table(|t| t.map_or(0, |t| t.len()))
+        self.with_table(|t| t.map_or(0, ErasedTable::len))
     }
 
     /// Whether there are none.
@@ -422,6 +423,6 @@ impl std::fmt::Debug for DynCollection {
         f.debug_struct("DynCollection")
             .field("kind", &self.kind)
             .field("len", &self.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }

@@ -608,12 +608,11 @@ impl Store {
 
     fn guard_reentry(&self) {
         let key = self.key();
-        if IN_TRANSACTION.with(|t| t.borrow().contains(&key)) {
-            panic!(
-                "kalphite: the store was called from inside its own transaction; \
-                 use the Tx handed to the closure instead"
-            );
-        }
+        assert!(
+            !IN_TRANSACTION.with(|t| t.borrow().contains(&key)),
+            "kalphite: the store was called from inside its own transaction; \
+             use the Tx handed to the closure instead"
+        );
     }
 
     fn read_state(&self) -> parking_lot::RwLockReadGuard<'_, State> {

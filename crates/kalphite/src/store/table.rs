@@ -53,7 +53,7 @@ pub(crate) trait ErasedTable: Send + Sync + 'static {
 }
 
 impl<T: EntityData> Table<T> {
-    fn unerase(entity: AnyEntity) -> Arc<Entity<T>> {
+    fn unerase(entity: &AnyEntity) -> Arc<Entity<T>> {
         // The store only hands a table entities built for its own data type; a mismatch
         // would be a bug in the store, never something input can cause.
         entity.downcast::<T>().unwrap_or_else(|| {
@@ -121,7 +121,8 @@ impl<T: EntityData> ErasedTable for Table<T> {
         })))
     }
     fn insert(&mut self, entity: AnyEntity) -> Option<AnyEntity> {
-        self.insert_typed(Self::unerase(entity)).map(AnyEntity::new)
+        self.insert_typed(Self::unerase(&entity))
+            .map(AnyEntity::new)
     }
     fn remove(&mut self, id: &str) -> Option<(usize, AnyEntity)> {
         self.rows
@@ -129,7 +130,7 @@ impl<T: EntityData> ErasedTable for Table<T> {
             .map(|(i, _, e)| (i, AnyEntity::new(e)))
     }
     fn reinsert(&mut self, index: usize, entity: AnyEntity) {
-        let e = Self::unerase(entity);
+        let e = Self::unerase(&entity);
         self.rows.shift_insert(index, e.id.clone(), e);
     }
     fn pop_last(&mut self, n: usize) {
@@ -144,7 +145,7 @@ impl<T: EntityData> ErasedTable for Table<T> {
     }
     fn restore_all(&mut self, rows: Vec<AnyEntity>) {
         self.rows = rows
-            .into_iter()
+            .iter()
             .map(Self::unerase)
             .map(|e| (e.id.clone(), e))
             .collect::<IndexMap<_, _>>();

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 /// A code comment, the original suite's main fixture.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Comment {
+pub(crate) struct Comment {
     pub message: String,
     pub line_number: u64,
     #[serde(default)]
@@ -25,7 +25,7 @@ impl EntityKind for Comment {
 
 /// A review, the second kind of the original suite.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Review {
+pub(crate) struct Review {
     pub title: String,
     pub status: String,
     #[serde(default)]
@@ -38,7 +38,7 @@ impl EntityKind for Review {
     const KIND: &'static str = "review";
 }
 
-pub fn comment(message: &str, line_number: u64) -> Comment {
+pub(crate) fn comment(message: &str, line_number: u64) -> Comment {
     Comment {
         message: message.to_string(),
         line_number,
@@ -46,7 +46,7 @@ pub fn comment(message: &str, line_number: u64) -> Comment {
     }
 }
 
-pub fn review(title: &str, status: &str) -> Review {
+pub(crate) fn review(title: &str, status: &str) -> Review {
     Review {
         title: title.to_string(),
         status: status.to_string(),
@@ -56,7 +56,7 @@ pub fn review(title: &str, status: &str) -> Review {
 }
 
 /// The JSON form of the original's `createCommentEntity(i)`.
-pub fn comment_json(i: u64) -> Entity<Value> {
+pub(crate) fn comment_json(i: u64) -> Entity<Value> {
     Entity::new(
         format!("c{i}"),
         "comment",
@@ -65,7 +65,7 @@ pub fn comment_json(i: u64) -> Entity<Value> {
 }
 
 /// A JSON review entity.
-pub fn review_json(i: u64) -> Entity<Value> {
+pub(crate) fn review_json(i: u64) -> Entity<Value> {
     Entity::new(
         format!("r{i}"),
         "review",
@@ -74,7 +74,7 @@ pub fn review_json(i: u64) -> Entity<Value> {
 }
 
 /// Subscribes a counter to the whole store.
-pub fn counter(store: &Store) -> (Arc<AtomicUsize>, Subscription) {
+pub(crate) fn counter(store: &Store) -> (Arc<AtomicUsize>, Subscription) {
     let count = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&count);
     let sub = store.subscribe(move |_| {
@@ -83,11 +83,11 @@ pub fn counter(store: &Store) -> (Arc<AtomicUsize>, Subscription) {
     (count, sub)
 }
 
-pub fn get(count: &AtomicUsize) -> usize {
+pub(crate) fn get(count: &AtomicUsize) -> usize {
     count.load(Ordering::SeqCst)
 }
 
 /// The ids of a snapshot, in order.
-pub fn ids<T>(entities: &[Arc<Entity<T>>]) -> Vec<String> {
+pub(crate) fn ids<T>(entities: &[Arc<Entity<T>>]) -> Vec<String> {
     entities.iter().map(|e| e.id.to_string()).collect()
 }
