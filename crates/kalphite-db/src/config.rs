@@ -190,7 +190,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target> {
 
 /// The URL with any password replaced by `***`, for messages and logs.
 #[must_use]
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };

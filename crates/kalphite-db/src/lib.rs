@@ -9,18 +9,21 @@
 //! Store can flush into it.
 //!
 //! # Layout
-//! - [`config`]: [`DatabaseConfig`] and database URLs.
-//! - [`database`]: [`Database`], the API.
-//! - [`query`]: the [`Query`] builder and its reference semantics.
-//! - [`migration`]: [`Migration`]s and the built-in ones.
+//! - `config`: [`DatabaseConfig`] and database URLs.
+//! - `database`: [`Database`], the API.
+//! - `query`: the [`Query`] builder and its reference semantics.
+//! - `migration`: [`Migration`]s and the built-in ones.
 //! - [`backup`]: the backup format.
-//! - [`store`]: [`open_store`], a kalphite Store hydrated from and flushing into a database.
-//! - [`sync_state`]: the sync client's bookkeeping tables, written with the entity rows.
-//! - [`error`]: the [`Error`] type.
+//! - `store`: [`open_store`], a kalphite Store hydrated from and flushing into a database.
+//! - `sync_state`: the sync client's bookkeeping tables, written with the entity rows.
+//! - `error`: the [`Error`] type.
 //! - `backend`, `sqlite`, `postgres` (with `postgres::render`): the storage trait and its two
 //!   implementations.
 //! - `quota`: the storage quota and a batch's net growth.
 //! - `target`: `impl FlushTarget for Database`.
+//!
+//! Only [`backup`] is a public module (its `Header` and `Record` name lines of a backup
+//! file); every other public item is re-exported at the crate root.
 //!
 //! # Example
 //! ```
@@ -44,25 +47,29 @@
 //! # Ok::<(), kalphite_db::Error>(()) }).unwrap();
 //! ```
 
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(clippy::must_use_candidate, clippy::too_many_lines)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod backend;
 pub mod backup;
-pub mod config;
-pub mod database;
-pub mod error;
-pub mod migration;
+mod config;
+mod database;
+mod error;
+mod migration;
 mod postgres;
-pub mod query;
+mod query;
 mod quota;
 mod sqlite;
-pub mod store;
-pub mod sync_state;
+mod store;
+mod sync_state;
 mod target;
 
 pub use backend::StoredEntity;
 pub use config::DatabaseConfig;
 pub use database::Database;
 pub use error::{Error, Result};
-pub use migration::{AppliedMigration, Migration, MigrationSql};
+pub use migration::{AppliedMigration, FIRST_APP_VERSION, Migration, MigrationSql};
 pub use query::{Cmp, Condition, Direction, Field, Query};
 pub use store::open_store;
 pub use sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};

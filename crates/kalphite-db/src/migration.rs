@@ -101,7 +101,7 @@ impl Migration {
 
 /// kalphite's own migrations.
 #[must_use]
-pub fn builtin() -> Vec<Migration> {
+pub(crate) fn builtin() -> Vec<Migration> {
     vec![
         Migration::new(1, "entities")
             .sqlite(

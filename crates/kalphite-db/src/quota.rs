@@ -198,13 +198,13 @@ mod tests {
         let new = upsert("new", "0123456789");
         assert_eq!(
             net_growth(std::slice::from_ref(&new), HashMap::new()),
-            10 + 4 + ROW_OVERHEAD as i64
+            10 + 4 + i64::try_from(ROW_OVERHEAD).unwrap()
         );
         // Same size as stored: nothing; shrinking: negative; deleting: minus the row.
         let before = stored(&[(entity("a"), 10), (entity("b"), 100)]);
         assert_eq!(net_growth(&[upsert("a", "9876543210")], before.clone()), 0);
         assert_eq!(net_growth(&[upsert("a", "x")], before.clone()), -9);
-        let b_size = entity("b").size(100) as i64;
+        let b_size = entity("b").size(100).cast_signed();
         assert_eq!(net_growth(&[delete("b")], before.clone()), -b_size);
         // Deleting what does not exist frees nothing.
         assert_eq!(net_growth(&[delete("zz")], before.clone()), 0);
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(net_growth(&[new.clone(), delete("new")], before.clone()), 0);
         assert_eq!(
             net_growth(&[delete("b"), upsert("b", "x")], before.clone()),
-            entity("b").size(1) as i64 - b_size
+            entity("b").size(1).cast_signed() - b_size
         );
         assert_eq!(
             stored_keys(&[new, delete("new"), delete("b")]),
@@ -227,7 +227,7 @@ mod tests {
         let before = stored(&[(k.clone(), 5)]);
         assert_eq!(net_growth(&[known("a", "12345")], before.clone()), 0);
         let cleared = [Write::Sync(SyncWrite::KnownCleared), known("a", "12345")];
-        assert_eq!(net_growth(&cleared, before), k.size(5) as i64);
+        assert_eq!(net_growth(&cleared, before), k.size(5).cast_signed());
     }
 
     #[test]

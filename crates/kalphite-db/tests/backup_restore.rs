@@ -98,7 +98,7 @@ async fn corrupt_and_truncated_backups_are_refused(f: Fixture) -> anyhow::Result
         ),
         (
             "garbage line",
-            text.replacen("\n", "\n{not json\n", 1).into_bytes(),
+            text.replacen('\n', "\n{not json\n", 1).into_bytes(),
         ),
         ("not a backup", b"hello\n".to_vec()),
         ("empty", Vec::new()),

@@ -68,7 +68,7 @@ fn dataset() -> Vec<Entity> {
             "v": v,
             "n": (i * 7) % 5,
             "tag": tag,
-            "nested": {"depth": (i % 4) as i64 - 1},
+            "nested": {"depth": i64::try_from(i % 4).unwrap() - 1},
         });
         if i % 4 == 0 {
             data.as_object_mut().expect("object").remove("n");

@@ -266,6 +266,7 @@ async fn stored_sizes(
     tx: &deadpool_postgres::Transaction<'_>,
     writes: &[Write],
 ) -> Result<HashMap<StoredKey, u64>> {
+    type MakeKey = fn(Kind, EntityId) -> StoredKey;
     let ctx = "measuring the rows a batch replaces";
     let keys = stored_keys(writes);
     let (mut entities, mut outbox, mut known) = (
@@ -282,7 +283,6 @@ async fn stored_sizes(
             StoredKey::State(k) => state.push(k.as_str()),
         }
     }
-    type MakeKey = fn(Kind, EntityId) -> StoredKey;
     let keyed: [(&str, KeyArrays<'_>, MakeKey); 3] = [
         (STORED_ENTITY_SIZES, entities, StoredKey::Entity),
         (STORED_OUTBOX_SIZES, outbox, StoredKey::Outbox),

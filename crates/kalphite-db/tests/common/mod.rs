@@ -14,13 +14,13 @@ use tempfile::TempDir;
 
 /// Which backend a fixture opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
 
 /// A private database for one test.
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub backend: Backend,
     /// Holds the SQLite file and any backup files.
     pub dir: TempDir,
@@ -29,7 +29,7 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    pub fn sqlite() -> Self {
+    pub(crate) fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite:{}", dir.path().join("test.db").display());
         Self {
@@ -42,7 +42,7 @@ impl Fixture {
 
     /// A PostgreSQL fixture in a fresh schema `kdb_<name>`, or `None` (with a loud
     /// message) when `KALPHITE_PG_URL` is not set.
-    pub async fn postgres(name: &str) -> Option<Self> {
+    pub(crate) async fn postgres(name: &str) -> Option<Self> {
         let Ok(url) = std::env::var("KALPHITE_PG_URL") else {
             // Straight to stderr: the test harness captures `eprintln!`, hiding the skip.
             let _ = writeln!(
@@ -70,7 +70,7 @@ impl Fixture {
     }
 
     /// The configuration of this fixture's database (open it as often as needed).
-    pub fn config(&self) -> DatabaseConfig {
+    pub(crate) fn config(&self) -> DatabaseConfig {
         let mut config = DatabaseConfig::new(self.url.clone());
         if let Some(schema) = &self.pg_schema {
             config = config.postgres_schema(schema.clone());
@@ -78,12 +78,12 @@ impl Fixture {
         config
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
     /// A raw SQL statement on the fixture's database, outside kalphite.
-    pub async fn raw_sql(&self, sql: &str) {
+    pub(crate) async fn raw_sql(&self, sql: &str) {
         match self.backend {
             Backend::Sqlite => {
                 let conn =
@@ -107,7 +107,7 @@ impl Fixture {
 
 impl Fixture {
     /// Whether a table of this name exists in the fixture's database (schema).
-    pub async fn table_exists(&self, table: &str) -> bool {
+    pub(crate) async fn table_exists(&self, table: &str) -> bool {
         match self.backend {
             Backend::Sqlite => {
                 let conn =
@@ -160,7 +160,7 @@ macro_rules! both_backends {
     )*};
 }
 
-pub fn comment(id: &str, message: &str, line: i64, priority: &str) -> Entity {
+pub(crate) fn comment(id: &str, message: &str, line: i64, priority: &str) -> Entity {
     Entity::new(
         id,
         "comment",
@@ -169,7 +169,7 @@ pub fn comment(id: &str, message: &str, line: i64, priority: &str) -> Entity {
     .at(1_700_000_000_000)
 }
 
-pub fn review(id: &str, title: &str, status: &str) -> Entity {
+pub(crate) fn review(id: &str, title: &str, status: &str) -> Entity {
     Entity::new(
         id,
         "review",
@@ -179,7 +179,7 @@ pub fn review(id: &str, title: &str, status: &str) -> Entity {
 }
 
 /// Text that compresses badly, so PostgreSQL's TOAST compression cannot hide its size.
-pub fn noise(len: usize, seed: u64) -> String {
+pub(crate) fn noise(len: usize, seed: u64) -> String {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {
@@ -191,14 +191,14 @@ pub fn noise(len: usize, seed: u64) -> String {
         .collect()
 }
 
-pub fn ids(entities: &[Entity]) -> Vec<String> {
+pub(crate) fn ids(entities: &[Entity]) -> Vec<String> {
     entities.iter().map(|e| e.id.to_string()).collect()
 }
 
 /// The spec's test schema: comment {message, lineNumber, priority = "medium"} and
 /// review {title, status = "pending", author}, as JSON Schema with defaults applied by a
 /// normalizing wrapper.
-pub fn test_schema() -> kalphite::SharedSchema {
+pub(crate) fn test_schema() -> kalphite::SharedSchema {
     use kalphite::{Issue, JsonSchema, Kind, Schema};
     struct WithDefaults(JsonSchema);
     impl Schema for WithDefaults {
