@@ -174,6 +174,9 @@ fn identity(case: &ConflictCase) -> (kalphite::EntityId, Kind) {
 
 /// The field-level three-way merge. Falls back to whole-entity last-write-wins when either
 /// side is a delete, when the base is unknown, or when `data` is not an object on a side.
+// `a`/`b` (the two sides), `o` (their base) and `x`/`y` are the usual names of a three-way
+// merge.
+#[allow(clippy::many_single_char_names)]
 fn field_merge(case: &ConflictCase) -> Version {
     let winner = case.lww_winner();
     let (Some(base), Some(a), Some(b)) = (
@@ -192,7 +195,7 @@ fn field_merge(case: &ConflictCase) -> Version {
         Some(None) => return winner.clone(),
         None => &empty,
     };
-    let winner_fields = if std::ptr::eq(winner, &case.incoming) {
+    let winner_fields = if std::ptr::eq(winner, &raw const case.incoming) {
         b_fields
     } else {
         a_fields

@@ -673,7 +673,7 @@ impl Replica {
             }
             ServerMessage::Ack(ack) => self.on_ack(ack.payload, now, &mut out),
             ServerMessage::Conflict(c) => {
-                out.events.push(ReplicaEvent::Conflict(Box::new(c.payload)))
+                out.events.push(ReplicaEvent::Conflict(Box::new(c.payload)));
             }
             ServerMessage::Heartbeat(_) => {}
             ServerMessage::Error(e) => self.on_error(e.payload, &mut out, now),
@@ -956,7 +956,7 @@ fn to_change(key: &EntityKey, state: Option<Entity<Value>>, now: Millis) -> Chan
 mod entries {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<M, K, V, S>(map: &M, serializer: S) -> Result<S::Ok, S::Error>
+    pub(super) fn serialize<M, K, V, S>(map: &M, serializer: S) -> Result<S::Ok, S::Error>
     where
         for<'a> &'a M: IntoIterator<Item = (&'a K, &'a V)>,
         K: Serialize,
@@ -966,7 +966,7 @@ mod entries {
         serializer.collect_seq(map)
     }
 
-    pub fn deserialize<'de, M, K, V, D>(deserializer: D) -> Result<M, D::Error>
+    pub(super) fn deserialize<'de, M, K, V, D>(deserializer: D) -> Result<M, D::Error>
     where
         M: FromIterator<(K, V)>,
         K: Deserialize<'de>,

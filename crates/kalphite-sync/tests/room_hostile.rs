@@ -348,16 +348,19 @@ fn oversized_ids_are_refused_so_the_rooms_memory_stays_bounded() {
     // Bug: the room keeps the last 4096 message ids, and the replica ids of its members,
     // whatever their length: a member sending ids of nearly a frame each (1 MiB) could
     // make one room hold gigabytes.
-    let long = "x".repeat(kalphite_sync::room::MAX_ID_BYTES + 1);
+    let too_long = "x".repeat(kalphite_sync::room::MAX_ID_BYTES + 1);
     let mut room = Room::new("r", ConflictPolicy::default());
-    let err = room.join(1, "mallory", &hello(&long), 1).unwrap_err();
+    let err = room.join(1, "mallory", &hello(&too_long), 1).unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidMessage);
     assert!(!room.is_member(1));
     room.join(1, "mallory", &hello("laptop"), 1).unwrap();
     let mut log = Vec::new();
     let edit = upsert("a", json!({}), clock([("laptop", 1)]));
-    let reply = send(&mut room, &mut log, 1, change(&long, edit.clone()));
-    assert_eq!(reply.error(), Some((ErrorCode::InvalidMessage, Some(long))));
+    let reply = send(&mut room, &mut log, 1, change(&too_long, edit.clone()));
+    assert_eq!(
+        reply.error(),
+        Some((ErrorCode::InvalidMessage, Some(too_long)))
+    );
     assert_eq!(room.version(), 0);
     let fits = "y".repeat(kalphite_sync::room::MAX_ID_BYTES);
     assert!(send(&mut room, &mut log, 1, change(&fits, edit)).acked());

@@ -100,7 +100,7 @@ impl World {
                     Recipient::AllExcept(c) => self.room.members().filter(|m| *m != c).collect(),
                 };
                 for t in targets {
-                    let j = (t - 1) as usize;
+                    let j = usize::try_from(t - 1).unwrap();
                     for reply in self.receive(j, out.message.clone()) {
                         queue.push((j, reply));
                     }

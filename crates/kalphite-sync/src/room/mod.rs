@@ -356,7 +356,7 @@ impl Room {
             }
             (Some(member), ClientMessage::Change(change)) => {
                 let member = member.clone();
-                self.accept(conn, &member, change, now)
+                self.accept(conn, &member, &change, now)
             }
         };
         match result {
@@ -376,7 +376,7 @@ impl Room {
         &mut self,
         conn: ConnId,
         member: &Member,
-        change: Envelope<ChangePayload>,
+        change: &Envelope<ChangePayload>,
         now: Millis,
     ) -> Result<Step, RoomError> {
         let user_id = member.user_id.as_str();
@@ -414,7 +414,7 @@ impl Room {
         if self.pending.is_some() {
             return Err(RoomError::CommitPending);
         }
-        let incoming = self.incoming_version(&change, user_id)?;
+        let incoming = self.incoming_version(change, user_id)?;
         let vector = change.payload.vector.clone().normalized();
         self.replicas.check_clock(&member.replica_id, &vector)?;
         let decision = match self.entities.get(&key) {
@@ -423,7 +423,7 @@ impl Room {
                 vector,
                 conflict: None,
             },
-            Some(current) => self.decide(current, &change, incoming, vector),
+            Some(current) => self.decide(current, change, incoming, vector),
         };
         let (version, vector, conflict) = match decision {
             Decision::AlreadyKnown => {
