@@ -19,6 +19,7 @@ pub(crate) const LEGACY_REPLICA_KIND: &str = "_kalphite_sync_replica";
 pub(crate) const KEY_PROGRESS: &str = "progress";
 pub(crate) const KEY_REPLICA_ID: &str = "replicaId";
 pub(crate) const KEY_ROOM: &str = "room";
+pub(crate) const KEY_FILE_ID: &str = "fileId";
 
 /// One piece of bookkeeping, as an annotation of a flush transaction.
 #[derive(Debug)]
@@ -128,6 +129,8 @@ pub(crate) struct Loaded {
     pub(crate) state: ReplicaState,
     pub(crate) replica_id: Option<String>,
     pub(crate) room: Option<String>,
+    /// The identity of the file the state was written in (see [`file_id`]).
+    pub(crate) file_id: Option<String>,
 }
 
 /// Why the stored bookkeeping could not be read.
@@ -171,7 +174,28 @@ pub(crate) fn load(tables: &SyncTables) -> Result<Loaded, CorruptRow> {
         state,
         replica_id: tables.state_value(KEY_REPLICA_ID).map(str::to_owned),
         room: tables.state_value(KEY_ROOM).map(str::to_owned),
+        file_id: tables.state_value(KEY_FILE_ID).map(str::to_owned),
     })
+}
+
+/// The identity of a SQLite database's file (device and inode): a copied file, or one
+/// restored from elsewhere, has another, so two installations never share a replica id.
+/// `None` for other databases.
+pub(crate) fn file_id(db: &Database) -> Option<String> {
+    if db.backend_name() != "sqlite" {
+        return None;
+    }
+    let meta = std::fs::metadata(db.target()).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        Some(format!("{}:{}", meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 /// The single-record format of older versions: `{"replicaId": …, "state": ReplicaState}`

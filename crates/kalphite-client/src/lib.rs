@@ -368,6 +368,9 @@ pub(crate) struct Inner {
     pub(crate) closed: AtomicBool,
     pub(crate) last_error: Mutex<Option<String>>,
     pub(crate) last_disconnect: Mutex<Option<String>>,
+    /// Set when local entities predate the sync state: the first complete catch-up sends
+    /// those the room lacks.
+    pub(crate) adopt_local: AtomicBool,
     pub(crate) close_token: CancellationToken,
 }
 
@@ -519,7 +522,29 @@ pub async fn connect_store(
             room.clone(),
         )),
     }
-    let replica_id = match (&config.replica_id, loaded.replica_id) {
+    // A copy of another installation's file (or one restored from elsewhere) must not
+    // speak as that installation: it gets a replica id of its own, and its queued
+    // changes are restamped as this replica's edits (`Replica::restore`).
+    let actual_file = bookkeeping::file_id(db);
+    let copied = matches!((&loaded.file_id, &actual_file), (Some(was), Some(is)) if was != is);
+    if let Some(file) = &actual_file
+        && loaded.file_id.as_ref() != Some(file)
+    {
+        first_writes.push(bookkeeping::state_annotation(
+            bookkeeping::KEY_FILE_ID,
+            file.clone(),
+        ));
+    }
+    let stored_id = if copied {
+        tracing::info!(
+            file = db.target(),
+            "this database was copied from another installation: it gets its own replica id"
+        );
+        None
+    } else {
+        loaded.replica_id
+    };
+    let replica_id = match (&config.replica_id, stored_id) {
         (Some(id), stored) => {
             if stored.as_ref() != Some(id) {
                 first_writes.push(bookkeeping::state_annotation(
@@ -545,6 +570,10 @@ pub async fn connect_store(
     rc.resend_after = millis(config.resend_after);
     rc.heartbeat_interval = millis(config.heartbeat_interval);
     rc.outbox_limit = config.outbox_limit;
+    // A sync state that knows nothing (a database used locally so far, or restored from a
+    // backup) over entities that exist: after the first complete catch-up, the entities
+    // the room does not have are sent to it, so nothing stays stranded on this client.
+    let fresh = state.watermark == 0 && state.outbox.is_empty() && state.known.is_empty();
     let replica = Replica::restore(rc, state);
 
     let local_target: Arc<dyn FlushTarget> = Arc::new(bookkeeping::LocalTarget(db.clone()));
@@ -566,6 +595,7 @@ pub async fn connect_store(
         closed: AtomicBool::new(false),
         last_error: Mutex::new(None),
         last_disconnect: Mutex::new(None),
+        adopt_local: AtomicBool::new(false),
         close_token: CancellationToken::new(),
         config,
     });
@@ -598,7 +628,10 @@ pub async fn connect_store(
         .await?
         .into_iter()
         .filter(|e| !e.kind.starts_with(INTERNAL_KIND_PREFIX));
-    store.hydrate(entities)?;
+    let hydrated = store.hydrate(entities)?;
+    inner
+        .adopt_local
+        .store(fresh && hydrated > 0, Ordering::Release);
     *inner.store.lock() = Some(store.clone());
 
     let client = SyncClient {

@@ -296,6 +296,9 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
         let event = match event {
             ReplicaEvent::Connected { room_version } => SyncEvent::Connected { room_version },
             ReplicaEvent::CaughtUp { version } => {
+                if inner.adopt_local.swap(false, Ordering::AcqRel) {
+                    adopt_local(inner, &store);
+                }
                 inner.caught_up.send_replace(true);
                 SyncEvent::CaughtUp { version }
             }
@@ -346,6 +349,44 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     // What the message changed in the replica outside a store transaction (an ack).
     inner.persist_bookkeeping();
     Ok(send)
+}
+
+/// Sends the room every local entity it has never mentioned, as ordinary local edits
+/// (entities that predate this database's sync state: a local-only database that starts
+/// syncing, a restored backup).
+fn adopt_local(inner: &Arc<Inner>, store: &kalphite::Store) {
+    let unknown: Vec<kalphite::Entity<serde_json::Value>> = {
+        let replica = inner.replica.lock();
+        let known = &replica.state().known;
+        store
+            .all()
+            .into_iter()
+            .filter(|e| {
+                !known.contains_key(&kalphite_sync::EntityKey::new(
+                    e.kind().clone(),
+                    e.id().clone(),
+                ))
+            })
+            .filter_map(|e| e.to_json().ok())
+            .collect()
+    };
+    if unknown.is_empty() {
+        return;
+    }
+    let n = unknown.len();
+    let result = store.transaction(|tx| {
+        for entity in unknown {
+            tx.upsert_json(entity)?;
+        }
+        Ok::<_, StoreError>(())
+    });
+    match result {
+        Ok(()) => tracing::info!(entities = n, "sent local entities the room did not have"),
+        Err(e) => inner.emit(SyncEvent::Error {
+            code: None,
+            message: format!("could not queue local entities the room did not have: {e}"),
+        }),
+    }
 }
 
 /// Applies one remote change inside the store transaction.

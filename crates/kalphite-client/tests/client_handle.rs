@@ -340,3 +340,172 @@ async fn an_entity_too_large_to_ever_sync_is_refused_at_write_time() {
     );
     client.close().await.expect("close");
 }
+
+/// Regression: a copied client database made two installations speak as one replica —
+/// the same replica id, the same clock counters — so the room took the second one's edit
+/// of an entity for one it already had and swallowed it. A copy now gets a replica id of
+/// its own (the file's identity is part of the sync state) and its queued changes are
+/// restamped; both copies sync and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_database_syncs_as_its_own_replica() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = start(config(memory_db().await)).await;
+    let a_path = dir.path().join("a.db");
+    let b_path = dir.path().join("b.db");
+    let open = |path: std::path::PathBuf, online: bool| {
+        let url = server.url();
+        async move {
+            let config = client_config(&url, "r1", "me", "unused").connect_on_start(online);
+            let mut config = config;
+            config.replica_id = None;
+            Client::builder(format!("sqlite:{}", path.display()))
+                .sync(config)
+                .open()
+                .await
+                .expect("open")
+        }
+    };
+    let a = open(a_path.clone(), true).await;
+    let todos = a.store().dynamic("todo");
+    todos.put("z", json!({"v": "original"})).expect("put");
+    guard(a.durable(Durability::Server)).await.expect("synced");
+    // Offline, then copied with a change still queued.
+    a.sync().expect("sync").disconnect().await;
+    todos
+        .put("x", json!({"v": "queued before the copy"}))
+        .expect("put");
+    let a_id = a.sync().expect("sync").replica_id();
+    a.close().await.expect("close");
+    std::fs::copy(&a_path, &b_path).expect("copy");
+
+    let a = open(a_path, true).await;
+    let b = open(b_path, true).await;
+    assert_eq!(a.sync().expect("sync").replica_id(), a_id);
+    assert_ne!(
+        b.sync().expect("sync").replica_id(),
+        a_id,
+        "the copy is another replica"
+    );
+    // Both edit the same entity, b later.
+    a.store()
+        .dynamic("todo")
+        .put("z", json!({"v": "from a"}))
+        .expect("put");
+    guard(a.durable(Durability::Server))
+        .await
+        .expect("a synced");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.store()
+        .dynamic("todo")
+        .put("z", json!({"v": "from b"}))
+        .expect("put");
+    guard(b.durable(Durability::Server))
+        .await
+        .expect("b synced");
+
+    let peer_db = memory_db().await;
+    let (peer, peer_client) = client(
+        &peer_db,
+        client_config(&server.url(), "r1", "peer", "peer-1"),
+    )
+    .await;
+    wait_connected(&peer_client).await;
+    let a_sync = a.sync().expect("sync");
+    let b_sync = b.sync().expect("sync");
+    let state = converge(&[
+        (a.store(), a_sync),
+        (b.store(), b_sync),
+        (&peer, &peer_client),
+    ])
+    .await;
+    let v = |id: &str| {
+        state
+            .get(&("todo".to_owned(), id.to_owned()))
+            .map(|d| d["v"].clone())
+    };
+    assert_eq!(v("x"), Some(json!("queued before the copy")));
+    assert_eq!(
+        v("z"),
+        Some(json!("from b")),
+        "the later edit wins; none is swallowed"
+    );
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+    server.stop().await;
+}
+
+/// A client database restored from a backup (`kalphite restore`) starts over as a new
+/// replica — its message ids can never repeat the old ones' — catches up in full, and
+/// sends the room what the backup holds that the room never had: a change that was only
+/// queued when the backup was made is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_client_backup_keeps_syncing_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = start(config(memory_db().await)).await;
+    let a_url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let config = || {
+        let mut c = client_config(&server.url(), "r1", "me", "unused");
+        c.replica_id = None;
+        c
+    };
+    let a = Client::builder(&a_url)
+        .sync(config())
+        .open()
+        .await
+        .expect("open");
+    let todos = a.store().dynamic("todo");
+    todos.put("t1", json!({"v": 1})).expect("put");
+    guard(a.durable(Durability::Server)).await.expect("synced");
+    a.sync().expect("sync").disconnect().await;
+    todos.put("t2", json!({"v": "only queued"})).expect("put");
+    let old_id = a.sync().expect("sync").replica_id();
+    a.close().await.expect("close");
+
+    let backup = {
+        let db = sqlite(&dir.path().join("a.db")).await;
+        let bytes = db.backup().await.expect("backup");
+        db.close().await.expect("close");
+        bytes
+    };
+    let c_path = dir.path().join("c.db");
+    {
+        let db = sqlite(&c_path).await;
+        assert_eq!(db.restore(&backup).await.expect("restore"), 2);
+        db.close().await.expect("close");
+    }
+    let c = Client::builder(format!("sqlite:{}", c_path.display()))
+        .sync(config())
+        .open()
+        .await
+        .expect("open the restored database");
+    assert_ne!(c.sync().expect("sync").replica_id(), old_id);
+    guard(c.sync().expect("sync").caught_up()).await;
+    c.store()
+        .dynamic("todo")
+        .put("t3", json!({"v": "after the restore"}))
+        .expect("put");
+    guard(c.durable(Durability::Server)).await.expect("synced");
+
+    let peer_db = memory_db().await;
+    let (peer, peer_client) = client(
+        &peer_db,
+        client_config(&server.url(), "r1", "peer", "peer-1"),
+    )
+    .await;
+    wait_connected(&peer_client).await;
+    let state = converge(&[(c.store(), c.sync().expect("sync")), (&peer, &peer_client)]).await;
+    let v = |id: &str| {
+        state
+            .get(&("todo".to_owned(), id.to_owned()))
+            .map(|d| d["v"].clone())
+    };
+    assert_eq!(v("t1"), Some(json!(1)));
+    assert_eq!(
+        v("t2"),
+        Some(json!("only queued")),
+        "the queued change is not lost"
+    );
+    assert_eq!(v("t3"), Some(json!("after the restore")));
+    c.close().await.expect("close");
+    server.stop().await;
+}
