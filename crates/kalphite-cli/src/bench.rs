@@ -49,12 +49,16 @@ pub struct SyncBenchArgs {
     /// Multiplies every scenario's change count (0.1 for a quick smoke run).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
+    /// S1 through two full clients (a kalphite Store and a local database at each end).
+    #[arg(long)]
+    pub full_clients: bool,
 }
 
 /// Runs one scenario and prints its report.
 pub async fn run_bench(args: BenchArgs) -> Result<()> {
     let BenchCommand::Sync(args) = args.command;
     let mut opts = BenchOptions::new(args.url);
+    opts.s1_full_clients = args.full_clients;
     opts.token_secret = match (args.secret, args.secret_file) {
         (Some(s), _) => Some(s.into_bytes()),
         (None, Some(f)) => Some(
