@@ -17,6 +17,7 @@ use crate::postgres::Postgres;
 use crate::query::Query;
 use crate::quota::Quota;
 use crate::sqlite::Sqlite;
+use crate::storable::check_storable;
 use crate::sync_state::{SyncTables, SyncWrite};
 
 /// An open database: SQLite or PostgreSQL behind one API. A cheap `Clone` handle.
@@ -215,6 +216,7 @@ impl Database {
                     issues,
                 })?;
         }
+        check_storable(&entity.kind, &entity.id, &entity.data)?;
         if entity.updated_at == 0 {
             entity.updated_at = now_millis();
         }
@@ -236,7 +238,8 @@ impl Database {
     /// unset `updatedAt` is stamped now) and returns it as stored.
     ///
     /// # Errors
-    /// [`Error::Validation`] (nothing written), [`Error::QuotaExceeded`], backend errors.
+    /// [`Error::Validation`] and [`Error::Unstorable`] (a NUL character, see
+    /// [`crate::check_storable`]): nothing written. [`Error::QuotaExceeded`], backend errors.
     pub async fn upsert(&self, entity: Entity) -> Result<Entity> {
         let (row, entity) = self.row(entity)?;
         self.inner
@@ -313,7 +316,8 @@ impl Database {
     ///
     /// # Errors
     /// [`Error::InvalidChange`] for an upsert without its entity, [`Error::Validation`],
-    /// [`Error::QuotaExceeded`], backend errors. Nothing is written on error.
+    /// [`Error::Unstorable`], [`Error::QuotaExceeded`], backend errors. Nothing is written on
+    /// error.
     pub async fn apply_changes(&self, changes: &[Change]) -> Result<()> {
         self.write_with_sync(changes, Vec::new()).await
     }
@@ -376,6 +380,7 @@ impl Database {
         if self.inner.schema.is_none()
             && let Some(e) = any.downcast::<Value>()
         {
+            check_storable(&c.kind, &c.id, &e.data)?;
             let data = serde_json::to_string(&e.data).map_err(|err| Error::Serialize {
                 kind: c.kind.to_string(),
                 id: c.id.to_string(),
@@ -551,10 +556,13 @@ impl Database {
     /// first (format, count, checksum, schema); a bad one is refused and nothing changes.
     ///
     /// # Errors
-    /// [`Error::InvalidBackup`], [`Error::Validation`], [`Error::QuotaExceeded`], backend
-    /// errors.
+    /// [`Error::InvalidBackup`], [`Error::Validation`], [`Error::Unstorable`],
+    /// [`Error::QuotaExceeded`], backend errors.
     pub async fn restore(&self, bytes: &[u8]) -> Result<usize> {
         let (_, mut records) = backup::decode(bytes)?;
+        for r in &records {
+            check_storable(&r.kind, &r.id, &r.data)?;
+        }
         if let Some(schema) = &self.inner.schema {
             for r in &mut records {
                 let data = std::mem::take(&mut r.data);

@@ -78,6 +78,23 @@ pub enum Error {
         issues: Vec<Issue>,
     },
 
+    /// An entity holds a string no backend may store: a NUL character (U+0000) in its kind,
+    /// its id, or a string or key of its data. PostgreSQL cannot store it, and SQLite refuses
+    /// it too so that data moves between backends; nothing was written.
+    #[error(
+        "entity {kind:?}/{id:?} cannot be stored: {field} contains a NUL character (U+0000), \
+         which PostgreSQL cannot hold (refused on every backend so that data can move between \
+         them); nothing was written, remove the character"
+    )]
+    Unstorable {
+        /// The entity's kind.
+        kind: String,
+        /// The entity's id.
+        id: String,
+        /// Where the character is: `the kind`, `the id`, `data.a[2].b` or `a key of data.a`.
+        field: String,
+    },
+
     /// An entity's data could not be turned into JSON.
     #[error("entity {kind}/{id} could not be serialized to JSON: {source}")]
     Serialize {

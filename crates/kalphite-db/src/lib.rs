@@ -20,6 +20,7 @@
 //! - `backend`, `sqlite`, `postgres` (with `postgres::render`): the storage trait and its two
 //!   implementations.
 //! - `quota`: the storage quota and a batch's net growth.
+//! - `storable`: [`check_storable`], what every backend can store (no NUL characters).
 //! - `target`: `impl FlushTarget for Database`.
 //!
 //! Only [`backup`] is a public module (its `Header` and `Record` name lines of a backup
@@ -61,6 +62,7 @@ mod postgres;
 mod query;
 mod quota;
 mod sqlite;
+mod storable;
 mod store;
 mod sync_state;
 mod target;
@@ -71,5 +73,6 @@ pub use database::Database;
 pub use error::{Error, Result};
 pub use migration::{AppliedMigration, FIRST_APP_VERSION, Migration, MigrationSql};
 pub use query::{Cmp, Condition, Direction, Field, Query};
+pub use storable::check_storable;
 pub use store::open_store;
 pub use sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};

@@ -1,0 +1,102 @@
+//! What every backend can store. PostgreSQL's `text` and `jsonb` cannot hold the NUL
+//! character (U+0000); SQLite could, but data moves between backends (backups, the sync
+//! server's room log), so both refuse it the same way, before anything is written.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Checks that every backend can store an entity: no NUL character (U+0000) in its kind,
+/// its id, or any string or object key of its data.
+///
+/// ```
+/// use kalphite_db::{Error, check_storable};
+/// use serde_json::json;
+/// assert!(check_storable("todo", "t1", &json!({"title": "fine"})).is_ok());
+/// let err = check_storable("todo", "t1", &json!({"tags": ["ok", "a\u{0}b"]})).unwrap_err();
+/// assert!(matches!(err, Error::Unstorable { ref field, .. } if field == "data.tags[1]"));
+/// ```
+///
+/// # Errors
+/// [`Error::Unstorable`] naming the first field that holds one.
+pub fn check_storable(kind: &str, id: &str, data: &Value) -> Result<()> {
+    let field = if kind.contains('\0') {
+        Some("the kind".to_owned())
+    } else if id.contains('\0') {
+        Some("the id".to_owned())
+    } else {
+        nul_field(data, &mut String::from("data"))
+    };
+    match field {
+        None => Ok(()),
+        Some(field) => Err(Error::Unstorable {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+            field,
+        }),
+    }
+}
+
+/// The path of the first string or key under `value` (at `path`) holding a NUL.
+fn nul_field(value: &Value, path: &mut String) -> Option<String> {
+    match value {
+        Value::String(s) => s.contains('\0').then(|| path.clone()),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            let _ = write!(path, "[{i}]");
+            let found = nul_field(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                return Some(format!("a key of {path}"));
+            }
+            let len = path.len();
+            path.push('.');
+            path.push_str(key);
+            let found = nul_field(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn field(kind: &str, id: &str, data: &Value) -> Option<String> {
+        match check_storable(kind, id, data) {
+            Ok(()) => None,
+            Err(Error::Unstorable { field, .. }) => Some(field),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn every_place_a_nul_can_hide_is_named() {
+        let ok = json!({"a": [1, "x", {"b": null}], "c": true});
+        assert_eq!(field("todo", "t", &ok), None);
+        assert_eq!(field("to\0do", "t", &ok).as_deref(), Some("the kind"));
+        assert_eq!(field("todo", "t\0", &ok).as_deref(), Some("the id"));
+        assert_eq!(
+            field("todo", "t", &json!("\0")).as_deref(),
+            Some("data"),
+            "a bare string"
+        );
+        assert_eq!(
+            field("todo", "t", &json!({"a": [1, {"b": "x\0"}]})).as_deref(),
+            Some("data.a[1].b")
+        );
+        assert_eq!(
+            field("todo", "t", &json!({"a": {"k\0": 1}})).as_deref(),
+            Some("a key of data.a")
+        );
+    }
+}
