@@ -20,10 +20,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use kalphite_sync::clock::VectorClock;
-use kalphite_sync::protocol::{
+use kalphite_sync::{
     ChangePayload, ClientMessage, Envelope, HelloPayload, PROTOCOL_VERSION, ServerMessage,
-    decode_server, encode,
+    VectorClock, decode_server, encode,
 };
 
 /// One of workload S's scenarios.

@@ -59,13 +59,14 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use kalphite_sync::protocol::{ClientMessage, ConflictPayload, ErrorCode};
-use kalphite_sync::replica::{Replica, ReplicaConfig, ReplicaState};
+use kalphite_sync::{
+    ClientMessage, ConflictPayload, ErrorCode, Replica, ReplicaConfig, ReplicaState,
+};
 
 pub use session::backoff;
 
 /// Kinds starting with this are kalphite's own bookkeeping, never hydrated into a store.
-pub use kalphite_sync::protocol::RESERVED_KIND_PREFIX as INTERNAL_KIND_PREFIX;
+pub use kalphite_sync::RESERVED_KIND_PREFIX as INTERNAL_KIND_PREFIX;
 
 /// The kind of the marker that makes the server-durability engine wait for changes queued
 /// by an earlier session (it never reaches a database).
@@ -135,7 +136,7 @@ impl SyncConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             outbox_limit: 10_000,
-            max_frame_bytes: kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes: kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
             local_flush: FlushConfig::default(),
             server_flush: FlushConfig::default().durability(Durability::Server),
             connect_on_start: true,

@@ -14,8 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionStatus, Inner, SyncEvent};
-use kalphite_sync::protocol::{ClientMessage, ErrorCode, ServerMessage, decode_server, encode};
-use kalphite_sync::replica::ReplicaEvent;
+use kalphite_sync::{ClientMessage, ErrorCode, ReplicaEvent, ServerMessage, decode_server, encode};
 
 /// Largest server frame the client reads.
 const MAX_SERVER_FRAME: usize = 64 << 20;

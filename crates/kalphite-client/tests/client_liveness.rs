@@ -13,7 +13,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use kalphite::{Durability, FnSchema, Store};
 use kalphite_client::{SyncEvent, backoff, connect_store};
-use kalphite_sync::protocol::{
+use kalphite_sync::{
     CatchUpPayload, Envelope, ErrorCode, PROTOCOL_VERSION, SERVER_USER_ID, ServerMessage,
     WelcomePayload, encode,
 };

@@ -7,7 +7,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use kalphite_sync::protocol::ErrorCode;
+use kalphite_sync::ErrorCode;
 
 /// The shortest token secret accepted, in bytes: HS256 tokens signed with a shorter (or
 /// empty) key can be forged by guessing it.

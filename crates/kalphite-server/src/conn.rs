@@ -13,11 +13,10 @@ use super::log::{Job, record_entity};
 use super::metrics::Metrics;
 use super::outbox::Outbox;
 use super::{Frame, RoomHandle, Shared, auth};
-use kalphite_sync::protocol::{
-    ClientMessage, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
-    SERVER_USER_ID, ServerMessage, decode_client, encode, peek_message_id,
+use kalphite_sync::{
+    ClientMessage, ConnId, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
+    Outbound, SERVER_USER_ID, ServerMessage, Step, decode_client, encode, peek_message_id,
 };
-use kalphite_sync::room::{ConnId, Outbound, Step};
 
 /// WebSocket close codes used here.
 const CLOSE_NORMAL: u16 = 1000;

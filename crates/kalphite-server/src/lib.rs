@@ -42,8 +42,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use kalphite_sync::conflict::ConflictPolicy;
-use kalphite_sync::room::{ConnId, Recipient, Room, RoomLimits};
+use kalphite_sync::{ConflictPolicy, ConnId, Recipient, Room, RoomLimits};
 
 pub use auth::{
     AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
@@ -137,8 +136,8 @@ impl ServerConfig {
             open: false,
             policy: ConflictPolicy::default(),
             schema: None,
-            max_frame_bytes: kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
-            hard_frame_bytes: 4 * kalphite_sync::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes: kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
+            hard_frame_bytes: 4 * kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
             rate_limit: RateLimit::default(),
             idle_timeout: Duration::from_secs(120),
             outbound_queue: 16_384,

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use super::{Frame, RoomHandle};
-use kalphite_sync::room::StoredChange;
+use kalphite_sync::StoredChange;
 
 /// The kind prefix of room-log entities.
 pub const ROOM_KIND_PREFIX: &str = "_kalphite_room:";

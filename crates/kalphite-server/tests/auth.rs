@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use kalphite_client::ConnectionStatus;
 use kalphite_server::{Claims, encode_claims};
-use kalphite_sync::protocol::{ErrorCode, ServerMessage};
+use kalphite_sync::{ErrorCode, ServerMessage};
 
 /// Sends a hello with `token` and returns the error code and message the server answered.
 async fn refused(url: &str, room: &str, token: Option<&str>) -> (ErrorCode, String) {

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use futures_util::SinkExt;
-use kalphite_sync::protocol::{ErrorCode, ServerMessage};
+use kalphite_sync::{ErrorCode, ServerMessage};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 

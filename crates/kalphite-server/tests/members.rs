@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use kalphite_sync::protocol::{ErrorCode, ServerMessage};
+use kalphite_sync::{ErrorCode, ServerMessage};
 use serde_json::{Value, json};
 
 /// A change frame of `todo/id` with this message id and clock.

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use kalphite::Durability;
-use kalphite_sync::protocol::ServerMessage;
-use kalphite_sync::{ConflictPolicy, Strategy};
+use kalphite_sync::{ConflictPolicy, ServerMessage, Strategy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;

@@ -7,12 +7,14 @@
 //! them, and tests drive many replicas deterministically from a seed.
 //!
 //! # Layout
-//! - [`protocol`]: wire types, [`decode_client`](protocol::decode_client) /
-//!   [`encode`](protocol::encode), error codes (reference: `docs/protocol.md`).
-//! - [`clock`]: vector clocks.
-//! - [`conflict`]: conflict strategies (last-write-wins, field merge, manual, custom).
-//! - [`room`]: the server state machine (versions, dedup, catch-up, durability hook).
-//! - [`replica`]: the client state machine (outbox, resend, acks, remote changes).
+//! - `protocol`: wire types, [`decode_client`] / [`encode`], error codes (reference:
+//!   `docs/protocol.md`).
+//! - `clock`: vector clocks.
+//! - `conflict`: conflict strategies (last-write-wins, field merge, manual, custom).
+//! - `room`: the server state machine (versions, dedup, catch-up, durability hook).
+//! - `replica`: the client state machine (outbox, resend, acks, remote changes).
+//!
+//! The modules are private; every public item is re-exported at the crate root.
 //!
 //! The adapters live in their own crates, by dependency weight: `kalphite-client` (the
 //! tokio-tungstenite client around [`Replica`], wired to a Store and a local database) and
@@ -22,8 +24,7 @@
 //!
 //! # Writing the adapters
 //! - **Server**, per room, one message at a time: decode each frame with
-//!   [`decode_client`](protocol::decode_client) (on error, send
-//!   [`ProtocolError::to_payload`](protocol::ProtocolError::to_payload) back); verify the
+//!   [`decode_client`] (on error, send [`ProtocolError::to_payload`] back); verify the
 //!   hello's token, then [`Room::join`] with the token's user; [`Room::handle`] the rest.
 //!   [`Step::Persist`] means: write [`Pending::record`] to the database, then
 //!   [`Room::commit`] (or [`Room::abort`] if the write failed) and send what it returns.
@@ -41,8 +42,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use kalphite::{AnyEntity, Change, Entity, Origin};
-//! use kalphite_sync::{ConflictPolicy, Replica, ReplicaConfig, Room, Step};
-//! use kalphite_sync::protocol::ClientMessage;
+//! use kalphite_sync::{ClientMessage, ConflictPolicy, Replica, ReplicaConfig, Room, Step};
 //!
 //! let mut room = Room::new("room-1", ConflictPolicy::default());
 //! let mut alice = Replica::new(ReplicaConfig::new("room-1", "alice", "alice-laptop"));
@@ -79,21 +79,30 @@
 use kalphite::{EntityId, Kind};
 use serde::{Deserialize, Serialize};
 
-pub mod clock;
-pub mod conflict;
-pub mod protocol;
-pub mod replica;
-pub mod room;
+mod clock;
+mod conflict;
+mod protocol;
+mod replica;
+mod room;
 
 pub use clock::{Causality, VectorClock};
-pub use conflict::{ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version};
-pub use protocol::{ClientMessage, PROTOCOL_VERSION, ProtocolError, ServerMessage};
+pub use conflict::{
+    ConflictCase, ConflictPolicy, Resolver, Stamp, Strategy, Version, content_hash,
+};
+pub use protocol::{
+    AckPayload, CatchUpPayload, ChangePayload, ClientMessage, ConflictPayload,
+    DEFAULT_MAX_FRAME_BYTES, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
+    PEEK_BYTES, PROTOCOL_VERSION, ProtocolError, RESERVED_KIND_PREFIX, SERVER_USER_ID,
+    ServerMessage, StrategyName, WelcomePayload, WireMessage, decode, decode_client, decode_server,
+    encode, peek_message_id,
+};
 pub use replica::{
-    Known, LinkState, OutboxEntry, Output, Progress, Replica, ReplicaConfig, ReplicaError,
+    Held, Known, LinkState, OutboxEntry, Output, Progress, Replica, ReplicaConfig, ReplicaError,
     ReplicaEvent, ReplicaState, StateDelta, Undelivered,
 };
 pub use room::{
-    ConnId, Outbound, Pending, Recipient, Room, RoomError, RoomLimits, Step, StoredChange,
+    ConnId, MAX_ID_BYTES, Outbound, Pending, Recipient, Room, RoomError, RoomLimits, Step,
+    StoredChange,
 };
 
 /// One entity's address: its kind and id.

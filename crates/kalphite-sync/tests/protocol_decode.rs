@@ -1,7 +1,7 @@
 //! Whatever a peer sends, decoding returns a typed result and never panics; what decodes
 //! re-encodes to a frame that decodes to the same message.
 
-use kalphite_sync::protocol::{
+use kalphite_sync::{
     ClientMessage, DEFAULT_MAX_FRAME_BYTES, ServerMessage, decode_client, decode_server, encode,
 };
 use proptest::prelude::*;

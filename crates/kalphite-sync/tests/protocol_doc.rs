@@ -1,7 +1,7 @@
 //! Every example in `docs/protocol.md` marked `client` or `server` decodes as that side's
 //! message, so the reference for other-language clients cannot drift from the code.
 
-use kalphite_sync::protocol::{DEFAULT_MAX_FRAME_BYTES, decode_client, decode_server};
+use kalphite_sync::{DEFAULT_MAX_FRAME_BYTES, decode_client, decode_server};
 
 const DOC: &str = include_str!("../../../docs/protocol.md");
 

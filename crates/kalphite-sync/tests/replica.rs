@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use kalphite::{AnyEntity, Change, Entity, Op, Origin};
-use kalphite_sync::protocol::{
+use kalphite_sync::{
     AckPayload, CatchUpPayload, ChangePayload, ClientMessage, Envelope, ErrorCode, ErrorPayload,
-    SERVER_USER_ID, ServerMessage, WelcomePayload,
+    LinkState, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, SERVER_USER_ID, ServerMessage,
+    VectorClock, WelcomePayload,
 };
-use kalphite_sync::{LinkState, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, VectorClock};
 use serde_json::{Value, json};
 
 fn config() -> ReplicaConfig {

@@ -5,13 +5,10 @@
 use std::sync::Arc;
 
 use kalphite::{Entity, FnSchema, Issue, Op};
-use kalphite_sync::protocol::{
-    ChangePayload, ClientMessage, Envelope, ErrorCode, HeartbeatPayload, HelloPayload,
-    PROTOCOL_VERSION, ServerMessage, StrategyName,
-};
 use kalphite_sync::{
-    ConflictPolicy, EntityKey, Outbound, Recipient, Room, RoomError, RoomLimits, Step, Strategy,
-    VectorClock,
+    ChangePayload, ClientMessage, ConflictPolicy, EntityKey, Envelope, ErrorCode, HeartbeatPayload,
+    HelloPayload, Outbound, PROTOCOL_VERSION, Recipient, Room, RoomError, RoomLimits,
+    ServerMessage, Step, Strategy, StrategyName, VectorClock,
 };
 use serde_json::{Value, json};
 

@@ -6,12 +6,9 @@
 //! a typed error with `refersTo`, and nothing of the other members is touched.
 
 use kalphite::{Entity, Op};
-use kalphite_sync::protocol::{
-    ChangePayload, ClientMessage, Envelope, ErrorCode, HelloPayload, PROTOCOL_VERSION,
-    ServerMessage,
-};
 use kalphite_sync::{
-    ConflictPolicy, EntityKey, Outbound, Room, RoomError, Step, StoredChange, VectorClock,
+    ChangePayload, ClientMessage, ConflictPolicy, EntityKey, Envelope, ErrorCode, HelloPayload,
+    Outbound, PROTOCOL_VERSION, Room, RoomError, ServerMessage, Step, StoredChange, VectorClock,
 };
 use serde_json::{Value, json};
 
@@ -348,7 +345,7 @@ fn oversized_ids_are_refused_so_the_rooms_memory_stays_bounded() {
     // Bug: the room keeps the last 4096 message ids, and the replica ids of its members,
     // whatever their length: a member sending ids of nearly a frame each (1 MiB) could
     // make one room hold gigabytes.
-    let too_long = "x".repeat(kalphite_sync::room::MAX_ID_BYTES + 1);
+    let too_long = "x".repeat(kalphite_sync::MAX_ID_BYTES + 1);
     let mut room = Room::new("r", ConflictPolicy::default());
     let err = room.join(1, "mallory", &hello(&too_long), 1).unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidMessage);
@@ -362,6 +359,6 @@ fn oversized_ids_are_refused_so_the_rooms_memory_stays_bounded() {
         Some((ErrorCode::InvalidMessage, Some(too_long)))
     );
     assert_eq!(room.version(), 0);
-    let fits = "y".repeat(kalphite_sync::room::MAX_ID_BYTES);
+    let fits = "y".repeat(kalphite_sync::MAX_ID_BYTES);
     assert!(send(&mut room, &mut log, 1, change(&fits, edit)).acked());
 }

@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kalphite::{AnyEntity, Change, Entity, Origin};
-use kalphite_sync::protocol::{ClientMessage, ConflictPayload, ServerMessage, StrategyName};
 use kalphite_sync::{
-    ConflictPolicy, EntityKey, Recipient, Replica, ReplicaConfig, ReplicaEvent, Room, Step,
-    Strategy,
+    ClientMessage, ConflictPayload, ConflictPolicy, EntityKey, Recipient, Replica, ReplicaConfig,
+    ReplicaEvent, Room, ServerMessage, Step, Strategy, StrategyName,
 };
 use serde_json::{Value, json};
 

@@ -12,10 +12,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use kalphite::{AnyEntity, Change, Entity, Origin};
-use kalphite_sync::protocol::{ClientMessage, ConflictPayload, ServerMessage};
 use kalphite_sync::{
-    ConflictPolicy, ConnId, EntityKey, LinkState, Recipient, Replica, ReplicaConfig, ReplicaEvent,
-    ReplicaState, Room, RoomLimits, Step, StoredChange, Strategy,
+    ClientMessage, ConflictPayload, ConflictPolicy, ConnId, EntityKey, LinkState, Recipient,
+    Replica, ReplicaConfig, ReplicaEvent, ReplicaState, Room, RoomLimits, ServerMessage, Step,
+    StoredChange, Strategy,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -13,7 +13,7 @@ use kalphite::Store;
 use kalphite_client::{ConnectionStatus, SyncClient, SyncConfig, connect_store};
 use kalphite_db::{Database, DatabaseConfig};
 use kalphite_server::{ServerConfig, run};
-use kalphite_sync::protocol::{ServerMessage, decode_server};
+use kalphite_sync::{ServerMessage, decode_server};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
