@@ -35,6 +35,14 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    clippy::must_use_candidate,
+    clippy::too_many_lines,
+    clippy::single_match_else
+)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod bookkeeping;
 mod client;
 mod session;
@@ -442,7 +450,7 @@ impl std::fmt::Debug for SyncClient {
             .field("room", &self.inner.config.room_id)
             .field("status", &self.connection_status())
             .field("offline_queue", &self.offline_queue_size())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -824,7 +832,7 @@ impl SyncClient {
 
     /// Local changes up to sequence number `upto` that the server will not get: refused
     /// before they were queued or rejected by the server for good (see
-    /// [`Undelivered`](kalphite_sync::Undelivered)).
+    /// [`Undelivered`]).
     #[must_use]
     pub fn undelivered_through(&self, upto: u64) -> Vec<kalphite_sync::Undelivered> {
         self.inner.replica.lock().undelivered_through(upto)

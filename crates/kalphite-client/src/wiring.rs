@@ -74,7 +74,7 @@ impl FlushTarget for ServerTarget {
         }
     }
 
-    fn name(&self) -> &str {
+    fn name(&self) -> &'static str {
         "sync-server"
     }
 }
