@@ -265,6 +265,45 @@ impl Database {
         Ok(stored)
     }
 
+    /// As [`Database::upsert_batch`] (one transaction, all or nothing), borrowing the
+    /// entities, so a caller that keeps them can write some of them again after a refused
+    /// batch. Without a schema nothing is copied but the JSON text written.
+    ///
+    /// # Errors
+    /// As [`Database::upsert_batch`].
+    pub async fn upsert_batch_borrowed<'a, I>(&self, entities: I) -> Result<()>
+    where
+        I: IntoIterator<Item = &'a Entity> + Send,
+    {
+        let mut writes = Vec::new();
+        for e in entities {
+            let row = if self.inner.schema.is_some() {
+                self.row(e.clone())?.0
+            } else {
+                check_storable(&e.kind, &e.id, &e.data)?;
+                let data = serde_json::to_string(&e.data).map_err(|source| Error::Serialize {
+                    kind: e.kind.to_string(),
+                    id: e.id.to_string(),
+                    source,
+                })?;
+                let updated_at = if e.updated_at == 0 {
+                    now_millis()
+                } else {
+                    e.updated_at
+                };
+                Row {
+                    kind: e.kind.clone(),
+                    id: e.id.clone(),
+                    data,
+                    updated_at: i64::try_from(updated_at).unwrap_or(i64::MAX),
+                }
+            };
+            writes.push(Write::Upsert(row));
+        }
+        self.inner.backend.write(writes, self.inner.quota).await?;
+        Ok(())
+    }
+
     /// Deletes one entity; `true` if it existed. Deletes only that entity: no heuristic
     /// cascades.
     ///

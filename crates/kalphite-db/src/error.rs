@@ -225,6 +225,38 @@ fn join(issues: &[Issue]) -> String {
 }
 
 impl Error {
+    /// True when the database could do no write just now: it could not be reached, is
+    /// closed, busy, or out of disk or memory. Such a failure says nothing about what was
+    /// being written (retrying part of the batch would fail the same way); other errors
+    /// are about the data (validation, a NUL character, the quota, a value refused).
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode as Sq;
+        match self {
+            Self::Connect { .. } | Self::Pool { .. } | Self::Io { .. } | Self::Closed => true,
+            Self::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(
+                    Sq::DatabaseBusy
+                        | Sq::DatabaseLocked
+                        | Sq::SystemIoFailure
+                        | Sq::DiskFull
+                        | Sq::CannotOpen
+                        | Sq::ReadOnly
+                        | Sq::OutOfMemory
+                        | Sq::PermissionDenied
+                        | Sq::FileLockingProtocolFailed
+                )
+            ),
+            // No SQLSTATE: the connection broke. Classes 08 (connection), 53 (resources),
+            // 57 (operator intervention, shutdown), 58 (system error).
+            Self::Postgres { source, .. } => source
+                .code()
+                .is_none_or(|code| matches!(code.code().get(..2), Some("08" | "53" | "57" | "58"))),
+            _ => false,
+        }
+    }
+
     pub(crate) fn sqlite(context: impl Into<String>) -> impl FnOnce(rusqlite::Error) -> Self {
         let context = context.into();
         move |source| Self::Sqlite { context, source }

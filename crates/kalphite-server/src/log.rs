@@ -2,17 +2,20 @@
 //! PostgreSQL) before it is acknowledged. Rooms commit changes in memory and queue them
 //! here with the frames they produce; one writer task group-commits everything queued (all
 //! rooms, several changes per room) in one transaction, then delivers the frames in order.
-//! A failed write resets the rooms involved: they are reloaded from the log and their
-//! members reconnect, so nothing that is not durable is ever acknowledged or kept.
+//! A refused group commit is split: each room's records are written on their own (and a
+//! room that still fails, one record at a time), so a record the database refuses resets
+//! only its own room. A reset room is reloaded from the log and its members reconnect, so
+//! nothing that is not durable is ever acknowledged or kept.
 //!
 //! Layout in the database: one entity per (room, entity), kind `_kalphite_room:<room>`, id
 //! the JSON pair `[kind, id]`, data the [`StoredChange`]; the room is rebuilt from them
 //! (in version order) the first time it is opened after a start.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use kalphite::{Entity, now_millis};
-use kalphite_db::Database;
+use kalphite_db::{Database, check_storable};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +52,9 @@ pub enum LogError {
         /// Why.
         reason: String,
     },
+    /// The record holds something no database backend can store (a NUL character).
+    #[error("room log record refused: {0}")]
+    Unstorable(String),
     /// The writer has stopped (the server is shutting down).
     #[error("the room log is closed")]
     Closed,
@@ -70,62 +76,202 @@ pub(crate) struct RoomLog {
     tx: mpsc::Sender<Job>,
 }
 
-/// The database entity for one record of `room`.
+/// The database entity for one record of `room`. A record no backend can store (a NUL
+/// character anywhere in it) is refused here, before it reaches a group commit.
 pub(crate) fn record_entity(room: &str, record: &StoredChange) -> Result<Entity, LogError> {
     let data = serde_json::to_value(record).map_err(|e| LogError::Write(e.to_string()))?;
     let id = serde_json::to_string(&(record.kind.as_str(), record.id.as_str()))
         .map_err(|e| LogError::Write(e.to_string()))?;
-    Ok(Entity::new(id, format!("{ROOM_KIND_PREFIX}{room}"), data).at(now_millis()))
+    let kind = format!("{ROOM_KIND_PREFIX}{room}");
+    check_storable(&kind, &id, &data).map_err(|e| LogError::Unstorable(e.to_string()))?;
+    Ok(Entity::new(id, kind, data).at(now_millis()))
+}
+
+/// The writer task: group commits, and what a failed one does.
+struct Writer {
+    db: Database,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            // Jobs of a room reset by an earlier failure were built on lost state.
+            batch.retain(|job| !job.room.is_poisoned());
+            self.commit(&mut batch).await;
+        }
+    }
+
+    /// Writes the records of `jobs` in one transaction (borrowed: they stay in the jobs
+    /// for a retry).
+    async fn write(&self, jobs: &[Job]) -> Result<(), kalphite_db::Error> {
+        let records: Vec<&Entity> = jobs.iter().filter_map(|job| job.record.as_ref()).collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        let n = records.len() as u64;
+        match self.db.upsert_batch_borrowed(records).await {
+            Ok(()) => {
+                Metrics::add(&self.metrics.changes_persisted, n);
+                Ok(())
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.storage_errors);
+                Err(e)
+            }
+        }
+    }
+
+    /// Group-commits `batch` and delivers its frames. When the group fails for a reason
+    /// about its data (a record the database refuses), each room's records are written on
+    /// their own, and in a room that still fails one by one: only the room holding the
+    /// record that cannot be written is reset; the others are acknowledged. When the
+    /// database is unavailable, every room with a record in the batch is reset.
+    async fn commit(&self, batch: &mut Vec<Job>) {
+        let Err(e) = self.write(batch).await else {
+            for job in batch.drain(..) {
+                job.room.deliver(job.frames, &self.metrics);
+            }
+            return;
+        };
+        if e.is_unavailable() {
+            tracing::error!(error = %e, "room log write failed; resetting the rooms involved");
+            reset_all(batch.drain(..), &self.metrics);
+            return;
+        }
+        let rooms = by_room(batch.drain(..));
+        let with_records = rooms
+            .iter()
+            .filter(|jobs| jobs.iter().any(|job| job.record.is_some()))
+            .count();
+        tracing::warn!(error = %e, rooms = with_records,
+            "a group commit of the room log was refused; writing each room on its own");
+        let mut rooms = rooms.into_iter();
+        while let Some(jobs) = rooms.next() {
+            // With one room of records, the group's failure is that room's.
+            let known = (with_records == 1).then(|| e.to_string());
+            if let Err(e) = self.commit_room(jobs, known).await {
+                tracing::error!(error = %e, "room log write failed; resetting the rooms involved");
+                reset_all(rooms.flatten(), &self.metrics);
+                return;
+            }
+        }
+    }
+
+    /// Writes one room's jobs together, then, if refused, one record at a time up to the
+    /// one that fails; that one resets the room (its in-memory state is ahead of the log)
+    /// and the room's later jobs are dropped. `known` is the room's write failure when the
+    /// group's already was. Returns the error when the database became unavailable.
+    async fn commit_room(
+        &self,
+        jobs: Vec<Job>,
+        known: Option<String>,
+    ) -> Result<(), kalphite_db::Error> {
+        let records = jobs.iter().filter(|job| job.record.is_some()).count();
+        if records == 0 {
+            for job in jobs {
+                job.room.deliver(job.frames, &self.metrics);
+            }
+            return Ok(());
+        }
+        let refused = match known {
+            Some(reason) => reason,
+            None => match self.write(&jobs).await {
+                Ok(()) => {
+                    for job in jobs {
+                        job.room.deliver(job.frames, &self.metrics);
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_unavailable() => {
+                    reset_all(jobs.into_iter(), &self.metrics);
+                    return Err(e);
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        if records == 1 {
+            reset_room(jobs, &refused, &self.metrics);
+            return Ok(());
+        }
+        let mut jobs = jobs.into_iter();
+        while let Some(job) = jobs.next() {
+            match self.write(std::slice::from_ref(&job)).await {
+                Ok(()) => job.room.deliver(job.frames, &self.metrics),
+                Err(e) => {
+                    let unavailable = e.is_unavailable();
+                    reset_room(
+                        std::iter::once(job).chain(jobs),
+                        &e.to_string(),
+                        &self.metrics,
+                    );
+                    return if unavailable { Err(e) } else { Ok(()) };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `jobs` by room, keeping each room's jobs in order.
+fn by_room(jobs: impl Iterator<Item = Job>) -> Vec<Vec<Job>> {
+    let mut index: HashMap<*const RoomHandle, usize> = HashMap::new();
+    let mut rooms: Vec<Vec<Job>> = Vec::new();
+    for job in jobs {
+        let i = *index.entry(Arc::as_ptr(&job.room)).or_insert_with(|| {
+            rooms.push(Vec::new());
+            rooms.len() - 1
+        });
+        rooms[i].push(job);
+    }
+    rooms
+}
+
+/// Resets the room of `jobs` (all of one room) after `reason`: jobs before its first
+/// record are still delivered (they depend on nothing unwritten).
+fn reset_room(jobs: impl IntoIterator<Item = Job>, reason: &str, metrics: &Metrics) {
+    for job in jobs {
+        if job.record.is_some() {
+            if !job.room.is_poisoned() {
+                tracing::error!(room = %job.room.id, error = reason,
+                    "a room log record could not be written; resetting its room");
+            }
+            job.room.poison();
+        } else if !job.room.is_poisoned() {
+            job.room.deliver(job.frames, metrics);
+        }
+    }
+}
+
+/// Resets every room with a record among `jobs`; jobs without one, of rooms not reset
+/// (yet), are delivered in order.
+fn reset_all(jobs: impl Iterator<Item = Job>, metrics: &Metrics) {
+    for job in jobs {
+        if job.record.is_some() {
+            job.room.poison();
+        } else if !job.room.is_poisoned() {
+            job.room.deliver(job.frames, metrics);
+        }
+    }
 }
 
 impl RoomLog {
     /// Starts the writer task (tracked, so shutdown waits for the last commit).
     pub(crate) fn spawn(db: Database, tracker: &TaskTracker, metrics: Arc<Metrics>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
-        let writer_db = db.clone();
-        tracker.spawn(async move {
-            let mut batch: Vec<Job> = Vec::new();
-            while let Some(first) = rx.recv().await {
-                batch.push(first);
-                while batch.len() < MAX_GROUP {
-                    match rx.try_recv() {
-                        Ok(job) => batch.push(job),
-                        Err(_) => break,
-                    }
-                }
-                // Jobs of a room reset by an earlier failure were built on lost state.
-                batch.retain(|job| !job.room.is_poisoned());
-                // Take the records out (no deep copy); `had_record` remembers whose they were.
-                let had_record: Vec<bool> = batch.iter().map(|job| job.record.is_some()).collect();
-                let entities: Vec<Entity> =
-                    batch.iter_mut().filter_map(|job| job.record.take()).collect();
-                let written = entities.len() as u64;
-                let result = if entities.is_empty() {
-                    Ok(())
-                } else {
-                    writer_db.upsert_batch(entities).await.map(drop)
-                };
-                match result {
-                    Ok(()) => {
-                        Metrics::add(&metrics.changes_persisted, written);
-                        for job in batch.drain(..) {
-                            job.room.deliver(job.frames, &metrics);
-                        }
-                    }
-                    Err(e) => {
-                        Metrics::inc(&metrics.storage_errors);
-                        tracing::error!(error = %e, "room log write failed; resetting the rooms involved");
-                        for (job, had_record) in batch.drain(..).zip(had_record) {
-                            if had_record {
-                                job.room.poison();
-                            } else if !job.room.is_poisoned() {
-                                job.room.deliver(job.frames, &metrics);
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let writer = Writer {
+            db: db.clone(),
+            metrics,
+        };
+        tracker.spawn(writer.run(rx));
         Self { db, tx }
     }
 
@@ -153,5 +299,96 @@ impl RoomLog {
             .collect::<Result<Vec<_>, _>>()?;
         records.sort_by_key(|r| r.version);
         Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Regression (issue 10, item 3): the writer wrote every queued room's records in one
+    //! transaction and reset every room in a failed batch, so one record the database
+    //! refused (a NUL character on PostgreSQL) cut the members of other rooms off.
+
+    use kalphite_db::DatabaseConfig;
+    use serde_json::json;
+
+    use super::*;
+
+    fn job(room: &Arc<RoomHandle>, id: &str, data: serde_json::Value) -> Job {
+        Job {
+            room: Arc::clone(room),
+            record: Some(Entity::new(id, format!("{ROOM_KIND_PREFIX}{}", room.id), data).at(1)),
+            frames: Vec::new(),
+        }
+    }
+
+    /// Runs `jobs` through the writer as one group commit; returns the database.
+    async fn group_commit(jobs: Vec<Job>) -> Database {
+        let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
+            .await
+            .expect("open");
+        let tracker = TaskTracker::new();
+        let log = RoomLog::spawn(db.clone(), &tracker, Arc::new(Metrics::default()));
+        // The writer task has not run yet (current-thread runtime, no await point that
+        // yields): it finds every job queued and takes them as one group.
+        for job in jobs {
+            log.tx.try_send(job).map_err(drop).expect("queue");
+        }
+        drop(log);
+        tracker.close();
+        tracker.wait().await;
+        db
+    }
+
+    async fn stored(db: &Database, room: &str) -> Vec<String> {
+        let mut ids: Vec<String> = db
+            .get_by_type(&format!("{ROOM_KIND_PREFIX}{room}"))
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_refused_record_resets_only_its_own_room() {
+        let a = Arc::new(RoomHandle::new("a"));
+        let b = Arc::new(RoomHandle::new("b"));
+        let c = Arc::new(RoomHandle::new("c"));
+        let db = group_commit(vec![
+            job(&b, "b1", json!({"n": 1})),
+            job(&a, "a1", json!({"n": 1})),
+            job(&c, "c1", json!({"n": 1})),
+            job(&a, "a2", json!({"text": "nul \u{0} here"})),
+            job(&b, "b2", json!({"n": 2})),
+            job(&a, "a3", json!({"n": 3})),
+        ])
+        .await;
+        assert!(
+            a.is_poisoned(),
+            "the room holding the refused record is reset"
+        );
+        assert!(!b.is_poisoned(), "other rooms are not");
+        assert!(!c.is_poisoned(), "other rooms are not");
+        assert_eq!(stored(&db, "b").await, ["b1", "b2"]);
+        assert_eq!(stored(&db, "c").await, ["c1"]);
+        // Room a: what came before the refused record is written, nothing after it.
+        assert_eq!(stored(&db, "a").await, ["a1"]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_refused_record_resets_its_room_and_nothing_else() {
+        let a = Arc::new(RoomHandle::new("a"));
+        let b = Arc::new(RoomHandle::new("b"));
+        let idle = Job {
+            room: Arc::clone(&b),
+            record: None,
+            frames: Vec::new(),
+        };
+        let db = group_commit(vec![idle, job(&a, "a1", json!({"k\u{0}": 1}))]).await;
+        assert!(a.is_poisoned());
+        assert!(!b.is_poisoned());
+        assert!(stored(&db, "a").await.is_empty());
     }
 }
