@@ -9,7 +9,7 @@ use kalphite_db::{Database, DatabaseConfig};
 
 /// `kalphite inspect`.
 #[derive(Debug, Args)]
-pub struct InspectArgs {
+pub(crate) struct InspectArgs {
     /// Database URL (`sqlite:PATH` or `postgres://…`).
     #[arg(long, env = "KALPHITE_DB")]
     pub db: String,
@@ -17,7 +17,7 @@ pub struct InspectArgs {
 
 /// `kalphite backup`.
 #[derive(Debug, Args)]
-pub struct BackupArgs {
+pub(crate) struct BackupArgs {
     /// Database URL.
     #[arg(long, env = "KALPHITE_DB")]
     pub db: String,
@@ -28,7 +28,7 @@ pub struct BackupArgs {
 
 /// `kalphite restore`.
 #[derive(Debug, Args)]
-pub struct RestoreArgs {
+pub(crate) struct RestoreArgs {
     /// Database URL.
     #[arg(long, env = "KALPHITE_DB")]
     pub db: String,
@@ -42,7 +42,7 @@ async fn open(url: &str) -> Result<Database> {
 }
 
 /// Prints kinds, counts, size and the last change.
-pub async fn inspect(args: InspectArgs) -> Result<()> {
+pub(crate) async fn inspect(args: InspectArgs) -> Result<()> {
     let db = open(&args.db).await?;
     println!("database: {} ({})", db.target(), db.backend_name());
     let kinds = db.kinds().await?;
@@ -73,7 +73,7 @@ fn spinner(message: &'static str) -> ProgressBar {
 }
 
 /// Writes a portable backup file.
-pub async fn backup(args: BackupArgs) -> Result<()> {
+pub(crate) async fn backup(args: BackupArgs) -> Result<()> {
     let db = open(&args.db).await?;
     let bar = spinner("backing up");
     let result = db.backup_to_file(&args.out).await;
@@ -86,7 +86,7 @@ pub async fn backup(args: BackupArgs) -> Result<()> {
 }
 
 /// Replaces the database's contents with a backup file's (atomically).
-pub async fn restore(args: RestoreArgs) -> Result<()> {
+pub(crate) async fn restore(args: RestoreArgs) -> Result<()> {
     let db = open(&args.db).await?;
     let bar = spinner("restoring");
     let result = db.restore_from_file(&args.input).await;

@@ -10,21 +10,21 @@ use clap::{Args, Subcommand};
 
 /// `kalphite bench`.
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(subcommand)]
     pub command: BenchCommand,
 }
 
 /// What to benchmark.
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {
+pub(crate) enum BenchCommand {
     /// Load-test a sync server (workload S of docs/benchmarks.md).
     Sync(SyncBenchArgs),
 }
 
 /// `kalphite bench sync`.
 #[derive(Debug, Args)]
-pub struct SyncBenchArgs {
+pub(crate) struct SyncBenchArgs {
     /// The server.
     #[arg(long, default_value = "ws://127.0.0.1:8787/sync")]
     pub url: String,
@@ -55,7 +55,7 @@ pub struct SyncBenchArgs {
 }
 
 /// Runs one scenario and prints its report.
-pub async fn run_bench(args: BenchArgs) -> Result<()> {
+pub(crate) async fn run_bench(args: BenchArgs) -> Result<()> {
     let BenchCommand::Sync(args) = args.command;
     let mut opts = BenchOptions::new(args.url);
     opts.s1_full_clients = args.full_clients;
@@ -73,6 +73,13 @@ pub async fn run_bench(args: BenchArgs) -> Result<()> {
     opts.s2_readers = args.readers;
     opts.s4_clients = args.clients;
     opts.s4_idle = Duration::from_secs(args.idle_secs);
+    // A scaled count: f64 is exact far past any count here, and the result is finite and at
+    // least 2 when cast (`as` saturates at u64::MAX).
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     let scale = |n: u64| {
         let scaled = (n as f64 * args.scale.max(0.0)).round();
         if scaled.is_finite() && scaled >= 2.0 {

@@ -5,6 +5,9 @@
 //! hundreds of thousands of frames per second fit in one generator core. Run by
 //! `kalphite bench sync`.
 
+// Rates, averages and sizes in the report are f64: exact for any count below 2^52.
+#![allow(clippy::cast_precision_loss)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ use kalphite_sync::{
 
 /// One of workload S's scenarios.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Latency: A writes, B observes, one change at a time.
     S1,
     /// Fan-out: one writer, R readers.
@@ -55,7 +58,7 @@ impl std::str::FromStr for Scenario {
 
 /// Load-generator options; the defaults are workload S's sizes.
 #[derive(Clone, Debug)]
-pub struct BenchOptions {
+pub(crate) struct BenchOptions {
     /// `ws://host:port/sync`.
     pub url: String,
     /// Token secret, to mint room tokens; `None` for a server in open mode.
@@ -87,7 +90,7 @@ pub struct BenchOptions {
 
 impl BenchOptions {
     /// Workload S's sizes against `url`.
-    pub fn new(url: impl Into<String>) -> Self {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             token_secret: None,
@@ -100,7 +103,7 @@ impl BenchOptions {
             s4_clients: 1000,
             s4_rooms: 100,
             s4_idle: Duration::from_secs(20),
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_mins(2),
             s1_full_clients: false,
         }
     }
@@ -109,7 +112,7 @@ impl BenchOptions {
 /// A load-generator failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum BenchError {
+pub(crate) enum BenchError {
     /// Bad options.
     #[error("invalid options: {0}")]
     Config(String),
@@ -126,7 +129,7 @@ pub enum BenchError {
 
 /// One scenario's results, as `(name, value)` rows.
 #[derive(Clone, Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Rows in order.
     pub rows: Vec<(String, String)>,
 }
@@ -195,7 +198,7 @@ impl Client {
         let (mut sink, mut source) = ws.split();
         let token = match &opts.token_secret {
             Some(secret) => Some(
-                kalphite_server::issue_token(secret, user, &[room], Duration::from_secs(3600))
+                kalphite_server::issue_token(secret, user, &[room], Duration::from_hours(1))
                     .map_err(|e| BenchError::Config(e.to_string()))?,
             ),
             None => None,
@@ -353,6 +356,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
+    // `as` saturates (a negative or NaN rank is 0), and the rank is capped below.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
@@ -365,7 +370,7 @@ fn ms(d: Duration) -> String {
 ///
 /// # Errors
 /// Connection failures, refusals, or a wait past the hang guard.
-pub async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<Report, BenchError> {
+pub(crate) async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<Report, BenchError> {
     match scenario {
         Scenario::S1 => s1(opts).await,
         Scenario::S2 => s2(opts).await,
@@ -425,7 +430,7 @@ async fn full_client_latencies(
             .replica_id(&user);
         if let Some(secret) = &opts.token_secret {
             let token =
-                kalphite_server::issue_token(secret, &user, &[room], Duration::from_secs(3600))
+                kalphite_server::issue_token(secret, &user, &[room], Duration::from_hours(1))
                     .map_err(|e| BenchError::Config(e.to_string()))?;
             config = config.auth_token(token);
         }
@@ -690,7 +695,7 @@ fn mib(bytes: Option<u64>) -> String {
 }
 
 /// Scrapes the server's resident memory from `/metrics` (same host and port as the URL).
-pub async fn server_rss(opts: &BenchOptions) -> Option<u64> {
+pub(crate) async fn server_rss(opts: &BenchOptions) -> Option<u64> {
     let rest = opts
         .url
         .strip_prefix("ws://")
@@ -722,7 +727,7 @@ mod tests {
     use super::{BenchOptions, Scenario, run};
 
     const SECRET: &[u8] = b"loadgen-test-secret-of-32-bytes!";
-    const GUARD: Duration = Duration::from_secs(60);
+    const GUARD: Duration = Duration::from_mins(1);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_scenario_runs_at_small_scale() {

@@ -1,6 +1,7 @@
 //! `kalphite serve` (the sync server, the main job) and `kalphite token` (a token it
 //! accepts).
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use kalphite_server::{MIN_SECRET_BYTES, ServerConfig, check_secret, issue_token,
 
 /// `kalphite serve`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
@@ -43,7 +44,7 @@ pub struct ServeArgs {
 
 /// `kalphite token`.
 #[derive(Debug, Args)]
-pub struct TokenArgs {
+pub(crate) struct TokenArgs {
     /// The server's secret (at least 32 bytes).
     #[arg(
         long,
@@ -67,7 +68,7 @@ pub struct TokenArgs {
 }
 
 /// Parses `30s`, `15m`, `1h`, `7d`.
-pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = n
         .parse()
@@ -118,9 +119,10 @@ fn load_or_create_secret(path: &Path) -> Result<String> {
         return read_secret(path);
     }
     // 32 random bytes, hex: 64 bytes of secret.
-    let secret: String = (0..MIN_SECRET_BYTES)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
+    let secret = (0..MIN_SECRET_BYTES).fold(String::new(), |mut hex, _| {
+        let _ = write!(hex, "{:02x}", rand::random::<u8>()); // writing to a String cannot fail
+        hex
+    });
     write_private(path, &secret)
         .with_context(|| format!("cannot write a new secret to {}", path.display()))?;
     Ok(secret)
@@ -172,7 +174,7 @@ fn server_secret(args: &ServeArgs) -> Result<(Option<String>, String)> {
 }
 
 /// Runs the server until Ctrl-C.
-pub async fn serve(args: ServeArgs) -> Result<()> {
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.rate_limit == 0 {
         bail!("--rate-limit must be at least 1");
     }
@@ -228,7 +230,7 @@ async fn stop_signal() {
 }
 
 /// Prints a token.
-pub fn token(args: &TokenArgs) -> Result<()> {
+pub(crate) fn token(args: &TokenArgs) -> Result<()> {
     let secret = match (&args.secret, &args.secret_file) {
         (Some(s), _) => strong(s.clone(), "--secret (or KALPHITE_AUTH_SECRET)")?,
         (None, Some(file)) => strong(
@@ -252,8 +254,8 @@ mod tests {
     #[test]
     fn ttls_parse() {
         assert_eq!(parse_ttl("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_ttl("2h").unwrap(), Duration::from_secs(7200));
-        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_ttl("2h").unwrap(), Duration::from_hours(2));
+        assert_eq!(parse_ttl("7d").unwrap(), Duration::from_hours(7 * 24));
         assert!(parse_ttl("soon").is_err());
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("5y").is_err());

@@ -23,7 +23,7 @@ const DEFAULT_ROOM: &str = "todo";
 
 /// Where the todo data lives and where it syncs.
 #[derive(Debug, Args)]
-pub struct SessionOptions {
+pub(crate) struct SessionOptions {
     /// Database: a file path, `sqlite:PATH` or `postgres://…`; default: todo.db in the
     /// user's data directory.
     #[arg(long, env = "KALPHITE_TODO_DB", global = true)]
@@ -44,7 +44,7 @@ pub struct SessionOptions {
 
 /// The user's data directory for kalphite (`$XDG_DATA_HOME/kalphite` or
 /// `~/.local/share/kalphite`).
-pub fn data_dir() -> PathBuf {
+pub(crate) fn data_dir() -> PathBuf {
     std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
@@ -53,7 +53,7 @@ pub fn data_dir() -> PathBuf {
 }
 
 /// An open session.
-pub struct Session {
+pub(crate) struct Session {
     client: Client,
     /// The server URL, when one was given.
     url: Option<String>,
@@ -68,7 +68,7 @@ pub struct Session {
 
 impl Session {
     /// Opens the database (hydrating the store) and, with a server, catches up with it.
-    pub async fn open(options: &SessionOptions, schema: SharedSchema) -> Result<Self> {
+    pub(crate) async fn open(options: &SessionOptions, schema: SharedSchema) -> Result<Self> {
         let db_url = match &options.db {
             Some(url) => url.clone(),
             None => {
@@ -130,7 +130,7 @@ impl Session {
     }
 
     /// The store.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         self.client.store()
     }
 
@@ -175,7 +175,7 @@ impl Session {
     }
 
     /// Pushes what is pending and reports what moved in this run.
-    pub async fn sync_now(&mut self) -> Result<String> {
+    pub(crate) async fn sync_now(&mut self) -> Result<String> {
         let Some(url) = self.url.clone() else {
             return Err(anyhow!(
                 "no server to sync with: pass --server ws://HOST:PORT (or set KALPHITE_SERVER)"
@@ -224,7 +224,7 @@ impl Session {
     /// Sends what this command changed (with a server), writes everything to disk and
     /// closes. A sync problem is reported after the local data is safe, and only a
     /// command that changed something is told its changes wait in the file.
-    pub async fn finish(mut self, changed: bool) -> Result<()> {
+    pub(crate) async fn finish(mut self, changed: bool) -> Result<()> {
         let mut problem = self.problem.clone();
         if self.url.is_some()
             && problem.is_none()

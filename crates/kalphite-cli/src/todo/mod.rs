@@ -2,9 +2,10 @@
 //! lives in a kalphite Store over its own SQLite file; with `--server` every command also
 //! syncs through a kalphite server.
 
-pub mod model;
+pub(crate) mod model;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -17,7 +18,7 @@ use model::{Priority, Project, Status, Tag, Todo, display_order, parse_due, proj
 
 /// `kalphite todo` options.
 #[derive(Debug, Args)]
-pub struct TodoArgs {
+pub(crate) struct TodoArgs {
     #[command(flatten)]
     pub session: SessionOptions,
     #[command(subcommand)]
@@ -26,7 +27,7 @@ pub struct TodoArgs {
 
 /// The todo commands.
 #[derive(Debug, Subcommand)]
-pub enum TodoCommand {
+pub(crate) enum TodoCommand {
     /// Add a todo.
     Add {
         /// What to do.
@@ -103,7 +104,7 @@ fn schema() -> Arc<TypedSchema> {
 }
 
 /// Runs one todo command.
-pub async fn run(args: TodoArgs) -> Result<()> {
+pub(crate) async fn run(args: TodoArgs) -> Result<()> {
     let mut session = Session::open(&args.session, schema()).await?;
     let changes = args.command.changes_data();
     let outcome = execute(&mut session, args.command).await;
@@ -252,7 +253,7 @@ async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {
                 .iter()
                 .map(|t| (t.data.name.clone(), 0))
                 .collect();
-            for t in todos.iter() {
+            for t in &todos {
                 for tag in &t.data.tags {
                     *counts.entry(tag.clone()).or_default() += 1;
                 }
@@ -418,16 +419,16 @@ fn render(n: usize, t: &Entity<Todo>, projects: &BTreeMap<String, String>, today
     };
     let mut line = format!("{n:>3}. {status} {priority} {}", t.data.title);
     if let Some(p) = &t.data.project_id {
-        line.push_str(&format!("  [{}]", projects.get(p).unwrap_or(p)));
+        let _ = write!(line, "  [{}]", projects.get(p).unwrap_or(p));
     }
     if let Some(due) = &t.data.due {
-        line.push_str(&format!("  due {due}"));
+        let _ = write!(line, "  due {due}");
         if is_overdue(&t.data, today) {
             line.push_str(" OVERDUE");
         }
     }
     for tag in &t.data.tags {
-        line.push_str(&format!("  #{tag}"));
+        let _ = write!(line, "  #{tag}");
     }
     line
 }

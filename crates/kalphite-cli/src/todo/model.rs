@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// Where a todo stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-pub enum Status {
+pub(crate) enum Status {
     /// Not started.
     Pending,
     /// Being worked on.
@@ -36,7 +36,7 @@ pub enum Status {
     clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum Priority {
+pub(crate) enum Priority {
     /// Whenever.
     Low,
     /// The default.
@@ -74,7 +74,7 @@ text_enum!(Priority { Low => "low", Medium => "medium", High => "high", Urgent =
 /// A todo.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Todo {
+pub(crate) struct Todo {
     /// What to do.
     pub title: String,
     /// Where it stands.
@@ -101,7 +101,7 @@ impl EntityKind for Todo {
 /// A project todos can belong to; its id is its name, lower-cased.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Project {
+pub(crate) struct Project {
     /// Display name.
     pub name: String,
     /// Creation time, ms since the epoch.
@@ -114,7 +114,7 @@ impl EntityKind for Project {
 
 /// A tag; its id is its name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Tag {
+pub(crate) struct Tag {
     /// The tag.
     pub name: String,
 }
@@ -124,13 +124,13 @@ impl EntityKind for Tag {
 }
 
 /// The id of the project named `name`.
-pub fn project_id(name: &str) -> String {
+pub(crate) fn project_id(name: &str) -> String {
     name.trim().to_lowercase()
 }
 
 /// The one order every command numbers todos in: open before finished, then most urgent
 /// first, then oldest first, then by id (so it is total and the same on every replica).
-pub fn display_order(a: &Entity<Todo>, b: &Entity<Todo>) -> std::cmp::Ordering {
+pub(crate) fn display_order(a: &Entity<Todo>, b: &Entity<Todo>) -> std::cmp::Ordering {
     let finished = |t: &Todo| matches!(t.status, Status::Completed | Status::Cancelled);
     finished(&a.data)
         .cmp(&finished(&b.data))
@@ -140,7 +140,7 @@ pub fn display_order(a: &Entity<Todo>, b: &Entity<Todo>) -> std::cmp::Ordering {
 }
 
 /// Checks a `YYYY-MM-DD` date.
-pub fn parse_due(s: &str) -> Result<String, String> {
+pub(crate) fn parse_due(s: &str) -> Result<String, String> {
     let parts: Vec<&str> = s.split('-').collect();
     let ok = parts.len() == 3
         && parts[0].len() == 4
