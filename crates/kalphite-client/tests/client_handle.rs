@@ -509,3 +509,35 @@ async fn a_restored_client_backup_keeps_syncing_and_loses_nothing() {
     c.close().await.expect("close");
     server.stop().await;
 }
+
+/// Regression: one unwritable change blocked all later persistence — the database had a
+/// schema stricter than the store's, so the flush engine retried a batch it could never
+/// write, and every later change waited behind it. A client has one schema, checked by
+/// the store at write time: the bad write is refused there, and the rest is persisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_schema_refuses_at_write_time_and_never_wedges_the_flush() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite:{}", dir.path().join("a.db").display());
+    let schema: kalphite::SharedSchema =
+        std::sync::Arc::new(kalphite::TypedSchema::new().kind::<Todo>());
+    let client = Client::builder(&url)
+        .schema(schema.clone())
+        .sync(offline("r1"))
+        .open()
+        .await
+        .expect("open");
+    let todos = client.store().dynamic("todo");
+    let err = todos
+        .put("bad", json!({"title": 42}))
+        .expect_err("not a Todo");
+    assert!(matches!(err, StoreError::Validation { .. }), "{err}");
+    todos.put("good", json!({"title": "fine"})).expect("valid");
+    guard(client.durable(Durability::Local))
+        .await
+        .expect("persisted, not wedged");
+    assert_eq!(client.unsynced(), 1);
+    client.close().await.expect("close");
+    let db = sqlite(&dir.path().join("a.db")).await;
+    assert!(db.get_by_id("todo", "good").await.expect("read").is_some());
+    assert!(db.get_by_id("todo", "bad").await.expect("read").is_none());
+}
