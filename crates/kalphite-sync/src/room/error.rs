@@ -86,6 +86,15 @@ pub enum RoomError {
         /// Its length in bytes.
         len: usize,
     },
+    /// A replica id, user id or message id holds a NUL character (U+0000), which the room
+    /// log cannot store. (In an entity it is an [`RoomError::InvalidEntity`].)
+    #[error(
+        "{field} contains a NUL character (U+0000), which the room log cannot store; remove it"
+    )]
+    NulCharacter {
+        /// Which field: `replicaId`, `userId` or `messageId`.
+        field: &'static str,
+    },
     /// A change arrived while the previous accepted change was not yet committed.
     #[error("the previous change is still being written; resend later")]
     CommitPending,
@@ -120,7 +129,7 @@ impl RoomError {
             Self::ReplicaTaken { .. } => ErrorCode::ReplicaTaken,
             Self::MessageIdReused { .. } => ErrorCode::MessageIdReused,
             Self::InvalidClock { .. } => ErrorCode::InvalidClock,
-            Self::IdTooLong { .. } => ErrorCode::InvalidMessage,
+            Self::IdTooLong { .. } | Self::NulCharacter { .. } => ErrorCode::InvalidMessage,
             Self::CommitPending
             | Self::StalePending
             | Self::OutOfOrder { .. }

@@ -242,6 +242,12 @@ impl Room {
                 len: h.replica_id.len(),
             });
         }
+        // Both end up in every record this member writes.
+        for (field, text) in [("replicaId", h.replica_id.as_str()), ("userId", user_id)] {
+            if text.contains('\0') {
+                return Err(RoomError::NulCharacter { field });
+            }
+        }
         self.replicas.bind(&h.replica_id, user_id)?;
         self.members.insert(
             conn,
@@ -385,6 +391,9 @@ impl Room {
                 field: "messageId",
                 len: change.message_id.len(),
             });
+        }
+        if change.message_id.contains('\0') {
+            return Err(RoomError::NulCharacter { field: "messageId" });
         }
         self.replicas.check_owner(&member.replica_id, user_id)?;
         let key = EntityKey::new(
@@ -574,6 +583,9 @@ impl Room {
         if p.entity_type.is_empty() || p.entity_id.is_empty() {
             return Err(invalid("entityType and entityId must not be empty".into()));
         }
+        if p.entity_type.contains('\0') || p.entity_id.contains('\0') {
+            return Err(invalid(nul_refused("entityType or entityId")));
+        }
         let state = match p.operation {
             Op::Delete => None,
             Op::Upsert => {
@@ -591,6 +603,9 @@ impl Room {
                     entity.data = schema
                         .normalize(&entity.kind, entity.data)
                         .map_err(|issues| invalid(join(&issues)))?;
+                }
+                if holds_nul(&entity.data) {
+                    return Err(invalid(nul_refused("a string or key of its data")));
                 }
                 if entity.updated_at == 0 {
                     entity.updated_at = change.timestamp;
@@ -727,6 +742,24 @@ fn encoded_len(value: &impl serde::Serialize) -> usize {
     // Serializing JSON values cannot fail; an error would only under-count.
     let _ = serde_json::to_writer(&mut count, value);
     count.0
+}
+
+/// Why an entity with a NUL character in `place` is refused.
+fn nul_refused(place: &str) -> String {
+    format!(
+        "{place} contains a NUL character (U+0000), which the room log cannot store \
+         (PostgreSQL refuses it, and the log must move between databases); remove it"
+    )
+}
+
+/// Whether a string or object key anywhere in `value` holds a NUL character.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 fn join(issues: &[kalphite::Issue]) -> String {
