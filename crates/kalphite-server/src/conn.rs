@@ -1,17 +1,23 @@
 //! One WebSocket connection: reads frames, enforces the frame-size and rate limits,
 //! authenticates the hello, drives the connection's [`Room`](crate::Room) (persist →
-//! commit → fan-out), and writes what the room addresses to it. Never panics on input.
+//! commit → fan-out), and writes what is queued for it from a write loop of its own, so a
+//! client that stops reading never holds up its reads, its idle timer or shutdown. Never
+//! panics on input.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
 use kalphite::{Millis, now_millis};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep_until, timeout};
 
+use super::limits::UserPermit;
+use super::listener::Peer;
 use super::log::{Job, record_entity};
 use super::metrics::Metrics;
-use super::outbox::Outbox;
+use super::outbox::{Closed, Outbox, Popped, Pushed};
 use super::{Frame, RoomHandle, Shared, auth};
 use kalphite_sync::{
     ClientMessage, ConnId, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
@@ -26,10 +32,33 @@ const CLOSE_POLICY: u16 = 1008;
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 64;
 
+/// Longest wait for a closing connection's last frames and close frame.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the frame handler wants the loop to do next.
 enum Next {
     Continue,
     Close(u16, String),
+}
+
+/// Why a connection ends.
+enum End {
+    /// The socket failed or the client went away: nothing more can be sent.
+    Gone,
+    /// A write made no progress for the write timeout (the socket has failed).
+    Stalled,
+    /// The client sent a close frame.
+    Goodbye,
+    /// The server closes it with this code and reason, after what is queued (refusals).
+    Close(u16, String),
+    /// The server is shutting down.
+    Shutdown,
+    /// No frame for the idle timeout, or no hello within the handshake timeout.
+    Idle(&'static str),
+    /// The client fell behind: its queue went over a bound and was dropped.
+    Slow,
+    /// The room was reset after a failed write.
+    Reset,
 }
 
 /// Token bucket for the per-connection rate limit.
@@ -71,109 +100,217 @@ struct Conn {
     shared: Arc<Shared>,
     /// Set once the hello was accepted: the room and its id.
     room: Option<Arc<RoomHandle>>,
-    /// The sending half of this connection's queue, until the room holds it.
+    /// This connection's queue: the room's frames and direct replies, in order.
     outbox: Arc<Outbox>,
+    /// One of its user's connection slots, from the accepted hello on.
+    user_slot: Option<UserPermit>,
     next_message: u64,
 }
 
+/// Counts an open connection while it lives.
+struct OpenGauge(Arc<Metrics>);
+
+impl OpenGauge {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        Metrics::inc(&metrics.connections);
+        Metrics::inc(&metrics.connections_total);
+        Self(Arc::clone(metrics))
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        Metrics::dec(&self.0.connections);
+    }
+}
+
 /// Serves one upgraded connection to its end.
-pub(crate) async fn serve(mut socket: WebSocket, shared: Arc<Shared>) {
+pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
     let metrics = Arc::clone(&shared.metrics);
-    Metrics::inc(&metrics.connections);
-    Metrics::inc(&metrics.connections_total);
+    let _open = OpenGauge::new(&metrics);
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let outbox = Arc::new(Outbox::new(shared.config.outbound_queue));
+    let config = &shared.config;
+    let outbox = Arc::new(Outbox::new(
+        config.outbound_queue,
+        config.outbound_queue_bytes,
+        Arc::clone(&metrics),
+    ));
     let cancel = shared.cancel.clone();
-    let idle = shared.config.idle_timeout;
-    let mut bucket = Bucket::new(
-        shared.config.rate_limit.per_second,
-        shared.config.rate_limit.burst,
-    );
+    let idle = config.idle_timeout;
+    let hello_by = Instant::now() + config.handshake_timeout;
+    let mut bucket = Bucket::new(config.rate_limit.per_second, config.rate_limit.burst);
     let mut conn = Conn {
         id,
         shared,
         room: None,
         outbox: Arc::clone(&outbox),
+        user_slot: None,
         next_message: 0,
     };
+    let (mut sink, mut stream) = socket.split();
     let mut deadline = Instant::now() + idle;
-    let close = loop {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => {
-                break Some((CLOSE_GOING_AWAY, "server shutting down".to_owned()));
-            }
-            () = outbox.ready(), if conn.room.is_some() => {
-                let mut batch = Vec::new();
-                if !outbox.drain(&mut batch, WRITE_BATCH) {
-                    let text = conn.error_frame(ErrorCode::Internal,
-                        "the server dropped this connection from its room (it fell behind, or \
-                         the room was reset); reconnect to catch up", None);
-                    let _ = Box::pin(socket.send(Message::Text(text))).await;
-                    break Some((CLOSE_POLICY, "too slow".to_owned()));
-                }
-                if Box::pin(write_batch(&mut socket, batch, &metrics)).await.is_err() {
-                    break None;
-                }
-            }
-            frame = socket.recv() => {
-                let Some(Ok(frame)) = frame else {
-                    break None;
-                };
-                deadline = Instant::now() + idle;
-                Metrics::inc(&metrics.messages_in);
-                let next = match frame {
-                    Message::Text(text) => {
-                        if bucket.take() {
-                            Box::pin(conn.on_text(&mut socket, text.as_str())).await
-                        } else {
-                            Box::pin(conn.reply_error(&mut socket, ErrorCode::RateLimited,
-                                "too many messages on this connection; slow down and resend",
-                                None)).await
+    let end = {
+        // Writes run beside the reads: a client that does not read stalls only this future,
+        // never the loop (nor its idle timer, nor shutdown).
+        let write = write_loop(&mut sink, &outbox, &metrics);
+        tokio::pin!(write);
+        loop {
+            let joined = conn.room.is_some();
+            let wake = if joined {
+                deadline
+            } else {
+                deadline.min(hello_by)
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break End::Shutdown,
+                end = &mut write => break end,
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else {
+                        break End::Gone;
+                    };
+                    deadline = Instant::now() + idle;
+                    Metrics::inc(&metrics.messages_in);
+                    let next = match frame {
+                        Message::Text(text) => {
+                            if bucket.take() {
+                                Box::pin(conn.on_text(text.as_str())).await
+                            } else {
+                                conn.reply_error(ErrorCode::RateLimited,
+                                    "too many messages on this connection; slow down and resend",
+                                    None)
+                            }
                         }
+                        Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,
+                            "binary frames are not supported; send JSON text frames", None),
+                        Message::Close(_) => break End::Goodbye,
+                        Message::Ping(_) | Message::Pong(_) => Next::Continue,
+                    };
+                    if let Next::Close(code, reason) = next {
+                        break End::Close(code, reason);
                     }
-                    Message::Binary(_) => Box::pin(conn.reply_error(&mut socket,
-                        ErrorCode::InvalidMessage,
-                        "binary frames are not supported; send JSON text frames", None)).await,
-                    Message::Close(_) => Next::Close(CLOSE_NORMAL, String::new()),
-                    Message::Ping(_) | Message::Pong(_) => Next::Continue,
-                };
-                if let Next::Close(code, reason) = next {
-                    break Some((code, reason));
                 }
-            }
-            () = sleep_until(deadline) => {
-                break Some((CLOSE_POLICY, "idle timeout".to_owned()));
+                () = sleep_until(wake) => {
+                    break End::Idle(if joined { "idle timeout" } else { "no hello in time" });
+                }
             }
         }
     };
+    let end = match end {
+        End::Gone if peer.write_stalled() => End::Stalled,
+        other => other,
+    };
+    let (frames, close) = conn.last_words(end);
+    // Whatever is still queued is freed now, and the room's later frames are discarded.
+    outbox.abandon();
     if let Some((code, reason)) = close {
-        let frame = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = Box::pin(socket.send(Message::Close(Some(frame)))).await;
+        let n = frames.len() as u64;
+        let last = finish(&mut sink, frames, code, reason);
+        if matches!(timeout(CLOSE_WRITE_TIMEOUT, last).await, Ok(Ok(()))) {
+            Metrics::add(&metrics.messages_out, n);
+        }
     }
+    drop((sink, stream));
     Box::pin(conn.leave()).await;
-    Metrics::dec(&metrics.connections);
 }
 
-/// Writes a batch of queued frames, then flushes once.
-async fn write_batch(
-    socket: &mut WebSocket,
-    batch: Vec<Utf8Bytes>,
+/// Writes queued frames as they come, flushing when the queue runs empty (or every
+/// [`WRITE_BATCH`] frames), until the queue is closed or a write fails. One frame at a time
+/// leaves the queue, so the queue's bound is the connection's memory bound.
+async fn write_loop(
+    sink: &mut SplitSink<WebSocket, Message>,
+    outbox: &Outbox,
     metrics: &Metrics,
-) -> Result<(), axum::Error> {
-    Metrics::add(&metrics.messages_out, batch.len() as u64);
-    for text in batch {
-        socket.feed(Message::Text(text)).await?;
+) -> End {
+    let mut unflushed = 0;
+    loop {
+        match outbox.pop() {
+            Popped::Frame(text) => {
+                if sink.feed(Message::Text(text)).await.is_err() {
+                    return End::Gone;
+                }
+                Metrics::inc(&metrics.messages_out);
+                unflushed += 1;
+                if unflushed >= WRITE_BATCH {
+                    if sink.flush().await.is_err() {
+                        return End::Gone;
+                    }
+                    unflushed = 0;
+                }
+            }
+            Popped::Empty => {
+                if unflushed > 0 {
+                    if sink.flush().await.is_err() {
+                        return End::Gone;
+                    }
+                    unflushed = 0;
+                }
+                outbox.ready().await;
+            }
+            Popped::Closed(Closed::Reset) => return End::Reset,
+            Popped::Closed(Closed::Dropped) => return End::Slow,
+        }
     }
-    socket.flush().await
+}
+
+/// A closing connection's last frames, then its close frame.
+async fn finish(
+    sink: &mut SplitSink<WebSocket, Message>,
+    frames: Vec<Utf8Bytes>,
+    code: u16,
+    reason: String,
+) -> Result<(), axum::Error> {
+    for text in frames {
+        sink.feed(Message::Text(text)).await?;
+    }
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    sink.send(Message::Close(Some(frame))).await
 }
 
 impl Conn {
+    /// What a connection ending for `end` still sends: frames, then a close frame.
+    fn last_words(&mut self, end: End) -> (Vec<Utf8Bytes>, Option<(u16, String)>) {
+        match end {
+            End::Gone => (Vec::new(), None),
+            End::Stalled => {
+                tracing::warn!(conn = self.id, "dropping a connection whose writes stalled");
+                (Vec::new(), None)
+            }
+            End::Goodbye => (Vec::new(), Some((CLOSE_NORMAL, String::new()))),
+            End::Close(code, reason) => (self.outbox.take_all(), Some((code, reason))),
+            End::Shutdown => (
+                Vec::new(),
+                Some((CLOSE_GOING_AWAY, "server shutting down".to_owned())),
+            ),
+            End::Idle(reason) => (Vec::new(), Some((CLOSE_POLICY, reason.to_owned()))),
+            End::Slow => (
+                vec![self.error_frame(
+                    ErrorCode::Internal,
+                    "this connection fell too far behind its room's traffic and was dropped; \
+                     reconnect to catch up",
+                    None,
+                )],
+                Some((
+                    CLOSE_POLICY,
+                    "too slow: outbound queue over its bound".to_owned(),
+                )),
+            ),
+            End::Reset => (
+                vec![self.error_frame(
+                    ErrorCode::Internal,
+                    "the room was reset after a storage failure; reconnect to catch up",
+                    None,
+                )],
+                Some((CLOSE_GOING_AWAY, "room reset; reconnect".to_owned())),
+            ),
+        }
+    }
+
     fn now() -> Millis {
         now_millis()
     }
@@ -203,27 +340,26 @@ impl Conn {
         encode(&msg).map_or_else(|_| Utf8Bytes::from_static("{}"), Utf8Bytes::from)
     }
 
-    /// Sends an error straight to this socket (outside any room).
-    async fn reply_error(
-        &mut self,
-        socket: &mut WebSocket,
-        code: ErrorCode,
-        message: &str,
-        refers_to: Option<String>,
-    ) -> Next {
+    /// Queues an error for this connection only (outside the room's log order).
+    fn reply_error(&mut self, code: ErrorCode, message: &str, refers_to: Option<String>) -> Next {
         let text = self.error_frame(code, message, refers_to);
-        self.send_direct(socket, text).await
+        self.send_direct(text)
     }
 
-    async fn send_direct(&self, socket: &mut WebSocket, text: Utf8Bytes) -> Next {
-        Metrics::inc(&self.shared.metrics.messages_out);
-        match socket.send(Message::Text(text)).await {
-            Ok(()) => Next::Continue,
-            Err(_) => Next::Close(CLOSE_NORMAL, String::new()),
+    /// Queues a frame for this connection only. A client that lets its replies pile up
+    /// past the queue's bound is dropped like any slow member (the write loop ends it).
+    fn send_direct(&self, text: Utf8Bytes) -> Next {
+        if self.outbox.push(text) == Pushed::Overflow {
+            Metrics::inc(&self.shared.metrics.slow_consumers);
+            tracing::warn!(
+                conn = self.id,
+                "dropping a connection that does not read its replies"
+            );
         }
+        Next::Continue
     }
 
-    async fn on_text(&mut self, socket: &mut WebSocket, text: &str) -> Next {
+    async fn on_text(&mut self, text: &str) -> Next {
         let message = match decode_client(text, self.shared.config.max_frame_bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -232,15 +368,13 @@ impl Conn {
                     // Not parsed, but the client needs to know which change was refused.
                     p.refers_to = peek_message_id(text);
                 }
-                return self
-                    .reply_error(socket, p.code, &p.message, p.refers_to)
-                    .await;
+                return self.reply_error(p.code, &p.message, p.refers_to);
             }
         };
         match message {
             // Boxed: the hello path (auth, room restore from the database) is large and
             // rare; inline it would grow every idle connection's task.
-            ClientMessage::Hello(hello) => Box::pin(self.on_hello(socket, hello)).await,
+            ClientMessage::Hello(hello) => Box::pin(self.on_hello(hello)).await,
             ClientMessage::Heartbeat(beat) if self.room.is_none() => {
                 let reply = ServerMessage::Heartbeat(Envelope::new(
                     self.next_id(),
@@ -250,33 +384,28 @@ impl Conn {
                 ));
                 let _ = beat;
                 match encode(&reply) {
-                    Ok(text) => self.send_direct(socket, text.into()).await,
+                    Ok(text) => self.send_direct(text.into()),
                     Err(_) => Next::Continue,
                 }
             }
             other => {
                 let Some(room) = self.room.clone() else {
                     let id = Some(other.message_id().to_owned());
-                    return self
-                        .reply_error(socket, ErrorCode::NotJoined, "send a hello first", id)
-                        .await;
+                    return self.reply_error(ErrorCode::NotJoined, "send a hello first", id);
                 };
                 self.on_room_message(&room, other).await
             }
         }
     }
 
-    async fn on_hello(&mut self, socket: &mut WebSocket, hello: Envelope<HelloPayload>) -> Next {
+    async fn on_hello(&mut self, hello: Envelope<HelloPayload>) -> Next {
         let refers_to = Some(hello.message_id.clone());
         if self.room.is_some() {
-            return self
-                .reply_error(
-                    socket,
-                    ErrorCode::AlreadyJoined,
-                    "this connection has already joined a room",
-                    refers_to,
-                )
-                .await;
+            return self.reply_error(
+                ErrorCode::AlreadyJoined,
+                "this connection has already joined a room",
+                refers_to,
+            );
         }
         let config = &self.shared.config;
         let room_id = hello.payload.room_id.clone();
@@ -292,19 +421,30 @@ impl Conn {
                 Metrics::inc(&self.shared.metrics.auth_failures);
                 tracing::debug!(conn = self.id, room = %room_id, error = %e, "hello refused");
                 let text = self.error_frame(e.code(), &e.to_string(), refers_to);
-                let _ = self.send_direct(socket, text).await;
+                self.send_direct(text);
                 return Next::Close(CLOSE_POLICY, "unauthorized".to_owned());
             }
         };
         if room_id.is_empty() || room_id.len() > 256 {
-            return self
-                .reply_error(
-                    socket,
-                    ErrorCode::InvalidMessage,
-                    "roomId must be 1 to 256 bytes",
-                    refers_to,
-                )
-                .await;
+            return self.reply_error(
+                ErrorCode::InvalidMessage,
+                "roomId must be 1 to 256 bytes",
+                refers_to,
+            );
+        }
+        if self.user_slot.is_none() {
+            let Some(slot) = self.shared.budgets.user(&user) else {
+                Metrics::inc(&self.shared.metrics.user_limit_refusals);
+                let limit = self.shared.budgets.max_per_user();
+                tracing::debug!(conn = self.id, %user, limit, "hello refused: per-user limit");
+                let message = format!(
+                    "user '{user}' already has {limit} connections open, the server's limit \
+                     per user; close one, or retry later"
+                );
+                self.reply_error(ErrorCode::RateLimited, &message, refers_to);
+                return Next::Close(CLOSE_POLICY, "too many connections for this user".into());
+            };
+            self.user_slot = Some(slot);
         }
         let handle = self.shared.room(&room_id);
         let mut guard = handle.state.lock().await;
@@ -314,14 +454,11 @@ impl Conn {
                 Err(e) => {
                     tracing::error!(room = %room_id, error = %e, "could not restore room");
                     drop(guard);
-                    return self
-                        .reply_error(
-                            socket,
-                            ErrorCode::StorageFailed,
-                            "the room could not be loaded; try again later",
-                            refers_to,
-                        )
-                        .await;
+                    return self.reply_error(
+                        ErrorCode::StorageFailed,
+                        "the room could not be loaded; try again later",
+                        refers_to,
+                    );
                 }
             }
         }
@@ -354,7 +491,7 @@ impl Conn {
                 drop(guard);
                 tracing::debug!(conn = self.id, room = %room_id, error = %e, "hello refused");
                 let text = self.error_frame(e.code(), &e.to_string(), refers_to);
-                let _ = self.send_direct(socket, text).await;
+                self.send_direct(text);
                 Next::Close(CLOSE_POLICY, "hello refused".to_owned())
             }
         }
@@ -432,10 +569,15 @@ fn encode_all(outs: Vec<Outbound>, metrics: &Metrics) -> Vec<Frame> {
             ServerMessage::Error(_) => Metrics::inc(&metrics.errors),
             _ => {}
         }
+        let live = !matches!(
+            out.message,
+            ServerMessage::Welcome(_) | ServerMessage::CatchUp(_)
+        );
         match encode(&out.message) {
             Ok(text) => frames.push(Frame {
                 to: out.to,
                 text: text.into(),
+                live,
             }),
             Err(e) => tracing::error!(error = %e, "could not encode a server message"),
         }

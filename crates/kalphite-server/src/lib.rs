@@ -5,6 +5,13 @@
 //!
 //! Routes: `/sync` (WebSocket), `/healthz`, `/metrics` (Prometheus text).
 //!
+//! Every connection is bounded: a socket must finish its HTTP request within the header
+//! timeout, the server holds at most [`ServerConfig::max_connections`] sync connections
+//! (and [`ServerConfig::max_connections_per_user`] per user), a client that stops reading
+//! is disconnected when its queue goes over [`ServerConfig::outbound_queue_bytes`] or a
+//! write stalls for [`ServerConfig::write_timeout`], and shutdown takes at most
+//! [`ServerConfig::shutdown_grace`] whatever clients do.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use kalphite_db::{Database, DatabaseConfig};
@@ -19,6 +26,8 @@
 
 mod auth;
 mod conn;
+mod limits;
+mod listener;
 mod log;
 mod metrics;
 mod outbox;
@@ -30,12 +39,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
-use axum::http::header;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use kalphite::SharedSchema;
 use kalphite_db::Database;
 use tokio::net::TcpListener;
@@ -51,11 +59,24 @@ pub use auth::{
 pub use log::{LogError, ROOM_KIND_PREFIX};
 pub use metrics::{Metrics, resident_bytes};
 
+use limits::{Budgets, ConnectionPermit};
+use listener::{BoundedListener, Peer, SocketLimits};
 use log::RoomLog;
-use outbox::Outbox;
+use outbox::{Outbox, Pushed};
 
 /// Frames queued for a connection are buffered up to this size, then written together.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// Default of [`ServerConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Default of [`ServerConfig::max_connections_per_user`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
+
+/// Sockets the server accepts beyond [`ServerConfig::max_connections`], so `/healthz` and
+/// `/metrics` still answer when every WebSocket slot is taken (they are never upgraded).
+/// Sockets that send nothing can hold them too, until the header timeout closes them.
+pub const RESERVED_HTTP_SOCKETS: usize = 16;
 
 /// Per-connection message rate limit: a token bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,9 +120,33 @@ pub struct ServerConfig {
     pub rate_limit: RateLimit,
     /// A connection silent this long is closed (clients send heartbeats).
     pub idle_timeout: Duration,
-    /// Most messages queued for one connection; a client that falls further behind is
-    /// disconnected (it catches up when it reconnects).
+    /// Most frames queued for one connection (acks, broadcasts, replies; not the catch-up
+    /// sent after its hello); a client that falls further behind is disconnected (close
+    /// 1008; it catches up when it reconnects).
     pub outbound_queue: usize,
+    /// Most bytes of those frames queued for one connection (default 8 MiB). Past it the
+    /// client is disconnected (close 1008) and its queue freed at once; a broadcast never
+    /// waits for a slow member. One frame is always accepted into an empty queue.
+    pub outbound_queue_bytes: usize,
+    /// A write to a connection that makes no progress for this long (the client stopped
+    /// reading) ends it (default 10 s); its queue is freed.
+    pub write_timeout: Duration,
+    /// A socket must send a complete HTTP request within this after it connects (and the
+    /// next one within this after a response), and a WebSocket its hello within this
+    /// after the upgrade; otherwise it is closed (default 10 s).
+    pub handshake_timeout: Duration,
+    /// Most WebSocket connections at once (default [`DEFAULT_MAX_CONNECTIONS`]); beyond it
+    /// an upgrade is answered `503`. The server holds at most this many sockets plus
+    /// [`RESERVED_HTTP_SOCKETS`] and closes any other at once; at start the limit is
+    /// lowered (with a warning) to fit the process's open-file limit.
+    pub max_connections: usize,
+    /// Most connections one user (the token's subject) may hold at once (default
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_USER`]); a hello beyond it is refused with
+    /// `rate_limited` and close 1008.
+    pub max_connections_per_user: usize,
+    /// How long shutdown waits for connections to close (default 5 s); any still open
+    /// then are dropped. In-flight room-log writes always finish.
+    pub shutdown_grace: Duration,
     /// WebSocket read buffer per connection (bytes); small keeps idle connections cheap.
     pub read_buffer_bytes: usize,
     /// Catch-up page size and per-entity history kept for merges.
@@ -120,6 +165,12 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("rate_limit", &self.rate_limit)
             .field("idle_timeout", &self.idle_timeout)
+            .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("write_timeout", &self.write_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field("shutdown_grace", &self.shutdown_grace)
             .finish_non_exhaustive()
     }
 }
@@ -127,7 +178,8 @@ impl std::fmt::Debug for ServerConfig {
 impl ServerConfig {
     /// Defaults: no token secret (so nobody can join until one is set or open mode is
     /// on), last-write-wins, 1 MiB frames, 1000 msg/s per connection (burst 2000), 120 s
-    /// idle timeout.
+    /// idle timeout, 8 MiB outbound queue per connection, 10 s write and header timeouts,
+    /// 10 000 connections (64 per user), 5 s shutdown grace.
     #[must_use]
     pub fn new(database: Database) -> Self {
         Self {
@@ -139,8 +191,14 @@ impl ServerConfig {
             max_frame_bytes: kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
             hard_frame_bytes: 4 * kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
             rate_limit: RateLimit::default(),
-            idle_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_mins(2),
             outbound_queue: 16_384,
+            outbound_queue_bytes: 8 << 20,
+            write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
+            shutdown_grace: Duration::from_secs(5),
             read_buffer_bytes: 1_024,
             room_limits: RoomLimits::default(),
         }
@@ -197,6 +255,48 @@ impl ServerConfig {
         self
     }
 
+    /// Sets the byte bound of each connection's outbound queue.
+    #[must_use]
+    pub fn outbound_queue_bytes(mut self, bytes: usize) -> Self {
+        self.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// Sets the write timeout.
+    #[must_use]
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
+    /// Sets the header (and hello) timeout.
+    #[must_use]
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets the most WebSocket connections at once.
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Sets the most connections one user may hold.
+    #[must_use]
+    pub fn max_connections_per_user(mut self, n: usize) -> Self {
+        self.max_connections_per_user = n;
+        self
+    }
+
+    /// Sets how long shutdown waits for connections before dropping them.
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
     /// Checks that the configuration can work; [`run`] does this before serving.
     ///
     /// # Errors
@@ -211,9 +311,23 @@ impl ServerConfig {
                 "max_frame_bytes must be positive and at most hard_frame_bytes".into(),
             ));
         }
-        if self.outbound_queue == 0 || self.rate_limit.per_second == 0 {
+        if self.outbound_queue == 0
+            || self.outbound_queue_bytes == 0
+            || self.rate_limit.per_second == 0
+        {
             return Err(ServerError::Config(
-                "outbound_queue and rate_limit.per_second must be positive".into(),
+                "outbound_queue, outbound_queue_bytes and rate_limit.per_second must be positive"
+                    .into(),
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_user == 0 {
+            return Err(ServerError::Config(
+                "max_connections and max_connections_per_user must be at least 1".into(),
+            ));
+        }
+        if self.write_timeout.is_zero() || self.handshake_timeout.is_zero() {
+            return Err(ServerError::Config(
+                "write_timeout and handshake_timeout must be positive".into(),
             ));
         }
         Ok(())
@@ -239,6 +353,9 @@ pub enum ServerError {
 pub(crate) struct Frame {
     pub(crate) to: Recipient,
     pub(crate) text: Utf8Bytes,
+    /// False for the welcome and catch-up pages, which do not count against the
+    /// recipient's queue bounds (their size is the room's, sent once).
+    pub(crate) live: bool,
 }
 
 /// One room: the state machine (behind an async mutex: one message at a time), the
@@ -277,32 +394,36 @@ impl RoomHandle {
         }
     }
 
-    /// Queues each frame for its recipients. A member whose queue is full is dropped
-    /// (its connection closes; it catches up when it reconnects).
+    /// Queues each frame for its recipients; never waits. A member whose queue goes over
+    /// its bound is dropped, its queue freed (its connection closes; it catches up when it
+    /// reconnects); a member whose queue was closed is removed.
     pub(crate) fn deliver(&self, frames: Vec<Frame>, metrics: &Metrics) {
         let mut members = self.members.lock();
-        let mut slow = Vec::new();
+        let mut gone = Vec::new();
         for frame in frames {
             match frame.to {
                 Recipient::One(conn) => {
-                    if let Some(outbox) = members.get(&conn)
-                        && !outbox.push(frame.text)
-                    {
-                        slow.push(conn);
+                    if let Some(outbox) = members.get(&conn) {
+                        let pushed = outbox.push_frame(frame.text, frame.live);
+                        if pushed != Pushed::Queued {
+                            gone.push((conn, pushed));
+                        }
                     }
                 }
                 Recipient::AllExcept(except) => {
                     for (conn, outbox) in members.iter() {
-                        if *conn != except && !outbox.push(frame.text.clone()) {
-                            slow.push(*conn);
+                        if *conn != except {
+                            let pushed = outbox.push_frame(frame.text.clone(), frame.live);
+                            if pushed != Pushed::Queued {
+                                gone.push((*conn, pushed));
+                            }
                         }
                     }
                 }
             }
         }
-        for conn in slow {
-            if let Some(outbox) = members.remove(&conn) {
-                outbox.close();
+        for (conn, pushed) in gone {
+            if members.remove(&conn).is_some() && pushed == Pushed::Overflow {
                 Metrics::inc(&metrics.slow_consumers);
                 tracing::warn!(room = %self.id, conn, "dropping a connection that fell behind");
             }
@@ -317,8 +438,14 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rooms: parking_lot::Mutex<HashMap<String, Arc<RoomHandle>>>,
     pub(crate) next_conn: AtomicU64,
+    /// WebSocket and per-user connection slots.
+    pub(crate) budgets: Arc<Budgets>,
+    /// Shutdown has begun: stop accepting, close every connection.
     pub(crate) cancel: CancellationToken,
-    pub(crate) tracker: TaskTracker,
+    /// Shutdown's grace period is over: drop what is left.
+    pub(crate) stop: CancellationToken,
+    /// The connection tasks (the room-log writer is tracked apart: it always finishes).
+    pub(crate) conn_tasks: TaskTracker,
 }
 
 impl Shared {
@@ -377,7 +504,7 @@ pub async fn run(
 /// As [`run`].
 pub async fn run_with_metrics(
     listener: TcpListener,
-    config: ServerConfig,
+    mut config: ServerConfig,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
@@ -385,17 +512,39 @@ pub async fn run_with_metrics(
     if !config.open && config.token_secret.is_none() {
         tracing::warn!("no token secret and not in open mode: every hello will be refused");
     }
+    if let Some(files) = listener::open_file_limit()
+        && let Some(fit) =
+            listener::fit_to_files(config.max_connections, RESERVED_HTTP_SOCKETS, files)
+    {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            open_file_limit = files,
+            "the connection limit does not fit the open-file limit: serving at most {fit} \
+             connections (raise `ulimit -n`, or set a lower limit)"
+        );
+        config.max_connections = fit;
+    }
     let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let log = RoomLog::spawn(config.database.clone(), &tracker, Arc::clone(&metrics));
+    let stop = CancellationToken::new();
+    let conn_tasks = TaskTracker::new();
+    let writer = TaskTracker::new();
+    let log = RoomLog::spawn(config.database.clone(), &writer, Arc::clone(&metrics));
+    let limits = SocketLimits {
+        max_sockets: config.max_connections.saturating_add(RESERVED_HTTP_SOCKETS),
+        handshake_timeout: config.handshake_timeout,
+        write_timeout: config.write_timeout,
+    };
+    let grace = config.shutdown_grace;
     let shared = Arc::new(Shared {
+        budgets: Budgets::new(config.max_connections, config.max_connections_per_user),
         config,
         log,
-        metrics,
+        metrics: Arc::clone(&metrics),
         rooms: parking_lot::Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         cancel: cancel.clone(),
-        tracker: tracker.clone(),
+        stop: stop.clone(),
+        conn_tasks: conn_tasks.clone(),
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "kalphite sync server listening");
@@ -404,6 +553,7 @@ pub async fn run_with_metrics(
         .route("/sync", get(ws_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_handler))
+        .layer(axum::middleware::from_fn(handshake_deadline))
         .with_state(Arc::clone(&shared));
     drop(shared);
     let signal = {
@@ -416,38 +566,93 @@ pub async fn run_with_metrics(
             cancel.cancel();
         }
     };
-    // Small frames (acks, broadcasts) must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    // Shutdown is bounded whatever clients do: `grace` after it begins, every connection
+    // still open is dropped (its task ends, a socket not yet upgraded fails its I/O).
+    let deadline = tokio::spawn({
+        let cancel = cancel.clone();
+        let stop = stop.clone();
+        async move {
+            cancel.cancelled().await;
+            tokio::time::sleep(grace).await;
+            stop.cancel();
         }
     });
-    let served = axum::serve(listener, app)
+    let listener = BoundedListener::new(listener, limits, metrics, stop.clone());
+    let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(signal)
         .await;
     cancel.cancel();
-    tracker.close();
-    tracker.wait().await;
+    conn_tasks.close();
+    conn_tasks.wait().await;
+    // The last room-log commit always finishes (nothing acknowledged is lost).
+    writer.close();
+    writer.wait().await;
+    deadline.abort();
     tracing::info!("kalphite sync server stopped");
     served.map_err(ServerError::Io)
 }
 
-async fn ws_handler(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+/// Keeps a socket's header deadline off while one of its requests is handled, and starts
+/// it again for the next request once the response is ready (not after an upgrade).
+async fn handshake_deadline(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    peer.request_started();
+    let response = next.run(request).await;
+    peer.request_done();
+    response
+}
+
+async fn ws_handler(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    ws: WebSocketUpgrade,
+) -> Response {
     if shared.cancel.is_cancelled() {
-        return (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down\n",
-        )
-            .into_response();
+        return unavailable("shutting down\n");
     }
+    let Some(permit) = shared.budgets.connection() else {
+        Metrics::inc(&shared.metrics.connections_refused);
+        tracing::debug!("connection limit reached: upgrade refused");
+        return unavailable("too many connections: the server is at its connection limit\n");
+    };
     let hard = shared.config.hard_frame_bytes;
     let ws = ws
         .read_buffer_size(shared.config.read_buffer_bytes)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(hard)
         .max_frame_size(hard);
-    let tracker = shared.tracker.clone();
-    ws.on_upgrade(move |socket| tracker.track_future(conn::serve(socket, shared)))
+    peer.upgrade();
+    let tasks = shared.conn_tasks.clone();
+    ws.on_upgrade(move |socket| tasks.track_future(connection(socket, shared, peer, permit)))
+}
+
+/// A `503` that closes its socket.
+fn unavailable(body: &'static str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONNECTION, "close"), (header::RETRY_AFTER, "5")],
+        body,
+    )
+        .into_response()
+}
+
+/// One connection task: serves the WebSocket until it ends, or until shutdown's grace
+/// period is over (then it is dropped where it stands). The permit holds its slot.
+async fn connection(
+    socket: axum::extract::ws::WebSocket,
+    shared: Arc<Shared>,
+    peer: Peer,
+    permit: ConnectionPermit,
+) {
+    let stop = shared.stop.clone();
+    tokio::select! {
+        () = conn::serve(socket, shared, peer) => {}
+        () = stop.cancelled() => {}
+    }
+    drop(permit);
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

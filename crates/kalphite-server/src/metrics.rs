@@ -27,8 +27,24 @@ pub struct Metrics {
     pub auth_failures: AtomicU64,
     /// Room-log writes that failed.
     pub storage_errors: AtomicU64,
-    /// Connections dropped because they fell too far behind.
+    /// Connections dropped as too slow: their outbound queue went over its bound, or a
+    /// write to them made no progress for the write timeout.
     pub slow_consumers: AtomicU64,
+    /// Of those, the ones whose write stalled past the write timeout.
+    pub write_timeouts: AtomicU64,
+    /// Open TCP sockets, WebSocket or not (gauge).
+    pub sockets: AtomicU64,
+    /// Connections refused because the server was at its connection limit (a socket
+    /// closed at once, or a WebSocket upgrade answered 503).
+    pub connections_refused: AtomicU64,
+    /// Hellos refused because their user was at the per-user connection limit.
+    pub user_limit_refusals: AtomicU64,
+    /// Sockets closed because no complete HTTP request (or upgrade) arrived in time.
+    pub handshake_timeouts: AtomicU64,
+    /// Bytes waiting in the outbound queues of all connections (gauge).
+    pub outbound_bytes: AtomicU64,
+    /// The most bytes one connection's outbound queue has held since start (gauge).
+    pub outbound_peak_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -47,10 +63,33 @@ impl Metrics {
         counter.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Subtracts `n` from a gauge.
+    pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     #[must_use]
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        let mut out = String::new();
+        for (name, kind, help, value) in self.rows() {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        if let Some(bytes) = resident_bytes() {
+            let name = "kalphite_sync_process_resident_bytes";
+            let _ = writeln!(out, "# HELP {name} Resident memory of the server process.");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {bytes}");
+        }
+        out
+    }
+
+    /// Each metric's name, type, help text and value.
+    #[allow(clippy::too_many_lines, reason = "a table: one entry per metric")]
+    fn rows(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 18] {
+        [
             (
                 "kalphite_sync_connections",
                 "gauge",
@@ -114,23 +153,52 @@ impl Metrics {
             (
                 "kalphite_sync_slow_consumers_total",
                 "counter",
-                "Connections dropped for falling behind.",
+                "Connections dropped as too slow (queue over its bound, or a stalled write).",
                 &self.slow_consumers,
             ),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, value) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
-        }
-        if let Some(bytes) = resident_bytes() {
-            let name = "kalphite_sync_process_resident_bytes";
-            let _ = writeln!(out, "# HELP {name} Resident memory of the server process.");
-            let _ = writeln!(out, "# TYPE {name} gauge");
-            let _ = writeln!(out, "{name} {bytes}");
-        }
-        out
+            (
+                "kalphite_sync_write_timeouts_total",
+                "counter",
+                "Connections dropped because a write made no progress for the write timeout.",
+                &self.write_timeouts,
+            ),
+            (
+                "kalphite_sync_sockets",
+                "gauge",
+                "Open TCP sockets (WebSocket, HTTP, or not yet either).",
+                &self.sockets,
+            ),
+            (
+                "kalphite_sync_connections_refused_total",
+                "counter",
+                "Connections refused at the connection limit.",
+                &self.connections_refused,
+            ),
+            (
+                "kalphite_sync_user_limit_refusals_total",
+                "counter",
+                "Hellos refused at the per-user connection limit.",
+                &self.user_limit_refusals,
+            ),
+            (
+                "kalphite_sync_handshake_timeouts_total",
+                "counter",
+                "Sockets closed for sending no complete HTTP request in time.",
+                &self.handshake_timeouts,
+            ),
+            (
+                "kalphite_sync_outbound_bytes",
+                "gauge",
+                "Bytes queued for all connections.",
+                &self.outbound_bytes,
+            ),
+            (
+                "kalphite_sync_outbound_peak_bytes",
+                "gauge",
+                "Most bytes one connection's queue has held since start.",
+                &self.outbound_peak_bytes,
+            ),
+        ]
     }
 }
 

@@ -1,56 +1,156 @@
 //! A connection's outbound queue: frames the room addressed to it, waiting for its task
 //! to write them. Allocates nothing until the first frame (an idle connection costs a few
-//! words), is bounded (a client that falls further behind is dropped and catches up when
-//! it reconnects), and can be closed by the room.
+//! words), is bounded in frames and in bytes (a client that falls further behind is
+//! dropped at once, its queue freed, and catches up when it reconnects), and can be closed
+//! by the room.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::metrics::Metrics;
+
 /// Capacity kept after the queue drains; more is released.
 const KEEP_CAPACITY: usize = 16;
 
+/// Why a queue was closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// The room was reset after a failed write: what is queued is still written.
+    Reset,
+    /// The client fell behind (its queue went over a bound, or a write stalled): what was
+    /// queued is dropped.
+    Dropped,
+}
+
+/// What [`Outbox::push`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued.
+    Queued,
+    /// This frame would have taken the queue over a bound: the queue is now dropped
+    /// ([`Closed::Dropped`]) and counted as a slow consumer.
+    Overflow,
+    /// The queue was already closed; the frame is discarded.
+    Closed,
+}
+
+/// What [`Outbox::pop`] found.
+pub(crate) enum Popped {
+    Frame(Utf8Bytes),
+    Empty,
+    Closed(Closed),
+}
+
+/// A queued frame. Catch-up frames (the welcome and the pages after it) are not `live`:
+/// their size is the room's, sent once, so they do not count against the bounds; live
+/// traffic (acks, broadcasts, replies) does.
+struct Queued {
+    text: Utf8Bytes,
+    live: bool,
+}
+
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Utf8Bytes>,
-    closed: bool,
+    frames: VecDeque<Queued>,
+    /// Bytes of every queued frame.
+    bytes: usize,
+    /// Live frames and their bytes: what the bounds apply to.
+    live_frames: usize,
+    live_bytes: usize,
+    closed: Option<Closed>,
 }
 
 /// The queue.
 pub(crate) struct Outbox {
     state: Mutex<State>,
     ready: Notify,
-    limit: usize,
+    max_frames: usize,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Outbox {
-    pub(crate) fn new(limit: usize) -> Self {
+    /// A queue holding at most `max_frames` live frames and `max_bytes` bytes of them (one
+    /// frame is always accepted into an empty queue, whatever its size).
+    pub(crate) fn new(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
-            limit: limit.max(1),
+            max_frames: max_frames.max(1),
+            max_bytes: max_bytes.max(1),
+            metrics,
         }
     }
 
-    /// Queues a frame; `false` when the queue is full or closed.
-    pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
+    /// Queues a live frame (counted against the bounds).
+    pub(crate) fn push(&self, frame: Utf8Bytes) -> Pushed {
+        self.push_frame(frame, true)
+    }
+
+    /// Queues a frame; `live: false` for catch-up frames, which the bounds ignore.
+    pub(crate) fn push_frame(&self, text: Utf8Bytes, live: bool) -> Pushed {
+        let len = text.len();
         {
             let mut st = self.state.lock();
-            if st.closed || st.frames.len() >= self.limit {
-                return false;
+            if st.closed.is_some() {
+                return Pushed::Closed;
             }
-            st.frames.push_back(frame);
+            if live
+                && st.live_frames > 0
+                && (st.live_frames >= self.max_frames
+                    || st.live_bytes.saturating_add(len) > self.max_bytes)
+            {
+                self.drop_locked(&mut st);
+                Metrics::inc(&self.metrics.slow_consumers);
+                drop(st);
+                self.ready.notify_one();
+                return Pushed::Overflow;
+            }
+            st.bytes += len;
+            if live {
+                st.live_frames += 1;
+                st.live_bytes += len;
+            }
+            st.frames.push_back(Queued { text, live });
+            Metrics::add(&self.metrics.outbound_bytes, len as u64);
+            self.metrics
+                .outbound_peak_bytes
+                .fetch_max(st.bytes as u64, std::sync::atomic::Ordering::Relaxed);
         }
         self.ready.notify_one();
-        true
+        Pushed::Queued
     }
 
-    /// Closes the queue: the connection's task ends after what is queued.
+    /// Closes the queue after a room reset: the connection's task writes what is queued,
+    /// then ends.
     pub(crate) fn close(&self) {
-        self.state.lock().closed = true;
+        {
+            let mut st = self.state.lock();
+            if st.closed.is_none() {
+                st.closed = Some(Closed::Reset);
+            }
+        }
         self.ready.notify_one();
+    }
+
+    /// Drops the queue (the client is too slow, or the connection is ending): every queued
+    /// frame is freed now, later pushes are discarded.
+    pub(crate) fn abandon(&self) {
+        self.drop_locked(&mut self.state.lock());
+        self.ready.notify_one();
+    }
+
+    fn drop_locked(&self, st: &mut State) {
+        st.closed = Some(Closed::Dropped);
+        Metrics::sub(&self.metrics.outbound_bytes, st.bytes as u64);
+        *st = State {
+            closed: st.closed,
+            ..State::default()
+        };
     }
 
     /// Waits until frames are queued or the queue is closed.
@@ -58,7 +158,7 @@ impl Outbox {
         loop {
             {
                 let st = self.state.lock();
-                if st.closed || !st.frames.is_empty() {
+                if st.closed.is_some() || !st.frames.is_empty() {
                     return;
                 }
             }
@@ -66,14 +166,123 @@ impl Outbox {
         }
     }
 
-    /// Moves up to `max` queued frames into `out`; `false` once closed and drained.
-    pub(crate) fn drain(&self, out: &mut Vec<Utf8Bytes>, max: usize) -> bool {
+    /// Takes the oldest queued frame.
+    pub(crate) fn pop(&self) -> Popped {
         let mut st = self.state.lock();
-        let n = st.frames.len().min(max);
-        out.extend(st.frames.drain(..n));
-        if st.frames.is_empty() && st.frames.capacity() > KEEP_CAPACITY {
-            st.frames.shrink_to(KEEP_CAPACITY);
+        match st.frames.pop_front() {
+            Some(Queued { text, live }) => {
+                let len = text.len();
+                st.bytes -= len;
+                if live {
+                    st.live_frames -= 1;
+                    st.live_bytes -= len;
+                }
+                Metrics::sub(&self.metrics.outbound_bytes, len as u64);
+                if st.frames.is_empty() && st.frames.capacity() > KEEP_CAPACITY {
+                    st.frames.shrink_to(KEEP_CAPACITY);
+                }
+                Popped::Frame(text)
+            }
+            None => st.closed.map_or(Popped::Empty, Popped::Closed),
         }
-        !(st.closed && st.frames.is_empty() && n == 0)
+    }
+
+    /// Takes every queued frame (to write them before a close).
+    pub(crate) fn take_all(&self) -> Vec<Utf8Bytes> {
+        let mut st = self.state.lock();
+        Metrics::sub(&self.metrics.outbound_bytes, st.bytes as u64);
+        let frames = std::mem::take(&mut st.frames);
+        st.bytes = 0;
+        st.live_frames = 0;
+        st.live_bytes = 0;
+        frames.into_iter().map(|q| q.text).collect()
+    }
+
+    /// Bytes queued now.
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        Metrics::sub(
+            &self.metrics.outbound_bytes,
+            self.state.get_mut().bytes as u64,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Utf8Bytes {
+        Utf8Bytes::from("x".repeat(n))
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_queue_and_frees_it() {
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(1_000, 100, Arc::clone(&metrics));
+        assert_eq!(outbox.push(frame(60)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(40)), Pushed::Queued);
+        assert_eq!(outbox.queued_bytes(), 100);
+        assert_eq!(
+            metrics
+                .outbound_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            100
+        );
+        assert_eq!(outbox.push(frame(1)), Pushed::Overflow);
+        assert_eq!(outbox.queued_bytes(), 0, "the queue is freed at once");
+        assert_eq!(
+            metrics
+                .outbound_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        assert_eq!(
+            metrics
+                .slow_consumers
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(outbox.push(frame(1)), Pushed::Closed, "counted once");
+        assert!(matches!(outbox.pop(), Popped::Closed(Closed::Dropped)));
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_frame_of_any_size_and_catch_up_is_not_bounded() {
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(2, 100, Arc::clone(&metrics));
+        for _ in 0..10 {
+            assert_eq!(outbox.push_frame(frame(500), false), Pushed::Queued);
+        }
+        assert_eq!(outbox.push(frame(500)), Pushed::Queued, "first live frame");
+        assert_eq!(outbox.push(frame(1)), Pushed::Overflow);
+        let outbox = Outbox::new(2, 100, Arc::clone(&metrics));
+        assert_eq!(outbox.push(frame(1)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(1)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(1)), Pushed::Overflow, "frame bound");
+    }
+
+    #[test]
+    fn a_reset_queue_is_written_out_first() {
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(10, 100, Arc::clone(&metrics));
+        assert_eq!(outbox.push(frame(3)), Pushed::Queued);
+        outbox.close();
+        assert_eq!(outbox.push(frame(3)), Pushed::Closed);
+        assert!(matches!(outbox.pop(), Popped::Frame(_)));
+        assert!(matches!(outbox.pop(), Popped::Closed(Closed::Reset)));
+        drop(outbox);
+        assert_eq!(
+            metrics
+                .outbound_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 }
