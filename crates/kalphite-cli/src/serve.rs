@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use kalphite_db::{Database, DatabaseConfig};
-use kalphite_server::{MIN_SECRET_BYTES, ServerConfig, check_secret, issue_token, run};
+use kalphite_server::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_USER, MIN_SECRET_BYTES, ServerConfig,
+    check_secret, issue_token, run,
+};
 
 /// `kalphite serve`.
 #[derive(Debug, Args)]
@@ -40,6 +43,14 @@ pub(crate) struct ServeArgs {
     /// Messages per second one connection may send (bursts of twice that).
     #[arg(long, default_value_t = 1000)]
     pub rate_limit: u32,
+    /// Most sync connections at once; more are answered 503 (`/healthz` and `/metrics` keep
+    /// 16 sockets of their own). Lowered at start to fit the open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Most connections one user (a token's subject) may hold at once; a hello beyond it
+    /// is refused (`rate_limited`, close 1008).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_USER)]
+    pub max_connections_per_user: usize,
 }
 
 /// `kalphite token`.
@@ -178,11 +189,16 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.rate_limit == 0 {
         bail!("--rate-limit must be at least 1");
     }
+    if args.max_connections == 0 || args.max_connections_per_user == 0 {
+        bail!("--max-connections and --max-connections-per-user must be at least 1");
+    }
     // Before anything is opened or created: a bad secret is a one-line error.
     let (secret, auth) = server_secret(&args)?;
     let db = Database::open(DatabaseConfig::new(&args.db)).await?;
     let mut config = ServerConfig::new(db.clone())
         .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
+        .max_connections(args.max_connections)
+        .max_connections_per_user(args.max_connections_per_user)
         .open(args.open);
     if let Some(secret) = secret {
         config = config.token_secret(secret.into_bytes());
@@ -199,6 +215,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     println!("  database: {} ({})", db.target(), db.backend_name());
     println!("  auth: {auth}");
     println!("  health: http://{addr}/healthz   metrics: http://{addr}/metrics");
+    println!(
+        "  limits: {} connections, {} per user",
+        args.max_connections, args.max_connections_per_user
+    );
     println!(
         "  connect a client: kalphite todo --server ws://{addr} --room todo{} list",
         if args.open { "" } else { " --token TOKEN" }
@@ -259,6 +279,35 @@ mod tests {
         assert!(parse_ttl("soon").is_err());
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("5y").is_err());
+    }
+
+    #[test]
+    fn connection_limits_have_flags_with_the_servers_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = Cli::parse_from(["kalphite", "--open"]).serve;
+        assert_eq!(args.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            args.max_connections_per_user,
+            DEFAULT_MAX_CONNECTIONS_PER_USER
+        );
+        let args = Cli::parse_from([
+            "kalphite",
+            "--open",
+            "--max-connections",
+            "200",
+            "--max-connections-per-user",
+            "4",
+        ])
+        .serve;
+        assert_eq!(
+            (args.max_connections, args.max_connections_per_user),
+            (200, 4)
+        );
     }
 
     #[test]
