@@ -173,9 +173,9 @@ pub(crate) fn authorize(
     room: &str,
 ) -> Result<Option<String>, AuthError> {
     match (token, secret) {
-        (None, _) if open => Ok(None),
+        // Open mode lets in a hello without a token, or any hello when there is no secret.
+        (None, _) | (Some(_), None) if open => Ok(None),
         (None, _) => Err(AuthError::Missing),
-        (Some(_), None) if open => Ok(None),
         (Some(_), None) => Err(AuthError::Invalid(
             "the server has no token secret configured".into(),
         )),

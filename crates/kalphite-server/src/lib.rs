@@ -24,6 +24,14 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
+#![allow(
+    clippy::must_use_candidate,
+    clippy::too_many_lines,
+    clippy::single_match_else
+)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
 mod auth;
 mod conn;
 mod limits;

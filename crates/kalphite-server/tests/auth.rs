@@ -45,7 +45,7 @@ async fn bad_tokens_are_refused_with_a_clear_error() {
         b"another-secret-that-is-long-enough-too",
         "mallory",
         &["r"],
-        std::time::Duration::from_secs(60),
+        std::time::Duration::from_mins(1),
     )
     .expect("token");
     let (code, msg) = refused(&url, "r", Some(&forged)).await;
@@ -150,7 +150,7 @@ async fn a_server_with_a_short_secret_refuses_to_start() {
     ok.validate().expect("32 bytes are enough");
     // Nor can a short secret sign or check tokens.
     assert!(matches!(
-        kalphite_server::issue_token(b"", "u", &["r"], std::time::Duration::from_secs(60)),
+        kalphite_server::issue_token(b"", "u", &["r"], std::time::Duration::from_mins(1)),
         Err(kalphite_server::AuthError::WeakSecret(_))
     ));
     let forged = jsonwebtoken::encode(

@@ -11,6 +11,8 @@ use kalphite_sync::{ErrorCode, ServerMessage};
 use serde_json::{Value, json};
 
 /// A change frame of `todo/id` with this message id and clock.
+// Callers hand over `json!(..)` values, as to `json!` itself.
+#[allow(clippy::needless_pass_by_value)]
 fn frame(message_id: &str, user: &str, id: &str, data: Value, vector: Value) -> Value {
     json!({
         "type": "change", "messageId": message_id, "userId": user, "timestamp": 1_700_000_000_000u64,

@@ -1,5 +1,5 @@
 //! The server's room log on PostgreSQL: acknowledged changes survive a server restart.
-//! Runs when `KALPHITE_PG_URL` is set (e.g. postgres://postgres@127.0.0.1:5432/test);
+//! Runs when `KALPHITE_PG_URL` is set (e.g. `postgres://postgres@127.0.0.1:5432/test`);
 //! otherwise it says loudly that it was skipped.
 
 mod common;

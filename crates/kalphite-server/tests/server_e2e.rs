@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use kalphite::Durability;
 use kalphite_sync::{ConflictPolicy, ServerMessage, Strategy};
 use rand::rngs::StdRng;
@@ -201,7 +202,6 @@ async fn conflict_under(
         .expect("durable");
     let state = converge(&refs).await;
     // Whichever edit the room took second was concurrent: its author gets a notice.
-    use futures_util::StreamExt;
     let mut events = events;
     guard(async {
         while let Some(e) = events.next().await {

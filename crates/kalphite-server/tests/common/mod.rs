@@ -20,28 +20,28 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 /// At least `MIN_SECRET_BYTES` (32) long, or the server refuses to start.
-pub const SECRET: &[u8] = b"kalphite-test-secret-0123456789abcdef";
+pub(crate) const SECRET: &[u8] = b"kalphite-test-secret-0123456789abcdef";
 /// Hang guard for every wait.
-pub const GUARD: Duration = Duration::from_secs(30);
+pub(crate) const GUARD: Duration = Duration::from_secs(30);
 
 /// A running server.
-pub struct Server {
+pub(crate) struct Server {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), kalphite_server::ServerError>>>,
 }
 
 impl Server {
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("ws://{}/sync", self.addr)
     }
 
-    pub fn http(&self, path: &str) -> String {
+    pub(crate) fn http(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
     /// Graceful shutdown; waits for the server to finish.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -51,25 +51,25 @@ impl Server {
     }
 }
 
-pub async fn sqlite(path: &Path) -> Database {
+pub(crate) async fn sqlite(path: &Path) -> Database {
     Database::open(DatabaseConfig::new(format!("sqlite:{}", path.display())))
         .await
         .expect("open sqlite")
 }
 
-pub async fn memory_db() -> Database {
+pub(crate) async fn memory_db() -> Database {
     Database::open(DatabaseConfig::new("sqlite::memory:"))
         .await
         .expect("open sqlite memory")
 }
 
 /// Starts a server on 127.0.0.1:0.
-pub async fn start(config: ServerConfig) -> Server {
+pub(crate) async fn start(config: ServerConfig) -> Server {
     start_at("127.0.0.1:0".parse().expect("addr"), config).await
 }
 
 /// Starts a server on `addr` (a restart reuses the old port).
-pub async fn start_at(addr: SocketAddr, config: ServerConfig) -> Server {
+pub(crate) async fn start_at(addr: SocketAddr, config: ServerConfig) -> Server {
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, rx) = oneshot::channel::<()>();
@@ -84,16 +84,16 @@ pub async fn start_at(addr: SocketAddr, config: ServerConfig) -> Server {
 }
 
 /// A server config over `db` with the test secret.
-pub fn config(db: Database) -> ServerConfig {
+pub(crate) fn config(db: Database) -> ServerConfig {
     ServerConfig::new(db).token_secret(SECRET.to_vec())
 }
 
-pub fn token(user: &str, rooms: &[&str]) -> String {
-    kalphite_server::issue_token(SECRET, user, rooms, Duration::from_secs(3600)).expect("token")
+pub(crate) fn token(user: &str, rooms: &[&str]) -> String {
+    kalphite_server::issue_token(SECRET, user, rooms, Duration::from_hours(1)).expect("token")
 }
 
 /// Client config with short timings for tests.
-pub fn client_config(url: &str, room: &str, user: &str, replica: &str) -> SyncConfig {
+pub(crate) fn client_config(url: &str, room: &str, user: &str, replica: &str) -> SyncConfig {
     SyncConfig::new(url, room)
         .user(user)
         .auth_token(token(user, &[room]))
@@ -103,21 +103,21 @@ pub fn client_config(url: &str, room: &str, user: &str, replica: &str) -> SyncCo
         .backoff(Duration::from_millis(20), Duration::from_millis(200))
 }
 
-pub async fn client(db: &Database, config: SyncConfig) -> (Store, SyncClient) {
+pub(crate) async fn client(db: &Database, config: SyncConfig) -> (Store, SyncClient) {
     connect_store(Store::builder(), db, config)
         .await
         .expect("connect_store")
 }
 
 /// Awaits `f` under the hang guard.
-pub async fn guard<T>(f: impl Future<Output = T>) -> T {
+pub(crate) async fn guard<T>(f: impl Future<Output = T>) -> T {
     tokio::time::timeout(GUARD, f)
         .await
         .expect("hang guard: the operation did not finish")
 }
 
 /// Polls `cond` every 5 ms until true (hang guard: panics with `what` after GUARD).
-pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + GUARD;
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "hang guard: {what}");
@@ -125,7 +125,7 @@ pub async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-pub async fn wait_connected(client: &SyncClient) {
+pub(crate) async fn wait_connected(client: &SyncClient) {
     let mut rx = client.status_watch();
     guard(rx.wait_for(|s| *s == ConnectionStatus::Connected))
         .await
@@ -133,7 +133,7 @@ pub async fn wait_connected(client: &SyncClient) {
 }
 
 /// The store's contents: (kind, id) → data.
-pub fn snapshot(store: &Store) -> BTreeMap<(String, String), Value> {
+pub(crate) fn snapshot(store: &Store) -> BTreeMap<(String, String), Value> {
     store
         .all()
         .into_iter()
@@ -148,7 +148,9 @@ pub fn snapshot(store: &Store) -> BTreeMap<(String, String), Value> {
 
 /// Waits until every client has an empty offline queue, the same room version, and the
 /// same store contents; returns that contents.
-pub async fn converge(clients: &[(&Store, &SyncClient)]) -> BTreeMap<(String, String), Value> {
+pub(crate) async fn converge(
+    clients: &[(&Store, &SyncClient)],
+) -> BTreeMap<(String, String), Value> {
     wait_for("clients converge", || {
         let first = snapshot(clients[0].0);
         let v = clients[0].1.room_version();
@@ -161,46 +163,49 @@ pub async fn converge(clients: &[(&Store, &SyncClient)]) -> BTreeMap<(String, St
 }
 
 /// A raw protocol client for wire-level tests.
-pub struct Raw {
+pub(crate) struct Raw {
     pub ws: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
 }
 
 impl Raw {
-    pub async fn connect(url: &str) -> Raw {
+    pub(crate) async fn connect(url: &str) -> Raw {
         let (ws, _) = guard(tokio_tungstenite::connect_async(url))
             .await
             .expect("raw connect");
         Raw { ws }
     }
 
-    pub async fn send(&mut self, text: impl Into<String>) {
+    pub(crate) async fn send(&mut self, text: impl Into<String>) {
         self.ws
             .send(Message::Text(text.into().into()))
             .await
             .expect("raw send");
     }
 
-    pub async fn send_json(&mut self, value: Value) {
+    pub(crate) async fn send_json(&mut self, value: Value) {
         self.send(value.to_string()).await;
     }
 
     /// The next server message (skipping non-text frames); `None` when the connection ended.
-    pub async fn recv(&mut self) -> Option<ServerMessage> {
+    pub(crate) async fn recv(&mut self) -> Option<ServerMessage> {
         loop {
             match guard(self.ws.next()).await {
                 Some(Ok(Message::Text(t))) => {
                     return Some(decode_server(t.as_str(), 64 << 20).expect("server frame"));
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
                 Some(Ok(_)) => {}
             }
         }
     }
 
     /// Receives until `pick` matches.
-    pub async fn recv_until<T>(&mut self, mut pick: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+    pub(crate) async fn recv_until<T>(
+        &mut self,
+        mut pick: impl FnMut(&ServerMessage) -> Option<T>,
+    ) -> T {
         loop {
             let m = self.recv().await.expect("connection ended while waiting");
             if let Some(t) = pick(&m) {
@@ -209,13 +214,19 @@ impl Raw {
         }
     }
 
-    pub async fn hello(&mut self, room: &str, user: &str, token: Option<&str>) {
+    pub(crate) async fn hello(&mut self, room: &str, user: &str, token: Option<&str>) {
         self.hello_as(room, user, &format!("raw-{user}"), token)
             .await;
     }
 
     /// A hello with the replica id `replica`.
-    pub async fn hello_as(&mut self, room: &str, user: &str, replica: &str, token: Option<&str>) {
+    pub(crate) async fn hello_as(
+        &mut self,
+        room: &str,
+        user: &str,
+        replica: &str,
+        token: Option<&str>,
+    ) {
         let mut payload = serde_json::json!({
             "protocolVersion": 1, "roomId": room, "replicaId": replica, "lastVersion": 0
         });
@@ -230,7 +241,7 @@ impl Raw {
     }
 
     /// Hello + wait for the welcome and the complete catch-up.
-    pub async fn join(&mut self, room: &str, user: &str) {
+    pub(crate) async fn join(&mut self, room: &str, user: &str) {
         self.hello(room, user, Some(&token(user, &[room]))).await;
         self.recv_until(|m| match m {
             ServerMessage::CatchUp(c) if c.payload.complete => Some(()),
@@ -242,7 +253,15 @@ impl Raw {
 }
 
 /// A raw change frame.
-pub fn change_frame(message_id: &str, user: &str, id: &str, data: Value, clock: u64) -> Value {
+// Callers hand over `json!(..)` values, as to `json!` itself.
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn change_frame(
+    message_id: &str,
+    user: &str,
+    id: &str,
+    data: Value,
+    clock: u64,
+) -> Value {
     serde_json::json!({
         "type": "change", "messageId": message_id, "userId": user, "timestamp": 1_700_000_000_000u64,
         "payload": {
@@ -254,7 +273,7 @@ pub fn change_frame(message_id: &str, user: &str, id: &str, data: Value, clock: 
 }
 
 /// Minimal HTTP GET over a raw TCP stream (no HTTP client dependency).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = guard(tokio::net::TcpStream::connect(addr))
         .await
