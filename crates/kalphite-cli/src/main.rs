@@ -1,13 +1,6 @@
 //! `kalphite`: the sync server, a local-first todo app, and admin tools — a thin layer
 //! of argument parsing over the kalphite libraries.
 
-#![warn(missing_docs, unreachable_pub, clippy::pedantic)]
-#![allow(
-    clippy::must_use_candidate,
-    clippy::too_many_lines,
-    clippy::single_match_else
-)]
-
 mod admin;
 mod bench;
 mod loadgen;
