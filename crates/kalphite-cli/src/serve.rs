@@ -194,7 +194,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     }
     // Before anything is opened or created: a bad secret is a one-line error.
     let (secret, auth) = server_secret(&args)?;
-    let db = Database::open(DatabaseConfig::new(&args.db)).await?;
+    // One server per database: a second one on the same SQLite file or PostgreSQL schema
+    // is refused here, before it writes anything (kalphite_db::Error::Busy, one line).
+    let db = Database::open(DatabaseConfig::new(&args.db).writer_lock(true)).await?;
     let mut config = ServerConfig::new(db.clone())
         .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
         .max_connections(args.max_connections)

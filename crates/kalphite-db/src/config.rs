@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use kalphite::SharedSchema;
 
@@ -42,6 +43,16 @@ pub struct DatabaseConfig {
     pub postgres_schema: Option<String>,
     /// PostgreSQL only: the connection pool size (default 8).
     pub pool_size: usize,
+    /// Take the database's writer lock when opening it (default off): one process writes
+    /// the database at a time; another opener with this on waits up to
+    /// [`DatabaseConfig::writer_lock_wait`], then is refused with [`Error::Busy`]. SQLite:
+    /// an exclusive lock on `<file>.lock` beside it, holding the pid; PostgreSQL: an
+    /// advisory lock on a key derived from the schema, held by a connection of its own
+    /// until the database is closed or dropped. (Readers never need it.)
+    pub writer_lock: bool,
+    /// How long opening waits for a writer lock held by another process (default 3 s:
+    /// enough for one that is shutting down to let go).
+    pub writer_lock_wait: Duration,
 }
 
 impl DatabaseConfig {
@@ -58,6 +69,8 @@ impl DatabaseConfig {
             max_storage_mb: None,
             postgres_schema: None,
             pool_size: 8,
+            writer_lock: false,
+            writer_lock_wait: Duration::from_secs(3),
         }
     }
 
@@ -110,6 +123,20 @@ impl DatabaseConfig {
         self
     }
 
+    /// Takes the writer lock when opening (see [`DatabaseConfig::writer_lock`]).
+    #[must_use]
+    pub fn writer_lock(mut self, on: bool) -> Self {
+        self.writer_lock = on;
+        self
+    }
+
+    /// Sets how long opening waits for a writer lock held by another process.
+    #[must_use]
+    pub fn writer_lock_wait(mut self, wait: Duration) -> Self {
+        self.writer_lock_wait = wait;
+        self
+    }
+
     /// Sets the PostgreSQL pool size.
     #[must_use]
     pub fn pool_size(mut self, size: usize) -> Self {
@@ -130,6 +157,8 @@ impl fmt::Debug for DatabaseConfig {
             .field("max_storage_mb", &self.max_storage_mb)
             .field("postgres_schema", &self.postgres_schema)
             .field("pool_size", &self.pool_size)
+            .field("writer_lock", &self.writer_lock)
+            .field("writer_lock_wait", &self.writer_lock_wait)
             .finish()
     }
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use kalphite::{Change, Entity, EntityId, Kind, Op, SharedSchema, now_millis};
 use serde_json::Value;
@@ -19,6 +20,7 @@ use crate::quota::Quota;
 use crate::sqlite::Sqlite;
 use crate::storable::check_storable;
 use crate::sync_state::{SyncTables, SyncWrite};
+use crate::writer_lock::{LockTarget, WriterLock};
 
 /// An open database: SQLite or PostgreSQL behind one API. A cheap `Clone` handle.
 ///
@@ -46,6 +48,14 @@ struct Inner {
     migrations: Vec<Migration>,
     /// What was opened, for messages (passwords redacted).
     label: String,
+    /// The writer lock, once taken (see [`DatabaseConfig::writer_lock`]). An async mutex:
+    /// taking the lock waits, and a second taker must wait for the first, not fail.
+    writer: tokio::sync::Mutex<Option<WriterLock>>,
+    /// Whether `writer` holds the lock, readable without waiting.
+    holds_writer: AtomicBool,
+    /// What the writer lock is taken on.
+    lock_target: LockTarget,
+    writer_lock_wait: std::time::Duration,
 }
 
 impl std::fmt::Debug for Database {
@@ -63,37 +73,58 @@ impl Database {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`], [`Error::Connect`] (naming what was tried), migration errors,
-    /// and [`Error::NotMigrated`] when migrations are off and some are pending.
+    /// [`Error::NotMigrated`] when migrations are off and some are pending, and
+    /// [`Error::Busy`] when [`DatabaseConfig::writer_lock`] is on and another process
+    /// holds the lock.
     pub async fn open(config: DatabaseConfig) -> Result<Self> {
         let target = parse_url(&config.url)?;
-        let (backend, label, default_backup_dir): (Box<dyn Backend>, String, Option<PathBuf>) =
-            match &target {
-                Target::SqliteMemory => (
-                    Box::new(Sqlite::open(None).await?),
-                    "sqlite::memory:".into(),
-                    None,
-                ),
-                Target::SqliteFile(path) => {
-                    let dir = path.parent().map(|p| {
-                        if p.as_os_str().is_empty() {
-                            PathBuf::from(".")
-                        } else {
-                            p.to_path_buf()
-                        }
-                    });
-                    (
-                        Box::new(Sqlite::open(Some(path)).await?),
-                        path.display().to_string(),
-                        dir,
-                    )
+        let wait = config.writer_lock_wait;
+        // A SQLite file is locked before it is opened; PostgreSQL once connected. Either
+        // way before any migration runs.
+        let mut writer = None;
+        let (backend, label, default_backup_dir, lock_target): (
+            Box<dyn Backend>,
+            String,
+            Option<PathBuf>,
+            LockTarget,
+        ) = match &target {
+            Target::SqliteMemory => (
+                Box::new(Sqlite::open(None).await?),
+                "sqlite::memory:".into(),
+                None,
+                LockTarget::Private,
+            ),
+            Target::SqliteFile(path) => {
+                if config.writer_lock {
+                    writer = Some(WriterLock::sqlite(path, wait).await?);
                 }
-                Target::Postgres(url) => {
-                    let pg =
-                        Postgres::open(url, config.postgres_schema.as_deref(), config.pool_size)
-                            .await?;
-                    (Box::new(pg), redact(url), None)
-                }
-            };
+                let dir = path.parent().map(|p| {
+                    if p.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        p.to_path_buf()
+                    }
+                });
+                (
+                    Box::new(Sqlite::open(Some(path)).await?),
+                    path.display().to_string(),
+                    dir,
+                    LockTarget::File(path.clone()),
+                )
+            }
+            Target::Postgres(url) => {
+                let pg = Postgres::open(url, config.postgres_schema.as_deref(), config.pool_size)
+                    .await?;
+                let lock_target = LockTarget::Postgres {
+                    config: Box::new(pg.connect_config().clone()),
+                    schema: config.postgres_schema.clone(),
+                };
+                (Box::new(pg), redact(url), None, lock_target)
+            }
+        };
+        if config.writer_lock && writer.is_none() {
+            writer = Some(lock_target.acquire(&label, wait).await?);
+        }
         let migrations = migration::all_migrations(&config.app_migrations, backend.dialect())?;
         let backup_dir = config.backup_dir.clone().or(default_backup_dir);
         if config.backup_before_migrate && backup_dir.is_none() {
@@ -108,6 +139,10 @@ impl Database {
                 quota: config.max_storage_mb.map(|limit_mb| Quota { limit_mb }),
                 migrations,
                 label,
+                holds_writer: AtomicBool::new(writer.is_some()),
+                writer: tokio::sync::Mutex::new(writer),
+                lock_target,
+                writer_lock_wait: wait,
             }),
         };
         let applied: Vec<i64> = db
@@ -143,6 +178,34 @@ impl Database {
             db.migrate_to(None).await?;
         }
         Ok(db)
+    }
+
+    /// Takes the database's writer lock, if this handle does not hold it yet (see
+    /// [`DatabaseConfig::writer_lock`], which takes it when opening): after `Ok`, no other
+    /// process holding the lock writes this database until this one is closed or dropped.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when another process holds it past the configured wait (naming the
+    /// holder when known), [`Error::Io`] or [`Error::Connect`] when the lock cannot be
+    /// taken at all.
+    pub async fn lock_writer(&self) -> Result<()> {
+        let mut writer = self.inner.writer.lock().await;
+        if writer.is_none() {
+            let lock = self
+                .inner
+                .lock_target
+                .acquire(&self.inner.label, self.inner.writer_lock_wait)
+                .await?;
+            *writer = Some(lock);
+            self.inner.holds_writer.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Whether this handle holds the database's writer lock.
+    #[must_use]
+    pub fn holds_writer_lock(&self) -> bool {
+        self.inner.holds_writer.load(Ordering::Acquire)
     }
 
     /// `sqlite` or `postgres`.
@@ -634,12 +697,17 @@ impl Database {
         self.restore(&bytes).await
     }
 
-    /// Closes the database: waits for the SQLite thread to finish, or closes the pool.
-    /// Later calls fail with [`Error::Closed`].
+    /// Closes the database: waits for the SQLite thread to finish, or closes the pool,
+    /// then releases the writer lock if held. Later calls fail with [`Error::Closed`].
     ///
     /// # Errors
     /// Backend errors.
     pub async fn close(&self) -> Result<()> {
-        self.inner.backend.close().await
+        let closed = self.inner.backend.close().await;
+        if let Some(lock) = self.inner.writer.lock().await.take() {
+            self.inner.holds_writer.store(false, Ordering::Release);
+            lock.release().await;
+        }
+        closed
     }
 }

@@ -211,6 +211,20 @@ pub enum Error {
         source: kalphite::Error,
     },
 
+    /// Another process holds the database's writer lock (see
+    /// [`crate::DatabaseConfig::writer_lock`]): one process writes it at a time.
+    #[error(
+        "{target} is already being written by another process{}; only one process may write \
+         it at a time: stop that one, or use another database",
+        holder.as_ref().map_or_else(String::new, |h| format!(" ({h})"))
+    )]
+    Busy {
+        /// The database: the SQLite file, or the PostgreSQL URL (redacted) and schema.
+        target: String,
+        /// Who holds the lock, when known: a pid, or PostgreSQL's view of the connection.
+        holder: Option<String>,
+    },
+
     /// The database was closed.
     #[error("the database is closed")]
     Closed,

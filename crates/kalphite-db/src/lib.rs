@@ -22,6 +22,8 @@
 //! - `quota`: the storage quota and a batch's net growth.
 //! - `storable`: [`check_storable`], what every backend can store (no NUL characters).
 //! - `target`: `impl FlushTarget for Database`.
+//! - `writer_lock`: one writer per database (a lock file beside SQLite, an advisory lock
+//!   per PostgreSQL schema); see [`DatabaseConfig::writer_lock`].
 //!
 //! Only [`backup`] is a public module (its `Header` and `Record` name lines of a backup
 //! file); every other public item is re-exported at the crate root.
@@ -65,6 +67,7 @@ mod storable;
 mod store;
 mod sync_state;
 mod target;
+mod writer_lock;
 
 pub use backend::StoredEntity;
 pub use config::DatabaseConfig;

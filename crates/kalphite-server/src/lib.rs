@@ -104,6 +104,9 @@ impl Default for RateLimit {
 #[non_exhaustive]
 pub struct ServerConfig {
     /// Where the room log lives (SQLite by default, PostgreSQL for shared deployments).
+    /// One server per database: open it with `DatabaseConfig::writer_lock(true)` (as
+    /// `kalphite serve` does), so a second server on the same SQLite file or PostgreSQL
+    /// schema is refused when it opens the database instead of corrupting the log.
     pub database: Database,
     /// The HS256 secret that room tokens are signed with: at least [`MIN_SECRET_BYTES`]
     /// bytes, or [`run`] refuses to start.

@@ -101,6 +101,8 @@ pub(crate) type Param = Box<dyn ToSql + Sync + Send>;
 pub(crate) struct Postgres {
     pool: Pool,
     label: String,
+    /// The pool's connection settings, for a connection of another role (the writer lock).
+    config: tokio_postgres::Config,
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -141,7 +143,7 @@ impl Postgres {
             );
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -154,7 +156,11 @@ impl Postgres {
                 target: label.clone(),
                 message: e.to_string(),
             })?;
-        let db = Self { pool, label };
+        let db = Self {
+            pool,
+            label,
+            config,
+        };
         let client = db.pool.get().await.map_err(|e| Error::Connect {
             target: db.label.clone(),
             message: e.to_string(),
@@ -181,6 +187,11 @@ impl Postgres {
         }
         drop(client);
         Ok(db)
+    }
+
+    /// The pool's connection settings (with the schema as `search_path`).
+    pub(crate) fn connect_config(&self) -> &tokio_postgres::Config {
+        &self.config
     }
 
     async fn write_once(&self, writes: &[Write], quota: Option<Quota>) -> Result<Vec<bool>> {
