@@ -6,7 +6,7 @@
 //! first keeps working.
 //!
 //! The PostgreSQL half runs when `KALPHITE_PG_URL` is set (e.g.
-//! postgres://postgres@127.0.0.1:5432/test); otherwise it says loudly that it was skipped.
+//! `postgres://postgres@127.0.0.1:5432/test`); otherwise it says loudly that it was skipped.
 
 mod common;
 
