@@ -51,6 +51,12 @@ pub(crate) struct ServeArgs {
     /// is refused (`rate_limited`, close 1008).
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_USER)]
     pub max_connections_per_user: usize,
+    /// Wait for the disk before acknowledging: acknowledged changes then survive an OS
+    /// crash or power loss, not only a crash of the server (SQLite `synchronous = FULL`;
+    /// PostgreSQL `synchronous_commit = on`, which also waits for synchronous standbys).
+    /// Without it: SQLite `synchronous = NORMAL`, PostgreSQL `synchronous_commit = local`.
+    #[arg(long)]
+    pub fsync: bool,
 }
 
 /// `kalphite token`.
@@ -184,6 +190,26 @@ fn server_secret(args: &ServeArgs) -> Result<(Option<String>, String)> {
     Ok((Some(secret), auth))
 }
 
+/// What an acknowledged change survives, per backend and mode (README, "What is
+/// guaranteed").
+fn survives(backend: &str, fsync: bool) -> &'static str {
+    match (backend, fsync) {
+        ("sqlite", false) => {
+            "an acknowledged change survives a crash of this process, not an OS crash or \
+             power loss; --fsync for that"
+        }
+        ("sqlite", true) => "an acknowledged change survives an OS crash or power loss",
+        (_, false) => {
+            "an acknowledged change is on the database host's disk; it does not wait for \
+             synchronous standbys (--fsync)"
+        }
+        (_, true) => {
+            "an acknowledged change is on the database host's disk and on any synchronous \
+             standby"
+        }
+    }
+}
+
 /// Runs the server until Ctrl-C.
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.rate_limit == 0 {
@@ -196,7 +222,17 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let (secret, auth) = server_secret(&args)?;
     // One server per database: a second one on the same SQLite file or PostgreSQL schema
     // is refused here, before it writes anything (kalphite_db::Error::Busy, one line).
-    let db = Database::open(DatabaseConfig::new(&args.db).writer_lock(true)).await?;
+    let db = Database::open(
+        DatabaseConfig::new(&args.db)
+            .writer_lock(true)
+            .fsync(args.fsync),
+    )
+    .await?;
+    let durability = format!(
+        "{} ({})",
+        db.commit_sync().await?,
+        survives(db.backend_name(), args.fsync)
+    );
     let mut config = ServerConfig::new(db.clone())
         .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
         .max_connections(args.max_connections)
@@ -215,6 +251,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     }
     println!("kalphite sync server listening on ws://{addr}/sync");
     println!("  database: {} ({})", db.target(), db.backend_name());
+    println!("  durability: {durability}");
     println!("  auth: {auth}");
     println!("  health: http://{addr}/healthz   metrics: http://{addr}/metrics");
     println!(

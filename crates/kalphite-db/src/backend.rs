@@ -77,6 +77,9 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn kinds(&self) -> Result<Vec<(Kind, u64)>>;
     /// Bytes the quota counts as used.
     async fn storage_bytes(&self) -> Result<u64>;
+    /// What a commit waits for, as the database reports it (see
+    /// [`crate::Database::commit_sync`]).
+    async fn commit_sync(&self) -> Result<String>;
     async fn close(&self) -> Result<()>;
 }
 

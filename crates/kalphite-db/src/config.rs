@@ -19,6 +19,10 @@ use crate::migration::Migration;
 /// ```
 #[derive(Clone)]
 #[non_exhaustive]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent switches, each set by a builder method of its own"
+)]
 pub struct DatabaseConfig {
     /// `sqlite:PATH` (a file, created if missing), `sqlite::memory:` (private, in memory)
     /// or `postgres://user[:password]@host[:port]/dbname`.
@@ -43,6 +47,14 @@ pub struct DatabaseConfig {
     pub postgres_schema: Option<String>,
     /// PostgreSQL only: the connection pool size (default 8).
     pub pool_size: usize,
+    /// What a commit waits for (default off). Off: SQLite `synchronous = NORMAL` (WAL),
+    /// so a committed write survives a crash of the process but not an OS crash or power
+    /// loss; PostgreSQL `synchronous_commit = local`, so it waits for the local WAL flush
+    /// (it survives both, on a disk that honours flushes) but not for synchronous standbys.
+    /// On: SQLite `synchronous = FULL`, the WAL is synced at every commit (it survives an
+    /// OS crash or power loss); PostgreSQL `synchronous_commit = on`, a commit also waits
+    /// for the synchronous standbys named in `synchronous_standby_names`, if any.
+    pub fsync: bool,
     /// Take the database's writer lock when opening it (default off): one process writes
     /// the database at a time; another opener with this on waits up to
     /// [`DatabaseConfig::writer_lock_wait`], then is refused with [`Error::Busy`]. SQLite:
@@ -69,6 +81,7 @@ impl DatabaseConfig {
             max_storage_mb: None,
             postgres_schema: None,
             pool_size: 8,
+            fsync: false,
             writer_lock: false,
             writer_lock_wait: Duration::from_secs(3),
         }
@@ -123,6 +136,13 @@ impl DatabaseConfig {
         self
     }
 
+    /// Makes every commit wait for the disk (see [`DatabaseConfig::fsync`]).
+    #[must_use]
+    pub fn fsync(mut self, on: bool) -> Self {
+        self.fsync = on;
+        self
+    }
+
     /// Takes the writer lock when opening (see [`DatabaseConfig::writer_lock`]).
     #[must_use]
     pub fn writer_lock(mut self, on: bool) -> Self {
@@ -157,6 +177,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("max_storage_mb", &self.max_storage_mb)
             .field("postgres_schema", &self.postgres_schema)
             .field("pool_size", &self.pool_size)
+            .field("fsync", &self.fsync)
             .field("writer_lock", &self.writer_lock)
             .field("writer_lock_wait", &self.writer_lock_wait)
             .finish()

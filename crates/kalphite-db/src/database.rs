@@ -89,7 +89,7 @@ impl Database {
             LockTarget,
         ) = match &target {
             Target::SqliteMemory => (
-                Box::new(Sqlite::open(None).await?),
+                Box::new(Sqlite::open(None, config.fsync).await?),
                 "sqlite::memory:".into(),
                 None,
                 LockTarget::Private,
@@ -106,15 +106,20 @@ impl Database {
                     }
                 });
                 (
-                    Box::new(Sqlite::open(Some(path)).await?),
+                    Box::new(Sqlite::open(Some(path), config.fsync).await?),
                     path.display().to_string(),
                     dir,
                     LockTarget::File(path.clone()),
                 )
             }
             Target::Postgres(url) => {
-                let pg = Postgres::open(url, config.postgres_schema.as_deref(), config.pool_size)
-                    .await?;
+                let pg = Postgres::open(
+                    url,
+                    config.postgres_schema.as_deref(),
+                    config.pool_size,
+                    config.fsync,
+                )
+                .await?;
                 let lock_target = LockTarget::Postgres {
                     config: Box::new(pg.connect_config().clone()),
                     schema: config.postgres_schema.clone(),
@@ -206,6 +211,16 @@ impl Database {
     #[must_use]
     pub fn holds_writer_lock(&self) -> bool {
         self.inner.holds_writer.load(Ordering::Acquire)
+    }
+
+    /// What a commit waits for, as the database reports it: SQLite's `synchronous`
+    /// (`synchronous = NORMAL`, or `FULL` with [`DatabaseConfig::fsync`]) or PostgreSQL's
+    /// `synchronous_commit` (`local`, or `on` with `fsync`).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub async fn commit_sync(&self) -> Result<String> {
+        self.inner.backend.commit_sync().await
     }
 
     /// `sqlite` or `postgres`.

@@ -1,6 +1,7 @@
 //! The SQLite backend: one connection owned by a dedicated thread (rusqlite is blocking, so
 //! it never runs on the async executor); callers send it closures and await the answer.
-//! WAL mode, `synchronous = NORMAL`: a committed transaction survives a process crash.
+//! WAL mode, `synchronous = NORMAL` (a committed transaction survives a process crash) or,
+//! with `fsync`, `FULL` (it survives an OS crash or power loss too).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -68,11 +69,21 @@ const STORED_KNOWN_SIZE: &str =
 const STORED_STATE_SIZE: &str =
     "SELECT length(CAST(value AS BLOB)) FROM kalphite_sync_state WHERE key = ?1";
 
-/// Connection settings after `journal_mode = WAL`. With WAL, `synchronous = NORMAL` keeps
-/// every committed transaction across a process crash without an fsync per commit; the WAL
-/// file is truncated back to 64 MiB at most after a checkpoint.
-pub(crate) const PRAGMAS: &str = "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-    PRAGMA journal_size_limit = 67108864;";
+/// Connection settings after `journal_mode = WAL` (and `synchronous`, see
+/// [`synchronous`]); the WAL file is truncated back to 64 MiB at most after a checkpoint.
+pub(crate) const PRAGMAS: &str = "PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = 67108864;";
+
+/// The `synchronous` setting. In WAL mode, `NORMAL` (the default) syncs the WAL only at
+/// checkpoints: a committed transaction survives a crash of the process, but not an OS
+/// crash or power loss. `FULL` (`fsync`) syncs the WAL at every commit: it survives those
+/// too, on a disk that honours the sync.
+pub(crate) fn synchronous(fsync: bool) -> &'static str {
+    if fsync {
+        "PRAGMA synchronous = FULL"
+    } else {
+        "PRAGMA synchronous = NORMAL"
+    }
+}
 
 /// WAL size (pages) past which the checkpointer thread is asked to checkpoint; SQLite's own
 /// auto-checkpoint threshold.
@@ -89,7 +100,7 @@ pub(crate) struct Sqlite {
 
 impl Sqlite {
     /// Opens (creating if missing) the file at `path`, or a private in-memory database.
-    pub(crate) async fn open(path: Option<&Path>) -> Result<Self> {
+    pub(crate) async fn open(path: Option<&Path>, fsync: bool) -> Result<Self> {
         let label = path.map_or_else(|| "sqlite::memory:".to_owned(), |p| p.display().to_string());
         let path = path.map(Path::to_path_buf);
         let (sender, receiver) = mpsc::channel::<Job>();
@@ -97,7 +108,7 @@ impl Sqlite {
         let thread = std::thread::Builder::new()
             .name("kalphite-sqlite".into())
             .spawn(move || {
-                let mut conn = match connect(path.as_deref(), &label) {
+                let mut conn = match connect(path.as_deref(), &label, fsync) {
                     Ok(conn) => {
                         let _ = ready_tx.send(Ok(()));
                         conn
@@ -159,7 +170,7 @@ impl Sqlite {
     }
 }
 
-fn connect(path: Option<&Path>, label: &str) -> Result<Connection> {
+fn connect(path: Option<&Path>, label: &str, fsync: bool) -> Result<Connection> {
     let fail = |e: rusqlite::Error| Error::Connect {
         target: label.to_owned(),
         message: e.to_string(),
@@ -174,6 +185,7 @@ fn connect(path: Option<&Path>, label: &str) -> Result<Connection> {
     let _mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(fail)?;
+    conn.execute_batch(synchronous(fsync)).map_err(fail)?;
     conn.execute_batch(PRAGMAS).map_err(fail)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
@@ -488,6 +500,23 @@ impl Backend for Sqlite {
 
     async fn storage_bytes(&self) -> Result<u64> {
         self.call(|conn| used_bytes(conn)).await
+    }
+
+    async fn commit_sync(&self) -> Result<String> {
+        self.call(|conn| {
+            let level: i64 = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .map_err(Error::sqlite("reading the synchronous setting"))?;
+            let name = match level {
+                0 => "OFF",
+                1 => "NORMAL",
+                2 => "FULL",
+                3 => "EXTRA",
+                _ => "unknown",
+            };
+            Ok(format!("synchronous = {name}"))
+        })
+        .await
     }
 
     async fn close(&self) -> Result<()> {

@@ -114,8 +114,16 @@ fn is_identifier(s: &str) -> bool {
 }
 
 impl Postgres {
-    /// Connects to `url`, optionally keeping kalphite's tables in `schema`.
-    pub(crate) async fn open(url: &str, schema: Option<&str>, pool_size: usize) -> Result<Self> {
+    /// Connects to `url`, optionally keeping kalphite's tables in `schema`. Every pooled
+    /// connection sets `synchronous_commit`: `on` with `fsync` (a commit also waits for
+    /// synchronous standbys, if any are configured), otherwise `local` (it waits for the
+    /// local WAL flush only), whatever the server's default.
+    pub(crate) async fn open(
+        url: &str,
+        schema: Option<&str>,
+        pool_size: usize,
+        fsync: bool,
+    ) -> Result<Self> {
         let label = redact(url);
         let mut config: tokio_postgres::Config =
             url.parse()
@@ -126,6 +134,13 @@ impl Postgres {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
+        let sync = if fsync { "on" } else { "local" };
+        let options = config.get_options().map(str::to_owned).unwrap_or_default();
+        config.options(
+            format!("{options} -c synchronous_commit={sync}")
+                .trim_start()
+                .to_owned(),
+        );
         if let Some(schema) = schema {
             if !is_identifier(schema) {
                 return Err(Error::InvalidConfig {
@@ -765,6 +780,17 @@ impl Backend for Postgres {
             .map_err(Error::postgres(ctx))?
             .get(0);
         Ok(u64::try_from(used).unwrap_or(0))
+    }
+
+    async fn commit_sync(&self) -> Result<String> {
+        let ctx = "reading synchronous_commit";
+        let client = self.client(ctx).await?;
+        let value: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .map_err(Error::postgres(ctx))?
+            .get(0);
+        Ok(format!("synchronous_commit = {value}"))
     }
 
     async fn close(&self) -> Result<()> {
