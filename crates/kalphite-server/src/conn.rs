@@ -468,7 +468,7 @@ impl Conn {
         match room.join(self.id, &user, &hello, Self::now()) {
             Ok(outs) => {
                 handle
-                    .members
+                    .joining
                     .lock()
                     .insert(self.id, Arc::clone(&self.outbox));
                 let frames = encode_all(outs, &self.shared.metrics);
@@ -552,6 +552,7 @@ impl Conn {
     async fn leave(&mut self) {
         if let Some(handle) = self.room.take() {
             handle.members.lock().remove(&self.id);
+            handle.joining.lock().remove(&self.id);
             let mut guard = handle.state.lock().await;
             if let Some(room) = guard.as_mut() {
                 room.leave(self.id);

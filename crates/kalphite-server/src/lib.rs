@@ -371,7 +371,12 @@ pub(crate) struct RoomHandle {
     pub(crate) id: String,
     /// `None` until the first hello restores the room from the log.
     pub(crate) state: tokio::sync::Mutex<Option<Room>>,
+    /// Connections that receive the room's frames.
     pub(crate) members: parking_lot::Mutex<HashMap<ConnId, Arc<Outbox>>>,
+    /// Connections whose welcome is queued in the log behind earlier frames of the room:
+    /// each becomes a member when its welcome is delivered, so it never receives a change
+    /// committed before it joined (its catch-up holds that) ahead of its welcome.
+    pub(crate) joining: parking_lot::Mutex<HashMap<ConnId, Arc<Outbox>>>,
     poisoned: AtomicBool,
 }
 
@@ -381,6 +386,7 @@ impl RoomHandle {
             id: id.to_owned(),
             state: tokio::sync::Mutex::new(None),
             members: parking_lot::Mutex::new(HashMap::new()),
+            joining: parking_lot::Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
         }
     }
@@ -397,6 +403,9 @@ impl RoomHandle {
             for (_, outbox) in self.members.lock().drain() {
                 outbox.close();
             }
+            for (_, outbox) in self.joining.lock().drain() {
+                outbox.close();
+            }
         }
     }
 
@@ -409,6 +418,12 @@ impl RoomHandle {
         for frame in frames {
             match frame.to {
                 Recipient::One(conn) => {
+                    if !members.contains_key(&conn)
+                        && let Some(outbox) = self.joining.lock().remove(&conn)
+                    {
+                        // Its welcome: from here on it receives the room's frames.
+                        members.insert(conn, outbox);
+                    }
                     if let Some(outbox) = members.get(&conn) {
                         let pushed = outbox.push_frame(frame.text, frame.live);
                         if pushed != Pushed::Queued {

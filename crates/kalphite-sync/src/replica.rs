@@ -314,6 +314,9 @@ pub struct Replica {
     last_sent: Millis,
     last_heard: Millis,
     dirty: Dirty,
+    /// The `lastVersion` of the current connection's hello: a welcome that starts below it
+    /// means the room lost history we hold.
+    hello_from: u64,
     /// Local changes the server will not get (not persisted: reported in this session).
     undelivered: HashMap<EntityKey, Undelivered>,
 }
@@ -340,6 +343,7 @@ impl Replica {
             last_sent: 0,
             last_heard: 0,
             dirty: Dirty::default(),
+            hello_from: 0,
             undelivered: HashMap::new(),
         };
         replica.restamp_foreign_entries();
@@ -480,6 +484,7 @@ impl Replica {
     pub fn connect(&mut self, now: Millis) -> ClientMessage {
         self.link = LinkState::Connecting;
         self.last_heard = now;
+        self.hello_from = self.state.watermark;
         let hello = HelloPayload {
             protocol_version: PROTOCOL_VERSION,
             room_id: self.config.room_id.clone(),
@@ -623,7 +628,9 @@ impl Replica {
                     return out;
                 }
                 let w = w.payload;
-                if w.catch_up_from < self.state.watermark {
+                // Compared with what the hello asked for, not with the watermark now: a
+                // change that arrived before the welcome must not look like a reset.
+                if w.catch_up_from < self.hello_from {
                     // The room is behind us (it was reset): our versions mean nothing there.
                     self.state.watermark = w.catch_up_from;
                     self.state.received_above.clear();

@@ -832,3 +832,44 @@ fn after_a_room_reset_clocks_claim_only_our_own_edits() {
     assert_eq!(out.send.len(), 2);
     assert!(r.state().known.values().all(|k| k.vector.get("bob") == 0));
 }
+
+/// Regression: a change that arrived before the welcome (a busy room) moved the
+/// watermark past what the hello asked for, and the welcome then looked like a room
+/// reset: the replica forgot every version and clock it knew, so its next edit of an
+/// entity had no merge base and the room fell back to last-write-wins (a field-merge
+/// edit lost in ~1 of 20 runs of `server_e2e`'s conflict test).
+#[test]
+fn a_change_before_the_welcome_is_not_a_room_reset() {
+    let mut r = connected();
+    r.handle(
+        broadcast(state(
+            "a",
+            Some(json!({"n": 1})),
+            1,
+            VectorClock::from([("bob", 1)]),
+        )),
+        1,
+    );
+    r.disconnected();
+    r.local_change(&local_upsert("a", json!({"n": 2}), 2), 2)
+        .unwrap();
+    assert!(matches!(r.connect(3), ClientMessage::Hello(h) if h.payload.last_version == 1));
+    r.handle(
+        broadcast(state(
+            "b",
+            Some(json!({"n": 1})),
+            2,
+            VectorClock::from([("bob", 2)]),
+        )),
+        3,
+    );
+    assert_eq!(r.watermark(), 2);
+    let out = r.handle(welcome(2, 1), 3);
+    let sent = change_of(&out.send[0]);
+    assert_eq!(sent.payload.base_version, Some(1), "the merge base is kept");
+    assert_eq!(
+        sent.payload.vector,
+        VectorClock::from([("bob", 1), ("ra", 1)])
+    );
+    assert_eq!(r.watermark(), 2);
+}
