@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use kalphite::{Change, Entity, EntityId, Kind, Op, SharedSchema, now_millis};
 use serde_json::Value;
@@ -53,9 +54,14 @@ struct Inner {
     writer: tokio::sync::Mutex<Option<WriterLock>>,
     /// Whether `writer` holds the lock, readable without waiting.
     holds_writer: AtomicBool,
+    /// Set when the held lock went away by itself (its PostgreSQL connection ended): the
+    /// next write takes it again first, or is refused.
+    writer_lost: Arc<AtomicBool>,
+    /// Set by `close`: a lock released then is not taken again.
+    closed: AtomicBool,
     /// What the writer lock is taken on.
     lock_target: LockTarget,
-    writer_lock_wait: std::time::Duration,
+    writer_lock_wait: Duration,
 }
 
 impl std::fmt::Debug for Database {
@@ -127,8 +133,9 @@ impl Database {
                 (Box::new(pg), redact(url), None, lock_target)
             }
         };
+        let writer_lost = Arc::new(AtomicBool::new(false));
         if config.writer_lock && writer.is_none() {
-            writer = Some(lock_target.acquire(&label, wait).await?);
+            writer = Some(lock_target.acquire(&label, wait, &writer_lost).await?);
         }
         let migrations = migration::all_migrations(&config.app_migrations, backend.dialect())?;
         let backup_dir = config.backup_dir.clone().or(default_backup_dir);
@@ -145,6 +152,8 @@ impl Database {
                 migrations,
                 label,
                 holds_writer: AtomicBool::new(writer.is_some()),
+                writer_lost,
+                closed: AtomicBool::new(false),
                 writer: tokio::sync::Mutex::new(writer),
                 lock_target,
                 writer_lock_wait: wait,
@@ -199,7 +208,11 @@ impl Database {
             let lock = self
                 .inner
                 .lock_target
-                .acquire(&self.inner.label, self.inner.writer_lock_wait)
+                .acquire(
+                    &self.inner.label,
+                    self.inner.writer_lock_wait,
+                    &self.inner.writer_lost,
+                )
                 .await?;
             *writer = Some(lock);
             self.inner.holds_writer.store(true, Ordering::Release);
@@ -207,10 +220,53 @@ impl Database {
         Ok(())
     }
 
-    /// Whether this handle holds the database's writer lock.
+    /// Whether this handle holds the database's writer lock (false once it went away by
+    /// itself, until the next write takes it again).
     #[must_use]
     pub fn holds_writer_lock(&self) -> bool {
         self.inner.holds_writer.load(Ordering::Acquire)
+            && !self.inner.writer_lost.load(Ordering::Acquire)
+    }
+
+    /// Before a write: if the writer lock this handle held went away by itself (its
+    /// PostgreSQL connection ended), takes it again, without waiting.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when another process took it meanwhile (or PostgreSQL has not yet
+    /// noticed that the old connection is gone): nothing is written until the lock is back.
+    async fn writable(&self) -> Result<()> {
+        let lost = &self.inner.writer_lost;
+        if !lost.load(Ordering::Acquire) || self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut writer = self.inner.writer.lock().await;
+        if !lost.load(Ordering::Acquire) {
+            return Ok(()); // another write took it again
+        }
+        tracing::warn!(target = %self.inner.label,
+            "the connection holding the writer lock ended; taking the lock again");
+        writer.take();
+        self.inner.holds_writer.store(false, Ordering::Release);
+        // Cleared first: a new connection that ends at once sets it again.
+        lost.store(false, Ordering::Release);
+        let label = &self.inner.label;
+        match self
+            .inner
+            .lock_target
+            .acquire(label, Duration::ZERO, lost)
+            .await
+        {
+            Ok(lock) => {
+                *writer = Some(lock);
+                self.inner.holds_writer.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                lost.store(true, Ordering::Release);
+                tracing::error!(target = %label, error = %e, "the writer lock could not be taken again");
+                Err(e)
+            }
+        }
     }
 
     /// What a commit waits for, as the database reports it: SQLite's `synchronous`
@@ -268,6 +324,7 @@ impl Database {
         for step in steps {
             tracing::info!(version = step.version, name = %step.name, up = step.up, "migration");
             let version = step.version;
+            self.writable().await?;
             self.inner.backend.run_step(step).await?;
             done.push(version);
         }
@@ -320,6 +377,7 @@ impl Database {
     /// [`crate::check_storable`]): nothing written. [`Error::QuotaExceeded`], backend errors.
     pub async fn upsert(&self, entity: Entity) -> Result<Entity> {
         let (row, entity) = self.row(entity)?;
+        self.writable().await?;
         self.inner
             .backend
             .write(vec![Write::Upsert(row)], self.inner.quota)
@@ -339,6 +397,7 @@ impl Database {
             writes.push(Write::Upsert(row));
             stored.push(e);
         }
+        self.writable().await?;
         self.inner.backend.write(writes, self.inner.quota).await?;
         Ok(stored)
     }
@@ -378,6 +437,7 @@ impl Database {
             };
             writes.push(Write::Upsert(row));
         }
+        self.writable().await?;
         self.inner.backend.write(writes, self.inner.quota).await?;
         Ok(())
     }
@@ -392,6 +452,7 @@ impl Database {
             kind: kind.into(),
             id: id.into(),
         };
+        self.writable().await?;
         Ok(self
             .inner
             .backend
@@ -418,6 +479,7 @@ impl Database {
                 id: i.into(),
             })
             .collect();
+        self.writable().await?;
         Ok(self
             .inner
             .backend
@@ -458,6 +520,7 @@ impl Database {
         }
         // Entity writes first, bookkeeping after: the backends rely on this order.
         writes.extend(sync.into_iter().map(Write::Sync));
+        self.writable().await?;
         self.inner.backend.write(writes, self.inner.quota).await?;
         Ok(())
     }
@@ -523,6 +586,7 @@ impl Database {
     /// # Errors
     /// Backend errors.
     pub async fn clear(&self) -> Result<()> {
+        self.writable().await?;
         self.inner.backend.replace_all(Vec::new(), None).await
     }
 
@@ -693,6 +757,7 @@ impl Database {
             }
         }
         let n = records.len();
+        self.writable().await?;
         self.inner
             .backend
             .replace_all(records, self.inner.quota)
@@ -719,6 +784,7 @@ impl Database {
     /// Backend errors.
     pub async fn close(&self) -> Result<()> {
         let closed = self.inner.backend.close().await;
+        self.inner.closed.store(true, Ordering::Release);
         if let Some(lock) = self.inner.writer.lock().await.take() {
             self.inner.holds_writer.store(false, Ordering::Release);
             lock.release().await;

@@ -240,14 +240,18 @@ fn join(issues: &[Issue]) -> String {
 
 impl Error {
     /// True when the database could do no write just now: it could not be reached, is
-    /// closed, busy, or out of disk or memory. Such a failure says nothing about what was
+    /// closed, busy (or its writer lock is held elsewhere), or out of disk or memory. Such a failure says nothing about what was
     /// being written (retrying part of the batch would fail the same way); other errors
     /// are about the data (validation, a NUL character, the quota, a value refused).
     #[must_use]
     pub fn is_unavailable(&self) -> bool {
         use rusqlite::ErrorCode as Sq;
         match self {
-            Self::Connect { .. } | Self::Pool { .. } | Self::Io { .. } | Self::Closed => true,
+            Self::Connect { .. }
+            | Self::Pool { .. }
+            | Self::Io { .. }
+            | Self::Busy { .. }
+            | Self::Closed => true,
             Self::Sqlite { source, .. } => matches!(
                 source.sqlite_error_code(),
                 Some(

@@ -2,12 +2,15 @@
 //! that others must not write at the same time (the sync server's room log). SQLite: an
 //! exclusive lock on `<file>.lock` beside the database, holding the owner's pid (the file
 //! the kalphite client locks too). PostgreSQL: `pg_try_advisory_lock` on a key derived
-//! from the schema, held by a dedicated connection.
+//! from the schema, held by a dedicated connection; if that connection ends, the lock is
+//! gone, and the database takes it again before its next write (or refuses the write).
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read as _, Seek as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
@@ -35,13 +38,19 @@ pub(crate) enum LockTarget {
 }
 
 impl LockTarget {
-    /// Takes the lock, trying for `wait`; `label` names the database in messages.
-    pub(crate) async fn acquire(&self, label: &str, wait: Duration) -> Result<WriterLock> {
+    /// Takes the lock, trying for `wait`; `label` names the database in messages. `lost`
+    /// is set if the lock goes away by itself (its PostgreSQL connection ended).
+    pub(crate) async fn acquire(
+        &self,
+        label: &str,
+        wait: Duration,
+        lost: &Arc<AtomicBool>,
+    ) -> Result<WriterLock> {
         match self {
             Self::Private => Ok(WriterLock::Private),
             Self::File(path) => WriterLock::sqlite(path, wait).await,
             Self::Postgres { config, schema } => {
-                WriterLock::postgres(config, schema.as_deref(), label, wait).await
+                WriterLock::postgres(config, schema.as_deref(), label, wait, Arc::clone(lost)).await
             }
         }
     }
@@ -104,12 +113,14 @@ impl WriterLock {
     }
 
     /// Takes the advisory lock of `schema` (`None`: the connection's current schema) on a
-    /// connection of its own, trying for `wait`. `label` names the database in messages.
+    /// connection of its own, trying for `wait`. `label` names the database in messages;
+    /// `lost` is set when that connection ends (and with it the lock).
     pub(crate) async fn postgres(
         config: &tokio_postgres::Config,
         schema: Option<&str>,
         label: &str,
         wait: Duration,
+        lost: Arc<AtomicBool>,
     ) -> Result<Self> {
         let mut config = config.clone();
         // What a refused second writer reads in pg_stat_activity.
@@ -118,9 +129,15 @@ impl WriterLock {
             target: label.to_owned(),
             message: format!("opening the writer-lock connection: {e}"),
         })?;
+        // Only a connection that got the lock loses it when it ends.
+        let held = Arc::new(AtomicBool::new(false));
+        let holding = Arc::clone(&held);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "the connection holding the writer lock ended");
+                tracing::warn!(error = %e, "the connection of the writer lock failed");
+            }
+            if holding.load(Ordering::Acquire) {
+                lost.store(true, Ordering::Release);
             }
         });
         let ctx = "taking the writer lock";
@@ -137,6 +154,7 @@ impl WriterLock {
                 .map_err(Error::postgres(ctx))?
                 .get(0);
             if locked {
+                held.store(true, Ordering::Release);
                 return Ok(Self::Postgres(client, key));
             }
             if tokio::time::Instant::now() >= deadline {

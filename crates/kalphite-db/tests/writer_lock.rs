@@ -91,3 +91,90 @@ async fn a_private_in_memory_database_is_always_its_own_writer() -> anyhow::Resu
     assert!(other.holds_writer_lock());
     Ok(())
 }
+
+/// Ends the PostgreSQL session holding `schema`'s writer lock, as a network failure or an
+/// administrator would; returns once the lock is free.
+async fn end_lock_session(url: &str, schema: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let ended: i64 = client
+        .query_one(
+            "WITH k AS (SELECT hashtextextended('kalphite_writer:' || $1, 0) AS key) \
+             SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l, k \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+             AND l.classid = ((k.key >> 32) & 4294967295)::oid \
+             AND l.objid = (k.key & 4294967295)::oid",
+            &[&schema],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(ended, 1, "one session held the lock");
+}
+
+/// Waits until `db` has noticed that its lock session ended (hang guard: 10 s).
+async fn wait_until_lost(db: &Database) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.holds_writer_lock() {
+        assert!(tokio::time::Instant::now() < deadline, "hang guard");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Writes with `db` until `done` says so (hang guard: 10 s).
+async fn write_until(db: &Database, mut done: impl FnMut(&Result<Entity, Error>) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for i in 0u64.. {
+        let result = db
+            .upsert(Entity::new(format!("w{i}"), "todo", json!({})).at(1))
+            .await;
+        if done(&result) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "hang guard");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lost_lock_is_taken_again_before_the_next_write_or_writes_stop() {
+    // The lock lives on a connection of its own: if PostgreSQL ends that session, the
+    // writer must not go on writing as if it still held the lock.
+    let Some(f) = Fixture::postgres("writer_lock_lost").await else {
+        return;
+    };
+    let url = std::env::var("KALPHITE_PG_URL").expect("set");
+    let schema = "kdb_writer_lock_lost";
+    let first = Database::open(writer(f.config())).await.expect("first");
+
+    // Nobody else wants it: the next writes take it again and go on.
+    end_lock_session(&url, schema).await;
+    wait_until_lost(&first).await;
+    write_until(&first, |r| {
+        assert!(r.is_ok(), "{r:?}");
+        first.holds_writer_lock()
+    })
+    .await;
+    let other = Database::open(writer(f.config())).await;
+    assert!(matches!(other, Err(Error::Busy { .. })), "held again");
+
+    // Another writer took it meanwhile: this one's writes are refused until it is free.
+    end_lock_session(&url, schema).await;
+    let second = Database::open(writer(f.config())).await.expect("second");
+    write_until(&first, |r| matches!(r, Err(Error::Busy { .. }))).await;
+    assert!(!first.holds_writer_lock());
+    assert!(matches!(
+        first.upsert(Entity::new("x", "todo", json!({}))).await,
+        Err(Error::Busy { .. })
+    ));
+    second
+        .upsert(Entity::new("y", "todo", json!({})).at(1))
+        .await
+        .expect("the new writer writes");
+    second.close().await.expect("close");
+    write_until(&first, Result::is_ok).await;
+    assert!(first.holds_writer_lock());
+    first.close().await.expect("close");
+}
