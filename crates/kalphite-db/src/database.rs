@@ -14,7 +14,7 @@ use crate::backend::{Backend, Row, StoredEntity, Write};
 use crate::backup;
 use crate::config::{DatabaseConfig, Target, parse_url, redact};
 use crate::error::{Error, Result};
-use crate::migration::{self, AppliedMigration, Migration};
+use crate::migration::{self, AppliedMigration, Dialect, Migration};
 use crate::postgres::Postgres;
 use crate::query::Query;
 use crate::quota::Quota;
@@ -341,6 +341,17 @@ impl Database {
 
     // ----- writes -----
 
+    /// On PostgreSQL, refuses what it cannot store (a NUL character) before anything is
+    /// sent, with a typed error instead of the server's. SQLite stores it; callers whose
+    /// data must move between backends (the sync server's room log) call
+    /// [`check_storable`] themselves.
+    fn storable(&self, kind: &str, id: &str, data: &Value) -> Result<()> {
+        if self.inner.backend.dialect() == Dialect::Postgres {
+            check_storable(kind, id, data)?;
+        }
+        Ok(())
+    }
+
     fn row(&self, mut entity: Entity) -> Result<(Row, Entity)> {
         if let Some(schema) = &self.inner.schema {
             entity.data = schema
@@ -351,7 +362,7 @@ impl Database {
                     issues,
                 })?;
         }
-        check_storable(&entity.kind, &entity.id, &entity.data)?;
+        self.storable(&entity.kind, &entity.id, &entity.data)?;
         if entity.updated_at == 0 {
             entity.updated_at = now_millis();
         }
@@ -373,8 +384,9 @@ impl Database {
     /// unset `updatedAt` is stamped now) and returns it as stored.
     ///
     /// # Errors
-    /// [`Error::Validation`] and [`Error::Unstorable`] (a NUL character, see
-    /// [`crate::check_storable`]): nothing written. [`Error::QuotaExceeded`], backend errors.
+    /// [`Error::Validation`] and, on PostgreSQL, [`Error::Unstorable`] (a NUL character,
+    /// see [`crate::check_storable`]): nothing written. [`Error::QuotaExceeded`], backend
+    /// errors.
     pub async fn upsert(&self, entity: Entity) -> Result<Entity> {
         let (row, entity) = self.row(entity)?;
         self.writable().await?;
@@ -417,7 +429,7 @@ impl Database {
             let row = if self.inner.schema.is_some() {
                 self.row(e.clone())?.0
             } else {
-                check_storable(&e.kind, &e.id, &e.data)?;
+                self.storable(&e.kind, &e.id, &e.data)?;
                 let data = serde_json::to_string(&e.data).map_err(|source| Error::Serialize {
                     kind: e.kind.to_string(),
                     id: e.id.to_string(),
@@ -560,7 +572,7 @@ impl Database {
         if self.inner.schema.is_none()
             && let Some(e) = any.downcast::<Value>()
         {
-            check_storable(&c.kind, &c.id, &e.data)?;
+            self.storable(&c.kind, &c.id, &e.data)?;
             let data = serde_json::to_string(&e.data).map_err(|err| Error::Serialize {
                 kind: c.kind.to_string(),
                 id: c.id.to_string(),
@@ -742,7 +754,7 @@ impl Database {
     pub async fn restore(&self, bytes: &[u8]) -> Result<usize> {
         let (_, mut records) = backup::decode(bytes)?;
         for r in &records {
-            check_storable(&r.kind, &r.id, &r.data)?;
+            self.storable(&r.kind, &r.id, &r.data)?;
         }
         if let Some(schema) = &self.inner.schema {
             for r in &mut records {

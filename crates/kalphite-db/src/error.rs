@@ -78,13 +78,12 @@ pub enum Error {
         issues: Vec<Issue>,
     },
 
-    /// An entity holds a string no backend may store: a NUL character (U+0000) in its kind,
-    /// its id, or a string or key of its data. PostgreSQL cannot store it, and SQLite refuses
-    /// it too so that data moves between backends; nothing was written.
+    /// An entity holds a string PostgreSQL cannot store: a NUL character (U+0000) in its
+    /// kind, its id, or a string or key of its data. Refused before anything is written (on
+    /// PostgreSQL; by [`crate::check_storable`] on any backend).
     #[error(
         "entity {kind:?}/{id:?} cannot be stored: {field} contains a NUL character (U+0000), \
-         which PostgreSQL cannot hold (refused on every backend so that data can move between \
-         them); nothing was written, remove the character"
+         which PostgreSQL cannot hold; nothing was written, remove the character"
     )]
     Unstorable {
         /// The entity's kind.

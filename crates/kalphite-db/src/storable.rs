@@ -1,6 +1,7 @@
 //! What every backend can store. PostgreSQL's `text` and `jsonb` cannot hold the NUL
-//! character (U+0000); SQLite could, but data moves between backends (backups, the sync
-//! server's room log), so both refuse it the same way, before anything is written.
+//! character (U+0000): the PostgreSQL backend refuses it before anything is written.
+//! SQLite stores it; data that must move between backends (the sync server's room log)
+//! is checked with [`check_storable`] on every backend.
 
 use std::fmt::Write as _;
 

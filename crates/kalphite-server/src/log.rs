@@ -306,7 +306,8 @@ impl RoomLog {
 mod tests {
     //! Regression (issue 10, item 3): the writer wrote every queued room's records in one
     //! transaction and reset every room in a failed batch, so one record the database
-    //! refused (a NUL character on PostgreSQL) cut the members of other rooms off.
+    //! refused (a NUL character on PostgreSQL) cut the members of other rooms off. Here the
+    //! database refuses a record too large for its quota.
 
     use kalphite_db::DatabaseConfig;
     use serde_json::json;
@@ -323,7 +324,7 @@ mod tests {
 
     /// Runs `jobs` through the writer as one group commit; returns the database.
     async fn group_commit(jobs: Vec<Job>) -> Database {
-        let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
+        let db = Database::open(DatabaseConfig::new("sqlite::memory:").max_storage_mb(1))
             .await
             .expect("open");
         let tracker = TaskTracker::new();
@@ -337,6 +338,11 @@ mod tests {
         tracker.close();
         tracker.wait().await;
         db
+    }
+
+    /// A record the 1 MiB quota refuses.
+    fn too_large() -> serde_json::Value {
+        json!({"blob": "x".repeat(2 << 20)})
     }
 
     async fn stored(db: &Database, room: &str) -> Vec<String> {
@@ -360,7 +366,7 @@ mod tests {
             job(&b, "b1", json!({"n": 1})),
             job(&a, "a1", json!({"n": 1})),
             job(&c, "c1", json!({"n": 1})),
-            job(&a, "a2", json!({"text": "nul \u{0} here"})),
+            job(&a, "a2", too_large()),
             job(&b, "b2", json!({"n": 2})),
             job(&a, "a3", json!({"n": 3})),
         ])
@@ -386,7 +392,7 @@ mod tests {
             record: None,
             frames: Vec::new(),
         };
-        let db = group_commit(vec![idle, job(&a, "a1", json!({"k\u{0}": 1}))]).await;
+        let db = group_commit(vec![idle, job(&a, "a1", too_large())]).await;
         assert!(a.is_poisoned());
         assert!(!b.is_poisoned());
         assert!(stored(&db, "a").await.is_empty());
