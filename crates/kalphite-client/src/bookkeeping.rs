@@ -24,7 +24,7 @@ pub(crate) const KEY_FILE_ID: &str = "fileId";
 /// One piece of bookkeeping, as an annotation of a flush transaction.
 #[derive(Debug)]
 enum Record {
-    Outbox(EntityKey, Option<Box<OutboxEntry>>),
+    Outbox(EntityKey, Option<Arc<OutboxEntry>>),
     Known(EntityKey, Known),
     Progress(Progress),
     State(&'static str, String),
@@ -35,10 +35,7 @@ pub(crate) fn annotations(delta: StateDelta) -> Vec<(Arc<str>, Annotation)> {
     let mut out: Vec<(Arc<str>, Annotation)> =
         Vec::with_capacity(delta.outbox.len() + delta.known.len() + 1);
     for (key, entry) in delta.outbox {
-        out.push((
-            row_key('o', &key),
-            Arc::new(Record::Outbox(key, entry.map(Box::new))),
-        ));
+        out.push((row_key('o', &key), Arc::new(Record::Outbox(key, entry))));
     }
     for (key, known) in delta.known {
         out.push((row_key('k', &key), Arc::new(Record::Known(key, known))));
@@ -158,7 +155,10 @@ pub(crate) fn load(tables: &SyncTables) -> Result<Loaded, CorruptRow> {
             "the queued change of {}/{}",
             row.kind, row.id
         )))?;
-        outbox.insert(EntityKey::new(row.kind.clone(), row.id.clone()), entry);
+        outbox.insert(
+            EntityKey::new(row.kind.clone(), row.id.clone()),
+            Arc::new(entry),
+        );
     }
     state.outbox = outbox;
     for row in &tables.known {
@@ -224,7 +224,7 @@ pub(crate) async fn import_legacy(db: &Database, room: &str) -> Result<bool, cra
         })?;
     let mut records = Vec::new();
     for (key, entry) in legacy.state.outbox {
-        records.push(Record::Outbox(key, Some(Box::new(entry))));
+        records.push(Record::Outbox(key, Some(entry)));
     }
     for (key, known) in legacy.state.known {
         records.push(Record::Known(key, known));

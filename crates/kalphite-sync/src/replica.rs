@@ -142,7 +142,7 @@ pub struct ReplicaState {
     pub known: HashMap<EntityKey, Known>,
     /// The offline queue: at most one entry per entity, oldest first.
     #[serde(with = "entries")]
-    pub outbox: IndexMap<EntityKey, OutboxEntry>,
+    pub outbox: IndexMap<EntityKey, Arc<OutboxEntry>>,
 }
 
 /// The scalar part of [`ReplicaState`]: where the replica stands in the room.
@@ -163,7 +163,7 @@ pub struct Progress {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateDelta {
     /// Outbox entries put (`Some`) or removed (`None`), by entity.
-    pub outbox: Vec<(EntityKey, Option<OutboxEntry>)>,
+    pub outbox: Vec<(EntityKey, Option<Arc<OutboxEntry>>)>,
     /// What the server last said, by entity.
     pub known: Vec<(EntityKey, Known)>,
     /// The scalar part, when it changed.
@@ -373,6 +373,7 @@ impl Replica {
                 .unwrap_or_default()
                 .incremented(&self.config.replica_id);
             if let Some(entry) = self.state.outbox.get_mut(&key) {
+                let entry = Arc::make_mut(entry);
                 entry.message.message_id = id;
                 entry.message.user_id.clone_from(&self.config.user_id);
                 entry.message.payload.vector = vector;
@@ -608,7 +609,7 @@ impl Replica {
             first_seq,
         };
         // Re-inserting keeps an existing entry's queue position.
-        self.state.outbox.insert(key.clone(), entry);
+        self.state.outbox.insert(key.clone(), Arc::new(entry));
         self.dirty.outbox.insert(key.clone());
         self.dirty.progress = true;
         let mut out = Vec::new();
@@ -643,6 +644,7 @@ impl Replica {
                         known.vector = known.vector.only(&me);
                     }
                     for entry in self.state.outbox.values_mut() {
+                        let entry = Arc::make_mut(entry);
                         entry.message.payload.vector = entry.message.payload.vector.only(&me);
                         entry.message.payload.base_version = Some(0);
                     }
@@ -737,6 +739,7 @@ impl Replica {
             .get(&key)
             .is_some_and(|e| e.message.message_id == ack.ack_of);
         if mine && let Some(entry) = self.state.outbox.shift_remove(&key) {
+            let entry = Arc::unwrap_or_clone(entry);
             self.dirty.outbox.insert(key.clone());
             self.undelivered.remove(&key);
             out.apply
@@ -763,6 +766,7 @@ impl Replica {
         match refused {
             Some(key) if !e.code.is_retryable() => {
                 if let Some(entry) = self.state.outbox.shift_remove(&key) {
+                    let entry = Arc::unwrap_or_clone(entry);
                     self.dirty.outbox.insert(key.clone());
                     self.undelivered.insert(
                         key.clone(),
@@ -859,7 +863,7 @@ impl Replica {
             hash,
         };
         if let Some(entry) = self.state.outbox.get_mut(&key) {
-            entry.held = Some(Held {
+            Arc::make_mut(entry).held = Some(Held {
                 version,
                 state: change.entity,
             });
