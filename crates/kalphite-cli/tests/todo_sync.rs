@@ -604,3 +604,31 @@ fn concurrent_commands_on_one_database_lose_nothing() {
     );
     server.stop();
 }
+
+/// With the default log level, a command whose server is down says one thing, once: the
+/// client's close used to make the server-durability engine retry and log a warning per
+/// attempt for changes that were safely queued.
+#[test]
+fn an_offline_close_logs_nothing_extra() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("ws://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kalphite"))
+        .args([
+            "todo", "--db", "x.db", "--server", &url, "--token", "t", "add", "kept",
+        ])
+        .current_dir(d)
+        .env_remove("RUST_LOG")
+        .env_remove("KALPHITE_SERVER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("saved locally"), "{err}");
+}

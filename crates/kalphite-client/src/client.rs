@@ -343,6 +343,14 @@ impl Client {
     pub async fn close(mut self) -> Result<CloseReport, ClientError> {
         self.open = false;
         let mut report = CloseReport::default();
+        // The server-durability engine's queue only waits for acks (its changes are in
+        // the persisted offline queue): stopped first, so closing the connection does not
+        // make it retry and warn.
+        for engine in self.store.flush_engines() {
+            if engine.config().durability == Durability::Server {
+                engine.stop();
+            }
+        }
         if let Some(sync) = &self.sync {
             sync.close().await;
             report.unsynced = sync.offline_queue_size();
@@ -351,10 +359,9 @@ impl Client {
         let mut unwritten = Vec::new();
         let mut cause = None;
         for engine in self.store.flush_engines() {
-            if engine.config().durability == Durability::Server {
-                // Its changes wait in the persisted offline queue, not in this engine.
-                engine.begin_shutdown();
-            } else if let Err(e) = engine.shutdown().await {
+            if engine.config().durability != Durability::Server
+                && let Err(e) = engine.shutdown().await
+            {
                 unwritten.extend(e.unwritten);
                 cause = Some(e.cause);
             }
@@ -375,17 +382,22 @@ impl Drop for Client {
         if !self.open {
             return;
         }
+        let engines = self.store.flush_engines().to_vec();
+        for engine in &engines {
+            if engine.config().durability == Durability::Server {
+                engine.stop();
+            }
+        }
         if let Some(sync) = &self.sync {
             sync.shut_down_now();
         }
-        let engines = self.store.flush_engines().to_vec();
         let lock = self.lock.take();
         let db = self.db.clone();
         let drain = async move {
             for engine in &engines {
-                if engine.config().durability == Durability::Server {
-                    engine.begin_shutdown();
-                } else if let Err(e) = engine.shutdown().await {
+                if engine.config().durability != Durability::Server
+                    && let Err(e) = engine.shutdown().await
+                {
                     tracing::error!(error = %e, "a dropped client could not write everything");
                 }
             }

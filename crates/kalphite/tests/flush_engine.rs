@@ -1461,3 +1461,30 @@ async fn a_store_engine_fed_through_a_feeder_carries_its_annotations() {
     assert_eq!(t.ids(), vec!["a", "b", "c", "d", "e"]);
     assert_eq!(t.notes()[2], vec![("txs".into(), 4)]);
 }
+
+/// `stop` ends an engine whose queue only stands for work kept elsewhere: no more
+/// attempts, no retry of a failure after it, no give-up reported; waiters get `Closed`.
+/// (The sync client's server-durability engine: closing a client offline used to make it
+/// retry and log warnings for changes that were safely in the offline queue.)
+#[tokio::test(start_paused = true)]
+async fn stop_ends_the_engine_without_retrying() {
+    let t = Recorder::new();
+    *t.fail_always.lock() = true;
+    let e = engine(&t, FlushConfig::default().max_retries(3));
+    let mut events = e.events();
+    e.schedule(change("c1", 1));
+    let waiter = e.durable();
+    sleep(Duration::from_millis(150)).await; // the first attempt failed
+    let attempts = t.attempts.lock().len();
+    assert!(attempts >= 1);
+    e.stop();
+    assert!(matches!(waiter.await, Err(FlushError::Closed { .. })));
+    sleep(Duration::from_mins(1)).await;
+    assert_eq!(t.attempts.lock().len(), attempts, "no attempt after stop");
+    let gave_up = std::iter::from_fn(|| events.try_recv().ok())
+        .filter(|ev| matches!(ev, FlushEvent::GaveUp { .. }))
+        .count();
+    assert_eq!(gave_up, 0);
+    assert!(matches!(e.durable().await, Err(FlushError::Closed { .. })));
+    assert_eq!(e.queued_changes().len(), 1, "kept, not written");
+}

@@ -166,6 +166,8 @@ struct State {
     /// The engine gave up and retries on its own at a slow pace; the next waiter
     /// (`durable`, `flush_now`, shutdown) starts fresh tries at once.
     gave_up: bool,
+    /// [`FlushEngine::stop`]: exit at the next step, writing nothing more.
+    stopping: bool,
 }
 
 impl State {
@@ -272,6 +274,7 @@ impl FlushEngine {
                 oldest_pending_at: None,
                 waiters: Vec::new(),
                 closing: false,
+                stopping: false,
                 closed: false,
                 last_error: None,
                 failures: 0,
@@ -475,6 +478,15 @@ impl FlushEngine {
         })
     }
 
+    /// Stops the worker without writing what is queued: for an engine whose queue only
+    /// stands for work kept elsewhere (the sync client's wait for acknowledgements: its
+    /// changes are in the persisted offline queue). A write in progress is let finish;
+    /// its failure is not retried nor reported. Waiters fail with [`FlushError::Closed`].
+    pub fn stop(&self) {
+        self.shared.state.lock().stopping = true;
+        self.shared.wake.notify_one();
+    }
+
     /// Starts draining without waiting (used when the last store handle is dropped).
     pub fn begin_shutdown(&self) {
         {
@@ -538,6 +550,12 @@ fn next_step(shared: &Shared) -> Step {
     let cfg = &shared.config;
     let mut st = shared.state.lock();
     st.resolve_waiters();
+    if st.stopping {
+        st.closed = true;
+        let queued = st.queued();
+        st.fail_waiters(&FlushError::Closed { queued });
+        return Step::Exit;
+    }
     let Some(front_tx) = st.queue.first_tx() else {
         if st.closing {
             st.closed = true;
@@ -629,6 +647,13 @@ fn finish_batch(shared: &Shared, result: std::result::Result<(), String>) -> boo
     // Back in front of the queue; the next attempt waits out the backoff and may take
     // newer transactions along.
     st.queue.requeue(flight);
+    if st.stopping {
+        // Stopped while writing: the failure is expected, nothing is retried.
+        st.closed = true;
+        let queued = st.queued();
+        st.fail_waiters(&FlushError::Closed { queued });
+        return false;
+    }
     shared
         .counters
         .failed_attempts
