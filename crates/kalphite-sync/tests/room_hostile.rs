@@ -362,3 +362,30 @@ fn oversized_ids_are_refused_so_the_rooms_memory_stays_bounded() {
     let fits = "y".repeat(kalphite_sync::MAX_ID_BYTES);
     assert!(send(&mut room, &mut log, 1, change(&fits, edit)).acked());
 }
+
+#[test]
+fn a_reserved_kind_is_refused_by_the_room() {
+    // Bug (issue 9, item 4): any member could send an upsert of kind
+    // `_kalphite_sync_replica` with id = the room id; the room stored and broadcast it, and
+    // the victim's flush wrote it over its own sync state. The room refuses reserved kinds.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    let mut log = Vec::new();
+    room.join(1, "mallory", &hello("mallory-laptop"), 1)
+        .unwrap();
+    let mut forged = upsert(
+        "r",
+        json!({"replicaId": "x"}),
+        clock([("mallory-laptop", 1)]),
+    );
+    forged.entity_type = "_kalphite_sync_replica".into();
+    if let Some(e) = forged.entity.as_mut() {
+        e.kind = "_kalphite_sync_replica".into();
+    }
+    let reply = send(&mut room, &mut log, 1, change("m-1", forged));
+    assert_eq!(
+        reply.error(),
+        Some((ErrorCode::InvalidEntity, Some("m-1".to_owned())))
+    );
+    assert_eq!(room.version(), 0, "nothing stored");
+    assert!(log.is_empty());
+}

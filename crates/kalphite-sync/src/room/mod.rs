@@ -586,6 +586,12 @@ impl Room {
         if p.entity_type.contains('\0') || p.entity_id.contains('\0') {
             return Err(invalid(nul_refused("entityType or entityId")));
         }
+        if p.entity_type.starts_with(crate::RESERVED_KIND_PREFIX) {
+            return Err(invalid(format!(
+                "kinds starting with '{}' are reserved for kalphite's own bookkeeping",
+                crate::RESERVED_KIND_PREFIX
+            )));
+        }
         let state = match p.operation {
             Op::Delete => None,
             Op::Upsert => {
