@@ -389,3 +389,72 @@ fn a_reserved_kind_is_refused_by_the_room() {
     assert_eq!(room.version(), 0, "nothing stored");
     assert!(log.is_empty());
 }
+
+fn nested(levels: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..levels {
+        v = json!([v]);
+    }
+    v
+}
+
+#[test]
+fn data_nested_too_deep_for_any_client_is_refused() {
+    // Bug (issue 10, item 7): the room accepted entities nested 127 deep, then emitted
+    // acks and catch-up pages nested 128–129 deep, which its own client refuses (serde's
+    // limit): one such entity stopped every client's catch-up of the room.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    let mut log = Vec::new();
+    room.join(1, "alice", &hello("phone"), 1).unwrap();
+    let deep = upsert(
+        "t1",
+        json!({"x": nested(kalphite_sync::MAX_DATA_DEPTH)}),
+        clock([("phone", 1)]),
+    );
+    let reply = send(&mut room, &mut log, 1, change("phone-1", deep));
+    assert_eq!(reply.error().map(|e| e.0), Some(ErrorCode::InvalidEntity));
+    assert_eq!(room.version(), 0);
+    let fits = upsert(
+        "t1",
+        json!({"x": nested(kalphite_sync::MAX_DATA_DEPTH - 1)}),
+        clock([("phone", 1)]),
+    );
+    assert!(send(&mut room, &mut log, 1, change("phone-2", fits)).acked());
+}
+
+#[test]
+fn an_oversized_clock_or_id_is_refused() {
+    // Bug (issue 10, item 7): a ~1 MiB vector clock was accepted and merged into the
+    // entity for good, so every later honest edit of it was `oversized`; kinds and entity
+    // ids had no length limit either.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    let mut log = Vec::new();
+    room.join(1, "alice", &hello("phone"), 1).unwrap();
+    let mut big = VectorClock::new();
+    for i in 0..=kalphite_sync::MAX_CLOCK_ENTRIES {
+        big.increment(&format!("r{i}"));
+    }
+    big.increment("phone");
+    let reply = send(
+        &mut room,
+        &mut log,
+        1,
+        change("phone-1", upsert("t1", json!({}), big)),
+    );
+    assert_eq!(
+        reply.error(),
+        Some((ErrorCode::InvalidEntity, Some("phone-1".to_owned())))
+    );
+    let long_id = "x".repeat(kalphite_sync::MAX_ID_BYTES + 1);
+    let reply = send(
+        &mut room,
+        &mut log,
+        1,
+        change(
+            "phone-2",
+            upsert(&long_id, json!({}), clock([("phone", 1)])),
+        ),
+    );
+    assert_eq!(reply.error().map(|e| e.0), Some(ErrorCode::InvalidEntity));
+    assert_eq!(room.version(), 0, "nothing stored");
+}

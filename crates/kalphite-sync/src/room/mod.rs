@@ -36,6 +36,16 @@ use replicas::{Replicas, truncate};
 /// its memory; honest ids (`<replicaId>-<incarnation>-<counter>`) are far shorter.
 pub const MAX_ID_BYTES: usize = 512;
 
+/// The deepest nesting of arrays and objects a room accepts in an entity's data. Acks and
+/// catch-up pages wrap the entity in four more levels, and serde's default limit (which
+/// kalphite's own client decodes with) is 128: data nested deeper than this could be
+/// stored and then never delivered to anyone.
+pub const MAX_DATA_DEPTH: usize = 64;
+
+/// The most replicas one vector clock may name. A clock is merged into its entity's for
+/// good, so an unbounded one would make every later edit of the entity too large.
+pub const MAX_CLOCK_ENTRIES: usize = 256;
+
 /// Tuning for a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoomLimits {
@@ -586,6 +596,22 @@ impl Room {
         if p.entity_type.contains('\0') || p.entity_id.contains('\0') {
             return Err(invalid(nul_refused("entityType or entityId")));
         }
+        if p.entity_type.len() > MAX_ID_BYTES || p.entity_id.len() > MAX_ID_BYTES {
+            return Err(invalid(format!(
+                "entityType and entityId may be at most {MAX_ID_BYTES} bytes each"
+            )));
+        }
+        let entries = p.vector.iter().count();
+        if entries > MAX_CLOCK_ENTRIES
+            || p.vector
+                .iter()
+                .any(|(replica, _)| replica.len() > MAX_ID_BYTES)
+        {
+            return Err(invalid(format!(
+                "the vector clock names {entries} replicas (at most {MAX_CLOCK_ENTRIES}, each \
+                 id at most {MAX_ID_BYTES} bytes)"
+            )));
+        }
         if p.entity_type.starts_with(crate::RESERVED_KIND_PREFIX) {
             return Err(invalid(format!(
                 "kinds starting with '{}' are reserved for kalphite's own bookkeeping",
@@ -609,6 +635,11 @@ impl Room {
                     entity.data = schema
                         .normalize(&entity.kind, entity.data)
                         .map_err(|issues| invalid(join(&issues)))?;
+                }
+                if depth(&entity.data) > MAX_DATA_DEPTH {
+                    return Err(invalid(format!(
+                        "its data is nested deeper than {MAX_DATA_DEPTH} levels"
+                    )));
                 }
                 if holds_nul(&entity.data) {
                     return Err(invalid(nul_refused("a string or key of its data")));
@@ -756,6 +787,27 @@ fn nul_refused(place: &str) -> String {
         "{place} contains a NUL character (U+0000), which the room log cannot store \
          (PostgreSQL refuses it, and the log must move between databases); remove it"
     )
+}
+
+/// How deeply arrays and objects nest in `value` (a scalar is 0). Iterative: hostile
+/// input cannot overflow the stack here.
+fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        match v {
+            Value::Array(items) => {
+                deepest = deepest.max(d + 1);
+                stack.extend(items.iter().map(|i| (i, d + 1)));
+            }
+            Value::Object(map) => {
+                deepest = deepest.max(d + 1);
+                stack.extend(map.values().map(|i| (i, d + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Whether a string or object key anywhere in `value` holds a NUL character.
