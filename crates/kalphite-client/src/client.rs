@@ -1,10 +1,8 @@
 //! [`Client`]: one owned handle over the store, its local database, the local flush engine
 //! and, when configured, the sync connection — opened by one builder, shut by one
-//! [`Client::close`], and safe to drop. One process owns a SQLite client database at a time.
+//! [`Client::close`], and safe to drop. One process owns a client database at a time.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read as _, Seek as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -44,14 +42,6 @@ pub enum ClientError {
         path: PathBuf,
         /// The process holding it, when it said.
         pid: Option<u32>,
-    },
-    /// The lock file beside the database could not be used.
-    #[error("cannot lock {path}: {source}")]
-    Lock {
-        /// The lock file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
     },
     /// Closing left changes that are not on disk.
     #[error("{} changes could not be written to the local database: {cause}", unwritten.len())]
@@ -162,17 +152,24 @@ impl ClientBuilder {
     /// store errors, and the sync errors of [`connect_store`] (another room's database,
     /// an unreadable sync state, a bad server address).
     pub async fn open(self) -> Result<Client, ClientError> {
-        let lock = match self.db.sqlite_path() {
-            Some(path) => Some(DbLock::acquire(&path, self.lock_timeout).await?),
-            None => None,
-        };
-        let mut db_config = self.db;
+        // One process per database: kalphite-db's writer lock (a lock file beside a SQLite
+        // database, an advisory lock in PostgreSQL), held until the database is closed.
+        let mut db_config = self
+            .db
+            .writer_lock(true)
+            .writer_lock_wait(self.lock_timeout);
         let mut store = self.store;
         if let Some(schema) = self.schema {
             db_config = db_config.schema(schema.clone());
             store = store.schema(schema);
         }
-        let db = Database::open(db_config).await?;
+        let db = Database::open(db_config).await.map_err(|e| match e {
+            kalphite_db::Error::Busy { target, pid, .. } => ClientError::Busy {
+                path: PathBuf::from(target),
+                pid,
+            },
+            other => ClientError::Database(other),
+        })?;
         let (store, sync) = match self.sync {
             Some(mut config) => {
                 if let Some(flush) = self.flush {
@@ -204,7 +201,6 @@ impl ClientBuilder {
             store,
             db,
             sync,
-            lock,
             open: true,
         })
     }
@@ -237,8 +233,6 @@ pub struct Client {
     store: Store,
     db: Database,
     sync: Option<SyncClient>,
-    /// Held for the client's lifetime: one process per database file.
-    lock: Option<DbLock>,
     open: bool,
 }
 
@@ -369,8 +363,8 @@ impl Client {
         if let Some(cause) = cause {
             return Err(ClientError::Unwritten { unwritten, cause });
         }
+        // Closing the database also releases its writer lock.
         self.db.close().await?;
-        self.lock.take();
         Ok(report)
     }
 }
@@ -391,7 +385,6 @@ impl Drop for Client {
         if let Some(sync) = &self.sync {
             sync.shut_down_now();
         }
-        let lock = self.lock.take();
         let db = self.db.clone();
         let drain = async move {
             for engine in &engines {
@@ -401,8 +394,8 @@ impl Drop for Client {
                     tracing::error!(error = %e, "a dropped client could not write everything");
                 }
             }
+            // The writer lock goes with the database, after the drain.
             let _ = db.close().await;
-            drop(lock);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -411,52 +404,5 @@ impl Drop for Client {
             // No runtime left: the engines' tasks are gone with it.
             Err(_) => drop(drain),
         }
-    }
-}
-
-/// An exclusive lock on `<database>.lock`, holding the owner's pid.
-struct DbLock {
-    _file: File,
-}
-
-impl DbLock {
-    async fn acquire(db: &Path, timeout: Duration) -> Result<Self, ClientError> {
-        let mut name = db.as_os_str().to_owned();
-        name.push(".lock");
-        let path = PathBuf::from(name);
-        let lock_err = |source| ClientError::Lock {
-            path: path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(lock_err)?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(TryLockError::WouldBlock) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        let mut text = String::new();
-                        let _ = file.read_to_string(&mut text);
-                        return Err(ClientError::Busy {
-                            path: db.to_path_buf(),
-                            pid: text.trim().parse().ok(),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(TryLockError::Error(e)) => return Err(lock_err(e)),
-            }
-        }
-        file.set_len(0).map_err(lock_err)?;
-        file.rewind().map_err(lock_err)?;
-        write!(file, "{}", std::process::id()).map_err(lock_err)?;
-        file.flush().map_err(lock_err)?;
-        Ok(Self { _file: file })
     }
 }

@@ -184,18 +184,6 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
-impl DatabaseConfig {
-    /// The SQLite file this config opens, if it opens one (not `sqlite::memory:`, not
-    /// PostgreSQL, not an invalid URL).
-    #[must_use]
-    pub fn sqlite_path(&self) -> Option<PathBuf> {
-        match parse_url(&self.url) {
-            Ok(Target::SqliteFile(path)) => Some(path),
-            _ => None,
-        }
-    }
-}
-
 /// Where a URL points.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -268,11 +256,6 @@ mod tests {
             parse_url("todo.db").unwrap(),
             Target::SqliteFile(PathBuf::from("todo.db"))
         );
-        assert_eq!(
-            DatabaseConfig::new("/tmp/a.db").sqlite_path(),
-            Some(PathBuf::from("/tmp/a.db"))
-        );
-        assert_eq!(DatabaseConfig::new("sqlite::memory:").sqlite_path(), None);
         assert!(parse_url("mysql://x").is_err());
     }
 

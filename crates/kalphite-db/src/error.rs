@@ -222,6 +222,8 @@ pub enum Error {
         target: String,
         /// Who holds the lock, when known: a pid, or PostgreSQL's view of the connection.
         holder: Option<String>,
+        /// The holding process's id, when it is known (SQLite: written in the lock file).
+        pid: Option<u32>,
     },
 
     /// The database was closed.

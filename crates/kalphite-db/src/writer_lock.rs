@@ -93,13 +93,11 @@ impl WriterLock {
                 Err(TryLockError::WouldBlock) => {
                     let mut text = String::new();
                     let _ = file.read_to_string(&mut text);
+                    let pid = text.trim().parse::<u32>().ok();
                     return Err(Error::Busy {
                         target: db.display().to_string(),
-                        holder: text
-                            .trim()
-                            .parse::<u32>()
-                            .ok()
-                            .map(|pid| format!("pid {pid}, per {}", path.display())),
+                        holder: pid.map(|pid| format!("pid {pid}, per {}", path.display())),
+                        pid,
                     });
                 }
                 Err(TryLockError::Error(e)) => return Err(io(e)),
@@ -165,6 +163,7 @@ impl WriterLock {
                         None => label.to_owned(),
                     },
                     holder,
+                    pid: None,
                 });
             }
             tokio::time::sleep(RETRY).await;
