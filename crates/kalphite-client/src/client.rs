@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use kalphite::{
-    Change, Durability, EntityKind, FlushConfig, FlushError, SharedSchema, Store, StoreBuilder,
+    Change, Durability, EntityKind, FlushConfig, FlushEngine, FlushError, SharedSchema,
+    ShutdownError, Store, StoreBuilder,
 };
 use kalphite_db::{Database, DatabaseConfig, open_store};
 use kalphite_sync::Undelivered;
@@ -337,31 +338,17 @@ impl Client {
     pub async fn close(mut self) -> Result<CloseReport, ClientError> {
         self.open = false;
         let mut report = CloseReport::default();
-        // The server-durability engine's queue only waits for acks (its changes are in
-        // the persisted offline queue): stopped first, so closing the connection does not
-        // make it retry and warn.
-        for engine in self.store.flush_engines() {
-            if engine.config().durability == Durability::Server {
-                engine.stop();
-            }
-        }
+        stop_server_engines(self.store.flush_engines());
         if let Some(sync) = &self.sync {
             sync.close().await;
             report.unsynced = sync.offline_queue_size();
             report.undelivered = sync.undelivered_through(u64::MAX);
         }
-        let mut unwritten = Vec::new();
-        let mut cause = None;
-        for engine in self.store.flush_engines() {
-            if engine.config().durability != Durability::Server
-                && let Err(e) = engine.shutdown().await
-            {
-                unwritten.extend(e.unwritten);
-                cause = Some(e.cause);
-            }
-        }
-        if let Some(cause) = cause {
-            return Err(ClientError::Unwritten { unwritten, cause });
+        if let Err(e) = drain_local_engines(self.store.flush_engines()).await {
+            return Err(ClientError::Unwritten {
+                unwritten: e.unwritten,
+                cause: e.cause,
+            });
         }
         // Closing the database also releases its writer lock.
         self.db.close().await?;
@@ -377,22 +364,14 @@ impl Drop for Client {
             return;
         }
         let engines = self.store.flush_engines().to_vec();
-        for engine in &engines {
-            if engine.config().durability == Durability::Server {
-                engine.stop();
-            }
-        }
+        stop_server_engines(&engines);
         if let Some(sync) = &self.sync {
             sync.shut_down_now();
         }
         let db = self.db.clone();
         let drain = async move {
-            for engine in &engines {
-                if engine.config().durability != Durability::Server
-                    && let Err(e) = engine.shutdown().await
-                {
-                    tracing::error!(error = %e, "a dropped client could not write everything");
-                }
+            if let Err(e) = drain_local_engines(&engines).await {
+                tracing::error!(error = %e, "a dropped client could not write everything");
             }
             // The writer lock goes with the database, after the drain.
             let _ = db.close().await;
@@ -405,4 +384,34 @@ impl Drop for Client {
             Err(_) => drop(drain),
         }
     }
+}
+
+/// Stops the server-durability engines: their queue only waits for acks (the changes are
+/// in the persisted offline queue), so stopping them first keeps closing the connection
+/// from making them retry and warn.
+fn stop_server_engines(engines: &[FlushEngine]) {
+    for engine in engines {
+        if engine.config().durability == Durability::Server {
+            engine.stop();
+        }
+    }
+}
+
+/// Drains every other engine (the local database); what could not be written, if any.
+async fn drain_local_engines(engines: &[FlushEngine]) -> Result<(), ShutdownError> {
+    let mut failed: Option<ShutdownError> = None;
+    for engine in engines {
+        if engine.config().durability != Durability::Server
+            && let Err(e) = engine.shutdown().await
+        {
+            match &mut failed {
+                Some(all) => {
+                    all.unwritten.extend(e.unwritten);
+                    all.cause = e.cause;
+                }
+                None => failed = Some(e),
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }

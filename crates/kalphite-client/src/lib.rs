@@ -406,11 +406,19 @@ impl Inner {
     /// counters) on the local engine. Under the replica lock, so deltas keep their order.
     pub(crate) fn persist_bookkeeping(&self) {
         let mut replica = self.replica.lock();
+        self.schedule_with_delta(&mut replica, &[]);
+    }
+
+    /// Schedules `changes` (one store transaction; may be none) on the local engine with
+    /// what changed in the replica state up to now. The caller holds the replica lock, so
+    /// deltas are scheduled in the order the replica changed.
+    pub(crate) fn schedule_with_delta(&self, replica: &mut Replica, changes: &[Change]) {
         let delta = replica.take_delta();
-        if !delta.is_empty() {
-            self.local
-                .schedule_annotated(&[], bookkeeping::annotations(delta));
+        if changes.is_empty() && delta.is_empty() {
+            return;
         }
+        self.local
+            .schedule_annotated(changes, bookkeeping::annotations(delta));
     }
 
     /// Sends on the current session, if any (a message lost with a dying session stays in

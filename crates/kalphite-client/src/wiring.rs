@@ -30,10 +30,7 @@ impl ChangeSink for Feeder {
                     Err(e) => errors.push(format!("{}/{}: {e}", change.kind, change.id)),
                 }
             }
-            let delta = replica.take_delta();
-            self.0
-                .local
-                .schedule_annotated(changes, super::bookkeeping::annotations(delta));
+            self.0.schedule_with_delta(&mut replica, changes);
         }
         self.0.send(send);
         for message in errors {
