@@ -730,7 +730,8 @@ impl Database {
         backup::encode(self.backend_name(), now_millis(), &records)
     }
 
-    /// Writes a backup to `path`.
+    /// Writes a backup to `path`, durably: the file is flushed to disk before it replaces
+    /// `path`, and the directory after (a crash leaves the old file or the whole new one).
     ///
     /// # Errors
     /// As [`Database::backup`], and [`Error::Io`].
@@ -740,9 +741,12 @@ impl Database {
             path: path.display().to_string(),
             source,
         };
-        let tmp = path.with_extension("partial");
-        tokio::fs::write(&tmp, bytes).await.map_err(io)?;
-        tokio::fs::rename(&tmp, path).await.map_err(io)
+        // Flushed before and after the rename (a crash leaves the old file or the new one).
+        let target = path.to_path_buf();
+        tokio::task::spawn_blocking(move || backup::write_durably(&target, &bytes))
+            .await
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?
+            .map_err(io)
     }
 
     /// Replaces every entity with the backup's, atomically. The whole backup is checked
