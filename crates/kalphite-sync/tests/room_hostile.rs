@@ -458,3 +458,67 @@ fn an_oversized_clock_or_id_is_refused() {
     assert_eq!(reply.error().map(|e| e.0), Some(ErrorCode::InvalidEntity));
     assert_eq!(room.version(), 0, "nothing stored");
 }
+
+/// Handles `msg` from `conn` received at `now` (ms), committing at once when asked.
+fn send_at(room: &mut Room, conn: u64, msg: ClientMessage, now: u64) -> Reply {
+    Reply(match room.handle(conn, msg, now) {
+        Step::Reply(out) => out,
+        Step::Persist(pending) => room.commit(pending).expect("own pending"),
+    })
+}
+
+#[test]
+fn a_skewed_clock_does_not_win_every_last_write_wins_conflict() {
+    // Bug (issue 10, item 9): last-write-wins trusted the client's `updatedAt`, so one
+    // client whose clock ran a year ahead won every later conflict on the entity, even
+    // against edits made long after its own. The room now clamps an incoming time to its
+    // receive time plus `max_clock_skew` (60 s by default).
+    const T0: u64 = 1_700_000_000_000;
+    const YEAR: u64 = 365 * 24 * 3600 * 1000;
+    let mut room = Room::new("r", ConflictPolicy::default());
+    room.join(1, "skewed", &hello("fast"), T0).unwrap();
+    room.join(2, "honest", &hello("slow"), T0).unwrap();
+    let mut ahead = upsert("t", json!({"by": "skewed"}), clock([("fast", 1)]));
+    ahead.entity = ahead.entity.map(|e| e.at(T0 + YEAR));
+    assert!(send_at(&mut room, 1, change("fast-1", ahead), T0).acked());
+    let stored = room.get(&EntityKey::new("todo", "t")).unwrap();
+    assert_eq!(
+        stored.state.as_ref().unwrap().updated_at,
+        T0 + 60_000,
+        "clamped to receive time + 60 s"
+    );
+    assert_eq!(stored.stamp.at, T0 + 60_000);
+
+    // Two minutes later, a concurrent edit made at its author's (correct) time wins.
+    let later = T0 + 120_000;
+    let mut honest = upsert("t", json!({"by": "honest"}), clock([("slow", 1)]));
+    honest.entity = honest.entity.map(|e| e.at(later));
+    assert!(send_at(&mut room, 2, change("slow-1", honest), later).acked());
+    assert_eq!(data(&room, "t"), Some(json!({"by": "honest"})));
+
+    // A delete's time (its envelope timestamp) is bounded the same way.
+    let delete = ClientMessage::Change(Envelope::new(
+        "fast-2",
+        "skewed",
+        later + YEAR,
+        ChangePayload {
+            operation: Op::Delete,
+            entity_type: "todo".into(),
+            entity_id: "gone".into(),
+            entity: None,
+            vector: clock([("fast", 2)]),
+            base_version: Some(0),
+            room_version: None,
+        },
+    ));
+    assert!(send_at(&mut room, 1, delete, later).acked());
+    let tombstone = room.get(&EntityKey::new("todo", "gone")).unwrap();
+    assert_eq!(tombstone.stamp.at, later + 60_000);
+
+    // A time within the tolerance is kept as sent.
+    let mut near = upsert("n", json!({}), clock([("slow", 2)]));
+    near.entity = near.entity.map(|e| e.at(later + 30_000));
+    assert!(send_at(&mut room, 2, change("slow-2", near), later).acked());
+    let kept = room.get(&EntityKey::new("todo", "n")).unwrap();
+    assert_eq!(kept.state.as_ref().unwrap().updated_at, later + 30_000);
+}

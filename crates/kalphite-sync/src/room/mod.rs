@@ -62,6 +62,11 @@ pub struct RoomLimits {
     /// dominated by the entity's — but is acknowledged with the entity's current version
     /// instead of its own.
     pub dedup_window: usize,
+    /// How far past the server's receive time an incoming `updatedAt` (or a delete's
+    /// `timestamp`) may be, in ms; a later one is clamped to receive time + this before the
+    /// change is stored, so a client with a skewed (or lying) clock cannot win every
+    /// last-write-wins conflict to come (default 60 s).
+    pub max_clock_skew: Millis,
 }
 
 impl Default for RoomLimits {
@@ -71,6 +76,7 @@ impl Default for RoomLimits {
             catch_up_page_bytes: 256 * 1024,
             merge_bases: 1_024,
             dedup_window: 4_096,
+            max_clock_skew: 60_000,
         }
     }
 }
@@ -433,7 +439,7 @@ impl Room {
         if self.pending.is_some() {
             return Err(RoomError::CommitPending);
         }
-        let incoming = self.incoming_version(change, user_id)?;
+        let incoming = self.incoming_version(change, user_id, now)?;
         let vector = change.payload.vector.clone().normalized();
         self.replicas.check_clock(&member.replica_id, &vector)?;
         let decision = match self.entities.get(&key) {
@@ -578,12 +584,16 @@ impl Room {
         }
     }
 
-    /// Validates an incoming change and turns it into a stamped version.
+    /// Validates an incoming change and turns it into a stamped version; its time (the
+    /// entity's `updatedAt`, a delete's `timestamp`) is at most `now` (receive time) plus
+    /// [`RoomLimits::max_clock_skew`].
     fn incoming_version(
         &self,
         change: &Envelope<ChangePayload>,
         user_id: &str,
+        now: Millis,
     ) -> Result<Version, RoomError> {
+        let latest = now.saturating_add(self.limits.max_clock_skew);
         let p = &change.payload;
         let invalid = |reason: String| RoomError::InvalidEntity {
             kind: p.entity_type.to_string(),
@@ -647,10 +657,13 @@ impl Room {
                 if entity.updated_at == 0 {
                     entity.updated_at = change.timestamp;
                 }
+                entity.updated_at = entity.updated_at.min(latest);
                 Some(entity)
             }
         };
-        let at = state.as_ref().map_or(change.timestamp, |e| e.updated_at);
+        let at = state
+            .as_ref()
+            .map_or(change.timestamp.min(latest), |e| e.updated_at);
         Ok(Version::new(
             state,
             Stamp {
