@@ -86,10 +86,10 @@ pub use conflict::{
 };
 pub use protocol::{
     AckPayload, CatchUpPayload, ChangePayload, ClientMessage, ConflictPayload,
-    DEFAULT_MAX_FRAME_BYTES, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
-    PEEK_BYTES, PROTOCOL_VERSION, ProtocolError, RESERVED_KIND_PREFIX, SERVER_USER_ID,
-    ServerMessage, StrategyName, WelcomePayload, WireMessage, decode, decode_client, decode_server,
-    encode, peek_message_id,
+    DEFAULT_MAX_FRAME_BYTES, ENTITY_FIELDS, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload,
+    HelloPayload, MAX_SERVER_FRAME_BYTES, PEEK_BYTES, PROTOCOL_VERSION, ProtocolError,
+    RESERVED_KIND_PREFIX, SERVER_USER_ID, ServerMessage, StrategyName, WelcomePayload, WireMessage,
+    decode, decode_client, decode_server, encode, peek_message_id,
 };
 pub use replica::{
     Held, Known, LinkState, OutboxEntry, Output, Progress, Replica, ReplicaConfig, ReplicaError,

@@ -25,6 +25,17 @@ pub const SERVER_USER_ID: &str = "@server";
 /// Default limit on one frame, in bytes (1 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// The largest frame a server sends, and so the largest a client must accept (64 MiB).
+/// Server frames may be larger than client frames: an ack, a broadcast or a catch-up page
+/// carries a whole entity (a merge may make it larger than any one client frame), and a
+/// conflict notice carries three states. A server never writes a larger frame: it closes
+/// the connection with 1011 instead.
+pub const MAX_SERVER_FRAME_BYTES: usize = 64 << 20;
+
+/// The fields of an `entity` object on the wire; a client's change with any other field
+/// in its entity is refused ([`ProtocolError::InvalidEntity`]).
+pub const ENTITY_FIELDS: &[&str] = &["id", "type", "data", "updatedAt"];
+
 /// The fields every message carries; `payload` depends on the message type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -229,6 +240,9 @@ pub enum ErrorCode {
     /// A change's vector clock claims more edits by another replica than the room has
     /// ever accepted from it.
     InvalidClock,
+    /// The hello's user already holds the most connections one user may; the connection
+    /// is closed. Retry later, with backoff.
+    TooManyConnections,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -240,7 +254,11 @@ impl ErrorCode {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimited | Self::StorageFailed | Self::Internal | Self::Unknown
+            Self::RateLimited
+                | Self::StorageFailed
+                | Self::Internal
+                | Self::TooManyConnections
+                | Self::Unknown
         )
     }
 }
@@ -380,6 +398,15 @@ pub enum ProtocolError {
         /// The frame's `messageId`, when it had one.
         message_id: Option<String>,
     },
+    /// A change's `entity` is not an entity: not an object, a field other than
+    /// [`ENTITY_FIELDS`], or `data` that is not a JSON object.
+    #[error("invalid entity: {reason}")]
+    InvalidEntity {
+        /// What is wrong.
+        reason: String,
+        /// The frame's `messageId`, when it had one.
+        message_id: Option<String>,
+    },
     /// A message could not be serialized (a bug, or data that is not JSON-representable).
     #[error("could not encode message: {reason}")]
     Encode {
@@ -398,6 +425,7 @@ impl ProtocolError {
             Self::NotAMessage | Self::Invalid { .. } => ErrorCode::InvalidMessage,
             Self::UnknownType { .. } => ErrorCode::UnknownType,
             Self::MissingField { .. } => ErrorCode::MissingField,
+            Self::InvalidEntity { .. } => ErrorCode::InvalidEntity,
             Self::Encode { .. } => ErrorCode::Internal,
         }
     }
@@ -408,7 +436,8 @@ impl ProtocolError {
         match self {
             Self::UnknownType { message_id, .. }
             | Self::MissingField { message_id, .. }
-            | Self::Invalid { message_id, .. } => message_id.as_deref(),
+            | Self::Invalid { message_id, .. }
+            | Self::InvalidEntity { message_id, .. } => message_id.as_deref(),
             _ => None,
         }
     }
@@ -430,10 +459,57 @@ pub trait WireMessage: DeserializeOwned + Serialize {
     const TYPES: &'static [&'static str];
     /// Types whose `payload` may be omitted (it then reads as `{}`).
     const PAYLOAD_OPTIONAL: &'static [&'static str] = &["heartbeat"];
+
+    /// Checks a message object of type `message_type` beyond its serde shape, before it
+    /// is deserialized (serde drops unknown fields). `Err` is why its entity is refused.
+    ///
+    /// # Errors
+    /// A reason, reported as [`ProtocolError::InvalidEntity`].
+    fn check_entity(
+        message_type: &str,
+        message: &serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        let _ = (message_type, message);
+        Ok(())
+    }
 }
 
 impl WireMessage for ClientMessage {
     const TYPES: &'static [&'static str] = &["hello", "change", "heartbeat"];
+
+    /// A change's entity is closed: only [`ENTITY_FIELDS`], and `data` a JSON object. An
+    /// unknown field there is application data at the wrong level, which serde would drop
+    /// silently (the envelope and payloads stay open to new optional fields).
+    fn check_entity(
+        message_type: &str,
+        message: &serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        if message_type != "change" {
+            return Ok(());
+        }
+        let Some(entity) = message.get("payload").and_then(|p| p.get("entity")) else {
+            return Ok(());
+        };
+        let entity = match entity {
+            Value::Null => return Ok(()),
+            Value::Object(entity) => entity,
+            other => return Err(format!("the entity is {}, not an object", json_kind(other))),
+        };
+        if let Some(field) = entity.keys().find(|k| !ENTITY_FIELDS.contains(&k.as_str())) {
+            return Err(format!(
+                "unknown field '{}' in the entity (an entity has only id, type, data and \
+                 updatedAt; application fields go inside data)",
+                truncate(field, 64)
+            ));
+        }
+        match entity.get("data") {
+            None | Some(Value::Object(_)) => Ok(()),
+            Some(other) => Err(format!(
+                "its data must be a JSON object, not {}",
+                json_kind(other)
+            )),
+        }
+    }
 }
 
 impl WireMessage for ServerMessage {
@@ -514,6 +590,9 @@ pub fn decode<M: WireMessage>(text: &str, max_bytes: usize) -> Result<M, Protoco
                 message_id,
             });
         }
+    }
+    if let Err(reason) = M::check_entity(&message_type, object) {
+        return Err(ProtocolError::InvalidEntity { reason, message_id });
     }
     serde_json::from_value(value).map_err(|e| {
         let reason = e.to_string();
@@ -609,6 +688,18 @@ fn missing_field_name(reason: &str) -> Option<String> {
     let rest = reason.strip_prefix("missing field `")?;
     let end = rest.find('`')?;
     Some(rest[..end].to_owned())
+}
+
+/// What kind of JSON value `v` is, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// At most `max` characters of `s` (for echoing untrusted strings in errors).
@@ -847,6 +938,7 @@ mod tests {
             ErrorCode::ReplicaTaken,
             ErrorCode::MessageIdReused,
             ErrorCode::InvalidClock,
+            ErrorCode::TooManyConnections,
         ] {
             let wire = serde_json::to_value(code).unwrap();
             let wire = wire.as_str().unwrap();

@@ -2,7 +2,8 @@
 //! re-encodes to a frame that decodes to the same message.
 
 use kalphite_sync::{
-    ClientMessage, DEFAULT_MAX_FRAME_BYTES, ServerMessage, decode_client, decode_server, encode,
+    ClientMessage, DEFAULT_MAX_FRAME_BYTES, ENTITY_FIELDS, ErrorCode, ServerMessage, decode_client,
+    decode_server, encode,
 };
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -130,4 +131,65 @@ proptest! {
             round_trips::<ServerMessage>(&msg, decode_server);
         }
     }
+}
+
+/// A change frame whose `entity` is `entity`.
+fn change_with_entity(entity: &Value) -> String {
+    json!({"type": "change", "messageId": "m-1", "userId": "u", "timestamp": 1,
+           "payload": {"operation": "upsert", "entityType": "todo", "entityId": "t1",
+                       "entity": entity, "vector": {"r": 1}, "baseVersion": 0}})
+    .to_string()
+}
+
+#[test]
+fn an_entity_is_closed_and_its_data_is_an_object() {
+    // Bug (issue 10, item 10): "data is any JSON object" while any value was accepted, and
+    // unknown fields inside `entity` (application fields put at the wrong level) were
+    // dropped silently. Both are refused with invalid_entity naming the change.
+    let ok = json!({"id": "t1", "type": "todo", "data": {"title": "x"}, "updatedAt": 5});
+    assert!(decode_client(&change_with_entity(&ok), DEFAULT_MAX_FRAME_BYTES).is_ok());
+    let no_time = json!({"id": "t1", "type": "todo", "data": {}});
+    assert!(decode_client(&change_with_entity(&no_time), DEFAULT_MAX_FRAME_BYTES).is_ok());
+    for (entity, why) in [
+        (
+            json!({"id": "t1", "type": "todo", "data": {}, "title": "lost"}),
+            "unknown field 'title'",
+        ),
+        (
+            json!({"id": "t1", "type": "todo", "data": {}, "updatedAt": 5, "meta": {}}),
+            "unknown field 'meta'",
+        ),
+        (
+            json!({"id": "t1", "type": "todo", "data": [1, 2]}),
+            "data must be a JSON object, not an array",
+        ),
+        (
+            json!({"id": "t1", "type": "todo", "data": "text"}),
+            "not a string",
+        ),
+        (
+            json!({"id": "t1", "type": "todo", "data": null}),
+            "not null",
+        ),
+        (json!(7), "the entity is a number"),
+        (json!(["t1"]), "the entity is an array"),
+    ] {
+        let err =
+            decode_client(&change_with_entity(&entity), DEFAULT_MAX_FRAME_BYTES).expect_err(why);
+        assert_eq!(err.code(), ErrorCode::InvalidEntity, "{why}: {err}");
+        assert_eq!(err.refers_to(), Some("m-1"), "{why}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+    // The envelope and the payloads stay open: a newer peer's optional fields are ignored.
+    let newer = json!({"type": "change", "messageId": "m-2", "userId": "u", "timestamp": 1,
+        "trace": "x", "payload": {"operation": "delete", "entityType": "todo",
+        "entityId": "t1", "vector": {}, "priority": 3}});
+    assert!(decode_client(&newer.to_string(), DEFAULT_MAX_FRAME_BYTES).is_ok());
+    // A delete may carry `"entity": null`.
+    let delete = json!({"type": "change", "messageId": "m-3", "userId": "u", "timestamp": 1,
+        "payload": {"operation": "delete", "entityType": "todo", "entityId": "t1",
+        "entity": null, "vector": {}}});
+    assert!(decode_client(&delete.to_string(), DEFAULT_MAX_FRAME_BYTES).is_ok());
+    // The server's side is not checked this way: what it sends came through this check.
+    assert_eq!(ENTITY_FIELDS, ["id", "type", "data", "updatedAt"]);
 }
