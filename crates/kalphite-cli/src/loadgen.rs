@@ -214,6 +214,7 @@ impl Client {
                 replica_id: replica.clone(),
                 last_version: 0,
                 token,
+                epoch: None,
             },
         ));
         send(&mut sink, &hello).await?;

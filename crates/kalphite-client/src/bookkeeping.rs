@@ -148,6 +148,8 @@ pub(crate) fn load(tables: &SyncTables) -> Result<Loaded, CorruptRow> {
         state.next_seq = p.next_seq;
         state.watermark = p.watermark;
         state.received_above = p.received_above;
+        // The room's epoch travels in the same record as the watermark it qualifies.
+        state.epoch = p.epoch;
     }
     let mut outbox = IndexMap::with_capacity(tables.outbox.len());
     for row in &tables.outbox {
@@ -233,6 +235,7 @@ pub(crate) async fn import_legacy(db: &Database, room: &str) -> Result<bool, cra
         next_seq: legacy.state.next_seq,
         watermark: legacy.state.watermark,
         received_above: legacy.state.received_above,
+        epoch: legacy.state.epoch,
     }));
     if let Some(id) = legacy.replica_id {
         records.push(Record::State(KEY_REPLICA_ID, id));

@@ -66,6 +66,8 @@ async fn silent_server() -> (String, Arc<AtomicUsize>) {
                             room_id: "r".into(),
                             room_version: 0,
                             catch_up_from: 0,
+                            epoch: None,
+                            snapshot: false,
                         },
                     )),
                     ServerMessage::CatchUp(Envelope::new(

@@ -97,7 +97,7 @@ pub use replica::{
 };
 pub use room::{
     ConnId, MAX_CLOCK_ENTRIES, MAX_DATA_DEPTH, MAX_ID_BYTES, Outbound, Pending, Recipient, Room,
-    RoomError, RoomLimits, Step, StoredChange,
+    RoomError, RoomLimits, RoomMeta, Step, StoredChange,
 };
 
 /// One entity's address: its kind and id.

@@ -87,6 +87,11 @@ pub struct HelloPayload {
     /// Auth token (HS256 JWT), unless the server runs in open mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The room's epoch as the client last saw it in a welcome (absent: none seen yet, or a
+    /// client that predates epochs). When it is not the room's, `lastVersion` counts
+    /// versions of another history: the server answers with a full catch-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// The server's answer to a valid hello.
@@ -100,8 +105,21 @@ pub struct WelcomePayload {
     /// The room's current version (the version of its latest accepted change).
     pub room_version: u64,
     /// The version catch-up starts after: the hello's `lastVersion`, or 0 when that was
-    /// ahead of the room (the room was reset; the client must forget the versions it has).
+    /// ahead of the room, named another epoch, or is older than the room's tombstone
+    /// collection horizon (the client must then resync: see `docs/sync.md`).
     pub catch_up_from: u64,
+    /// The room's identity: random, new whenever the room's history was lost or restored.
+    /// Absent from servers that predate epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// True when the catch-up is a snapshot the client must take as the whole truth: after
+    /// it, the client drops every entity the room did not send (except its own unsent
+    /// edits). Sent to a client older than the room's tombstone collection horizon, and to
+    /// a client of another epoch when the operator restored the room on purpose
+    /// (`kalphite restore --rollback`). Otherwise a resyncing client sends back what the
+    /// room lacks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshot: bool,
 }
 
 /// One change of one entity. Sent by a client (with `baseVersion`) and by the server
@@ -756,6 +774,8 @@ mod tests {
                     room_id: "r".into(),
                     room_version: 3,
                     catch_up_from: 0,
+                    epoch: Some("e1".into()),
+                    snapshot: true,
                 },
             )),
             ServerMessage::Error(Envelope::new(
@@ -793,6 +813,8 @@ mod tests {
                 room_id: "r".into(),
                 room_version: 0,
                 catch_up_from: 0,
+                epoch: None,
+                snapshot: false,
             },
         )))
         .unwrap();

@@ -143,6 +143,10 @@ pub struct ReplicaState {
     /// The offline queue: at most one entry per entity, oldest first.
     #[serde(with = "entries")]
     pub outbox: IndexMap<EntityKey, Arc<OutboxEntry>>,
+    /// The room's epoch the watermark and the known versions belong to (set when a
+    /// catch-up completes; `None` before the first, or from a server without epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// The scalar part of [`ReplicaState`]: where the replica stands in the room.
@@ -155,6 +159,9 @@ pub struct Progress {
     pub watermark: u64,
     /// [`ReplicaState::received_above`].
     pub received_above: BTreeSet<u64>,
+    /// [`ReplicaState::epoch`]. Written with the watermark, so the two always agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// What changed in the persistent state since the last [`Replica::take_delta`]: the
@@ -206,6 +213,7 @@ impl ReplicaState {
             self.next_seq = p.next_seq;
             self.watermark = p.watermark;
             self.received_above = p.received_above;
+            self.epoch = p.epoch;
         }
     }
 }
@@ -279,6 +287,21 @@ pub enum ReplicaEvent {
         /// Why, for a person.
         message: String,
     },
+    /// A resync finished: the room's history is not the one this replica's versions came
+    /// from (another epoch, a room behind the replica), or the catch-up was a snapshot
+    /// (see `docs/sync.md`, "Room identity and resync"). The replica now holds the room's
+    /// versions only.
+    Resynced {
+        /// True when the catch-up was a snapshot: entities the room lacks were dropped.
+        snapshot: bool,
+        /// Local entities the room lacks or holds in another state: pass each (as the
+        /// local store holds it) to [`Replica::resend`], so the room gets them back.
+        /// Empty after a snapshot.
+        resend: Vec<EntityKey>,
+        /// Entities the snapshot lacks, deleted locally (the deletes are in
+        /// [`Output::apply`]). Empty unless `snapshot`.
+        dropped: Vec<EntityKey>,
+    },
     /// Any other error from the server.
     ServerError {
         /// The code.
@@ -301,6 +324,15 @@ pub struct Output {
     pub events: Vec<ReplicaEvent>,
 }
 
+/// A resync in progress (between a welcome that calls for one and the end of its
+/// catch-up). Not persisted: the epoch is stored only when the catch-up completes, so a
+/// replica stopped halfway starts the resync again on its next connection.
+#[derive(Debug)]
+struct Resync {
+    /// Drop what the room lacks (a snapshot) instead of sending it back.
+    snapshot: bool,
+}
+
 /// The client sync state machine for one room.
 #[derive(Debug)]
 pub struct Replica {
@@ -319,6 +351,10 @@ pub struct Replica {
     hello_from: u64,
     /// Local changes the server will not get (not persisted: reported in this session).
     undelivered: HashMap<EntityKey, Undelivered>,
+    /// The resync the current connection's welcome started, until its catch-up completes.
+    resync: Option<Resync>,
+    /// The epoch of the current connection's welcome, adopted when its catch-up completes.
+    welcome_epoch: Option<String>,
 }
 
 impl Replica {
@@ -345,6 +381,8 @@ impl Replica {
             dirty: Dirty::default(),
             hello_from: 0,
             undelivered: HashMap::new(),
+            resync: None,
+            welcome_epoch: None,
         };
         replica.restamp_foreign_entries();
         replica
@@ -421,6 +459,7 @@ impl Replica {
                 next_seq: state.next_seq,
                 watermark: state.watermark,
                 received_above: state.received_above.clone(),
+                epoch: state.epoch.clone(),
             }),
         }
     }
@@ -492,6 +531,7 @@ impl Replica {
             replica_id: self.config.replica_id.clone(),
             last_version: self.state.watermark,
             token: self.config.auth_token.clone(),
+            epoch: self.state.epoch.clone(),
         };
         let id = self.next_message_id();
         self.sent(now);
@@ -629,29 +669,19 @@ impl Replica {
                     return out;
                 }
                 let w = w.payload;
+                let other_epoch = matches!((&w.epoch, &self.state.epoch),
+                    (Some(room), Some(ours)) if room != ours);
                 // Compared with what the hello asked for, not with the watermark now: a
                 // change that arrived before the welcome must not look like a reset.
-                if w.catch_up_from < self.hello_from {
-                    // The room is behind us (it was reset): our versions mean nothing there.
-                    self.state.watermark = w.catch_up_from;
-                    self.state.received_above.clear();
-                    // What the old room said no longer holds: other replicas' edits it
-                    // counted may be gone, and a clock claiming them would be refused.
-                    // Queued changes keep only what this replica vouches for itself.
-                    let me = self.config.replica_id.clone();
-                    for known in self.state.known.values_mut() {
-                        known.version = 0;
-                        known.vector = known.vector.only(&me);
-                    }
-                    for entry in self.state.outbox.values_mut() {
-                        let entry = Arc::make_mut(entry);
-                        entry.message.payload.vector = entry.message.payload.vector.only(&me);
-                        entry.message.payload.base_version = Some(0);
-                    }
-                    self.dirty.known.extend(self.state.known.keys().cloned());
-                    self.dirty.outbox.extend(self.state.outbox.keys().cloned());
-                    self.dirty.progress = true;
+                let behind = w.catch_up_from < self.hello_from;
+                self.resync = None;
+                if other_epoch || behind || w.snapshot {
+                    // A snapshot of our own epoch (we are older than its collected
+                    // tombstones) keeps the clocks: they still count the same edits.
+                    let forget_clocks = other_epoch || (behind && !w.snapshot);
+                    self.begin_resync(w.catch_up_from, forget_clocks, w.snapshot);
                 }
+                self.welcome_epoch = w.epoch;
                 self.link = LinkState::Connected;
                 out.events.push(ReplicaEvent::Connected {
                     room_version: w.room_version,
@@ -664,6 +694,14 @@ impl Replica {
             ServerMessage::CatchUp(page) => {
                 let page = page.payload;
                 for change in page.changes {
+                    if let Some(version) = change.room_version
+                        && self.keeps_local(&change)
+                    {
+                        // Sent back when the resync ends; the room's answer comes with
+                        // the ack.
+                        self.mark_received(version);
+                        continue;
+                    }
                     out.apply.extend(self.server_state(change, now));
                 }
                 if page.from_version <= self.state.watermark {
@@ -672,6 +710,13 @@ impl Replica {
                     self.dirty.progress = true;
                 }
                 if page.complete {
+                    if let Some(resync) = self.resync.take() {
+                        self.finish_resync(&resync, now, &mut out);
+                    }
+                    if self.welcome_epoch.is_some() && self.welcome_epoch != self.state.epoch {
+                        self.state.epoch.clone_from(&self.welcome_epoch);
+                        self.dirty.progress = true;
+                    }
                     out.events.push(ReplicaEvent::CaughtUp {
                         version: self.state.watermark,
                     });
@@ -688,6 +733,98 @@ impl Replica {
             ServerMessage::Error(e) => self.on_error(e.payload, &mut out, now),
         }
         out
+    }
+
+    /// Starts a resync: the welcome's catch-up starts at `from` (0) and is the truth. Every
+    /// version this replica holds is forgotten (so every state of the catch-up applies,
+    /// and what it does not mention shows as version 0 at its end). With `forget_clocks`
+    /// (another history) clocks keep only this replica's own counters: other replicas'
+    /// edits the old room counted may be gone, and a clock claiming them would be refused.
+    fn begin_resync(&mut self, from: u64, forget_clocks: bool, snapshot: bool) {
+        self.state.watermark = from;
+        self.state.received_above.clear();
+        let me = self.config.replica_id.clone();
+        for known in self.state.known.values_mut() {
+            known.version = 0;
+            if forget_clocks {
+                known.vector = known.vector.only(&me);
+            }
+        }
+        for entry in self.state.outbox.values_mut() {
+            let entry = Arc::make_mut(entry);
+            // A state held back from the old history must not be shown after the ack.
+            entry.held = None;
+            if forget_clocks {
+                entry.message.payload.vector = entry.message.payload.vector.only(&me);
+                entry.message.payload.base_version = Some(0);
+            }
+        }
+        self.dirty.known.extend(self.state.known.keys().cloned());
+        self.dirty.outbox.extend(self.state.outbox.keys().cloned());
+        self.dirty.progress = true;
+        self.resync = Some(Resync { snapshot });
+    }
+
+    /// Ends a resync when its catch-up is complete. Entities the replica held (not queued)
+    /// that the catch-up did not give a version: after a snapshot they are deleted
+    /// locally; otherwise they are reported for [`Replica::resend`], with those whose
+    /// local content the catch-up left alone because it differed (see `server_state`).
+    fn finish_resync(&mut self, resync: &Resync, now: Millis, out: &mut Output) {
+        let absent = content_hash(None);
+        let mut missing: Vec<EntityKey> = self
+            .state
+            .known
+            .iter()
+            .filter(|(key, known)| {
+                known.version == 0 && known.hash != absent && !self.state.outbox.contains_key(*key)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        missing.sort();
+        if resync.snapshot {
+            for key in &missing {
+                self.known_mut(key).hash = absent;
+                out.apply.push(to_change(key, None, now));
+            }
+            out.events.push(ReplicaEvent::Resynced {
+                snapshot: true,
+                resend: Vec::new(),
+                dropped: missing,
+            });
+        } else {
+            out.events.push(ReplicaEvent::Resynced {
+                snapshot: false,
+                resend: missing,
+                dropped: Vec::new(),
+            });
+        }
+    }
+
+    /// Sends a local entity back to the room after a resync ([`ReplicaEvent::Resynced`]'s
+    /// `resend`): queued like a local upsert of it, with its own `updatedAt` as the edit's
+    /// time, a clock of this replica's own counter only and base version 0, so the room
+    /// treats it as concurrent with whatever it holds and resolves it with the kind's
+    /// strategy (under last-write-wins, the newer state wins). Not bounded by
+    /// [`ReplicaConfig::outbox_limit`]: a lost room must get all of it back.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Serialize`] for an unusable entity.
+    pub fn resend(
+        &mut self,
+        entity: Entity<Value>,
+        now: Millis,
+    ) -> Result<Vec<ClientMessage>, ReplicaError> {
+        let at = if entity.updated_at == 0 {
+            now
+        } else {
+            entity.updated_at
+        };
+        let change = Change::upsert(AnyEntity::new(Arc::new(entity)), at, Origin::Local);
+        let limit = self.config.outbox_limit;
+        self.config.outbox_limit = usize::MAX;
+        let result = self.local_change(&change, now);
+        self.config.outbox_limit = limit;
+        result
     }
 
     /// Resends changes unacknowledged for [`ReplicaConfig::resend_after`], and a heartbeat
@@ -871,6 +1008,27 @@ impl Replica {
             return None;
         }
         (previous_hash != hash).then(|| to_change(&key, change.entity, now))
+    }
+
+    /// During a resync that sends back what the room lacks: true when the local store
+    /// holds the entity of a catch-up state (not queued) with other content. The
+    /// catch-up then leaves the local content alone: it goes back to the room as a
+    /// concurrent edit, and the kind's strategy decides (a client that kept a newer
+    /// state than the one another client sent back first does not lose it).
+    fn keeps_local(&self, change: &ChangePayload) -> bool {
+        if self.resync.as_ref().is_none_or(|r| r.snapshot)
+            || (change.operation == Op::Upsert && change.entity.is_none())
+        {
+            return false;
+        }
+        let key = EntityKey::new(change.entity_type.clone(), change.entity_id.clone());
+        let hash = content_hash(change.entity.as_ref());
+        !self.state.outbox.contains_key(&key)
+            && self
+                .state
+                .known
+                .get(&key)
+                .is_some_and(|k| k.version == 0 && k.hash != content_hash(None) && k.hash != hash)
     }
 
     /// What the replica knows of `key` (a never-seen entity: version 0, absent).

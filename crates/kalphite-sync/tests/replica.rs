@@ -38,6 +38,8 @@ fn welcome(room_version: u64, catch_up_from: u64) -> ServerMessage {
             room_id: "r".into(),
             room_version,
             catch_up_from,
+            epoch: None,
+            snapshot: false,
         },
     ))
 }

@@ -23,6 +23,7 @@ fn hello(replica: &str, last_version: u64) -> Envelope<HelloPayload> {
             replica_id: replica.into(),
             last_version,
             token: None,
+            epoch: None,
         },
     )
 }

@@ -23,6 +23,7 @@ fn hello(replica: &str) -> Envelope<HelloPayload> {
             replica_id: replica.into(),
             last_version: 0,
             token: None,
+            epoch: None,
         },
     )
 }

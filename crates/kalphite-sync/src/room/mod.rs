@@ -27,7 +27,7 @@ mod replicas;
 
 pub use error::RoomError;
 pub use output::{ConnId, Outbound, Pending, Recipient, Step};
-pub use record::StoredChange;
+pub use record::{RoomMeta, StoredChange};
 
 use replicas::{Replicas, truncate};
 
@@ -67,6 +67,14 @@ pub struct RoomLimits {
     /// change is stored, so a client with a skewed (or lying) clock cannot win every
     /// last-write-wins conflict to come (default 60 s).
     pub max_clock_skew: Millis,
+    /// Tombstones are collected ([`Room::collect_tombstones`]) once at least this many
+    /// versions were accepted after them **and** they are at least
+    /// [`RoomLimits::tombstone_age`] old. A client that has everything only up to a version
+    /// older than a collected tombstone gets a snapshot instead of an incremental catch-up.
+    pub tombstone_versions: u64,
+    /// The age (ms, by the delete's timestamp) a tombstone must reach before it may be
+    /// collected; see [`RoomLimits::tombstone_versions`].
+    pub tombstone_age: Millis,
 }
 
 impl Default for RoomLimits {
@@ -77,6 +85,8 @@ impl Default for RoomLimits {
             merge_bases: 1_024,
             dedup_window: 4_096,
             max_clock_skew: 60_000,
+            tombstone_versions: 10_000,
+            tombstone_age: 7 * 24 * 60 * 60 * 1_000,
         }
     }
 }
@@ -110,6 +120,9 @@ pub struct Room {
     /// The version reserved by the uncommitted [`Pending`], if any.
     pending: Option<u64>,
     next_message: u64,
+    /// The room's identity (epoch) and collection horizon; `None` for a room without one
+    /// (its welcomes carry no epoch, and clients resync only when they are ahead of it).
+    meta: Option<RoomMeta>,
 }
 
 impl std::fmt::Debug for Room {
@@ -153,7 +166,23 @@ impl Room {
             members: BTreeMap::new(),
             pending: None,
             next_message: 0,
+            meta: None,
         }
+    }
+
+    /// Gives the room its identity (epoch, collection horizon, what collected tombstones
+    /// said about replicas). Call before [`Room::restore`].
+    #[must_use]
+    pub fn with_meta(mut self, meta: RoomMeta) -> Self {
+        self.replicas.seed(&meta.high, &meta.owners);
+        self.meta = Some(meta);
+        self
+    }
+
+    /// The room's identity, if it has one.
+    #[must_use]
+    pub fn meta(&self) -> Option<&RoomMeta> {
+        self.meta.as_ref()
     }
 
     /// Validates (and normalizes) every incoming entity's data with `schema`.
@@ -272,22 +301,95 @@ impl Room {
                 replica_id: h.replica_id.clone(),
             },
         );
-        let from = if h.last_version > self.version {
-            0
-        } else {
-            h.last_version
-        };
+        let (from, snapshot) = self.catch_up_start(h);
         let welcome = WelcomePayload {
             protocol_version: PROTOCOL_VERSION,
             room_id: self.id.clone(),
             room_version: self.version,
             catch_up_from: from,
+            epoch: self.meta.as_ref().map(|m| m.epoch.clone()),
+            snapshot,
         };
         let mut out = vec![self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)))];
         for page in self.catch_up(from) {
             out.push(self.addressed(conn, now, |e| ServerMessage::CatchUp(e(page))));
         }
         Ok(out)
+    }
+
+    /// Where a joining client's catch-up starts, and whether it is a snapshot (see
+    /// `docs/sync.md`, "Room identity and resync"). From 0 when the client's versions mean
+    /// nothing here: it names another epoch, or it is ahead of the room (a room without
+    /// an epoch that lost history, or a client that predates epochs). Also from 0, as a
+    /// snapshot, when it is older than a collected tombstone: it would miss that delete.
+    fn catch_up_start(&self, h: &HelloPayload) -> (u64, bool) {
+        let meta = self.meta.as_ref();
+        let other_epoch = matches!((&h.epoch, meta), (Some(theirs), Some(m)) if *theirs != m.epoch);
+        if other_epoch {
+            return (0, meta.is_some_and(|m| m.rolled_back));
+        }
+        if h.last_version > self.version {
+            return (0, false);
+        }
+        let horizon = meta.map_or(0, |m| m.collected_through);
+        if h.last_version > 0 && h.last_version < horizon {
+            return (0, true);
+        }
+        (h.last_version, false)
+    }
+
+    /// Collects the tombstones past the horizon ([`RoomLimits::tombstone_versions`] versions
+    /// behind the room and [`RoomLimits::tombstone_age`] old at `now`): they leave memory,
+    /// the collection horizon moves up to the newest of them, and the room's meta records
+    /// what they said about replicas. Returns them (the caller deletes them from the log,
+    /// after it has persisted [`Room::meta`]), oldest first. Nothing for a room without
+    /// meta (it could not tell clients about the horizon), or while a change is pending.
+    pub fn collect_tombstones(&mut self, now: Millis) -> Vec<StoredChange> {
+        if self.meta.is_none() || self.pending.is_some() {
+            return Vec::new();
+        }
+        let Some(newest) = self.version.checked_sub(self.limits.tombstone_versions) else {
+            return Vec::new();
+        };
+        let old_enough = now.saturating_sub(self.limits.tombstone_age);
+        let keys: Vec<(u64, EntityKey)> = self
+            .by_version
+            .range(..=newest)
+            .filter(|(_, key)| {
+                self.entities
+                    .get(*key)
+                    .is_some_and(|c| c.state.is_none() && c.stamp.at <= old_enough)
+            })
+            .map(|(v, k)| (*v, k.clone()))
+            .collect();
+        let mut collected = Vec::with_capacity(keys.len());
+        for (version, key) in keys {
+            self.by_version.remove(&version);
+            if let Some(record) = self.entities.remove(&key) {
+                collected.push(record);
+            }
+        }
+        if let (Some(meta), Some(last)) = (self.meta.as_mut(), collected.last()) {
+            meta.collected_through = meta.collected_through.max(last.version);
+            for record in &collected {
+                for (replica, counter) in record.vector.iter() {
+                    let high = meta.high.entry(replica.to_owned()).or_insert(0);
+                    *high = (*high).max(counter);
+                }
+                if !record.replica_id.is_empty() && !record.author.is_empty() {
+                    meta.owners
+                        .insert(record.replica_id.clone(), record.author.clone());
+                }
+            }
+        }
+        // A collected entity's superseded states can no longer be a merge base: an edit
+        // of it now starts a new entity.
+        if !collected.is_empty() {
+            let gone: std::collections::HashSet<EntityKey> =
+                collected.iter().map(StoredChange::key).collect();
+            self.bases.retain(|_, (key, _)| !gone.contains(key));
+        }
+        collected
     }
 
     /// The catch-up pages for a client that has everything up to `after`: the current

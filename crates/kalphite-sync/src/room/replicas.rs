@@ -142,6 +142,28 @@ impl Replicas {
         }
     }
 
+    /// Takes in what the room's identity record kept of collected tombstones: the highest
+    /// counters they named and who their authors were (both last like a stored change's).
+    pub(super) fn seed<'a>(
+        &mut self,
+        high: impl IntoIterator<Item = (&'a String, &'a u64)>,
+        owners: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) {
+        for (replica, counter) in high {
+            let entry = self.high.entry(replica.clone()).or_insert(0);
+            *entry = (*entry).max(*counter);
+        }
+        for (replica, user) in owners {
+            self.owners.insert(
+                replica.clone(),
+                Binding {
+                    user_id: user.clone(),
+                    stored: true,
+                },
+            );
+        }
+    }
+
     /// Takes in a stored change (committed, or replayed by a restore): its clock's
     /// counters, its author's binding, its message id.
     pub(super) fn record(&mut self, record: &StoredChange, window: usize) {
