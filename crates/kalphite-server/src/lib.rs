@@ -157,6 +157,10 @@ pub struct ServerConfig {
     pub read_buffer_bytes: usize,
     /// Catch-up page size and per-entity history kept for merges.
     pub room_limits: RoomLimits,
+    /// A room with no connection and no write in flight for this long is unloaded from
+    /// memory (default 60 s); the next hello restores it from the log. Bounds the memory of
+    /// a long-running server by its active rooms, not by every room it ever served.
+    pub room_unload_after: Duration,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -207,6 +211,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(5),
             read_buffer_bytes: 1_024,
             room_limits: RoomLimits::default(),
+            room_unload_after: Duration::from_mins(1),
         }
     }
 
@@ -296,6 +301,13 @@ impl ServerConfig {
         self
     }
 
+    /// Sets how long an unused room stays in memory.
+    #[must_use]
+    pub fn room_unload_after(mut self, after: Duration) -> Self {
+        self.room_unload_after = after;
+        self
+    }
+
     /// Sets how long shutdown waits for connections before dropping them.
     #[must_use]
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
@@ -331,9 +343,12 @@ impl ServerConfig {
                 "max_connections and max_connections_per_user must be at least 1".into(),
             ));
         }
-        if self.write_timeout.is_zero() || self.handshake_timeout.is_zero() {
+        if self.write_timeout.is_zero()
+            || self.handshake_timeout.is_zero()
+            || self.room_unload_after.is_zero()
+        {
             return Err(ServerError::Config(
-                "write_timeout and handshake_timeout must be positive".into(),
+                "write_timeout, handshake_timeout and room_unload_after must be positive".into(),
             ));
         }
         Ok(())
@@ -378,6 +393,9 @@ pub(crate) struct RoomHandle {
     /// committed before it joined (its catch-up holds that) ahead of its welcome.
     pub(crate) joining: parking_lot::Mutex<HashMap<ConnId, Arc<Outbox>>>,
     poisoned: AtomicBool,
+    /// Since when nothing but the room map has held this handle, as seen by the unload
+    /// sweeps (see [`Shared::unload_idle`]).
+    unused_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl RoomHandle {
@@ -388,6 +406,7 @@ impl RoomHandle {
             members: parking_lot::Mutex::new(HashMap::new()),
             joining: parking_lot::Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
+            unused_since: parking_lot::Mutex::new(None),
         }
     }
 
@@ -485,6 +504,37 @@ impl Shared {
         handle
     }
 
+    /// Unloads every room that nothing but the room map has held since `unused_before`
+    /// (as observed by earlier sweeps); returns how many. A handle is only handed out by
+    /// [`Shared::room`], under the map's lock, and held by each of the room's connections
+    /// and by each of its log jobs in flight, so a handle whose only holder is the map
+    /// (checked under that lock) has no member, no joining connection and no unwritten
+    /// change: dropping it loses nothing, and the next hello restores the room from the log.
+    pub(crate) fn unload_idle(&self, now: tokio::time::Instant, unused_for: Duration) -> usize {
+        let mut rooms = self.rooms.lock();
+        let before = rooms.len();
+        rooms.retain(|_, handle| {
+            let mut since = handle.unused_since.lock();
+            if Arc::strong_count(handle) > 1 {
+                *since = None;
+                return true;
+            }
+            let first_seen = *since.get_or_insert(now);
+            now.saturating_duration_since(first_seen) < unused_for
+        });
+        let unloaded = before - rooms.len();
+        if unloaded > 0 {
+            if rooms.capacity() > 64 && rooms.len() < rooms.capacity() / 4 {
+                rooms.shrink_to_fit();
+            }
+            self.metrics
+                .rooms
+                .fetch_sub(unloaded as u64, Ordering::Relaxed);
+            Metrics::add(&self.metrics.rooms_unloaded, unloaded as u64);
+        }
+        unloaded
+    }
+
     /// A fresh room restored from the log.
     pub(crate) async fn load_room(&self, id: &str) -> Result<Room, String> {
         let records = self.log.load(id).await.map_err(|e| e.to_string())?;
@@ -576,6 +626,7 @@ pub async fn run_with_metrics(
         .route("/metrics", get(metrics_handler))
         .layer(axum::middleware::from_fn(handshake_deadline))
         .with_state(Arc::clone(&shared));
+    let sweeper = tokio::spawn(unload_idle_rooms(Arc::downgrade(&shared), cancel.clone()));
     drop(shared);
     let signal = {
         let cancel = cancel.clone();
@@ -609,8 +660,31 @@ pub async fn run_with_metrics(
     writer.close();
     writer.wait().await;
     deadline.abort();
+    sweeper.abort();
     tracing::info!("kalphite sync server stopped");
     served.map_err(ServerError::Io)
+}
+
+/// Sweeps the room map for unused rooms ([`Shared::unload_idle`]) a few times per
+/// [`ServerConfig::room_unload_after`], until shutdown.
+async fn unload_idle_rooms(shared: std::sync::Weak<Shared>, cancel: CancellationToken) {
+    let Some(after) = shared.upgrade().map(|s| s.config.room_unload_after) else {
+        return;
+    };
+    let period = (after / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let n = shared.unload_idle(tokio::time::Instant::now(), after);
+        if n > 0 {
+            tracing::debug!(rooms = n, "unloaded unused rooms");
+        }
+    }
 }
 
 /// Keeps a socket's header deadline off while one of its requests is handled, and starts

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// Rooms loaded in memory (gauge).
     pub rooms: AtomicU64,
+    /// Rooms unloaded from memory after going unused.
+    pub rooms_unloaded: AtomicU64,
     /// Frames received.
     pub messages_in: AtomicU64,
     /// Frames sent.
@@ -88,7 +90,7 @@ impl Metrics {
 
     /// Each metric's name, type, help text and value.
     #[allow(clippy::too_many_lines, reason = "a table: one entry per metric")]
-    fn rows(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 18] {
+    fn rows(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 19] {
         [
             (
                 "kalphite_sync_connections",
@@ -107,6 +109,12 @@ impl Metrics {
                 "gauge",
                 "Rooms loaded in memory.",
                 &self.rooms,
+            ),
+            (
+                "kalphite_sync_rooms_unloaded_total",
+                "counter",
+                "Rooms unloaded from memory after going unused.",
+                &self.rooms_unloaded,
             ),
             (
                 "kalphite_sync_messages_in_total",
