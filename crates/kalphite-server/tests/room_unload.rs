@@ -33,8 +33,14 @@ async fn wait_metric(addr: std::net::SocketAddr, name: &str, want: u64) {
 async fn write_one(url: &str, room: &str, user: &str, id: &str) {
     let mut raw = Raw::connect(url).await;
     raw.join(room, user).await;
-    raw.send_json(change_frame(&format!("{user}-1"), user, id, json!({"t": id}), 1))
-        .await;
+    raw.send_json(change_frame(
+        &format!("{user}-1"),
+        user,
+        id,
+        json!({"t": id}),
+        1,
+    ))
+    .await;
     raw.recv_until(|m| match m {
         ServerMessage::Ack(_) => Some(()),
         ServerMessage::Error(e) => panic!("change refused: {:?}", e.payload),
@@ -108,8 +114,10 @@ async fn a_room_with_a_connection_stays_loaded_and_live() {
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         watcher
-            .send_json(json!({"type": "heartbeat", "messageId": "hb", "userId": "carol",
-                "timestamp": 1, "payload": {}}))
+            .send_json(
+                json!({"type": "heartbeat", "messageId": "hb", "userId": "carol",
+                "timestamp": 1, "payload": {}}),
+            )
             .await;
     }
     assert_eq!(metric(server.addr, "kalphite_sync_rooms").await, 1);
