@@ -290,6 +290,18 @@ pub enum SyncEvent {
         /// For a person.
         message: String,
     },
+    /// The room's history is not the one this database last synced with (its server
+    /// database was lost or restored, or the client was away longer than the room keeps
+    /// deletes): the client took the room's full state. See `docs/sync.md`, "Room
+    /// identity and resync".
+    Resynced {
+        /// The room's state was a snapshot: local entities it lacks were dropped.
+        snapshot: bool,
+        /// Local entities sent back to the room (it lacked them, or held other content).
+        sent_back: usize,
+        /// Local entities dropped (after a snapshot).
+        dropped: usize,
+    },
     /// The event stream fell behind and missed this many events.
     Lagged {
         /// Missed events.

@@ -261,8 +261,10 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
         let (out, settled) = {
             let mut replica = inner.replica.lock();
             let before = replica.outbox_len();
-            let out = replica.handle(message, now);
-            (out, before.saturating_sub(replica.outbox_len()))
+            let mut out = replica.handle(message, now);
+            let settled = before.saturating_sub(replica.outbox_len());
+            resend_after_resync(&mut replica, tx, &mut out, now);
+            (out, settled)
         };
         let mut applied = Vec::with_capacity(out.apply.len());
         let mut refused = Vec::new();
@@ -322,6 +324,29 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
                     message_id: change.message_id,
                     code,
                     message,
+                }
+            }
+            ReplicaEvent::Resynced {
+                snapshot,
+                resend,
+                dropped,
+            } => {
+                if !snapshot {
+                    // Local entities the replica never heard of go back too.
+                    inner.adopt_local.store(true, Ordering::Release);
+                }
+                tracing::warn!(
+                    room = %inner.config.room_id,
+                    snapshot,
+                    sent_back = resend.len(),
+                    dropped = dropped.len(),
+                    "the room's history is not the one this database synced with (a lost, \
+                     restored or collected room): resynced from scratch"
+                );
+                SyncEvent::Resynced {
+                    snapshot,
+                    sent_back: resend.len(),
+                    dropped: dropped.len(),
                 }
             }
             ReplicaEvent::ServerError { code, message, .. } => SyncEvent::Error {
@@ -385,6 +410,40 @@ fn adopt_local(inner: &Arc<Inner>, store: &kalphite::Store) {
             code: None,
             message: format!("could not queue local entities the room did not have: {e}"),
         }),
+    }
+}
+
+/// After a resync that sends back what the room lacks: queues each reported entity as the
+/// store holds it (inside the transaction that applied the catch-up, so the queue and the
+/// data are written together).
+fn resend_after_resync(
+    replica: &mut kalphite_sync::Replica,
+    tx: &kalphite::Tx<'_>,
+    out: &mut kalphite_sync::Output,
+    now: u64,
+) {
+    let keys: Vec<kalphite_sync::EntityKey> = out
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ReplicaEvent::Resynced { resend, .. } => Some(resend.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    for key in keys {
+        let Some(entity) = tx.get_any(&key.kind, &key.id) else {
+            continue;
+        };
+        match entity.to_json().map_err(kalphite_sync::ReplicaError::from) {
+            Ok(json) => match replica.resend(json, now) {
+                Ok(send) => out.send.extend(send),
+                Err(e) => tracing::warn!(kind = %key.kind, id = %key.id, error = %e,
+                    "could not send an entity back to the room"),
+            },
+            Err(e) => tracing::warn!(kind = %key.kind, id = %key.id, error = %e,
+                "could not send an entity back to the room"),
+        }
     }
 }
 

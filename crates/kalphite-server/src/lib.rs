@@ -59,7 +59,7 @@ pub use auth::{
     AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
     verify_token,
 };
-pub use log::{LogError, ROOM_KIND_PREFIX};
+pub use log::{LogError, ROOM_KIND_PREFIX, ROOM_META_KIND, renew_room_epochs};
 pub use metrics::{Metrics, resident_bytes};
 
 use limits::{Budgets, ConnectionPermit};
@@ -536,18 +536,47 @@ impl Shared {
     }
 
     /// A fresh room restored from the log.
+    ///
+    /// The room's identity comes with it. A room without one gets a new epoch, written
+    /// before this returns (so before any welcome carries it): a new room, or one whose
+    /// history was lost (its clients resync and send back what they hold). Tombstones past
+    /// the horizon are collected here, and leave the log in the same transaction that
+    /// moves the room's horizon.
     pub(crate) async fn load_room(&self, id: &str) -> Result<Room, String> {
         let records = self.log.load(id).await.map_err(|e| e.to_string())?;
-        let mut room =
-            Room::new(id, self.config.policy.clone()).with_limits(self.config.room_limits);
+        let stored_meta = self.log.load_meta(id).await.map_err(|e| e.to_string())?;
+        let fresh = stored_meta.is_none();
+        let meta = stored_meta.unwrap_or_else(|| kalphite_sync::RoomMeta::new(log::new_epoch()));
+        if fresh && !records.is_empty() {
+            tracing::warn!(
+                room = id,
+                records = records.len(),
+                epoch = %meta.epoch,
+                "room log without an identity (written by an older version, or restored \
+                 without one): new epoch; clients of another epoch resync"
+            );
+        }
+        let mut room = Room::new(id, self.config.policy.clone())
+            .with_limits(self.config.room_limits)
+            .with_meta(meta);
         if let Some(schema) = &self.config.schema {
             room = room.with_schema(Arc::clone(schema));
         }
         let n = records.len();
-        let room = room.restore(records).map_err(|e| e.to_string())?;
+        let mut room = room.restore(records).map_err(|e| e.to_string())?;
+        let collected = room.collect_tombstones(kalphite::now_millis());
+        if (fresh || !collected.is_empty())
+            && let Some(meta) = room.meta()
+        {
+            self.log
+                .save_meta(id, meta, &collected)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         tracing::debug!(
             room = id,
             records = n,
+            collected = collected.len(),
             version = room.version(),
             "room restored"
         );

@@ -9,22 +9,28 @@
 //!
 //! Layout in the database: one entity per (room, entity), kind `_kalphite_room:<room>`, id
 //! the JSON pair `[kind, id]`, data the [`StoredChange`]; the room is rebuilt from them
-//! (in version order) the first time it is opened after a start.
+//! (in version order) the first time it is opened after a start. Beside them, one entity
+//! per room of kind [`ROOM_META_KIND`], id the room, data the room's [`RoomMeta`] (its
+//! epoch and tombstone collection horizon). A room with changes but no meta lost its
+//! history, or was restored by an older version: it gets a new epoch when it is loaded.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kalphite::{Entity, now_millis};
+use kalphite::{AnyEntity, Change, Entity, Origin, now_millis};
 use kalphite_db::{Database, check_storable};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use super::{Frame, RoomHandle};
-use kalphite_sync::StoredChange;
+use kalphite_sync::{RoomMeta, StoredChange};
 
 /// The kind prefix of room-log entities.
 pub const ROOM_KIND_PREFIX: &str = "_kalphite_room:";
+
+/// The kind of the rooms' identity records (id = the room): see [`RoomMeta`].
+pub const ROOM_META_KIND: &str = "_kalphite_room_meta";
 
 /// Most jobs in one group commit.
 const MAX_GROUP: usize = 1024;
@@ -299,6 +305,134 @@ impl RoomLog {
             .collect::<Result<Vec<_>, _>>()?;
         records.sort_by_key(|r| r.version);
         Ok(records)
+    }
+}
+
+/// The database entity holding `room`'s identity.
+pub(crate) fn meta_entity(room: &str, meta: &RoomMeta) -> Result<Entity, LogError> {
+    let data = serde_json::to_value(meta).map_err(|e| LogError::Write(e.to_string()))?;
+    check_storable(ROOM_META_KIND, room, &data).map_err(|e| LogError::Unstorable(e.to_string()))?;
+    Ok(Entity::new(room, ROOM_META_KIND, data).at(now_millis()))
+}
+
+/// A fresh random epoch: 128 bits, hex. Drawn from the standard library's randomly keyed
+/// hasher (keys from the OS per process, stepped per use) over the time, the process and a
+/// counter: epochs need to be unique, not secret.
+pub(crate) fn new_epoch() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut halves = [0u64; 2];
+    for (i, half) in halves.iter_mut().enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u64(count);
+        h.write_u32(std::process::id());
+        h.write_usize(i);
+        *half = h.finish();
+    }
+    format!("{:016x}{:016x}", halves[0], halves[1])
+}
+
+/// Gives every room of a room log a new epoch (`kalphite restore` runs it after replacing
+/// a server database with a backup): its clients no longer take the restored room for
+/// the history they synced with, and resync. With `rolled_back`, the rooms are marked as
+/// rolled back on purpose: clients drop what a room lacks instead of sending it back.
+/// Each room keeps its collection horizon. Returns how many rooms there are.
+///
+/// # Errors
+/// [`LogError::Read`] or [`LogError::Write`] from the database, [`LogError::Corrupt`] for
+/// an unreadable identity record.
+pub async fn renew_room_epochs(db: &Database, rolled_back: bool) -> Result<usize, LogError> {
+    let read = |e: kalphite_db::Error| LogError::Read(e.to_string());
+    let mut metas: std::collections::BTreeMap<String, RoomMeta> = std::collections::BTreeMap::new();
+    for entity in db.get_by_type(ROOM_META_KIND).await.map_err(read)? {
+        let meta: RoomMeta =
+            serde_json::from_value(entity.data).map_err(|e| LogError::Corrupt {
+                room: entity.id.to_string(),
+                id: format!("{ROOM_META_KIND}/{}", entity.id),
+                reason: e.to_string(),
+            })?;
+        metas.insert(entity.id.to_string(), meta);
+    }
+    for (kind, _) in db.kinds().await.map_err(read)? {
+        if let Some(room) = kind.strip_prefix(ROOM_KIND_PREFIX) {
+            metas
+                .entry(room.to_owned())
+                .or_insert_with(|| RoomMeta::new(String::new()));
+        }
+    }
+    let mut entities = Vec::with_capacity(metas.len());
+    for (room, mut meta) in metas {
+        meta.epoch = new_epoch();
+        meta.rolled_back = rolled_back;
+        entities.push(meta_entity(&room, &meta)?);
+    }
+    let n = entities.len();
+    db.upsert_batch_borrowed(entities.iter())
+        .await
+        .map_err(|e| LogError::Write(e.to_string()))?;
+    Ok(n)
+}
+
+impl RoomLog {
+    /// The identity of `room`, if it has one.
+    pub(crate) async fn load_meta(&self, room: &str) -> Result<Option<RoomMeta>, LogError> {
+        let Some(entity) = self
+            .db
+            .get_by_id(ROOM_META_KIND, room)
+            .await
+            .map_err(|e| LogError::Read(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_value(entity.data)
+            .map(Some)
+            .map_err(|e| LogError::Corrupt {
+                room: room.to_owned(),
+                id: format!("{ROOM_META_KIND}/{room}"),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Writes `room`'s identity and deletes the records of `collected` (tombstones the
+    /// room let go of), in one transaction: the horizon in the meta never lags the
+    /// deletes, so no client is ever caught up incrementally past a delete that is gone.
+    /// Called while the room is being loaded, before anything of it is queued for the
+    /// writer, so nothing of the room is written in between.
+    pub(crate) async fn save_meta(
+        &self,
+        room: &str,
+        meta: &RoomMeta,
+        collected: &[StoredChange],
+    ) -> Result<(), LogError> {
+        let entity = meta_entity(room, meta)?;
+        let now = now_millis();
+        let kind = format!("{ROOM_KIND_PREFIX}{room}");
+        let mut changes = Vec::with_capacity(collected.len() + 1);
+        changes.push(Change::upsert(
+            AnyEntity::new(std::sync::Arc::new(entity)),
+            now,
+            Origin::Local,
+        ));
+        for record in collected {
+            let id = serde_json::to_string(&(record.kind.as_str(), record.id.as_str()))
+                .map_err(|e| LogError::Write(e.to_string()))?;
+            changes.push(Change::delete(
+                kind.as_str().into(),
+                id.into(),
+                now,
+                Origin::Local,
+            ));
+        }
+        self.db
+            .apply_changes(&changes)
+            .await
+            .map_err(|e| LogError::Write(e.to_string()))
     }
 }
 
