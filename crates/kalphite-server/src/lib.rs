@@ -104,9 +104,10 @@ impl Default for RateLimit {
 #[non_exhaustive]
 pub struct ServerConfig {
     /// Where the room log lives (SQLite by default, PostgreSQL for shared deployments).
-    /// One server per database: open it with `DatabaseConfig::writer_lock(true)` (as
-    /// `kalphite serve` does), so a second server on the same SQLite file or PostgreSQL
-    /// schema is refused when it opens the database instead of corrupting the log.
+    /// One server per database: [`run`] takes the database's writer lock before serving
+    /// and refuses to start ([`ServerError::DatabaseBusy`]) while another process holds
+    /// it. Opening it with `DatabaseConfig::writer_lock(true)` (as `kalphite serve` does)
+    /// refuses a second server earlier, before it migrates anything.
     pub database: Database,
     /// The HS256 secret that room tokens are signed with: at least [`MIN_SECRET_BYTES`]
     /// bytes, or [`run`] refuses to start.
@@ -368,6 +369,15 @@ pub enum ServerError {
     /// The token secret is too short: tokens signed with it could be forged.
     #[error(transparent)]
     WeakSecret(#[from] WeakSecret),
+    /// Another process holds the database's writer lock (another server on the same
+    /// SQLite file or PostgreSQL schema): two servers on one room log would corrupt it.
+    /// The message names the holder when it is known.
+    #[error("{0}")]
+    DatabaseBusy(#[source] kalphite_db::Error),
+    /// The database's writer lock could not be taken at all (the lock file or the
+    /// PostgreSQL connection failed).
+    #[error("cannot take the database's writer lock: {0}")]
+    WriterLock(#[source] kalphite_db::Error),
 }
 
 /// An encoded frame and who gets it.
@@ -589,7 +599,8 @@ impl Shared {
 ///
 /// # Errors
 /// [`ServerError::WeakSecret`] or [`ServerError::Config`] for an unusable configuration
-/// (see [`ServerConfig::validate`]), [`ServerError::Io`] when serving fails.
+/// (see [`ServerConfig::validate`]), [`ServerError::DatabaseBusy`] when another process
+/// writes the database (see [`run_with_metrics`]), [`ServerError::Io`] when serving fails.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
@@ -600,8 +611,13 @@ pub async fn run(
 
 /// [`run`] with a caller-held [`Metrics`] (read it while the server runs).
 ///
+/// Before serving it takes the database's writer lock ([`Database::lock_writer`]; nothing
+/// to do when the database was opened with `DatabaseConfig::writer_lock(true)`), so a
+/// second server on the same room log is refused whether or not its caller asked for the
+/// lock: two servers writing one log acknowledge the same room versions.
+///
 /// # Errors
-/// As [`run`].
+/// As [`run`]; [`ServerError::WriterLock`] when the lock cannot be taken at all.
 pub async fn run_with_metrics(
     listener: TcpListener,
     mut config: ServerConfig,
@@ -609,6 +625,10 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    config.database.lock_writer().await.map_err(|e| match e {
+        kalphite_db::Error::Busy { .. } => ServerError::DatabaseBusy(e),
+        other => ServerError::WriterLock(other),
+    })?;
     if !config.open && config.token_secret.is_none() {
         tracing::warn!("no token secret and not in open mode: every hello will be refused");
     }
