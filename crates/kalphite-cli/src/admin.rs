@@ -35,6 +35,11 @@ pub(crate) struct RestoreArgs {
     /// Backup file to read.
     #[arg(long = "in")]
     pub input: PathBuf,
+    /// For a sync server's database: the rooms were rolled back on purpose, so clients
+    /// drop what the backup lacks. Without it they send it back (nothing is lost). Either
+    /// way every room gets a new epoch and its clients resync.
+    #[arg(long)]
+    pub rollback: bool,
 }
 
 async fn open(url: &str) -> Result<Database> {
@@ -98,6 +103,19 @@ pub(crate) async fn restore(args: RestoreArgs) -> Result<()> {
         )
     })?;
     println!("Restored {n} entities from {}", args.input.display());
+    // Rooms of a sync server's database: a new epoch each, so that clients holding the
+    // history after the backup resync instead of taking its reused versions as theirs.
+    let rooms = kalphite_server::renew_room_epochs(&db, args.rollback)
+        .await
+        .context("the backup was restored, but its rooms could not be given new epochs")?;
+    if rooms > 0 {
+        let what = if args.rollback {
+            "clients will drop what the backup lacks"
+        } else {
+            "clients will send back what the backup lacks"
+        };
+        println!("{rooms} sync rooms get a new epoch: {what}");
+    }
     db.close().await?;
     Ok(())
 }

@@ -636,12 +636,7 @@ pub async fn connect_store(
         // Changes from an earlier session wait in the restored offline queue. The server
         // engine never saw them, so give it a marker: its batch completes only once the
         // server acknowledged everything queued so far, and `durable(Server)` waits for it.
-        server.schedule(Change::delete(
-            Kind::from(QUEUED_MARKER_KIND),
-            EntityId::from(inner.config.room_id.as_str()),
-            kalphite::now_millis(),
-            Origin::Local,
-        ));
+        server.schedule(queued_marker(&inner.config.room_id));
     }
     let store = builder
         .flush_engine_via(local, Arc::new(wiring::Feeder(Arc::clone(&inner))))
@@ -666,6 +661,28 @@ pub async fn connect_store(
         client.connect();
     }
     Ok((store, client))
+}
+
+/// The change that stands, on the server-durability engine, for everything queued in the
+/// replica so far (see [`QUEUED_MARKER_KIND`]).
+fn queued_marker(room: &str) -> Change {
+    Change::delete(
+        Kind::from(QUEUED_MARKER_KIND),
+        EntityId::from(room),
+        kalphite::now_millis(),
+        Origin::Local,
+    )
+}
+
+/// Makes the store's server-durability engine wait for everything queued in the replica
+/// so far (changes that did not come through the store: entities sent back after a
+/// resync).
+pub(crate) fn wait_for_queued(store: &Store, room: &str) {
+    for engine in store.flush_engines() {
+        if engine.config().durability == Durability::Server {
+            engine.schedule(queued_marker(room));
+        }
+    }
 }
 
 /// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept; anything but

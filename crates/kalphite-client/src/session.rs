@@ -257,13 +257,16 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     let Some(store) = inner.store.lock().clone() else {
         return Ok(Vec::new());
     };
+    let mut resent = false;
     let result = store.transaction_from(Origin::Remote, |tx| {
         let (out, settled) = {
             let mut replica = inner.replica.lock();
             let before = replica.outbox_len();
             let mut out = replica.handle(message, now);
             let settled = before.saturating_sub(replica.outbox_len());
-            resend_after_resync(&mut replica, tx, &mut out, now);
+            if resend_after_resync(&mut replica, tx, &mut out, now) > 0 {
+                resent = true;
+            }
             (out, settled)
         };
         let mut applied = Vec::with_capacity(out.apply.len());
@@ -279,6 +282,12 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     let Ok((send, events, applied, refused, settled)) = result else {
         return Ok(Vec::new());
     };
+    if resent {
+        // Entities sent back after a resync never went through the store, so the
+        // server-durability engine does not know them: a marker makes `durable(Server)`
+        // wait for their acknowledgements too.
+        crate::wait_for_queued(&store, &inner.config.room_id);
+    }
     let rejected = events
         .iter()
         .filter(|e| matches!(e, ReplicaEvent::Rejected { .. }))
@@ -416,12 +425,13 @@ fn adopt_local(inner: &Arc<Inner>, store: &kalphite::Store) {
 /// After a resync that sends back what the room lacks: queues each reported entity as the
 /// store holds it (inside the transaction that applied the catch-up, so the queue and the
 /// data are written together).
+/// Returns how many were queued.
 fn resend_after_resync(
     replica: &mut kalphite_sync::Replica,
     tx: &kalphite::Tx<'_>,
     out: &mut kalphite_sync::Output,
     now: u64,
-) {
+) -> usize {
     let keys: Vec<kalphite_sync::EntityKey> = out
         .events
         .iter()
@@ -431,13 +441,17 @@ fn resend_after_resync(
         })
         .flatten()
         .collect();
+    let mut queued = 0;
     for key in keys {
         let Some(entity) = tx.get_any(&key.kind, &key.id) else {
             continue;
         };
         match entity.to_json().map_err(kalphite_sync::ReplicaError::from) {
             Ok(json) => match replica.resend(json, now) {
-                Ok(send) => out.send.extend(send),
+                Ok(send) => {
+                    queued += 1;
+                    out.send.extend(send);
+                }
                 Err(e) => tracing::warn!(kind = %key.kind, id = %key.id, error = %e,
                     "could not send an entity back to the room"),
             },
@@ -445,6 +459,7 @@ fn resend_after_resync(
                 "could not send an entity back to the room"),
         }
     }
+    queued
 }
 
 /// Applies one remote change inside the store transaction.
