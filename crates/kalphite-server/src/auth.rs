@@ -164,14 +164,24 @@ pub fn verify_token(secret: &[u8], token: &str) -> Result<Claims, AuthError> {
         })
 }
 
-/// Decides who may join `room` with `token`: `Ok(Some(user))` for a valid token,
-/// `Ok(None)` in open mode without a token (the hello's user id is taken as is).
+/// Who a valid token lets in, and until when.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// The token's user (`sub`).
+    pub(crate) user: String,
+    /// The token's expiry, seconds since the epoch: the connection is closed then.
+    pub(crate) expires: u64,
+}
+
+/// Decides who may join `room` with `token`: `Ok(Some(admitted))` for a valid token,
+/// `Ok(None)` in open mode without a token (the hello's user id is taken as is, and
+/// nothing expires).
 pub(crate) fn authorize(
     secret: Option<&[u8]>,
     open: bool,
     token: Option<&str>,
     room: &str,
-) -> Result<Option<String>, AuthError> {
+) -> Result<Option<Admitted>, AuthError> {
     match (token, secret) {
         // Open mode lets in a hello without a token, or any hello when there is no secret.
         (None, _) | (Some(_), None) if open => Ok(None),
@@ -182,7 +192,10 @@ pub(crate) fn authorize(
         (Some(token), Some(secret)) => {
             let claims = verify_token(secret, token)?;
             if claims.allows(room) {
-                Ok(Some(claims.sub))
+                Ok(Some(Admitted {
+                    user: claims.sub,
+                    expires: claims.exp,
+                }))
             } else {
                 Err(AuthError::Forbidden {
                     user: claims.sub,

@@ -1,8 +1,10 @@
-//! One WebSocket connection: reads frames, enforces the frame-size and rate limits,
-//! authenticates the hello, drives the connection's [`Room`](crate::Room) (persist →
-//! commit → fan-out), and writes what is queued for it from a write loop of its own, so a
-//! client that stops reading never holds up its reads, its idle timer or shutdown. Never
-//! panics on input.
+//! One WebSocket connection: reads frames, enforces the frame-size and rate limits (every
+//! frame counts, pings and binary frames too), authenticates the hello and ends the
+//! connection when its token expires, drives the connection's [`Room`](crate::Room)
+//! (persist → commit → fan-out), and writes what is queued for it from a write loop of its
+//! own, so a client that stops reading never holds up its reads, its idle timer or
+//! shutdown. Never panics on input: a frame that cannot be read ends the connection with
+//! the close code that says why (1009 too large, 1007 not UTF-8, 1002 not WebSocket).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +25,17 @@ use kalphite_sync::{
     ClientMessage, ConnId, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
     Outbound, SERVER_USER_ID, ServerMessage, Step, decode_client, encode, peek_message_id,
 };
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 
 /// WebSocket close codes used here.
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_GOING_AWAY: u16 = 1001;
+const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_INVALID_DATA: u16 = 1007;
 const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_INTERNAL: u16 = 1011;
 
 /// Most queued frames written before one flush.
 const WRITE_BATCH: usize = 64;
@@ -59,6 +67,34 @@ enum End {
     Slow,
     /// The room was reset after a failed write.
     Reset,
+    /// The hello's token expired.
+    Expired,
+    /// A frame for this client was over the largest a client accepts; it was not sent.
+    FrameTooLarge(usize),
+}
+
+/// A frame the WebSocket layer could not read, by what the client is told.
+enum Unreadable {
+    /// Over the hard size limit (a frame, or a fragmented message in total): not read.
+    TooLarge,
+    /// A text frame that is not UTF-8.
+    NotUtf8,
+    /// Not valid WebSocket framing (unmasked, reserved bits, a stray continuation...).
+    Protocol,
+}
+
+impl Unreadable {
+    fn of(e: &axum::Error) -> Option<Self> {
+        let source = std::error::Error::source(e)?;
+        match source.downcast_ref::<WsError>()? {
+            WsError::Capacity(_) => Some(Self::TooLarge),
+            WsError::Utf8(_) => Some(Self::NotUtf8),
+            // The client went away without a close frame: nobody to tell.
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+            WsError::Protocol(_) => Some(Self::Protocol),
+            _ => None,
+        }
+    }
 }
 
 /// Token bucket for the per-connection rate limit.
@@ -104,6 +140,8 @@ struct Conn {
     outbox: Arc<Outbox>,
     /// One of its user's connection slots, from the accepted hello on.
     user_slot: Option<UserPermit>,
+    /// When the hello's token expires (none in open mode without a token).
+    expires: Option<Instant>,
     next_message: u64,
 }
 
@@ -139,6 +177,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
     ));
     let cancel = shared.cancel.clone();
     let idle = config.idle_timeout;
+    let max_out = config.max_server_frame_bytes;
     let hello_by = Instant::now() + config.handshake_timeout;
     let mut bucket = Bucket::new(config.rate_limit.per_second, config.rate_limit.burst);
     let mut conn = Conn {
@@ -147,6 +186,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
         room: None,
         outbox: Arc::clone(&outbox),
         user_slot: None,
+        expires: None,
         next_message: 0,
     };
     let (mut sink, mut stream) = socket.split();
@@ -154,45 +194,66 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
     let end = {
         // Writes run beside the reads: a client that does not read stalls only this future,
         // never the loop (nor its idle timer, nor shutdown).
-        let write = write_loop(&mut sink, &outbox, &metrics);
+        let write = write_loop(&mut sink, &outbox, &metrics, max_out);
         tokio::pin!(write);
         loop {
             let joined = conn.room.is_some();
-            let wake = if joined {
+            let mut wake = if joined {
                 deadline
             } else {
                 deadline.min(hello_by)
             };
+            if let Some(expires) = conn.expires {
+                wake = wake.min(expires);
+            }
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break End::Shutdown,
                 end = &mut write => break end,
                 frame = stream.next() => {
-                    let Some(Ok(frame)) = frame else {
-                        break End::Gone;
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => break conn.unreadable(&e),
+                        None => break End::Gone,
                     };
+                    // Nothing is taken from a connection whose token has expired.
+                    if conn.expires.is_some_and(|at| Instant::now() >= at) {
+                        break End::Expired;
+                    }
                     deadline = Instant::now() + idle;
                     Metrics::inc(&metrics.messages_in);
-                    let next = match frame {
-                        Message::Text(text) => {
-                            if bucket.take() {
-                                Box::pin(conn.on_text(text.as_str())).await
-                            } else {
-                                conn.reply_error(ErrorCode::RateLimited,
-                                    "too many messages on this connection; slow down and resend",
-                                    None)
+                    if matches!(frame, Message::Close(_)) {
+                        break End::Goodbye;
+                    }
+                    // Every frame counts against the rate limit: a flood of pings or binary
+                    // frames costs the server as much as one of messages.
+                    let next = if bucket.take() {
+                        match frame {
+                            Message::Text(text) => Box::pin(conn.on_text(text.as_str())).await,
+                            Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,
+                                "binary frames are not supported; send JSON text frames", None),
+                            // Pings are answered by the WebSocket layer.
+                            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {
+                                Next::Continue
                             }
                         }
-                        Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,
-                            "binary frames are not supported; send JSON text frames", None),
-                        Message::Close(_) => break End::Goodbye,
-                        Message::Ping(_) | Message::Pong(_) => Next::Continue,
+                    } else {
+                        let refers_to = match &frame {
+                            Message::Text(text) => peek_message_id(text.as_str()),
+                            _ => None,
+                        };
+                        conn.reply_error(ErrorCode::RateLimited,
+                            "too many messages on this connection; slow down and resend",
+                            refers_to)
                     };
                     if let Next::Close(code, reason) = next {
                         break End::Close(code, reason);
                     }
                 }
                 () = sleep_until(wake) => {
+                    if conn.expires.is_some_and(|at| Instant::now() >= at) {
+                        break End::Expired;
+                    }
                     break End::Idle(if joined { "idle timeout" } else { "no hello in time" });
                 }
             }
@@ -210,6 +271,8 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
         let last = finish(&mut sink, frames, code, reason);
         if matches!(timeout(CLOSE_WRITE_TIMEOUT, last).await, Ok(Ok(()))) {
             Metrics::add(&metrics.messages_out, n);
+            // The close frame is out: the socket lingers so that it is read, not reset.
+            peer.linger();
         }
     }
     drop((sink, stream));
@@ -223,10 +286,15 @@ async fn write_loop(
     sink: &mut SplitSink<WebSocket, Message>,
     outbox: &Outbox,
     metrics: &Metrics,
+    max_bytes: usize,
 ) -> End {
     let mut unflushed = 0;
     loop {
         match outbox.pop() {
+            // A client refuses such a frame (and would never get past it): say so instead.
+            Popped::Frame(text) if text.len() > max_bytes => {
+                return End::FrameTooLarge(text.len());
+            }
             Popped::Frame(text) => {
                 if sink.feed(Message::Text(text)).await.is_err() {
                     return End::Gone;
@@ -308,7 +376,69 @@ impl Conn {
                 )],
                 Some((CLOSE_GOING_AWAY, "room reset; reconnect".to_owned())),
             ),
+            End::Expired => (
+                vec![self.error_frame(
+                    ErrorCode::TokenExpired,
+                    "the token has expired; get a new one and reconnect",
+                    None,
+                )],
+                Some((CLOSE_POLICY, "token expired".to_owned())),
+            ),
+            End::FrameTooLarge(size) => {
+                tracing::error!(
+                    conn = self.id,
+                    size,
+                    "a frame for this connection is over the largest a client accepts; \
+                     closing it"
+                );
+                let message = format!(
+                    "the server had a {size}-byte frame for this connection, over the largest \
+                     frame a client accepts; the connection is closed"
+                );
+                (
+                    vec![self.error_frame(ErrorCode::Internal, &message, None)],
+                    Some((
+                        CLOSE_INTERNAL,
+                        "frame over the server frame limit".to_owned(),
+                    )),
+                )
+            }
         }
+    }
+
+    /// How a connection whose frame could not be read ends: with a close code saying why
+    /// (after an error frame), or silently when the socket itself failed.
+    fn unreadable(&mut self, e: &axum::Error) -> End {
+        let (code, error, message, reason) = match Unreadable::of(e) {
+            Some(Unreadable::TooLarge) => {
+                let hard = self.shared.config.hard_frame_bytes;
+                (
+                    CLOSE_TOO_BIG,
+                    ErrorCode::Oversized,
+                    format!(
+                        "a frame (or a fragmented message) over {hard} bytes, the hard limit; \
+                         it was not read and the connection is closed"
+                    ),
+                    "frame too large",
+                )
+            }
+            Some(Unreadable::NotUtf8) => (
+                CLOSE_INVALID_DATA,
+                ErrorCode::InvalidMessage,
+                "a text frame that is not valid UTF-8; the connection is closed".to_owned(),
+                "text frame is not UTF-8",
+            ),
+            Some(Unreadable::Protocol) => (
+                CLOSE_PROTOCOL,
+                ErrorCode::InvalidMessage,
+                format!("not a valid WebSocket frame ({e}); the connection is closed"),
+                "WebSocket protocol error",
+            ),
+            None => return End::Gone,
+        };
+        tracing::debug!(conn = self.id, error = %e, "unreadable frame: closing");
+        self.reply_error(error, &message, None);
+        End::Close(code, reason.to_owned())
     }
 
     fn now() -> Millis {
@@ -409,14 +539,14 @@ impl Conn {
         }
         let config = &self.shared.config;
         let room_id = hello.payload.room_id.clone();
-        let user = match auth::authorize(
+        let (user, expires) = match auth::authorize(
             config.token_secret.as_deref(),
             config.open,
             hello.payload.token.as_deref(),
             &room_id,
         ) {
-            Ok(Some(user)) => user,
-            Ok(None) => hello.user_id.clone(),
+            Ok(Some(admitted)) => (admitted.user, Some(admitted.expires)),
+            Ok(None) => (hello.user_id.clone(), None),
             Err(e) => {
                 Metrics::inc(&self.shared.metrics.auth_failures);
                 tracing::debug!(conn = self.id, room = %room_id, error = %e, "hello refused");
@@ -441,7 +571,7 @@ impl Conn {
                     "user '{user}' already has {limit} connections open, the server's limit \
                      per user; close one, or retry later"
                 );
-                self.reply_error(ErrorCode::RateLimited, &message, refers_to);
+                self.reply_error(ErrorCode::TooManyConnections, &message, refers_to);
                 return Next::Close(CLOSE_POLICY, "too many connections for this user".into());
             };
             self.user_slot = Some(slot);
@@ -480,6 +610,7 @@ impl Conn {
                 let submitted = self.shared.log.submit(job).await;
                 drop(guard);
                 self.room = Some(handle);
+                self.expires = expires.map(expiry_instant);
                 match submitted {
                     Ok(()) => Next::Continue,
                     Err(_) => Next::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
@@ -559,6 +690,17 @@ impl Conn {
             }
         }
     }
+}
+
+/// The instant a token expiring at `exp` (seconds since the epoch) runs out; far in the
+/// future when that is past what an [`Instant`] can hold.
+fn expiry_instant(exp: u64) -> Instant {
+    let left = exp.saturating_mul(1_000).saturating_sub(now_millis());
+    let far = Duration::from_hours(100 * 365 * 24);
+    let now = Instant::now();
+    // (Only a clock near the end of what an Instant holds could fail the addition.)
+    now.checked_add(Duration::from_millis(left).min(far))
+        .unwrap_or(now)
 }
 
 /// Encodes each outbound message once, counting conflicts and errors.

@@ -123,6 +123,10 @@ pub struct ServerConfig {
     pub max_frame_bytes: usize,
     /// Frames above this are not read at all: the connection is closed (code 1009).
     pub hard_frame_bytes: usize,
+    /// Largest frame the server sends (default [`kalphite_sync::MAX_SERVER_FRAME_BYTES`],
+    /// what clients must accept); a larger one is not sent: its recipient gets an
+    /// `internal` error and close 1011.
+    pub max_server_frame_bytes: usize,
     /// Per-connection message rate.
     pub rate_limit: RateLimit,
     /// A connection silent this long is closed (clients send heartbeats).
@@ -149,7 +153,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most connections one user (the token's subject) may hold at once (default
     /// [`DEFAULT_MAX_CONNECTIONS_PER_USER`]); a hello beyond it is refused with
-    /// `rate_limited` and close 1008.
+    /// `too_many_connections` and close 1008.
     pub max_connections_per_user: usize,
     /// How long shutdown waits for connections to close (default 5 s); any still open
     /// then are dropped. In-flight room-log writes always finish.
@@ -201,6 +205,7 @@ impl ServerConfig {
             schema: None,
             max_frame_bytes: kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
             hard_frame_bytes: 4 * kalphite_sync::DEFAULT_MAX_FRAME_BYTES,
+            max_server_frame_bytes: kalphite_sync::MAX_SERVER_FRAME_BYTES,
             rate_limit: RateLimit::default(),
             idle_timeout: Duration::from_mins(2),
             outbound_queue: 16_384,
@@ -250,6 +255,13 @@ impl ServerConfig {
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
         self.max_frame_bytes = bytes;
         self.hard_frame_bytes = bytes.saturating_mul(4).max(64 * 1024);
+        self
+    }
+
+    /// Sets the largest frame the server sends (what its clients accept).
+    #[must_use]
+    pub fn max_server_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_server_frame_bytes = bytes;
         self
     }
 

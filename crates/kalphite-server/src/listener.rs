@@ -2,7 +2,11 @@
 //! once, and the socket type every connection runs on. Until its WebSocket upgrade a
 //! socket must send each complete HTTP request within the header timeout (or it is
 //! closed), and it is dropped when shutdown's grace period ends; after the upgrade a write
-//! that makes no progress for the write timeout ends it.
+//! that makes no progress for the write timeout ends it. A socket the server closed with a
+//! close frame lingers briefly after it is dropped: its write side is shut (FIN after the
+//! close frame) and what the client still sends is read and discarded until it closes, so
+//! the kernel does not answer unread input with a reset that can destroy the close frame
+//! before the client reads it (a frame over the hard limit is not read at all).
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +28,9 @@ use super::metrics::Metrics;
 /// Pause after an accept error that is not about one connection (such as running out of
 /// file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest a closed socket lingers, discarding what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Descriptors kept for everything but client sockets (database, listener, logs) when the
 /// connection limit is fitted to the open-file limit.
@@ -101,13 +108,14 @@ impl axum::serve::Listener for BoundedListener {
             let peer = Peer(Arc::new(PeerState {
                 upgraded: AtomicBool::new(false),
                 stalled: AtomicBool::new(false),
+                linger: AtomicBool::new(false),
                 deadline: parking_lot::Mutex::new(Some(
                     Instant::now() + self.limits.handshake_timeout,
                 )),
                 handshake_timeout: self.limits.handshake_timeout,
             }));
             let socket = Socket {
-                tcp,
+                tcp: Some(tcp),
                 peer,
                 open: Arc::clone(&self.open),
                 metrics: Arc::clone(&self.metrics),
@@ -134,6 +142,8 @@ pub(crate) struct Peer(Arc<PeerState>);
 struct PeerState {
     upgraded: AtomicBool,
     stalled: AtomicBool,
+    /// The server sent a close frame: linger when the socket is dropped.
+    linger: AtomicBool,
     /// When the socket is closed unless a request is under way; `None` while one is
     /// handled, and for good after the upgrade. A plain mutex: read on each poll of a
     /// socket not yet upgraded, written once per request.
@@ -165,6 +175,12 @@ impl Peer {
     pub(crate) fn write_stalled(&self) -> bool {
         self.0.stalled.load(Ordering::Acquire)
     }
+
+    /// The server has written its close frame: when the socket is dropped, shut its write
+    /// side and discard the client's input until it closes (at most [`LINGER`]).
+    pub(crate) fn linger(&self) {
+        self.0.linger.store(true, Ordering::Release);
+    }
 }
 
 impl Connected<IncomingStream<'_, BoundedListener>> for Peer {
@@ -176,7 +192,8 @@ impl Connected<IncomingStream<'_, BoundedListener>> for Peer {
 /// An accepted TCP socket with the deadlines above. Once it fails it stays failed: every
 /// later read or write returns the same error, so the connection ends.
 pub(crate) struct Socket {
-    tcp: TcpStream,
+    /// `None` only once dropped (a lingering socket is handed to its linger task).
+    tcp: Option<TcpStream>,
     peer: Peer,
     /// The listener's count of open sockets, decremented on drop.
     open: Arc<AtomicUsize>,
@@ -260,11 +277,48 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// The TCP stream, or `NotConnected` once it was handed to its linger task.
+    fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        self.tcp
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
 impl Drop for Socket {
     fn drop(&mut self) {
+        let lingering = self.failed.is_none() && self.peer.0.linger.load(Ordering::Acquire);
+        if lingering
+            && let Some(tcp) = self.tcp.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // The socket stays counted until its linger ends.
+            let open = Arc::clone(&self.open);
+            let metrics = Arc::clone(&self.metrics);
+            runtime.spawn(async move {
+                linger(tcp).await;
+                open.fetch_sub(1, Ordering::AcqRel);
+                Metrics::dec(&metrics.sockets);
+            });
+            return;
+        }
         self.open.fetch_sub(1, Ordering::AcqRel);
         Metrics::dec(&self.metrics.sockets);
     }
+}
+
+/// Shuts the write side (the client reads our close frame, then end of stream) and reads
+/// and discards until the client closes, or for at most [`LINGER`].
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let drain = async {
+        let _ = tcp.shutdown().await;
+        let mut scratch = [0u8; 4096];
+        while matches!(tcp.read(&mut scratch).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 impl AsyncRead for Socket {
@@ -275,7 +329,7 @@ impl AsyncRead for Socket {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check(cx)?;
-        Pin::new(&mut this.tcp).poll_read(cx, buf)
+        this.tcp()?.poll_read(cx, buf)
     }
 }
 
@@ -287,7 +341,7 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        let r = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        let r = this.tcp()?.poll_write(cx, buf);
         this.watch_stall(cx, r)
     }
 
@@ -298,23 +352,23 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
-        let r = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        let r = this.tcp()?.poll_write_vectored(cx, bufs);
         this.watch_stall(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.tcp.as_ref().is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Not a sign of progress: a TCP flush is immediate whatever the peer reads.
         let this = self.get_mut();
         this.check(cx)?;
-        Pin::new(&mut this.tcp).poll_flush(cx)
+        this.tcp()?.poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        self.get_mut().tcp()?.poll_shutdown(cx)
     }
 }
 

@@ -101,13 +101,18 @@ async fn bad_frames_get_error_replies_and_others_are_unaffected() {
     bad.recv_until(|m| matches!(m, ServerMessage::Ack(_)).then_some(()))
         .await;
 
-    // A frame past the hard limit (4× the limit) closes that connection cleanly...
+    // A frame past the hard limit (4× the limit) closes that connection cleanly, with an
+    // `oversized` error and close 1009 (more cases in hostile.rs)...
     bad.send(format!(
         r#"{{"type":"heartbeat","pad":"{}"}}"#,
         "x".repeat(70_000)
     ))
     .await;
-    assert!(bad.recv().await.is_none(), "connection closed");
+    assert_eq!(expect_error(&mut bad).await, ErrorCode::Oversized);
+    match guard(futures_util::StreamExt::next(&mut bad.ws)).await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
     // ...and nobody else notices.
     healthy_round_trip(&mut writer, &mut reader, 99).await;
     let (_, metrics) = http_get(server.addr, "/metrics").await;

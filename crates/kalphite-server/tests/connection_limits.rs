@@ -188,8 +188,9 @@ async fn the_connection_limit_refuses_new_connections_and_healthz_still_answers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_per_user_limit_refuses_a_hello_with_rate_limited_and_close_1008() {
-    // Bug (issue 10, item 8): no limit on connections per user.
+async fn the_per_user_limit_refuses_a_hello_with_too_many_connections_and_close_1008() {
+    // Bug (issue 10, item 8): no limit on connections per user. (Issue 10, item 9: the
+    // refusal had the code rate_limited, which means "resend this message" elsewhere.)
     let server = start(config(memory_db().await).max_connections_per_user(2)).await;
     let mut first = Raw::connect(&server.url()).await;
     first.join("r", "alice").await;
@@ -207,7 +208,7 @@ async fn the_per_user_limit_refuses_a_hello_with_rate_limited_and_close_1008() {
             _ => None,
         })
         .await;
-    assert_eq!(refused.code, ErrorCode::RateLimited);
+    assert_eq!(refused.code, ErrorCode::TooManyConnections);
     assert_eq!(refused.refers_to.as_deref(), Some("alice-hello"));
     assert!(
         refused.message.contains("2 connections"),
