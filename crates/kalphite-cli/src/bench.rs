@@ -28,7 +28,8 @@ pub(crate) struct SyncBenchArgs {
     /// The server.
     #[arg(long, default_value = "ws://127.0.0.1:8787/sync")]
     pub url: String,
-    /// s1 (latency), s2 (fan-out), s3 (many rooms) or s4 (idle connections).
+    /// s1 (latency), s2 (fan-out), s3 (many rooms), s4 (idle connections), soak (rooms
+    /// opened and left, entities deleted) or load (steady writes over many connections).
     #[arg(long, default_value = "s1")]
     pub scenario: Scenario,
     /// The server's token secret (omit for a server in --open mode).
@@ -52,6 +53,31 @@ pub(crate) struct SyncBenchArgs {
     /// S1 through two full clients (a kalphite Store and a local database at each end).
     #[arg(long)]
     pub full_clients: bool,
+    /// Soak: rounds.
+    #[arg(long, default_value_t = 5)]
+    pub soak_rounds: usize,
+    /// Soak: rooms opened and left per round.
+    #[arg(long, default_value_t = 2_000)]
+    pub soak_rooms: usize,
+    /// Soak: entities written then deleted per round.
+    #[arg(long, default_value_t = 20_000)]
+    pub soak_deletes: u64,
+    /// Soak: seconds to wait after each round (for the server to unload rooms and collect
+    /// tombstones).
+    #[arg(long, default_value_t = 70)]
+    pub settle_secs: u64,
+    /// Load: rooms the --clients connections are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub load_rooms: usize,
+    /// Load: total changes per second.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Load: seconds to run.
+    #[arg(long, default_value_t = 300)]
+    pub duration_secs: u64,
+    /// Load: seconds between memory samples.
+    #[arg(long, default_value_t = 30)]
+    pub sample_secs: u64,
 }
 
 /// Runs one scenario and prints its report.
@@ -73,6 +99,15 @@ pub(crate) async fn run_bench(args: BenchArgs) -> Result<()> {
     opts.s2_readers = args.readers;
     opts.s4_clients = args.clients;
     opts.s4_idle = Duration::from_secs(args.idle_secs);
+    opts.soak_rounds = args.soak_rounds;
+    opts.soak_rooms = args.soak_rooms;
+    opts.soak_deletes = args.soak_deletes;
+    opts.soak_settle = Duration::from_secs(args.settle_secs);
+    opts.load_clients = args.clients;
+    opts.load_rooms = args.load_rooms;
+    opts.load_rate = args.rate;
+    opts.load_duration = Duration::from_secs(args.duration_secs);
+    opts.load_sample = Duration::from_secs(args.sample_secs.max(1));
     // A scaled count: f64 is exact far past any count here, and the result is finite and at
     // least 2 when cast (`as` saturates at u64::MAX).
     #[allow(

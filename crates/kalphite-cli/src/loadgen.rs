@@ -39,6 +39,13 @@ pub(crate) enum Scenario {
     S3,
     /// Idle connections: server RSS per idle connection.
     S4,
+    /// Long uptime: rounds of rooms opened and left, and of entities written then deleted;
+    /// server memory after each round (flat when rooms are unloaded and tombstones
+    /// collected).
+    Soak,
+    /// Steady load: many connections over many rooms writing at a fixed total rate for a
+    /// while; ack latency and server memory sampled over time.
+    Load,
 }
 
 impl std::str::FromStr for Scenario {
@@ -49,8 +56,10 @@ impl std::str::FromStr for Scenario {
             "s2" => Ok(Self::S2),
             "s3" => Ok(Self::S3),
             "s4" => Ok(Self::S4),
+            "soak" => Ok(Self::Soak),
+            "load" => Ok(Self::Load),
             other => Err(BenchError::Config(format!(
-                "unknown scenario '{other}' (expected s1, s2, s3 or s4)"
+                "unknown scenario '{other}' (expected s1, s2, s3, s4, soak or load)"
             ))),
         }
     }
@@ -86,6 +95,27 @@ pub(crate) struct BenchOptions {
     /// S1 with full clients: two [`SyncClient`](kalphite_client::SyncClient)s over kalphite
     /// Stores (in-memory SQLite), latency from `put` on A to B's store notifying it.
     pub s1_full_clients: bool,
+    /// Soak: rounds (5), rooms opened and left per round (2000), entities written then
+    /// deleted per round (20 000), and how long to wait after each round for the server
+    /// to unload rooms (70 s: its default unload time is 60 s).
+    pub soak_rounds: usize,
+    /// Soak rooms per round.
+    pub soak_rooms: usize,
+    /// Soak deletes per round.
+    pub soak_deletes: u64,
+    /// Soak settle time after each round.
+    pub soak_settle: Duration,
+    /// Load: connections (1000), rooms (100), total changes per second (1000), duration
+    /// (300 s) and memory sample period (30 s).
+    pub load_clients: usize,
+    /// Load rooms.
+    pub load_rooms: usize,
+    /// Load total rate, changes per second.
+    pub load_rate: u64,
+    /// Load duration.
+    pub load_duration: Duration,
+    /// Load memory sample period.
+    pub load_sample: Duration,
 }
 
 impl BenchOptions {
@@ -105,6 +135,15 @@ impl BenchOptions {
             s4_idle: Duration::from_secs(20),
             timeout: Duration::from_mins(2),
             s1_full_clients: false,
+            soak_rounds: 5,
+            soak_rooms: 2_000,
+            soak_deletes: 20_000,
+            soak_settle: Duration::from_secs(70),
+            load_clients: 1_000,
+            load_rooms: 100,
+            load_rate: 1_000,
+            load_duration: Duration::from_mins(5),
+            load_sample: Duration::from_secs(30),
         }
     }
 }
@@ -271,6 +310,73 @@ impl Client {
     }
 }
 
+impl Client {
+    /// An upsert (`delete: false`) or delete of entity `e{id}`, the `n`th change of it by
+    /// this client (its clock counter).
+    fn edit(&mut self, id: u64, n: u64, delete: bool) -> ClientMessage {
+        self.next += 1;
+        let now = now_millis();
+        let entity_id = format!("e{id}");
+        let (operation, entity) = if delete {
+            (Op::Delete, None)
+        } else {
+            let data = json!({"message": format!("Message {id}/{n}"), "n": n});
+            (
+                Op::Upsert,
+                Some(Entity::new(entity_id.clone(), "comment", data).at(now)),
+            )
+        };
+        ClientMessage::Change(Envelope::new(
+            format!("{}-{}", self.replica, self.next),
+            self.user.clone(),
+            now,
+            ChangePayload {
+                operation,
+                entity_type: "comment".into(),
+                entity_id: entity_id.into(),
+                entity,
+                vector: VectorClock::from([(self.replica.as_str(), n)]),
+                base_version: None,
+                room_version: None,
+            },
+        ))
+    }
+
+    /// Sends `messages` keeping at most `window` unacknowledged, and waits for every ack.
+    async fn pipeline(
+        &mut self,
+        source: &mut Source,
+        opts: &BenchOptions,
+        messages: impl IntoIterator<Item = ClientMessage>,
+        window: usize,
+    ) -> Result<(), BenchError> {
+        let mut in_flight = 0usize;
+        for msg in messages {
+            while in_flight >= window {
+                in_flight -= next_acks(source, opts).await?;
+            }
+            send(&mut self.sink, &msg).await?;
+            in_flight += 1;
+        }
+        while in_flight > 0 {
+            in_flight = in_flight.saturating_sub(next_acks(source, opts).await?);
+        }
+        Ok(())
+    }
+}
+
+/// Reads the next frame: 1 for an ack, 0 for anything else; a refusal is an error.
+async fn next_acks(source: &mut Source, opts: &BenchOptions) -> Result<usize, BenchError> {
+    match guarded(opts, "an ack", next_message(source)).await?? {
+        ServerMessage::Ack(_) => Ok(1),
+        ServerMessage::Error(e) => Err(BenchError::Protocol(format!(
+            "change refused: {:?} {}",
+            e.payload.code, e.payload.message
+        ))),
+        _ => Ok(0),
+    }
+}
+
 async fn send(sink: &mut Sink, msg: &ClientMessage) -> Result<(), BenchError> {
     let text = encode(msg).map_err(|e| BenchError::Protocol(e.to_string()))?;
     sink.send(Message::Text(text.into()))
@@ -377,6 +483,8 @@ pub(crate) async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<Repor
         Scenario::S2 => s2(opts).await,
         Scenario::S3 => s3(opts).await,
         Scenario::S4 => s4(opts).await,
+        Scenario::Soak => soak(opts).await,
+        Scenario::Load => load(opts).await,
     }
 }
 
@@ -688,6 +796,181 @@ async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+/// A gauge or counter from the server's `/metrics`.
+async fn server_metric(opts: &BenchOptions, name: &str) -> Option<u64> {
+    let body = scrape(opts).await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn soak(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = run_id();
+    let mut report = Report::default();
+    report.row("scenario", "soak (rooms opened and left, entities deleted)");
+    report.row(
+        "rounds x rooms / deletes",
+        format!(
+            "{} x {} / {}",
+            opts.soak_rounds, opts.soak_rooms, opts.soak_deletes
+        ),
+    );
+    report.row("server RSS at start", mib(server_rss(opts).await));
+    let count = |n: Option<u64>| n.map_or_else(|| "n/a".to_owned(), |r| r.to_string());
+    report.row(
+        "rooms loaded at start",
+        count(server_metric(opts, "kalphite_sync_rooms").await),
+    );
+    let start = Instant::now();
+    for round in 0..opts.soak_rounds {
+        // Rooms opened and left, 64 at a time.
+        let mut next = 0usize;
+        while next < opts.soak_rooms {
+            let batch = (next..opts.soak_rooms.min(next + 64)).map(|i| {
+                let room = format!("soak-{run}-{round}-{i}");
+                async move {
+                    let (mut c, mut source) = Client::join(opts, &room, "soak").await?;
+                    let msg = c.edit(0, 1, false);
+                    c.pipeline(&mut source, opts, [msg], 1).await
+                }
+            });
+            for result in futures_util::future::join_all(batch).await {
+                result?;
+            }
+            next += 64;
+        }
+        // Entities written, then deleted, in one room.
+        let room = format!("soak-{run}-{round}-deletes");
+        let (mut c, mut source) = Client::join(opts, &room, "soak-deleter").await?;
+        let n = opts.soak_deletes;
+        let upserts: Vec<_> = (0..n).map(|i| c.edit(i, 1, false)).collect();
+        c.pipeline(&mut source, opts, upserts, 256).await?;
+        let deletes: Vec<_> = (0..n).map(|i| c.edit(i, 2, true)).collect();
+        c.pipeline(&mut source, opts, deletes, 256).await?;
+        drop((c, source));
+        tokio::time::sleep(opts.soak_settle).await;
+        let rooms = server_metric(opts, "kalphite_sync_rooms").await;
+        report.row(
+            format!("after round {}", round + 1),
+            format!(
+                "RSS {}, rooms loaded {}, {:.0} s",
+                mib(server_rss(opts).await),
+                count(rooms),
+                start.elapsed().as_secs_f64()
+            ),
+        );
+    }
+    Ok(report)
+}
+
+async fn load(opts: &BenchOptions) -> Result<Report, BenchError> {
+    let run = run_id();
+    let clients = opts.load_clients.max(1);
+    let mut report = Report::default();
+    report.row("scenario", "load (steady writes over many connections)");
+    report.row(
+        "clients / rooms / rate / time",
+        format!(
+            "{clients} / {} / {} changes/s / {:?}",
+            opts.load_rooms, opts.load_rate, opts.load_duration
+        ),
+    );
+    report.row("server RSS at start", mib(server_rss(opts).await));
+    // Each client writes every `period`, cycling over 10 entities of its own.
+    let period = Duration::from_secs_f64(clients as f64 / opts.load_rate.max(1) as f64);
+    let (lat_tx, mut lat_rx) = mpsc::unbounded_channel::<Duration>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let room = format!("load-{run}-{}", i % opts.load_rooms.max(1));
+        let (mut c, mut source) = Client::join(opts, &room, &format!("load{i}")).await?;
+        let lat = lat_tx.clone();
+        let mut stopped = stopped.clone();
+        let offset = period.mul_f64(i as f64 / clients as f64);
+        tasks.push(tokio::spawn(async move {
+            let sent: std::sync::Arc<std::sync::Mutex<HashMap<String, Instant>>> =
+                std::sync::Arc::default();
+            let reader = {
+                let sent = std::sync::Arc::clone(&sent);
+                tokio::spawn(async move {
+                    while let Ok(msg) = next_message(&mut source).await {
+                        if let ServerMessage::Ack(a) = msg
+                            && let Some(at) = sent
+                                .lock()
+                                .ok()
+                                .and_then(|mut s| s.remove(&a.payload.ack_of))
+                        {
+                            let _ = lat.send(at.elapsed());
+                        }
+                    }
+                })
+            };
+            tokio::time::sleep(offset).await;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut counts = [0u64; 10];
+            let mut k = 0usize;
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = tick.tick() => {}
+                }
+                let slot = k % counts.len();
+                k += 1;
+                counts[slot] += 1;
+                let msg = c.edit(slot as u64, counts[slot], false);
+                let ClientMessage::Change(env) = &msg else {
+                    continue;
+                };
+                if let Ok(mut s) = sent.lock() {
+                    s.insert(env.message_id.clone(), Instant::now());
+                }
+                if send(&mut c.sink, &msg).await.is_err() {
+                    break;
+                }
+            }
+            // Acks still in flight arrive within a moment.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            reader.abort();
+        }));
+    }
+    drop(lat_tx);
+    report.row("server RSS connected", mib(server_rss(opts).await));
+    let start = Instant::now();
+    let mut latencies = Vec::new();
+    let mut sample = tokio::time::interval(opts.load_sample);
+    sample.tick().await;
+    while start.elapsed() < opts.load_duration {
+        tokio::select! {
+            _ = sample.tick() => {
+                report.row(
+                    format!("RSS at {:.0} s", start.elapsed().as_secs_f64()),
+                    format!("{} ({} acks so far)", mib(server_rss(opts).await), latencies.len()),
+                );
+            }
+            Some(l) = lat_rx.recv() => latencies.push(l),
+        }
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    while let Ok(l) = lat_rx.try_recv() {
+        latencies.push(l);
+    }
+    let acks = latencies.len();
+    report.row("acks", acks.to_string());
+    report.row(
+        "acks/s",
+        format!(
+            "{:.0}",
+            acks as f64 / start.elapsed().as_secs_f64().max(1e-9)
+        ),
+    );
+    latency_rows(&mut report, "ack latency", latencies);
+    report.row("server RSS at end", mib(server_rss(opts).await));
+    Ok(report)
+}
+
 fn mib(bytes: Option<u64>) -> String {
     bytes.map_or_else(
         || "n/a (server exports no kalphite_sync_process_resident_bytes)".to_owned(),
@@ -697,6 +980,11 @@ fn mib(bytes: Option<u64>) -> String {
 
 /// Scrapes the server's resident memory from `/metrics` (same host and port as the URL).
 pub(crate) async fn server_rss(opts: &BenchOptions) -> Option<u64> {
+    server_metric(opts, "kalphite_sync_process_resident_bytes").await
+}
+
+/// The server's `/metrics` text (same host and port as the URL).
+async fn scrape(opts: &BenchOptions) -> Option<String> {
     let rest = opts
         .url
         .strip_prefix("ws://")
@@ -710,9 +998,7 @@ pub(crate) async fn server_rss(opts: &BenchOptions) -> Option<u64> {
         .await
         .ok()?
         .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("kalphite_sync_process_resident_bytes "))
-        .and_then(|v| v.trim().parse().ok())
+    Some(body)
 }
 
 #[cfg(test)]
@@ -740,7 +1026,9 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = ServerConfig::new(db).token_secret(SECRET.to_vec());
+        let config = ServerConfig::new(db)
+            .token_secret(SECRET.to_vec())
+            .room_unload_after(Duration::from_millis(50));
         let server = tokio::spawn(serve(listener, config, async move {
             let _ = stopped.await;
         }));
@@ -772,6 +1060,48 @@ mod tests {
             .expect("hang guard")
             .expect("s1 full clients");
         assert!(report.to_string().contains("full clients"), "{report}");
+
+        opts.soak_rounds = 2;
+        opts.soak_rooms = 30;
+        opts.soak_deletes = 40;
+        opts.soak_settle = Duration::from_millis(400);
+        let report = tokio::time::timeout(GUARD, run(Scenario::Soak, &opts))
+            .await
+            .expect("hang guard")
+            .expect("soak");
+        // Every room of the round was left, so none of them is still loaded after the
+        // settle time: no more rooms are loaded than before (the other scenarios' clients
+        // are still connected to theirs).
+        let text = report.to_string();
+        let loaded = |row: &str| -> u64 {
+            let (_, v) = report.rows.iter().find(|(k, _)| k == row).expect("row");
+            let v = v.split("rooms loaded ").last().expect("count");
+            v.split(',')
+                .next()
+                .and_then(|n| n.trim().parse().ok())
+                .expect("number")
+        };
+        let at_start = loaded("rooms loaded at start");
+        for round in ["after round 1", "after round 2"] {
+            assert!(loaded(round) <= at_start, "{text}");
+        }
+
+        opts.load_clients = 10;
+        opts.load_rooms = 3;
+        opts.load_rate = 200;
+        opts.load_duration = Duration::from_millis(600);
+        opts.load_sample = Duration::from_millis(200);
+        let report = tokio::time::timeout(GUARD, run(Scenario::Load, &opts))
+            .await
+            .expect("hang guard")
+            .expect("load");
+        let acks: usize = report
+            .rows
+            .iter()
+            .find(|(k, _)| k == "acks")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("acks row");
+        assert!(acks >= 50, "{report}");
         let _ = stop.send(());
         server.await.expect("join").expect("server");
     }
