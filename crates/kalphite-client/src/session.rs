@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use super::{ConnectionStatus, Inner, SyncEvent};
 use kalphite_sync::{ClientMessage, ErrorCode, ReplicaEvent, ServerMessage, decode_server, encode};
 
-/// Largest server frame the client reads.
-const MAX_SERVER_FRAME: usize = 64 << 20;
+/// Largest server frame the client reads: what the protocol says servers may send.
+const MAX_SERVER_FRAME: usize = kalphite_sync::MAX_SERVER_FRAME_BYTES;
 
 /// The delay before reconnect attempt `attempt` (1-based): `base·2^(attempt-1)` capped at
 /// `max`, then a uniformly random point of its upper half (`jitter` in `[0, 1)`), so
