@@ -197,15 +197,33 @@ fn restore_scenario(rollback: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
     alice.run(&server, &["add", "before the backup"]);
     bob.run(&server, &["sync"]);
     server.stop();
-    ok(d, &["backup", "--db", "sqlite:server.db", "--out", "rooms.backup"]);
+    ok(
+        d,
+        &[
+            "backup",
+            "--db",
+            "sqlite:server.db",
+            "--out",
+            "rooms.backup",
+        ],
+    );
     let server = Server::start(d);
     alice.run(&server, &["add", "after the backup"]);
     bob.run(&server, &["sync"]);
-    assert_eq!(bob.titles(), sorted(&["after the backup", "before the backup"]));
+    assert_eq!(
+        bob.titles(),
+        sorted(&["after the backup", "before the backup"])
+    );
     // Bob works offline: this is new work, whatever happens to the server.
     bob.offline(&["add", "offline"]);
     server.stop();
-    let mut restore = vec!["restore", "--db", "sqlite:server.db", "--in", "rooms.backup"];
+    let mut restore = vec![
+        "restore",
+        "--db",
+        "sqlite:server.db",
+        "--in",
+        "rooms.backup",
+    ];
     if rollback {
         restore.push("--rollback");
     }
