@@ -48,7 +48,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Most connections one user (a token's subject) may hold at once; a hello beyond it
-    /// is refused (`rate_limited`, close 1008).
+    /// is refused (`too_many_connections`, close 1008).
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_USER)]
     pub max_connections_per_user: usize,
     /// Wait for the disk before acknowledging: acknowledged changes then survive an OS
