@@ -1,5 +1,5 @@
-//! Tombstones are collected (issue 10, item 8), over real WebSockets and a real SQLite
-//! room log. Bug pinned: deletes left tombstones in the room's memory, its log and every
+//! Tombstones are collected (issue 10, item 8), over real WebSocket connections and a
+//! real SQLite room log. Bug pinned: deletes left tombstones in the room's memory, its log and every
 //! catch-up forever. Now a room collects those past its horizon when it is loaded, deletes
 //! them from the log with the horizon in one transaction, and a client that synced before
 //! the horizon gets a snapshot and drops the deleted entities instead of keeping them.
