@@ -267,7 +267,8 @@ fn server_change(b: &mut Bytes<'_>, about: Option<&ChangePayload>) -> ChangePayl
         ),
     };
     for _ in 0..b.below(3) {
-        vector.increment(b.pick(&REPLICAS));
+        let replica = *b.pick(&REPLICAS);
+        vector.increment(replica);
     }
     let operation = if b.below(4) == 0 {
         Op::Delete

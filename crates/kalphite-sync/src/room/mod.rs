@@ -599,10 +599,16 @@ impl Room {
         let mut outputs = vec![self.addressed(conn, now, |e| ServerMessage::Ack(e(ack)))];
         if let Some((_, theirs)) = conflict {
             let strategy = self.policy.strategy_for(&key.kind).name();
+            let mut yours = change.payload.clone();
+            if yours.operation == Op::Delete {
+                // A delete's entity is ignored, so never checked against the limits: echoed
+                // back, it could make a frame no client can decode (nested too deep).
+                yours.entity = None;
+            }
             let notice = ConflictPayload {
                 refers_to: change.message_id.clone(),
                 strategy,
-                yours: change.payload.clone(),
+                yours,
                 theirs,
                 resolved: payload.clone(),
             };
