@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::loadgen::{BenchOptions, Scenario, run};
-use anyhow::{Context, Result};
+use crate::secret::given_secret;
+use crate::session::parse_server;
+use anyhow::Result;
 use clap::{Args, Subcommand};
 
 /// `kalphite bench`.
@@ -25,18 +27,26 @@ pub(crate) enum BenchCommand {
 /// `kalphite bench sync`.
 #[derive(Debug, Args)]
 pub(crate) struct SyncBenchArgs {
-    /// The server.
-    #[arg(long, default_value = "ws://127.0.0.1:8787/sync")]
-    pub url: String,
+    /// The server (`ws://HOST:PORT`, `/sync` added when no path is given).
+    // Old name: --url.
+    #[arg(
+        long,
+        alias = "url",
+        env = "KALPHITE_SERVER",
+        default_value = "ws://127.0.0.1:8787",
+        value_parser = parse_server
+    )]
+    pub server: String,
     /// s1 (latency), s2 (fan-out), s3 (many rooms), s4 (idle connections), soak (rooms
     /// opened and left, entities deleted) or load (steady writes over many connections).
     #[arg(long, default_value = "s1")]
     pub scenario: Scenario,
-    /// The server's token secret (omit for a server in --open mode).
-    #[arg(long, env = "KALPHITE_AUTH_SECRET", hide_env_values = true)]
+    /// The server's token secret, or set `KALPHITE_AUTH_SECRET` (omit for a server in
+    /// --open mode).
+    #[arg(long, alias = "auth-secret", conflicts_with = "secret_file")]
     pub secret: Option<String>,
     /// A file holding the server's token secret.
-    #[arg(long, conflicts_with = "secret")]
+    #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// S2 reader counts, comma-separated.
     #[arg(long, default_value = "10,100", value_delimiter = ',')]
@@ -83,19 +93,10 @@ pub(crate) struct SyncBenchArgs {
 /// Runs one scenario and prints its report.
 pub(crate) async fn run_bench(args: BenchArgs) -> Result<()> {
     let BenchCommand::Sync(args) = args.command;
-    let mut opts = BenchOptions::new(args.url);
+    let mut opts = BenchOptions::new(args.server);
     opts.s1_full_clients = args.full_clients;
-    opts.token_secret = match (args.secret, args.secret_file) {
-        (Some(s), _) => Some(s.into_bytes()),
-        (None, Some(f)) => Some(
-            std::fs::read_to_string(&f)
-                .with_context(|| format!("cannot read the secret file {}", f.display()))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-        ),
-        (None, None) => None,
-    };
+    opts.token_secret = given_secret(args.secret.as_deref(), args.secret_file.as_deref())?
+        .map(|(secret, _)| secret.into_bytes());
     opts.s2_readers = args.readers;
     opts.s4_clients = args.clients;
     opts.s4_idle = Duration::from_secs(args.idle_secs);

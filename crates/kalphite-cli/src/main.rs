@@ -4,6 +4,8 @@
 mod admin;
 mod bench;
 mod loadgen;
+mod policy;
+mod secret;
 mod serve;
 mod session;
 mod todo;
@@ -19,6 +21,13 @@ use clap::{Parser, Subcommand};
     about = "Memory-first, local-first entity store and sync engine"
 )]
 struct Cli {
+    /// Less output: errors only (no warnings, no progress logs). `RUST_LOG` still wins.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More output: -v one log level more than the default, -vv two, -vvv everything.
+    /// `RUST_LOG` still wins.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,12 +50,35 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// `serve` logs its progress; the other commands only warnings.
+/// The log levels, least output first.
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The log filter without `RUST_LOG`: `serve` logs its progress, the other commands only
+/// warnings; `-q` leaves errors only, each `-v` adds a level.
 fn default_log(cli: &Cli) -> &'static str {
-    match cli.command {
-        Command::Serve(_) => "info",
-        _ => "warn",
+    if cli.quiet {
+        return "error";
     }
+    let default = match cli.command {
+        Command::Serve(_) => 3,
+        _ => 2,
+    };
+    LEVELS[(default + usize::from(cli.verbose)).min(LEVELS.len() - 1)]
+}
+
+/// Whether colour codes may go to stderr: only for a person at a terminal (never into a
+/// file or a pipe), and not when `NO_COLOR` is set (no-color.org).
+fn colour() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `-q` was given: commands leave out their warnings and notes on stderr too.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `-q` was given.
+pub(crate) fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn main() -> ExitCode {
@@ -57,9 +89,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli))),
         )
         .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never in a file or a pipe.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour())
         .init();
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -11,8 +11,12 @@ use clap::Args;
 use kalphite_db::{Database, DatabaseConfig};
 use kalphite_server::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_USER, MIN_SECRET_BYTES, ServerConfig,
-    check_secret, issue_token, run,
+    issue_token, run,
 };
+
+use crate::admin::sqlite_file;
+use crate::policy::{ConflictRule, conflict_policy, describe, load_schema, parse_conflict};
+use crate::secret::{Given, given_secret, read_secret};
 
 /// `kalphite serve`.
 #[derive(Debug, Args)]
@@ -20,21 +24,17 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
-    /// Database URL: `sqlite:PATH` (default) or `postgres://…`.
+    /// Database: a file path or `sqlite:PATH` (SQLite), or `postgres://…`.
     #[arg(long, env = "KALPHITE_DB", default_value = "sqlite:./kalphite.db")]
     pub db: String,
-    /// Secret that signs access tokens, at least 32 bytes (`openssl rand -hex 32`).
-    /// Without it, --secret-file or --open, the server keeps a random secret in
-    /// `kalphite.secret` next to the database.
-    #[arg(
-        long,
-        alias = "auth-secret",
-        env = "KALPHITE_AUTH_SECRET",
-        hide_env_values = true
-    )]
+    /// Secret that signs access tokens, at least 32 bytes (`openssl rand -hex 32`); or set
+    /// `KALPHITE_AUTH_SECRET`. Without it, --secret-file or --open, the server keeps a random
+    /// secret in `kalphite.secret` next to the database.
+    // Old name: --auth-secret.
+    #[arg(long, alias = "auth-secret", conflicts_with = "secret_file")]
     pub secret: Option<String>,
     /// A file holding the secret (at least 32 bytes; surrounding whitespace is ignored).
-    #[arg(long, conflicts_with = "secret")]
+    #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// No authentication: anyone who can reach the port reads and writes every room.
     /// For local development only.
@@ -57,21 +57,27 @@ pub(crate) struct ServeArgs {
     /// Without it: SQLite `synchronous = NORMAL`, PostgreSQL `synchronous_commit = local`.
     #[arg(long)]
     pub fsync: bool,
+    /// How concurrent edits are resolved: last-write-wins (the default), field-merge (a
+    /// field changed on one side only keeps that change) or manual (last-write-wins, and
+    /// the author is told). KIND=STRATEGY sets it for one kind; repeatable:
+    /// `--conflict field-merge --conflict note=manual`.
+    #[arg(long, value_name = "[KIND=]STRATEGY", value_parser = parse_conflict)]
+    pub conflict: Vec<ConflictRule>,
+    /// Check every incoming entity against a JSON file mapping each kind to its JSON
+    /// Schema: `{"todo": {"type": "object", …}, …}`. Entities of other kinds are refused.
+    #[arg(long, value_name = "FILE.json")]
+    pub schema: Option<PathBuf>,
 }
 
 /// `kalphite token`.
 #[derive(Debug, Args)]
 pub(crate) struct TokenArgs {
-    /// The server's secret (at least 32 bytes).
-    #[arg(
-        long,
-        env = "KALPHITE_AUTH_SECRET",
-        hide_env_values = true,
-        required_unless_present = "secret_file"
-    )]
+    /// The server's secret (at least 32 bytes); or set `KALPHITE_AUTH_SECRET`.
+    // Old name: --auth-secret, as for `serve`.
+    #[arg(long, alias = "auth-secret", conflicts_with = "secret_file")]
     pub secret: Option<String>,
     /// A file holding the server's secret (what `serve` writes when given none).
-    #[arg(long, conflicts_with = "secret")]
+    #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// The user the token names.
     #[arg(long)]
@@ -103,32 +109,14 @@ pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
-fn read_secret(path: &Path) -> Result<String> {
-    let secret = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
-    let secret = secret.trim().to_owned();
-    if secret.is_empty() {
-        bail!("the secret file {} is empty", path.display());
-    }
-    Ok(secret)
-}
-
 /// The secret file used when `serve` gets no secret: next to a SQLite database, or in the
 /// working directory for PostgreSQL.
 fn default_secret_file(db_url: &str) -> PathBuf {
-    db_url
-        .strip_prefix("sqlite:")
-        .filter(|p| !p.starts_with(":memory:"))
-        .and_then(|p| Path::new(p).parent().map(Path::to_path_buf))
+    sqlite_file(db_url)
+        .and_then(Path::parent)
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| PathBuf::from("."))
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
         .join("kalphite.secret")
-}
-
-/// Refuses a secret too short to sign tokens with; `source` names where it came from.
-fn strong(secret: String, source: &str) -> Result<String> {
-    check_secret(secret.as_bytes()).with_context(|| format!("{source} is too short"))?;
-    Ok(secret)
 }
 
 fn load_or_create_secret(path: &Path) -> Result<String> {
@@ -169,20 +157,26 @@ fn server_secret(args: &ServeArgs) -> Result<(Option<String>, String)> {
         let auth = "OPEN MODE: no authentication, every room is readable and writable by anyone who can reach this port";
         return Ok((None, auth.to_owned()));
     }
-    if let Some(secret) = &args.secret {
-        let secret = strong(secret.clone(), "--secret (or KALPHITE_AUTH_SECRET)")?;
-        let auth = "tokens signed with --secret (kalphite token --secret … --user U --room R)";
-        return Ok((Some(secret), auth.to_owned()));
-    }
-    let file = match &args.secret_file {
-        Some(file) => file.clone(),
-        None => default_secret_file(&args.db),
+    let (secret, file) = match given_secret(args.secret.as_deref(), args.secret_file.as_deref())? {
+        Some((secret, Given::Flag)) => {
+            let auth = "tokens signed with --secret (kalphite token --secret … --user U --room R)";
+            return Ok((Some(secret), auth.to_owned()));
+        }
+        Some((secret, Given::Env)) => {
+            let auth = "tokens signed with KALPHITE_AUTH_SECRET (kalphite token --user U --room \
+                        R, with it set)";
+            return Ok((Some(secret), auth.to_owned()));
+        }
+        Some((secret, Given::File(file))) => (secret, file),
+        None => {
+            let file = default_secret_file(&args.db);
+            let secret = crate::secret::strong(
+                load_or_create_secret(&file)?,
+                &format!("the secret in {}", file.display()),
+            )?;
+            (secret, file)
+        }
     };
-    let secret = match &args.secret_file {
-        Some(file) => read_secret(file)?,
-        None => load_or_create_secret(&file)?,
-    };
-    let secret = strong(secret, &format!("the secret in {}", file.display()))?;
     let auth = format!(
         "tokens signed with the secret in {0}\n  make one: kalphite token --secret-file {0} --user alice --room todo",
         file.display()
@@ -218,8 +212,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.max_connections == 0 || args.max_connections_per_user == 0 {
         bail!("--max-connections and --max-connections-per-user must be at least 1");
     }
-    // Before anything is opened or created: a bad secret is a one-line error.
+    // Before anything is opened or created: a bad secret, conflict rule or schema file is
+    // a one-line error.
     let (secret, auth) = server_secret(&args)?;
+    let policy = conflict_policy(&args.conflict)?;
+    let schema = args.schema.as_deref().map(load_schema).transpose()?;
     // One server per database: a second one on the same SQLite file or PostgreSQL schema
     // is refused here, before it writes anything (kalphite_db::Error::Busy, one line).
     let db = Database::open(
@@ -237,7 +234,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
         .max_connections(args.max_connections)
         .max_connections_per_user(args.max_connections_per_user)
-        .open(args.open);
+        .open(args.open)
+        .policy(policy);
+    let schema_line = match schema {
+        Some((schema, kinds)) => {
+            config = config.schema(schema);
+            format!(
+                "{} (kinds: {}; others refused)",
+                args.schema.as_deref().unwrap_or(Path::new("?")).display(),
+                kinds.join(", ")
+            )
+        }
+        None => "none (any JSON accepted)".to_owned(),
+    };
     if let Some(secret) = secret {
         config = config.token_secret(secret.into_bytes());
     }
@@ -253,6 +262,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     println!("  database: {} ({})", db.target(), db.backend_name());
     println!("  durability: {durability}");
     println!("  auth: {auth}");
+    println!("  conflicts: {}", describe(&args.conflict));
+    println!("  schema: {schema_line}");
     println!("  health: http://{addr}/healthz   metrics: http://{addr}/metrics");
     println!(
         "  limits: {} connections, {} per user",
@@ -264,7 +275,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     );
     let shutdown = async {
         stop_signal().await;
-        eprintln!("shutting down: finishing in-flight writes…");
+        if !crate::quiet() {
+            eprintln!("shutting down: finishing in-flight writes…");
+        }
     };
     run(listener, config, shutdown).await?;
     db.close().await?;
@@ -290,13 +303,12 @@ async fn stop_signal() {
 
 /// Prints a token.
 pub(crate) fn token(args: &TokenArgs) -> Result<()> {
-    let secret = match (&args.secret, &args.secret_file) {
-        (Some(s), _) => strong(s.clone(), "--secret (or KALPHITE_AUTH_SECRET)")?,
-        (None, Some(file)) => strong(
-            read_secret(file)?,
-            &format!("the secret in {}", file.display()),
-        )?,
-        (None, None) => bail!("give --secret or --secret-file"),
+    let Some((secret, _)) = given_secret(args.secret.as_deref(), args.secret_file.as_deref())?
+    else {
+        bail!(
+            "no secret to sign with: give --secret-file FILE (serve's kalphite.secret), \
+             --secret S, or set KALPHITE_AUTH_SECRET"
+        );
     };
     let rooms: Vec<&str> = args.rooms.iter().map(String::as_str).collect();
     println!(
@@ -361,6 +373,20 @@ mod tests {
         );
         assert_eq!(
             default_secret_file("postgres://x/y"),
+            PathBuf::from("./kalphite.secret")
+        );
+        // A bare path is a SQLite file too (regression: the secret went to the working
+        // directory instead of beside it).
+        assert_eq!(
+            default_secret_file("/var/k/k.db"),
+            PathBuf::from("/var/k/kalphite.secret")
+        );
+        assert_eq!(
+            default_secret_file("sqlite:///var/k/k.db"),
+            PathBuf::from("/var/k/kalphite.secret")
+        );
+        assert_eq!(
+            default_secret_file("sqlite::memory:"),
             PathBuf::from("./kalphite.secret")
         );
     }

@@ -28,8 +28,9 @@ pub(crate) struct SessionOptions {
     /// user's data directory.
     #[arg(long, env = "KALPHITE_TODO_DB", global = true)]
     pub db: Option<String>,
-    /// Sync server (`ws://HOST:PORT`); without it the app works offline only.
-    #[arg(long, env = "KALPHITE_SERVER", global = true)]
+    /// Sync server (`ws://HOST:PORT`, or `wss://`; `/sync` is added when no path is
+    /// given); without it the app works offline only.
+    #[arg(long, env = "KALPHITE_SERVER", global = true, value_parser = parse_server)]
     pub server: Option<String>,
     /// Room to sync; default: the room this database syncs with (`todo` for a new one).
     #[arg(long, env = "KALPHITE_ROOM", global = true)]
@@ -40,6 +41,17 @@ pub(crate) struct SessionOptions {
     /// User name to sync as.
     #[arg(long, env = "KALPHITE_USER", global = true)]
     pub user: Option<String>,
+}
+
+/// Reads a `--server` address (every command that takes one): `ws://HOST:PORT` or
+/// `wss://…`, with `/sync` added when it has no path; an `http://` address gets the
+/// `ws://` one to use instead (kalphite-client's [`sync_url`], so the CLI and the library
+/// accept the same addresses).
+pub(crate) fn parse_server(address: &str) -> Result<String, String> {
+    sync_url(address).map_err(|e| match e {
+        SyncError::Config(why) => why,
+        other => other.to_string(),
+    })
 }
 
 /// The user's data directory for kalphite (`$XDG_DATA_HOME/kalphite` or
@@ -79,12 +91,8 @@ impl Session {
                 format!("sqlite:{}", dir.join("todo.db").display())
             }
         };
-        let url = options
-            .server
-            .as_deref()
-            .map(sync_url)
-            .transpose()
-            .map_err(|e| anyhow!("{}", sync_problem(&e)))?;
+        // Already in the form `parse_server` gives.
+        let url = options.server.clone();
         let user = options
             .user
             .clone()
@@ -245,6 +253,7 @@ impl Session {
             )),
             Some(p) if self.refused => Err(anyhow!("{p}")),
             // A read-only command did what was asked, from the local data.
+            Some(_) if crate::quiet() => Ok(()),
             Some(p) if report.unsynced > 0 => {
                 eprintln!(
                     "warning: {p} ({} changes wait in the database for the next sync)",
