@@ -23,7 +23,8 @@ use kalphite_sync::{
     CatchUpPayload, ChangePayload, ClientMessage, ConflictPolicy, ConnId, DEFAULT_MAX_FRAME_BYTES,
     EntityKey, Envelope, ErrorCode, HelloPayload, MAX_CLOCK_ENTRIES, MAX_DATA_DEPTH, MAX_ID_BYTES,
     Outbound, PROTOCOL_VERSION, Pending, RESERVED_KIND_PREFIX, Recipient, Room, RoomLimits,
-    ServerMessage, Step, StoredChange, Strategy, VectorClock, decode_client, decode_server, encode,
+    RoomMeta, ServerMessage, Step, StoredChange, Strategy, VectorClock, decode_client,
+    decode_server, encode,
 };
 use serde_json::Value;
 
@@ -60,8 +61,11 @@ struct Harness {
     room: Room,
     policy: u8,
     limits: RoomLimits,
-    /// Committed records, in commit order.
-    log: Vec<StoredChange>,
+    /// The room log as the server keeps it: the latest record of each entity, minus the
+    /// tombstones the room collected.
+    log: BTreeMap<EntityKey, StoredChange>,
+    /// How many changes were committed.
+    committed: u64,
     /// The accepted change waiting to be committed, with its message id.
     pending: Option<Pending>,
     /// The connection in each slot, when joined.
@@ -88,18 +92,26 @@ fn policy(choice: u8) -> ConflictPolicy {
 impl Harness {
     fn new(b: &mut Bytes<'_>) -> Self {
         let policy_choice = b.byte();
+        let with_meta = b.flag();
         let limits = RoomLimits {
             catch_up_page: b.below(4),
             catch_up_page_bytes: *b.pick(&[0, 120, 1_000, 256 * 1024]),
             merge_bases: b.below(4),
             dedup_window: b.below(6),
-            ..RoomLimits::default()
+            max_clock_skew: *b.pick(&[0, 1_000, 60_000]),
+            tombstone_versions: u64::from(b.byte() % 4),
+            tombstone_age: *b.pick(&[0, 1_000, u64::MAX]),
         };
+        let mut room = Room::new(ROOM, policy(policy_choice)).with_limits(limits);
+        if with_meta {
+            room = room.with_meta(RoomMeta::new("e1"));
+        }
         Self {
-            room: Room::new(ROOM, policy(policy_choice)).with_limits(limits),
+            room,
             policy: policy_choice,
             limits,
-            log: Vec::new(),
+            log: BTreeMap::new(),
+            committed: 0,
             pending: None,
             slots: [None; SLOTS],
             members: BTreeMap::new(),
@@ -149,6 +161,7 @@ impl Harness {
             11 | 12 => self.commit(),
             13 => self.abort(),
             14 => self.leave(slot),
+            _ if b.flag() => self.collect(),
             _ => self.check_restore(),
         }
     }
@@ -180,13 +193,16 @@ impl Harness {
         let room_id = if b.below(16) == 0 { "other" } else { ROOM };
         // Built from JSON, as a client in another language would: fields added to the
         // hello later (optional ones) need no change here.
-        let payload = serde_json::from_value(serde_json::json!({
+        let mut payload = serde_json::json!({
             "protocolVersion": protocol_version,
             "roomId": room_id,
             "replicaId": replica_id,
             "lastVersion": last_version,
-        }))
-        .expect("a hello payload");
+        });
+        if let Some(epoch) = b.pick(&[None, Some("e1"), Some("e0")]) {
+            payload["epoch"] = Value::from(*epoch);
+        }
+        let payload = serde_json::from_value(payload).expect("a hello payload");
         Envelope::new(
             format!("hello{}", b.byte()),
             *b.pick(&USERS),
@@ -360,7 +376,7 @@ impl Harness {
         );
         let expected = self
             .log
-            .iter()
+            .values()
             .filter(|r| r.version > from)
             .map(StoredChange::key)
             .collect::<BTreeSet<_>>();
@@ -436,12 +452,9 @@ impl Harness {
             .commit(pending)
             .expect("the room's own pending commits");
         assert_eq!(record.version, self.room.version(), "the committed version");
-        self.log.push(record.clone());
-        let versions: Vec<u64> = self.log.iter().map(|r| r.version).collect();
-        assert!(
-            versions.iter().copied().eq(1..=self.log.len() as u64),
-            "gapless: {versions:?}"
-        );
+        self.committed += 1;
+        assert_eq!(record.version, self.committed, "versions are gapless");
+        self.log.insert(record.key(), record.clone());
         assert_eq!(self.room.get(&record.key()), Some(&record), "installed");
         let author = out.first().map(|o| o.to);
         let Some(Recipient::One(conn)) = author else {
@@ -541,21 +554,62 @@ impl Harness {
         }
     }
 
-    /// A room restored from the committed records equals the live one.
-    fn check_restore(&self) {
-        let restored = Room::new(ROOM, policy(self.policy))
-            .with_limits(self.limits)
-            .restore(self.log.clone())
-            .expect("the log restores");
-        assert_eq!(restored.version(), self.room.version());
-        for record in &self.log {
+    /// Collects tombstones, and deletes them from the log as the server does.
+    fn collect(&mut self) {
+        let version = self.room.version();
+        let collected = self.room.collect_tombstones(self.now);
+        assert_eq!(self.room.version(), version, "collecting moves no version");
+        if self.room.meta().is_none() || self.pending.is_some() {
+            assert!(
+                collected.is_empty(),
+                "collected without meta or while a write is pending"
+            );
+        }
+        for record in collected {
             let key = record.key();
+            assert!(record.state.is_none(), "only tombstones are collected");
+            assert!(
+                record.version + self.limits.tombstone_versions <= version,
+                "too recent"
+            );
             assert_eq!(
-                restored.get(&key),
-                self.room.get(&key),
+                self.log.get(&key),
+                Some(&record),
+                "the entity's latest record"
+            );
+            assert_eq!(self.room.get(&key), None, "gone from the room");
+            let horizon = self.room.meta().map_or(0, |m| m.collected_through);
+            assert!(horizon >= record.version, "the horizon moved past it");
+            self.log.remove(&key);
+        }
+    }
+
+    /// A room rebuilt from the log (and its meta) equals the live one.
+    fn check_restore(&self) {
+        let mut records: Vec<StoredChange> = self.log.values().cloned().collect();
+        records.sort_by_key(|r| r.version);
+        let mut rebuilt = Room::new(ROOM, policy(self.policy)).with_limits(self.limits);
+        if let Some(meta) = self.room.meta() {
+            rebuilt = rebuilt.with_meta(meta.clone());
+        }
+        let restored = rebuilt.restore(records).expect("the log restores");
+        assert_eq!(
+            restored.version(),
+            self.room.version(),
+            "the rebuilt room is at the same version"
+        );
+        for (key, record) in &self.log {
+            assert_eq!(
+                restored.get(key),
+                self.room.get(key),
                 "{key:?} after restore"
             );
-            check_stored(self.room.get(&key).expect("a logged entity exists"));
+            assert_eq!(
+                self.room.get(key),
+                Some(record),
+                "the log holds the current state"
+            );
+            check_stored(record);
         }
         for after in [0, self.room.version() / 2, self.room.version()] {
             let pages = self.room.catch_up(after);
