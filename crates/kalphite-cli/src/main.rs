@@ -22,11 +22,18 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Less output: errors only (no warnings, no progress logs). `RUST_LOG` still wins.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    // Listed after each subcommand's own options in its help.
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        display_order = 900
+    )]
     quiet: bool,
     /// More output: -v one log level more than the default, -vv two, -vvv everything.
     /// `RUST_LOG` still wins.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 901)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,

@@ -783,3 +783,45 @@ fn no_colour_codes_when_stderr_is_not_a_terminal() {
     let logs = logged(d, &runs[2], &[], wait);
     assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "{logs}");
 }
+
+/// At a terminal (a pseudo-terminal from util-linux `script`) log lines and usage errors
+/// are coloured, and `NO_COLOR` turns that off (no-color.org); skipped, loudly, without
+/// `script`.
+#[test]
+fn colour_only_at_a_terminal_and_never_with_no_color() {
+    if Command::new("script").arg("--version").output().is_err() {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"*** SKIPPED colour_only_at_a_terminal_and_never_with_no_color: no `script` \
+              (util-linux) to make a terminal ***\n",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = env!("CARGO_BIN_EXE_kalphite");
+    let at_terminal = |command: &str, no_color: bool| -> String {
+        let mut cmd = Command::new("script");
+        cmd.args(["-qec", &format!("{bin} {command}"), "/dev/null"])
+            .current_dir(d)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE")
+            .env("XDG_DATA_HOME", d.join("xdg"))
+            .stdin(Stdio::null());
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
+    };
+    for command in [
+        "-vv todo --db t.db --server ws://127.0.0.1:1 list",
+        "serve --conflict nope",
+    ] {
+        let coloured = at_terminal(command, false);
+        assert!(coloured.contains('\u{1b}'), "{command}: {coloured:?}");
+        let plain = at_terminal(command, true);
+        assert!(!plain.contains('\u{1b}'), "{command}: {plain:?}");
+        assert!(!plain.trim().is_empty(), "{command}: no output");
+    }
+}
