@@ -680,8 +680,17 @@ impl Replica {
                     // tombstones) keeps the clocks: they still count the same edits.
                     let forget_clocks = other_epoch || (behind && !w.snapshot);
                     self.begin_resync(w.catch_up_from, forget_clocks, w.snapshot);
+                    // Stored when the catch-up completes: a replica stopped halfway must
+                    // resync again.
+                    self.welcome_epoch = w.epoch;
+                } else {
+                    // Our versions hold here: nothing to wait for.
+                    if w.epoch.is_some() && w.epoch != self.state.epoch {
+                        self.state.epoch = w.epoch;
+                        self.dirty.progress = true;
+                    }
+                    self.welcome_epoch = None;
                 }
-                self.welcome_epoch = w.epoch;
                 self.link = LinkState::Connected;
                 out.events.push(ReplicaEvent::Connected {
                     room_version: w.room_version,
@@ -709,14 +718,20 @@ impl Replica {
                     self.absorb();
                     self.dirty.progress = true;
                 }
-                if page.complete {
-                    if let Some(resync) = self.resync.take() {
-                        self.finish_resync(&resync, now, &mut out);
-                    }
-                    if self.welcome_epoch.is_some() && self.welcome_epoch != self.state.epoch {
-                        self.state.epoch.clone_from(&self.welcome_epoch);
+                // A resync ends with its last page, once every page before it arrived too
+                // (on one connection they come in order; if not, the next connection
+                // resyncs again: the epoch is only stored here).
+                if page.complete
+                    && self.state.watermark >= page.to_version
+                    && let Some(resync) = self.resync.take()
+                {
+                    self.finish_resync(&resync, now, &mut out);
+                    if let Some(epoch) = self.welcome_epoch.take() {
+                        self.state.epoch = Some(epoch);
                         self.dirty.progress = true;
                     }
+                }
+                if page.complete {
                     out.events.push(ReplicaEvent::CaughtUp {
                         version: self.state.watermark,
                     });

@@ -1,8 +1,10 @@
 //! Deterministic simulation of a room and 2–3 replicas over a faulty network: random
 //! upserts, deletes and concurrent edits of a few ids; messages reordered, duplicated,
 //! delayed and dropped; disconnects, reconnects with catch-up, replica restarts (state
-//! reloaded from its serialized form), room restarts (rebuilt from the persisted log) and
-//! failed writes. After a quiet phase every replica must hold exactly the room's entities.
+//! reloaded from its serialized form), room restarts (rebuilt from the persisted log),
+//! failed writes, and the server database lost (a new, empty room with a new epoch) or
+//! restored from an older backup (a new epoch, with or without the rollback mark). After
+//! a quiet phase every replica must hold exactly the room's entities.
 //!
 //! Each run prints its seed; `KALPHITE_SIM_SEED=<n> cargo test -p kalphite-sync --test
 //! simulation` replays one seed for every configuration, `KALPHITE_SIM_SEED=<a>..<b>`
@@ -14,8 +16,8 @@ use std::sync::Arc;
 use kalphite::{AnyEntity, Change, Entity, Origin};
 use kalphite_sync::{
     ClientMessage, ConflictPayload, ConflictPolicy, ConnId, EntityKey, LinkState, Recipient,
-    Replica, ReplicaConfig, ReplicaEvent, ReplicaState, Room, RoomLimits, ServerMessage, Step,
-    StoredChange, Strategy,
+    Replica, ReplicaConfig, ReplicaEvent, ReplicaState, Room, RoomLimits, RoomMeta, ServerMessage,
+    Step, StoredChange, Strategy,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -61,6 +63,12 @@ struct Stats {
     restarts: u64,
     room_restarts: u64,
     failed_writes: u64,
+    /// Server databases lost, and restored from a backup (with the rollback mark or not).
+    lost: u64,
+    restored: u64,
+    rolled_back: u64,
+    /// Resyncs the replicas went through.
+    resyncs: u64,
 }
 
 struct Sim {
@@ -70,6 +78,11 @@ struct Sim {
     policy: fn() -> ConflictPolicy,
     room: Room,
     db: Vec<StoredChange>,
+    /// The room's identity record as persisted.
+    meta: RoomMeta,
+    /// An older copy of the database: its records and identity.
+    backup: Option<(Vec<StoredChange>, RoomMeta)>,
+    epochs: u64,
     replicas: Vec<SimReplica>,
     net: Vec<Packet>,
     conns: HashMap<ConnId, usize>,
@@ -113,8 +126,11 @@ impl Sim {
             rng: StdRng::seed_from_u64(seed),
             now: 1_000,
             policy,
-            room: new_room(policy),
+            room: new_room(policy).with_meta(RoomMeta::new("e0")),
             db: Vec::new(),
+            meta: RoomMeta::new("e0"),
+            backup: None,
+            epochs: 0,
             replicas,
             net: Vec::new(),
             conns: HashMap::new(),
@@ -141,6 +157,12 @@ impl Sim {
                 840..900 => self.connect(who),
                 900..915 => self.restart_replica(who),
                 915..920 => self.restart_room(),
+                920..923 => self.lose_room_db(),
+                923..928 => self.back_up(),
+                928..931 => {
+                    let rollback = self.rng.random_bool(0.5);
+                    self.restore_backup(rollback);
+                }
                 _ => self.now += 1,
             }
         }
@@ -303,6 +325,16 @@ impl Sim {
                 if r.conn != Some(conn) {
                     return;
                 }
+                // On a real connection the welcome is its first frame (protocol §4), and a
+                // frame lost means the connection is lost: a frame that overtook the welcome,
+                // or came after a welcome that was dropped, is dropped too. (Otherwise a
+                // replica could take in versions of a room whose epoch it never saw.)
+                let before_welcome = r.core.link() == LinkState::Connecting
+                    && !matches!(msg, ServerMessage::Welcome(_) | ServerMessage::Error(_));
+                if before_welcome {
+                    self.stats.dropped += 1;
+                    return;
+                }
                 let out = r.core.handle(msg, now);
                 for change in out.apply {
                     assert_eq!(change.origin, Origin::Remote);
@@ -316,6 +348,7 @@ impl Sim {
                         }
                     }
                 }
+                let mut send = out.send;
                 for event in out.events {
                     match event {
                         ReplicaEvent::Conflict(c) => {
@@ -323,10 +356,20 @@ impl Sim {
                             r.conflicts.push(*c);
                         }
                         ReplicaEvent::Acked { version, .. } => self.acked_versions.push(version),
+                        ReplicaEvent::Resynced { resend, .. } => {
+                            // As the client adapter does: what the room lacks goes back
+                            // from the local store.
+                            self.stats.resyncs += 1;
+                            for key in resend {
+                                if let Some(entity) = r.store.get(&key).cloned() {
+                                    send.extend(r.core.resend(entity, now).expect("resend"));
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }
-                for msg in out.send {
+                for msg in send {
                     self.net.push(Packet::ToRoom { conn, msg });
                 }
             }
@@ -420,8 +463,57 @@ impl Sim {
             self.disconnect(idx);
         }
         self.room = new_room(self.policy)
+            .with_meta(self.meta.clone())
             .restore(self.db.clone())
             .expect("log is in order");
+    }
+
+    fn next_epoch(&mut self) -> String {
+        self.epochs += 1;
+        format!("e{}", self.epochs)
+    }
+
+    /// The server database is deleted and the server restarted: an empty room, with a new
+    /// epoch. What was acknowledged in the old one is gone with it (the clients bring it
+    /// back).
+    fn lose_room_db(&mut self) {
+        self.stats.lost += 1;
+        for idx in 0..self.replicas.len() {
+            self.disconnect(idx);
+        }
+        self.db.clear();
+        self.acked_versions.clear();
+        self.meta = RoomMeta::new(self.next_epoch());
+        self.room = new_room(self.policy).with_meta(self.meta.clone());
+    }
+
+    /// A backup of the server database, for a later restore.
+    fn back_up(&mut self) {
+        self.backup = Some((self.db.clone(), self.meta.clone()));
+    }
+
+    /// The server database is replaced by the backup (if any) and the server restarted:
+    /// `kalphite restore` gives the room a new epoch, marked rolled back or not.
+    fn restore_backup(&mut self, rollback: bool) {
+        let Some((db, meta)) = self.backup.clone() else {
+            return;
+        };
+        self.stats.restored += 1;
+        if rollback {
+            self.stats.rolled_back += 1;
+        }
+        for idx in 0..self.replicas.len() {
+            self.disconnect(idx);
+        }
+        self.db = db;
+        self.acked_versions.clear();
+        self.meta = RoomMeta {
+            epoch: self.next_epoch(),
+            rolled_back: rollback,
+            ..meta
+        };
+        self.restart_room();
+        self.stats.room_restarts -= 1;
     }
 
     /// No more faults or edits: reconnect everyone and run until nothing moves.
@@ -577,6 +669,10 @@ fn simulate(replicas: usize, seeds: &[u64], steps: usize) -> Stats {
             total.room_restarts += sim.stats.room_restarts;
             total.restarts += sim.stats.restarts;
             total.failed_writes += sim.stats.failed_writes;
+            total.lost += sim.stats.lost;
+            total.restored += sim.stats.restored;
+            total.rolled_back += sim.stats.rolled_back;
+            total.resyncs += sim.stats.resyncs;
             total.reconnects += sim.stats.reconnects;
             total.delivered += sim.stats.delivered;
         }
@@ -597,6 +693,11 @@ fn two_replicas_converge_under_every_strategy() {
             "{stats:?}"
         );
         assert!(stats.room_restarts > 0 && stats.restarts > 0, "{stats:?}");
+        assert!(
+            stats.lost > 0 && stats.restored > stats.rolled_back && stats.rolled_back > 0,
+            "{stats:?}"
+        );
+        assert!(stats.resyncs > 0, "{stats:?}");
     }
 }
 
