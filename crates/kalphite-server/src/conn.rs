@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Sink, SinkExt, StreamExt};
 use kalphite::{Millis, now_millis};
 use tokio::time::{Instant, sleep_until, timeout};
 
@@ -189,13 +191,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
         expires: None,
         next_message: 0,
     };
-    let (mut sink, mut stream) = socket.split();
+    let mut socket = socket;
+    let mut writer = Writer {
+        unflushed: 0,
+        max_bytes: max_out,
+    };
     let mut deadline = Instant::now() + idle;
     let end = {
-        // Writes run beside the reads: a client that does not read stalls only this future,
-        // never the loop (nor its idle timer, nor shutdown).
-        let write = write_loop(&mut sink, &outbox, &metrics, max_out);
-        tokio::pin!(write);
         loop {
             let joined = conn.room.is_some();
             let mut wake = if joined {
@@ -209,12 +211,19 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break End::Shutdown,
-                end = &mut write => break end,
-                frame = stream.next() => {
-                    let frame = match frame {
-                        Some(Ok(frame)) => frame,
-                        Some(Err(e)) => break conn.unreadable(&e),
-                        None => break End::Gone,
+                // Writes run beside the reads: a client that does not read stalls only the
+                // write half of this poll, never the reads, the idle timer or shutdown.
+                event = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(end) = writer.poll_write(&mut socket, &outbox, &metrics, cx) {
+                        return Poll::Ready(Err(end));
+                    }
+                    socket.poll_next_unpin(cx).map(Ok)
+                }) => {
+                    let frame = match event {
+                        Err(end) => break end,
+                        Ok(Some(Ok(frame))) => frame,
+                        Ok(Some(Err(e))) => break conn.unreadable(&e),
+                        Ok(None) => break End::Gone,
                     };
                     // Nothing is taken from a connection whose token has expired.
                     if conn.expires.is_some_and(|at| Instant::now() >= at) {
@@ -268,64 +277,89 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
     outbox.abandon();
     if let Some((code, reason)) = close {
         let n = frames.len() as u64;
-        let last = finish(&mut sink, frames, code, reason);
+        let last = finish(&mut socket, frames, code, reason);
         if matches!(timeout(CLOSE_WRITE_TIMEOUT, last).await, Ok(Ok(()))) {
             Metrics::add(&metrics.messages_out, n);
             // The close frame is out: the socket lingers so that it is read, not reset.
             peer.linger();
         }
     }
-    drop((sink, stream));
+    drop(socket);
     Box::pin(conn.leave()).await;
 }
 
-/// Writes queued frames as they come, flushing when the queue runs empty (or every
-/// [`WRITE_BATCH`] frames), until the queue is closed or a write fails. One frame at a time
-/// leaves the queue, so the queue's bound is the connection's memory bound.
-async fn write_loop(
-    sink: &mut SplitSink<WebSocket, Message>,
-    outbox: &Outbox,
-    metrics: &Metrics,
+/// The write half of a connection: moves queued frames into the socket as it takes them,
+/// flushing when the queue runs empty (or every [`WRITE_BATCH`] frames). Polled beside the
+/// reads on the one socket, with no split and no future of its own, so an idle connection
+/// costs only these two words. One frame at a time leaves the queue, so the queue's bound
+/// is the connection's memory bound.
+struct Writer {
+    unflushed: usize,
     max_bytes: usize,
-) -> End {
-    let mut unflushed = 0;
-    loop {
-        match outbox.pop() {
-            // A client refuses such a frame (and would never get past it): say so instead.
-            Popped::Frame(text) if text.len() > max_bytes => {
-                return End::FrameTooLarge(text.len());
+}
+
+impl Writer {
+    /// Writes what it can; ready with why the connection ends once the queue is closed, a
+    /// frame is too large to send, or a write fails.
+    fn poll_write(
+        &mut self,
+        socket: &mut WebSocket,
+        outbox: &Outbox,
+        metrics: &Metrics,
+        cx: &mut Context<'_>,
+    ) -> Poll<End> {
+        loop {
+            // Room in the socket first, so a frame taken from the queue is never held here.
+            match Pin::new(&mut *socket).poll_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                Poll::Pending => return Poll::Pending,
             }
-            Popped::Frame(text) => {
-                if sink.feed(Message::Text(text)).await.is_err() {
-                    return End::Gone;
+            if self.unflushed >= WRITE_BATCH {
+                match Pin::new(&mut *socket).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = 0,
+                    Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                    Poll::Pending => return Poll::Pending,
                 }
-                Metrics::inc(&metrics.messages_out);
-                unflushed += 1;
-                if unflushed >= WRITE_BATCH {
-                    if sink.flush().await.is_err() {
-                        return End::Gone;
+            }
+            match outbox.pop() {
+                // A client refuses such a frame (and would never get past it): say so instead.
+                Popped::Frame(text) if text.len() > self.max_bytes => {
+                    return Poll::Ready(End::FrameTooLarge(text.len()));
+                }
+                Popped::Frame(text) => {
+                    if Pin::new(&mut *socket)
+                        .start_send(Message::Text(text))
+                        .is_err()
+                    {
+                        return Poll::Ready(End::Gone);
                     }
-                    unflushed = 0;
+                    Metrics::inc(&metrics.messages_out);
+                    self.unflushed += 1;
                 }
-            }
-            Popped::Empty => {
-                if unflushed > 0 {
-                    if sink.flush().await.is_err() {
-                        return End::Gone;
+                Popped::Empty => {
+                    if self.unflushed > 0 {
+                        match Pin::new(&mut *socket).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.unflushed = 0,
+                            Poll::Ready(Err(_)) => return Poll::Ready(End::Gone),
+                            Poll::Pending => return Poll::Pending,
+                        }
                     }
-                    unflushed = 0;
+                    match outbox.poll_ready(cx) {
+                        Poll::Ready(()) => {}
+                        Poll::Pending => return Poll::Pending,
+                    }
                 }
-                outbox.ready().await;
+                Popped::Closed(Closed::Reset) => return Poll::Ready(End::Reset),
+                Popped::Closed(Closed::Dropped) => return Poll::Ready(End::Slow),
             }
-            Popped::Closed(Closed::Reset) => return End::Reset,
-            Popped::Closed(Closed::Dropped) => return End::Slow,
         }
     }
 }
 
 /// A closing connection's last frames, then its close frame.
 async fn finish(
-    sink: &mut SplitSink<WebSocket, Message>,
+    sink: &mut WebSocket,
     frames: Vec<Utf8Bytes>,
     code: u16,
     reason: String,
@@ -673,7 +707,8 @@ impl Conn {
                 },
             },
         };
-        match self.shared.log.submit(job).await {
+        // Tombstones past the horizon leave now and then, right behind this job.
+        match self.shared.log.submit_then_collect(job, room, now).await {
             Ok(()) => Next::Continue,
             Err(_) => Next::Close(CLOSE_GOING_AWAY, "server shutting down".into()),
         }

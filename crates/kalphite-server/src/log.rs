@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use super::{Frame, RoomHandle};
-use kalphite_sync::{RoomMeta, StoredChange};
+use kalphite_sync::{Room, RoomMeta, StoredChange};
 
 /// The kind prefix of room-log entities.
 pub const ROOM_KIND_PREFIX: &str = "_kalphite_room:";
@@ -75,11 +75,24 @@ pub(crate) struct Job {
     pub(crate) frames: Vec<Frame>,
 }
 
+/// What the writer does, in submission order.
+enum Work {
+    /// Records to write and frames to deliver (grouped with the jobs around it).
+    Job(Job),
+    /// Tombstones a room let go of: its identity record (with the moved horizon) and the
+    /// deletes of their records, in one transaction, after every job submitted before
+    /// (so never after a later record of the same entity, which would share its row).
+    Collect {
+        room: Arc<RoomHandle>,
+        changes: Vec<Change>,
+    },
+}
+
 /// Handle to the room log.
 #[derive(Clone)]
 pub(crate) struct RoomLog {
     db: Database,
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Work>,
 }
 
 /// The database entity for one record of `room`. A record no backend can store (a NUL
@@ -100,19 +113,53 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(self, mut rx: mpsc::Receiver<Work>) {
         let mut batch: Vec<Job> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
+        let mut next: Option<Work> = None;
+        loop {
+            let first = match next.take() {
+                Some(work) => work,
+                None => match rx.recv().await {
+                    Some(work) => work,
+                    None => break,
+                },
+            };
+            match first {
+                Work::Job(job) => batch.push(job),
+                Work::Collect { room, changes } => {
+                    self.collect(&room, &changes).await;
+                    continue;
+                }
+            }
             while batch.len() < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(Work::Job(job)) => batch.push(job),
+                    // Ends the group: it runs after the jobs before it.
+                    Ok(collect) => {
+                        next = Some(collect);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
             // Jobs of a room reset by an earlier failure were built on lost state.
             batch.retain(|job| !job.room.is_poisoned());
             self.commit(&mut batch).await;
+        }
+    }
+
+    /// Deletes collected tombstones with the room's new horizon. A failure leaves both as
+    /// they were (the tombstones and the old horizon agree); the room collects them again
+    /// when it is next loaded.
+    async fn collect(&self, room: &RoomHandle, changes: &[Change]) {
+        if room.is_poisoned() {
+            return;
+        }
+        if let Err(e) = self.db.apply_changes(changes).await {
+            Metrics::inc(&self.metrics.storage_errors);
+            tracing::warn!(room = %room.id, error = %e,
+                "collected tombstones could not be deleted from the room log; they will be \
+                 collected again when the room is next loaded");
         }
     }
 
@@ -272,7 +319,7 @@ fn reset_all(jobs: impl Iterator<Item = Job>, metrics: &Metrics) {
 impl RoomLog {
     /// Starts the writer task (tracked, so shutdown waits for the last commit).
     pub(crate) fn spawn(db: Database, tracker: &TaskTracker, metrics: Arc<Metrics>) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Work>(QUEUE);
         let writer = Writer {
             db: db.clone(),
             metrics,
@@ -283,7 +330,42 @@ impl RoomLog {
 
     /// Queues a job behind every earlier one (waits when the queue is full).
     pub(crate) async fn submit(&self, job: Job) -> Result<(), LogError> {
-        self.tx.send(job).await.map_err(|_| LogError::Closed)
+        self.tx
+            .send(Work::Job(job))
+            .await
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// [`RoomLog::submit`], then, now and then ([`Room::collect_due`]), the collection of
+    /// `room`'s tombstones past its horizon, queued right behind the job. Call it under
+    /// the room's lock (as every submit of a room), so nothing of the room comes between.
+    pub(crate) async fn submit_then_collect(
+        &self,
+        job: Job,
+        room: &mut Room,
+        now: kalphite::Millis,
+    ) -> Result<(), LogError> {
+        let handle = Arc::clone(&job.room);
+        self.submit(job).await?;
+        let collected = room.collect_due(now);
+        let Some(meta) = room.meta().filter(|_| !collected.is_empty()) else {
+            return Ok(());
+        };
+        match collect_changes(&handle.id, meta, &collected) {
+            Ok(changes) => self
+                .tx
+                .send(Work::Collect {
+                    room: handle,
+                    changes,
+                })
+                .await
+                .map_err(|_| LogError::Closed),
+            Err(e) => {
+                // The records stay in the log (with the old horizon, which agrees).
+                tracing::warn!(room = %handle.id, error = %e, "tombstones not collected in the log");
+                Ok(())
+            }
+        }
     }
 
     /// Every record of `room`, in version order.
@@ -313,6 +395,34 @@ pub(crate) fn meta_entity(room: &str, meta: &RoomMeta) -> Result<Entity, LogErro
     let data = serde_json::to_value(meta).map_err(|e| LogError::Write(e.to_string()))?;
     check_storable(ROOM_META_KIND, room, &data).map_err(|e| LogError::Unstorable(e.to_string()))?;
     Ok(Entity::new(room, ROOM_META_KIND, data).at(now_millis()))
+}
+
+/// The writes that store `room`'s identity and delete the records of `collected`.
+fn collect_changes(
+    room: &str,
+    meta: &RoomMeta,
+    collected: &[StoredChange],
+) -> Result<Vec<Change>, LogError> {
+    let entity = meta_entity(room, meta)?;
+    let now = now_millis();
+    let kind = format!("{ROOM_KIND_PREFIX}{room}");
+    let mut changes = Vec::with_capacity(collected.len() + 1);
+    changes.push(Change::upsert(
+        AnyEntity::new(Arc::new(entity)),
+        now,
+        Origin::Local,
+    ));
+    for record in collected {
+        let id = serde_json::to_string(&(record.kind.as_str(), record.id.as_str()))
+            .map_err(|e| LogError::Write(e.to_string()))?;
+        changes.push(Change::delete(
+            kind.as_str().into(),
+            id.into(),
+            now,
+            Origin::Local,
+        ));
+    }
+    Ok(changes)
 }
 
 /// A fresh random epoch: 128 bits, hex. Drawn from the standard library's randomly keyed
@@ -410,25 +520,7 @@ impl RoomLog {
         meta: &RoomMeta,
         collected: &[StoredChange],
     ) -> Result<(), LogError> {
-        let entity = meta_entity(room, meta)?;
-        let now = now_millis();
-        let kind = format!("{ROOM_KIND_PREFIX}{room}");
-        let mut changes = Vec::with_capacity(collected.len() + 1);
-        changes.push(Change::upsert(
-            AnyEntity::new(std::sync::Arc::new(entity)),
-            now,
-            Origin::Local,
-        ));
-        for record in collected {
-            let id = serde_json::to_string(&(record.kind.as_str(), record.id.as_str()))
-                .map_err(|e| LogError::Write(e.to_string()))?;
-            changes.push(Change::delete(
-                kind.as_str().into(),
-                id.into(),
-                now,
-                Origin::Local,
-            ));
-        }
+        let changes = collect_changes(room, meta, collected)?;
         self.db
             .apply_changes(&changes)
             .await
@@ -466,7 +558,10 @@ mod tests {
         // The writer task has not run yet (current-thread runtime, no await point that
         // yields): it finds every job queued and takes them as one group.
         for job in jobs {
-            log.tx.try_send(job).map_err(drop).expect("queue");
+            log.tx
+                .try_send(Work::Job(job))
+                .map_err(drop)
+                .expect("queue");
         }
         drop(log);
         tracker.close();

@@ -24,8 +24,13 @@ async fn collected_tombstones_leave_the_room_and_older_clients_get_a_snapshot() 
         tombstone_age: 0,
         ..RoomLimits::default()
     };
+    // While it runs, the room's horizon is 25 versions: none of the tombstones below is
+    // that old yet. The restart shortens it to 5.
     let mut cfg = config(server_db.clone());
-    cfg.room_limits = limits;
+    cfg.room_limits = RoomLimits {
+        tombstone_versions: 25,
+        ..limits
+    };
     let server = start(cfg).await;
     let url = server.url();
     let db_a = sqlite(&dir.path().join("a.db")).await;
@@ -63,7 +68,7 @@ async fn collected_tombstones_leave_the_room_and_older_clients_get_a_snapshot() 
         "the log holds the 20 tombstones before the room is reloaded"
     );
 
-    // A restart loads the room again: versions up to 55 - 5 = 50 are past the horizon,
+    // A restart loads the room again: versions up to 55 - 5 = 50 are past the new horizon,
     // so all 20 tombstones (versions 31..=50) go.
     let addr = server.addr;
     server.stop().await;
@@ -113,4 +118,87 @@ async fn collected_tombstones_leave_the_room_and_older_clients_get_a_snapshot() 
     ca.close().await;
     cb.close().await;
     server.stop().await;
+}
+
+/// A busy room collects too, without being reloaded: the log writer deletes the collected
+/// tombstones right behind the change after which they were collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_room_collects_while_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_db = sqlite(&dir.path().join("server.db")).await;
+    let mut cfg = config(server_db.clone());
+    cfg.room_limits = RoomLimits {
+        tombstone_versions: 5,
+        tombstone_age: 0,
+        ..RoomLimits::default()
+    };
+    let server = start(cfg).await;
+    let url = server.url();
+    let db_a = sqlite(&dir.path().join("a.db")).await;
+    let db_b = sqlite(&dir.path().join("b.db")).await;
+    let (a, ca) = client(&db_a, client_config(&url, "r", "alice", "a")).await;
+    let (b, cb) = client(&db_b, client_config(&url, "r", "bob", "b")).await;
+    wait_connected(&ca).await;
+    wait_connected(&cb).await;
+    for i in 0..30 {
+        a.dynamic("todo")
+            .put(format!("t{i}"), json!({"n": i}))
+            .expect("put");
+    }
+    guard(a.durable(Durability::Server)).await.expect("durable");
+    converge(&[(&a, &ca), (&b, &cb)]).await;
+    cb.close().await;
+    guard(b.close()).await.expect("close b");
+    drop(b);
+    db_b.close().await.expect("close b's database");
+    for i in 0..20 {
+        a.dynamic("todo").delete(&format!("t{i}"));
+        guard(a.durable(Durability::Server)).await.expect("durable");
+    }
+    for i in 30..40 {
+        a.dynamic("todo")
+            .put(format!("t{i}"), json!({"n": i}))
+            .expect("put");
+        guard(a.durable(Durability::Server)).await.expect("durable");
+    }
+    assert_eq!(ca.room_version(), 60);
+    // Every tombstone is at least 10 versions old: all collected, in the log too.
+    let room_kind = format!("{ROOM_KIND_PREFIX}r");
+    common::wait_for("the log loses the tombstones", || {
+        futures_executor_count(&server_db, &room_kind) == 20
+    })
+    .await;
+    let meta = server_db
+        .get_by_id(ROOM_META_KIND, "r")
+        .await
+        .expect("read meta")
+        .expect("identity record");
+    let meta: RoomMeta = serde_json::from_value(meta.data).expect("meta");
+    assert!(meta.collected_through >= 50, "{meta:?}");
+
+    let db_b = sqlite(&dir.path().join("b.db")).await;
+    let (b, cb) = client(&db_b, client_config(&url, "r", "bob", "b")).await;
+    guard(cb.caught_up()).await;
+    let after = converge(&[(&a, &ca), (&b, &cb)]).await;
+    assert_eq!(after.len(), 20);
+    assert_eq!(snapshot(&b), after);
+    ca.close().await;
+    cb.close().await;
+    server.stop().await;
+}
+
+/// Records of `kind` in the log, read on a helper thread (the wait loop is synchronous).
+fn futures_executor_count(db: &kalphite_db::Database, kind: &str) -> u64 {
+    let db = db.clone();
+    let kind = kind.to_owned();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(db.count(&kind))
+            .expect("count")
+    })
+    .join()
+    .expect("count thread")
 }

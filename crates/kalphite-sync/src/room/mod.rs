@@ -123,6 +123,8 @@ pub struct Room {
     /// The room's identity (epoch) and collection horizon; `None` for a room without one
     /// (its welcomes carry no epoch, and clients resync only when they are ahead of it).
     meta: Option<RoomMeta>,
+    /// The version from which [`Room::collect_due`] looks for tombstones again.
+    next_collect: u64,
 }
 
 impl std::fmt::Debug for Room {
@@ -167,6 +169,7 @@ impl Room {
             pending: None,
             next_message: 0,
             meta: None,
+            next_collect: 0,
         }
     }
 
@@ -390,6 +393,18 @@ impl Room {
             self.bases.retain(|_, (key, _)| !gone.contains(key));
         }
         collected
+    }
+
+    /// [`Room::collect_tombstones`], but only once per quarter of
+    /// [`RoomLimits::tombstone_versions`] accepted versions, so that a server can call it
+    /// after every change of a busy room at little cost.
+    pub fn collect_due(&mut self, now: Millis) -> Vec<StoredChange> {
+        if self.version < self.next_collect || self.meta.is_none() {
+            return Vec::new();
+        }
+        let every = (self.limits.tombstone_versions / 4).max(1);
+        self.next_collect = self.version.saturating_add(every);
+        self.collect_tombstones(now)
     }
 
     /// The catch-up pages for a client that has everything up to `after`: the current
