@@ -248,3 +248,74 @@ fn inspect_json_has_the_documented_shape() {
     // Text stays the default.
     assert!(stdout(&ok(d, &["inspect", "--db", "a.db"])).contains("entities: 3"));
 }
+
+/// The same commands on PostgreSQL (`KALPHITE_PG_URL`, e.g.
+/// `postgres://postgres@127.0.0.1:5432/test`; loudly skipped without it): a SQLite
+/// database piped into a PostgreSQL schema, and `inspect --json` of it, with any password
+/// in the URL replaced by `***`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_backup_piped_into_postgres_and_inspected_as_json() {
+    let Ok(pg) = std::env::var("KALPHITE_PG_URL") else {
+        let _ = std::io::stderr().write_all(
+            b"*** SKIPPED a_sqlite_backup_piped_into_postgres_and_inspected_as_json: set \
+              KALPHITE_PG_URL (e.g. postgres://postgres@127.0.0.1:5432/test) to run it ***\n",
+        );
+        return;
+    };
+    // A schema of its own, made by kalphite-db; the CLI reaches it through the URL.
+    let schema = format!("cli_admin_{:08x}", rand::random::<u32>());
+    kalphite_db::Database::open(kalphite_db::DatabaseConfig::new(&pg).postgres_schema(&schema))
+        .await
+        .expect("create the schema")
+        .close()
+        .await
+        .expect("close");
+    let sep = if pg.contains('?') { '&' } else { '?' };
+    let url = format!("{pg}{sep}options=-c%20search_path%3D{schema}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["todo", "--db", "a.db", "demo"]);
+    let backup = Command::new(env!("CARGO_BIN_EXE_kalphite"))
+        .args(["backup", "-", "--db", "a.db"])
+        .current_dir(d)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(backup.status.success());
+    let mut restore = Command::new(env!("CARGO_BIN_EXE_kalphite"))
+        .args(["restore", "-", "--db", &url])
+        .current_dir(d)
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    restore
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&backup.stdout)
+        .unwrap();
+    let restored = restore.wait_with_output().unwrap();
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+
+    let report = inspect_json(d, &url);
+    assert_eq!(report["backend"], "postgres");
+    assert_eq!(report["kinds"], inspect_json(d, "a.db")["kinds"]);
+    let shown = report["database"].as_str().unwrap();
+    let authority = pg.split("://").nth(1).unwrap().split('/').next().unwrap();
+    if let Some((user_pw, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = user_pw.split_once(':')
+    {
+        assert!(
+            !shown.contains(password) && shown.contains("***"),
+            "{shown}"
+        );
+    }
+}
