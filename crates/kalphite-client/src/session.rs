@@ -344,14 +344,19 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
                     // Local entities the replica never heard of go back too.
                     inner.adopt_local.store(true, Ordering::Release);
                 }
-                tracing::warn!(
-                    room = %inner.config.room_id,
-                    snapshot,
-                    sent_back = resend.len(),
-                    dropped = dropped.len(),
-                    "the room's history is not the one this database synced with (a lost, \
-                     restored or collected room): resynced from scratch"
-                );
+                if resend.is_empty() && dropped.is_empty() {
+                    tracing::debug!(room = %inner.config.room_id, snapshot,
+                        "resynced with the room; nothing to send back or drop");
+                } else {
+                    tracing::warn!(
+                        room = %inner.config.room_id,
+                        snapshot,
+                        sent_back = resend.len(),
+                        dropped = dropped.len(),
+                        "the room's history is not the one this database synced with (a \
+                         lost, restored or collected room): resynced from scratch"
+                    );
+                }
                 SyncEvent::Resynced {
                     snapshot,
                     sent_back: resend.len(),

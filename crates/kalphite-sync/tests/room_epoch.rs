@@ -544,6 +544,19 @@ fn tombstones_past_the_horizon_are_collected_and_older_clients_get_a_snapshot() 
     };
     assert!(*snapshot);
     assert_eq!(dropped, &vec![key("t0"), key("t1")]);
+    // A client at 0 may hold states from acks received before any catch-up completed:
+    // its full catch-up is a snapshot too.
+    let ClientMessage::Hello(fresh) =
+        Replica::new(ReplicaConfig::new(ROOM, "dave", "dave-r")).connect(NOW)
+    else {
+        panic!()
+    };
+    let out = net.room.join(99, "dave", &fresh, NOW).unwrap();
+    let ServerMessage::Welcome(w) = &out[0].message else {
+        panic!("welcome first")
+    };
+    assert_eq!((w.payload.catch_up_from, w.payload.snapshot), (0, true));
+    net.room.leave(99);
     // Carol, at the room's version, catches up incrementally as before.
     net.disconnect(2);
     net.connect(2);
@@ -553,6 +566,41 @@ fn tombstones_past_the_horizon_are_collected_and_older_clients_get_a_snapshot() 
     net.put(1, "t4", "edited", NOW);
     assert_eq!(net.room.get(&key("t4")).unwrap().vector.iter().count(), 2);
     assert!(net.errors.is_empty(), "{:?}", net.errors);
+}
+
+#[test]
+fn collection_runs_once_per_quarter_horizon() {
+    let limits = RoomLimits {
+        tombstone_versions: 8,
+        tombstone_age: 0,
+        ..RoomLimits::default()
+    };
+    let mut net = Net::new(room_with("e1").with_limits(limits), &["alice"]);
+    net.connect(0);
+    for n in 0..4 {
+        net.put(0, &format!("t{n}"), "x", NOW - 100);
+    }
+    for n in 0..4 {
+        net.delete(0, &format!("t{n}"), NOW - 90);
+    }
+    // Version 8: nothing is 8 versions old yet; the next look is 2 versions later.
+    assert!(net.room.collect_due(NOW).is_empty());
+    net.put(0, "u", "y", NOW - 80);
+    assert!(net.room.collect_due(NOW).is_empty(), "not due at version 9");
+    net.put(0, "v", "y", NOW - 79);
+    // Version 10: due, but the tombstones (versions 5..=8) are not yet 8 versions old.
+    assert!(net.room.collect_due(NOW).is_empty());
+    for n in 0..4 {
+        net.put(0, &format!("w{n}"), "z", NOW - 70);
+    }
+    // Version 14: due again; tombstones at 5 and 6 are 8 versions old.
+    let ids: Vec<String> = net
+        .room
+        .collect_due(NOW)
+        .iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    assert_eq!(ids, ["t0", "t1"]);
 }
 
 #[test]

@@ -334,8 +334,10 @@ impl Room {
         if h.last_version > self.version {
             return (0, false);
         }
+        // A client at 0 may still hold states (received before any catch-up completed):
+        // once tombstones were collected, every full catch-up is a snapshot.
         let horizon = meta.map_or(0, |m| m.collected_through);
-        if h.last_version > 0 && h.last_version < horizon {
+        if h.last_version < horizon {
             return (0, true);
         }
         (h.last_version, false)
