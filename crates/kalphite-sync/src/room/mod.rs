@@ -6,7 +6,7 @@
 //! user who first used it, and a clock may not count edits of another replica that the
 //! room never stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kalphite::{Entity, Millis, Op, SharedSchema};
 use serde_json::Value;
@@ -113,6 +113,8 @@ pub struct Room {
     bases: BTreeMap<u64, (EntityKey, Option<Entity<Value>>)>,
     /// Current version → entity, for catch-up in version order.
     by_version: BTreeMap<u64, EntityKey>,
+    /// The versions of the current tombstones, so collecting them looks at them alone.
+    tombstones: BTreeSet<u64>,
     /// Per replica: its owner, its highest stored counter, its recent message ids.
     replicas: Replicas,
     /// Ordered so that broadcasts go out in a deterministic order.
@@ -164,6 +166,7 @@ impl Room {
             entities: HashMap::new(),
             bases: BTreeMap::new(),
             by_version: BTreeMap::new(),
+            tombstones: BTreeSet::new(),
             replicas: Replicas::default(),
             members: BTreeMap::new(),
             pending: None,
@@ -358,18 +361,19 @@ impl Room {
         };
         let old_enough = now.saturating_sub(self.limits.tombstone_age);
         let keys: Vec<(u64, EntityKey)> = self
-            .by_version
+            .tombstones
             .range(..=newest)
+            .filter_map(|v| Some((*v, self.by_version.get(v)?.clone())))
             .filter(|(_, key)| {
                 self.entities
-                    .get(*key)
+                    .get(key)
                     .is_some_and(|c| c.state.is_none() && c.stamp.at <= old_enough)
             })
-            .map(|(v, k)| (*v, k.clone()))
             .collect();
         let mut collected = Vec::with_capacity(keys.len());
         for (version, key) in keys {
             self.by_version.remove(&version);
+            self.tombstones.remove(&version);
             if let Some(record) = self.entities.remove(&key) {
                 collected.push(record);
             }
@@ -843,8 +847,12 @@ impl Room {
         self.version = record.version;
         self.replicas.record(&record, self.limits.dedup_window);
         self.by_version.insert(record.version, key.clone());
+        if record.state.is_none() {
+            self.tombstones.insert(record.version);
+        }
         if let Some(old) = self.entities.insert(key.clone(), record) {
             self.by_version.remove(&old.version);
+            self.tombstones.remove(&old.version);
             if self.limits.merge_bases > 0 {
                 self.bases.insert(old.version, (key, old.state));
                 while self.bases.len() > self.limits.merge_bases {
