@@ -197,16 +197,7 @@ fn restore_scenario(rollback: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
     alice.run(&server, &["add", "before the backup"]);
     bob.run(&server, &["sync"]);
     server.stop();
-    ok(
-        d,
-        &[
-            "backup",
-            "--db",
-            "sqlite:server.db",
-            "--out",
-            "rooms.backup",
-        ],
-    );
+    ok(d, &["backup", "rooms.backup", "--db", "sqlite:server.db"]);
     let server = Server::start(d);
     alice.run(&server, &["add", "after the backup"]);
     bob.run(&server, &["sync"]);
@@ -217,13 +208,7 @@ fn restore_scenario(rollback: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
     // Bob works offline: this is new work, whatever happens to the server.
     bob.offline(&["add", "offline"]);
     server.stop();
-    let mut restore = vec![
-        "restore",
-        "--db",
-        "sqlite:server.db",
-        "--in",
-        "rooms.backup",
-    ];
+    let mut restore = vec!["restore", "rooms.backup", "--db", "sqlite:server.db"];
     if rollback {
         restore.push("--rollback");
     }
