@@ -277,8 +277,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
     outbox.abandon();
     if let Some((code, reason)) = close {
         let n = frames.len() as u64;
-        let last = finish(&mut socket, frames, code, reason);
-        if matches!(timeout(CLOSE_WRITE_TIMEOUT, last).await, Ok(Ok(()))) {
+        // Boxed: a closing connection's writes and their timer are needed once, at the end;
+        // inline they would grow every idle connection's task.
+        let last = Box::pin(timeout(
+            CLOSE_WRITE_TIMEOUT,
+            finish(&mut socket, frames, code, reason),
+        ));
+        if matches!(last.await, Ok(Ok(()))) {
             Metrics::add(&metrics.messages_out, n);
             // The close frame is out: the socket lingers so that it is read, not reset.
             peer.linger();

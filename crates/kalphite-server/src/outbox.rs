@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use super::metrics::Metrics;
 
@@ -67,7 +69,9 @@ struct State {
 /// The queue.
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    ready: Notify,
+    /// The connection task waiting for frames (one waiter; a few words, where a `Notify`
+    /// took several times that in every idle connection).
+    waker: AtomicWaker,
     max_frames: usize,
     max_bytes: usize,
     metrics: Arc<Metrics>,
@@ -79,7 +83,7 @@ impl Outbox {
     pub(crate) fn new(max_frames: usize, max_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
+            waker: AtomicWaker::new(),
             max_frames: max_frames.max(1),
             max_bytes: max_bytes.max(1),
             metrics,
@@ -107,7 +111,7 @@ impl Outbox {
                 self.drop_locked(&mut st);
                 Metrics::inc(&self.metrics.slow_consumers);
                 drop(st);
-                self.ready.notify_one();
+                self.waker.wake();
                 return Pushed::Overflow;
             }
             st.bytes += len;
@@ -121,7 +125,7 @@ impl Outbox {
                 .outbound_peak_bytes
                 .fetch_max(st.bytes as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        self.ready.notify_one();
+        self.waker.wake();
         Pushed::Queued
     }
 
@@ -134,14 +138,14 @@ impl Outbox {
                 st.closed = Some(Closed::Reset);
             }
         }
-        self.ready.notify_one();
+        self.waker.wake();
     }
 
     /// Drops the queue (the client is too slow, or the connection is ending): every queued
     /// frame is freed now, later pushes are discarded.
     pub(crate) fn abandon(&self) {
         self.drop_locked(&mut self.state.lock());
-        self.ready.notify_one();
+        self.waker.wake();
     }
 
     fn drop_locked(&self, st: &mut State) {
@@ -153,16 +157,16 @@ impl Outbox {
         };
     }
 
-    /// Waits until frames are queued or the queue is closed.
-    pub(crate) async fn ready(&self) {
-        loop {
-            {
-                let st = self.state.lock();
-                if st.closed.is_some() || !st.frames.is_empty() {
-                    return;
-                }
-            }
-            self.ready.notified().await;
+    /// Ready once frames are queued or the queue is closed; otherwise the task of `cx` is
+    /// woken when that happens.
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registered before the check, so a push between the two still wakes the task.
+        self.waker.register(cx.waker());
+        let st = self.state.lock();
+        if st.closed.is_some() || !st.frames.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
