@@ -83,7 +83,7 @@ mod crashers {
     use kalphite::{Entity, Op};
     use kalphite_sync::{
         ChangePayload, ClientMessage, ConflictPolicy, Envelope, HelloPayload, PROTOCOL_VERSION,
-        Room, ServerMessage, Step, VectorClock, decode_server, encode,
+        Room, RoomLimits, RoomMeta, ServerMessage, Step, VectorClock, decode_server, encode,
     };
     use serde_json::{Value, json};
 
@@ -169,5 +169,61 @@ mod crashers {
                 assert_eq!(c.payload.yours.entity, None, "a delete carries no entity");
             }
         }
+    }
+
+    #[test]
+    fn a_room_rebuilt_after_collecting_its_latest_change_keeps_its_version() {
+        // Found by room_sequence: with a horizon of 0 versions, the tombstone of the room's
+        // latest change could be collected; the log then no longer held that version, and
+        // the room rebuilt from the log and its meta came back at an older version, so its
+        // next changes reused version numbers that clients already held.
+        let limits = RoomLimits {
+            tombstone_versions: 0,
+            tombstone_age: 0,
+            ..RoomLimits::default()
+        };
+        let new_room = || {
+            Room::new("r", ConflictPolicy::default())
+                .with_limits(limits)
+                .with_meta(RoomMeta::new("e1"))
+        };
+        let mut room = new_room();
+        room.join(1, "u", &hello("p1"), 1).unwrap();
+        let todo = Entity::new("c", "todo", json!({"title": "milk"})).at(5);
+        send(
+            &mut room,
+            1,
+            change("p1-1", Op::Upsert, Some(todo), [("p1", 1)].into()),
+        );
+        send(
+            &mut room,
+            1,
+            change("p1-2", Op::Delete, None, [("p1", 2)].into()),
+        );
+        assert_eq!(room.version(), 2);
+        let collected = room.collect_tombstones(10);
+        assert_eq!(collected.len(), 1, "the delete, the entity's latest record");
+        // The log held one record per entity: nothing is left of it.
+        let meta = room.meta().unwrap().clone();
+        let mut rebuilt = new_room().with_meta(meta).restore(Vec::new()).unwrap();
+        assert_eq!(
+            rebuilt.version(),
+            2,
+            "the rebuilt room is where the room was"
+        );
+        rebuilt.join(1, "u", &hello("p1"), 20).unwrap();
+        let todo = Entity::new("d", "todo", json!({"title": "eggs"})).at(21);
+        let mut next = change("p1-3", Op::Upsert, Some(todo), [("p1", 3)].into());
+        if let ClientMessage::Change(c) = &mut next {
+            c.payload.entity_id = "d".into();
+        }
+        let Step::Persist(pending) = rebuilt.handle(1, next, 21) else {
+            panic!("accepted");
+        };
+        assert_eq!(
+            pending.record().version,
+            3,
+            "a new version, not one clients hold"
+        );
     }
 }

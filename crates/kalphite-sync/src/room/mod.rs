@@ -222,6 +222,11 @@ impl Room {
             }
             self.install(record);
         }
+        // The latest change may be a tombstone since collected, its record gone from the
+        // log: the room stays at its version (clients hold it), never below.
+        if let Some(meta) = &self.meta {
+            self.version = self.version.max(meta.collected_through);
+        }
         Ok(self)
     }
 
