@@ -26,6 +26,8 @@ pub(crate) const KEY_FILE_ID: &str = "fileId";
 enum Record {
     Outbox(EntityKey, Option<Arc<OutboxEntry>>),
     Known(EntityKey, Known),
+    /// A known-state row forgotten (same row key as `Known`: the newest wins).
+    KnownRemoved(EntityKey),
     Progress(Progress),
     State(&'static str, String),
 }
@@ -36,6 +38,9 @@ pub(crate) fn annotations(delta: StateDelta) -> Vec<(Arc<str>, Annotation)> {
         Vec::with_capacity(delta.outbox.len() + delta.known.len() + 1);
     for (key, entry) in delta.outbox {
         out.push((row_key('o', &key), Arc::new(Record::Outbox(key, entry))));
+    }
+    for key in delta.forgotten {
+        out.push((row_key('k', &key), Arc::new(Record::KnownRemoved(key))));
     }
     for (key, known) in delta.known {
         out.push((row_key('k', &key), Arc::new(Record::Known(key, known))));
@@ -108,6 +113,10 @@ fn to_write(record: &Record) -> Result<SyncWrite, serde_json::Error> {
             id: key.id.clone(),
             version: known.version,
             entry: serde_json::to_string(known)?,
+        },
+        Record::KnownRemoved(key) => SyncWrite::KnownRemoved {
+            kind: key.kind.clone(),
+            id: key.id.clone(),
         },
         Record::Progress(progress) => SyncWrite::State {
             key: KEY_PROGRESS.to_owned(),

@@ -68,6 +68,7 @@ async fn silent_server() -> (String, Arc<AtomicUsize>) {
                             catch_up_from: 0,
                             epoch: None,
                             snapshot: false,
+                            collected_through: 0,
                         },
                     )),
                     ServerMessage::CatchUp(Envelope::new(

@@ -87,6 +87,9 @@ fn effect(w: &Write) -> Effect {
                 Effect::Put(StoredKey::Known(kind.clone(), id.clone()), s.size())
             }
             SyncWrite::KnownCleared => Effect::ClearKnown,
+            SyncWrite::KnownRemoved { kind, id } => {
+                Effect::Remove(StoredKey::Known(kind.clone(), id.clone()))
+            }
         },
     }
 }

@@ -54,6 +54,7 @@ const SYNC_KNOWN_PUT: &str = "INSERT INTO kalphite_sync_known (type, id, version
     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (type, id) DO UPDATE SET \
     version = excluded.version, entry = excluded.entry";
 const SYNC_KNOWN_CLEAR: &str = "DELETE FROM kalphite_sync_known";
+const SYNC_KNOWN_DELETE: &str = "DELETE FROM kalphite_sync_known WHERE type = ?1 AND id = ?2";
 const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER BY key";
 const SYNC_READ_OUTBOX: &str =
     "SELECT type, id, position, entry FROM kalphite_sync_outbox ORDER BY position, type, id";
@@ -566,6 +567,9 @@ fn write_sync(tx: &rusqlite::Transaction<'_>, w: &SyncWrite) -> rusqlite::Result
             entry
         ]),
         SyncWrite::KnownCleared => tx.execute(SYNC_KNOWN_CLEAR, []),
+        SyncWrite::KnownRemoved { kind, id } => tx
+            .prepare_cached(SYNC_KNOWN_DELETE)?
+            .execute([kind.as_str(), id.as_str()]),
     }
 }
 

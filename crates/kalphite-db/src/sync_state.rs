@@ -47,6 +47,14 @@ pub enum SyncWrite {
     },
     /// Forgets what the server said about every entity (the room was replaced).
     KnownCleared,
+    /// Forgets what the server said about one entity (a deletion the room no longer
+    /// keeps either: its tombstone was collected).
+    KnownRemoved {
+        /// The entity's kind.
+        kind: Kind,
+        /// The entity's id.
+        id: EntityId,
+    },
 }
 
 impl SyncWrite {
@@ -60,7 +68,7 @@ impl SyncWrite {
             | Self::Known {
                 kind, id, entry, ..
             } => kind.len() + id.len() + entry.len(),
-            Self::OutboxRemoved { .. } | Self::KnownCleared => 0,
+            Self::OutboxRemoved { .. } | Self::KnownCleared | Self::KnownRemoved { .. } => 0,
         };
         n as u64
     }

@@ -120,6 +120,17 @@ pub struct WelcomePayload {
     /// room lacks.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snapshot: bool,
+    /// The room's collection horizon: the highest version of a tombstone it no longer
+    /// keeps (0 or absent: none). Once caught up, a client may forget the deletions it
+    /// knows of up to this version, as the room did.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub collected_through: u64,
+}
+
+// serde's skip_serializing_if takes a reference.
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One change of one entity. Sent by a client (with `baseVersion`) and by the server
@@ -776,6 +787,7 @@ mod tests {
                     catch_up_from: 0,
                     epoch: Some("e1".into()),
                     snapshot: true,
+                    collected_through: 7,
                 },
             )),
             ServerMessage::Error(Envelope::new(
@@ -815,6 +827,7 @@ mod tests {
                 catch_up_from: 0,
                 epoch: None,
                 snapshot: false,
+                collected_through: 0,
             },
         )))
         .unwrap();

@@ -173,6 +173,9 @@ pub struct StateDelta {
     pub outbox: Vec<(EntityKey, Option<Arc<OutboxEntry>>)>,
     /// What the server last said, by entity.
     pub known: Vec<(EntityKey, Known)>,
+    /// Entities forgotten: deletions the room no longer keeps either (their tombstones
+    /// were collected), or that the room never had.
+    pub forgotten: Vec<EntityKey>,
     /// The scalar part, when it changed.
     pub progress: Option<Progress>,
 }
@@ -181,7 +184,10 @@ impl StateDelta {
     /// True when nothing changed.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.outbox.is_empty() && self.known.is_empty() && self.progress.is_none()
+        self.outbox.is_empty()
+            && self.known.is_empty()
+            && self.forgotten.is_empty()
+            && self.progress.is_none()
     }
 }
 
@@ -207,6 +213,9 @@ impl ReplicaState {
             // a later `first_seq`: its place in the queue moves too.
             self.outbox
                 .sort_by(|_, a, _, b| a.first_seq.cmp(&b.first_seq));
+        }
+        for key in delta.forgotten {
+            self.known.remove(&key);
         }
         self.known.extend(delta.known);
         if let Some(p) = delta.progress {
@@ -238,6 +247,7 @@ pub struct Undelivered {
 struct Dirty {
     outbox: HashSet<EntityKey>,
     known: HashSet<EntityKey>,
+    forgotten: HashSet<EntityKey>,
     progress: bool,
 }
 
@@ -355,6 +365,8 @@ pub struct Replica {
     resync: Option<Resync>,
     /// The epoch of the current connection's welcome, adopted when its catch-up completes.
     welcome_epoch: Option<String>,
+    /// The room's collection horizon, from the current connection's welcome.
+    horizon: u64,
 }
 
 impl Replica {
@@ -383,6 +395,7 @@ impl Replica {
             undelivered: HashMap::new(),
             resync: None,
             welcome_epoch: None,
+            horizon: 0,
         };
         replica.restamp_foreign_entries();
         replica
@@ -454,6 +467,11 @@ impl Replica {
                     let known = state.known.get(&key).cloned()?;
                     Some((key, known))
                 })
+                .collect(),
+            forgotten: dirty
+                .forgotten
+                .into_iter()
+                .filter(|key| !state.known.contains_key(key))
                 .collect(),
             progress: dirty.progress.then(|| Progress {
                 next_seq: state.next_seq,
@@ -675,6 +693,7 @@ impl Replica {
                 // change that arrived before the welcome must not look like a reset.
                 let behind = w.catch_up_from < self.hello_from;
                 self.resync = None;
+                self.horizon = w.collected_through;
                 if other_epoch || behind || w.snapshot {
                     // A snapshot of our own epoch (we are older than its collected
                     // tombstones) keeps the clocks: they still count the same edits.
@@ -730,6 +749,9 @@ impl Replica {
                         self.state.epoch = Some(epoch);
                         self.dirty.progress = true;
                     }
+                }
+                if page.complete && self.state.watermark >= page.to_version {
+                    self.forget_collected();
                 }
                 if page.complete {
                     out.events.push(ReplicaEvent::CaughtUp {
@@ -812,6 +834,30 @@ impl Replica {
                 resend: missing,
                 dropped: Vec::new(),
             });
+        }
+    }
+
+    /// Once caught up: forgets the deletions the room no longer keeps either (tombstones
+    /// up to its collection horizon, and those the room never gave a version), so that
+    /// what a client keeps per entity does not grow with every deletion it ever saw.
+    /// Queued entities keep theirs (their edit still needs the clock).
+    fn forget_collected(&mut self) {
+        let absent = content_hash(None);
+        let horizon = self.horizon;
+        let outbox = &self.state.outbox;
+        let gone: Vec<EntityKey> = self
+            .state
+            .known
+            .iter()
+            .filter(|(key, k)| {
+                k.hash == absent && k.version <= horizon && !outbox.contains_key(*key)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.state.known.remove(&key);
+            self.dirty.known.remove(&key);
+            self.dirty.forgotten.insert(key);
         }
     }
 
@@ -1050,6 +1096,7 @@ impl Replica {
     fn known_mut(&mut self, key: &EntityKey) -> &mut Known {
         if !self.dirty.known.contains(key) {
             self.dirty.known.insert(key.clone());
+            self.dirty.forgotten.remove(key);
         }
         self.state
             .known

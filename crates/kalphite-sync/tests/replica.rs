@@ -40,6 +40,7 @@ fn welcome(room_version: u64, catch_up_from: u64) -> ServerMessage {
             catch_up_from,
             epoch: None,
             snapshot: false,
+            collected_through: 0,
         },
     ))
 }

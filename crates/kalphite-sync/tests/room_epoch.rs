@@ -558,10 +558,20 @@ fn tombstones_past_the_horizon_are_collected_and_older_clients_get_a_snapshot() 
     assert_eq!((w.payload.catch_up_from, w.payload.snapshot), (0, true));
     net.room.leave(99);
     // Carol, at the room's version, catches up incrementally as before.
+    let _ = net.clients[2].replica.take_delta();
     net.disconnect(2);
     net.connect(2);
     assert!(net.resynced(2).is_empty());
     assert_eq!(net.clients[2].titles(), expected);
+    // Both forget the deletions the room forgot (up to its horizon), and keep the others.
+    for i in [1, 2] {
+        let known = &net.clients[i].replica.state().known;
+        assert!(!known.contains_key(&key("t0")) && !known.contains_key(&key("t1")));
+        assert!(known.contains_key(&key("t2")) && known.contains_key(&key("t3")));
+    }
+    let mut forgotten = net.clients[2].replica.take_delta().forgotten;
+    forgotten.sort();
+    assert_eq!(forgotten, [key("t0"), key("t1")], "persisted as removals");
     // Bob's clocks still count the same edits: editing a survivor is no conflict.
     net.put(1, "t4", "edited", NOW);
     assert_eq!(net.room.get(&key("t4")).unwrap().vector.iter().count(), 2);

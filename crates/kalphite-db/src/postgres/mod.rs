@@ -64,6 +64,7 @@ const SYNC_KNOWN_PUT: &str = "INSERT INTO kalphite_sync_known (type, id, version
     VALUES ($1, $2, $3, $4) ON CONFLICT (type, id) DO UPDATE SET \
     version = EXCLUDED.version, entry = EXCLUDED.entry";
 const SYNC_KNOWN_CLEAR: &str = "DELETE FROM kalphite_sync_known";
+const SYNC_KNOWN_DELETE: &str = "DELETE FROM kalphite_sync_known WHERE type = $1 AND id = $2";
 const SYNC_READ_STATE: &str = "SELECT key, value FROM kalphite_sync_state ORDER BY key";
 const SYNC_READ_OUTBOX: &str = "SELECT type, id, position, entry FROM kalphite_sync_outbox \
     ORDER BY position, type COLLATE \"C\", id COLLATE \"C\"";
@@ -459,6 +460,10 @@ async fn write_sync(tx: &deadpool_postgres::Transaction<'_>, w: &SyncWrite) -> R
             .await
         }
         SyncWrite::KnownCleared => tx.execute(SYNC_KNOWN_CLEAR, &[]).await,
+        SyncWrite::KnownRemoved { kind, id } => {
+            tx.execute(SYNC_KNOWN_DELETE, &[&kind.as_str(), &id.as_str()])
+                .await
+        }
     }
     .map_err(Error::postgres(ctx))?;
     Ok(())

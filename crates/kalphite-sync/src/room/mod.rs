@@ -320,6 +320,7 @@ impl Room {
             catch_up_from: from,
             epoch: self.meta.as_ref().map(|m| m.epoch.clone()),
             snapshot,
+            collected_through: self.meta.as_ref().map_or(0, |m| m.collected_through),
         };
         let mut out = vec![self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)))];
         for page in self.catch_up(from) {
