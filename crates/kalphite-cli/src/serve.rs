@@ -67,6 +67,18 @@ pub(crate) struct ServeArgs {
     /// Schema: `{"todo": {"type": "object", …}, …}`. Entities of other kinds are refused.
     #[arg(long, value_name = "FILE.json")]
     pub schema: Option<PathBuf>,
+    /// Seconds a room with no connection stays in memory before it is unloaded (the next
+    /// hello restores it from the database).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub unload_after: u64,
+    /// A deleted entity's tombstone is collected once this many later changes were
+    /// accepted in its room and it is --tombstone-age old; a client that last synced
+    /// before a collected tombstone gets a full snapshot instead of a catch-up.
+    #[arg(long, value_name = "VERSIONS", default_value_t = 10_000)]
+    pub tombstone_versions: u64,
+    /// Seconds a tombstone must be old before it is collected (default 7 days).
+    #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
+    pub tombstone_age: u64,
 }
 
 /// `kalphite token`.
@@ -206,6 +218,9 @@ fn survives(backend: &str, fsync: bool) -> &'static str {
 
 /// Runs the server until Ctrl-C.
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    if args.unload_after == 0 {
+        anyhow::bail!("--unload-after must be at least 1 second");
+    }
     if args.rate_limit == 0 {
         bail!("--rate-limit must be at least 1");
     }
@@ -231,11 +246,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         survives(db.backend_name(), args.fsync)
     );
     let mut config = ServerConfig::new(db.clone())
+        .room_unload_after(Duration::from_secs(args.unload_after))
         .rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2))
         .max_connections(args.max_connections)
         .max_connections_per_user(args.max_connections_per_user)
         .open(args.open)
         .policy(policy);
+    config.room_limits.tombstone_versions = args.tombstone_versions;
+    config.room_limits.tombstone_age = args.tombstone_age.saturating_mul(1_000);
     let schema_line = match schema {
         Some((schema, kinds)) => {
             config = config.schema(schema);

@@ -825,3 +825,46 @@ fn colour_only_at_a_terminal_and_never_with_no_color() {
         assert!(!plain.trim().is_empty(), "{command}: no output");
     }
 }
+
+/// A metric's value from the server's `/metrics` (plain HTTP over a TCP stream).
+fn metric(address: &str, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let host = address.trim_start_matches("ws://");
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_unloads_rooms_left_by_everyone_after_unload_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--open", "--unload-after", "1"]);
+    let address = server.address();
+    let raw = Raw::join(&server.url, "u1", "ann").await;
+    assert_eq!(metric(&address, "kalphite_sync_rooms"), Some(1));
+    drop(raw);
+    // Unloaded within a few sweeps of a second (a hang guard, not a timing assertion).
+    let mut waited = Duration::ZERO;
+    while metric(&address, "kalphite_sync_rooms") != Some(0) {
+        assert!(waited < Duration::from_secs(30), "room never unloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    assert_eq!(
+        metric(&address, "kalphite_sync_rooms_unloaded_total"),
+        Some(1)
+    );
+
+    let err = refused(dir.path(), &["serve", "--open", "--unload-after", "0"]);
+    assert!(err.contains("--unload-after"), "{err}");
+    let fresh = tempfile::tempdir().unwrap();
+    refused(fresh.path(), &["serve", "--open", "--unload-after", "0"]);
+    assert!(!fresh.path().join("rooms.db").exists() && !fresh.path().join("kalphite.db").exists());
+}
