@@ -97,6 +97,9 @@ impl Harness {
             catch_up_page: b.below(4),
             catch_up_page_bytes: *b.pick(&[0, 120, 1_000, 256 * 1024]),
             merge_bases: b.below(4),
+            // Fixed (no input byte, so the corpus keeps its meaning): small enough that a
+            // few states push older bases out.
+            merge_base_bytes: 400,
             dedup_window: b.below(6),
             max_clock_skew: *b.pick(&[0, 1_000, 60_000]),
             tombstone_versions: u64::from(b.byte() % 4),

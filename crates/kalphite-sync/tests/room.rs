@@ -737,3 +737,57 @@ fn an_evicted_merge_base_falls_back_to_last_write_wins() {
         "base evicted: bob's whole"
     );
 }
+
+#[test]
+fn merge_bases_are_bounded_in_bytes_too() {
+    // Issue 10, item 8: 1,024 whole states per room were kept whatever their size (194 MB
+    // for one room of 200 KB entities). A large superseded state now pushes older bases
+    // out once the room's base bytes pass `merge_base_bytes`.
+    let run = |merge_base_bytes: usize| {
+        let mut room = room(ConflictPolicy::new(Strategy::FieldMerge)).with_limits(RoomLimits {
+            merge_bases: 1_024,
+            merge_base_bytes,
+            ..RoomLimits::default()
+        });
+        let a = |n: u64| VectorClock::from([("ra", n)]);
+        let base = json!({"title": "t", "done": false});
+        send(
+            &mut room,
+            1,
+            change("m1", "alice", 5, upsert("a", base, 5, a(1), 0)),
+        );
+        let alice = upsert("a", json!({"title": "T", "done": false}), 6, a(2), 1);
+        send(&mut room, 1, change("m2", "alice", 6, alice));
+        // A large entity, then superseded: its old state is a base of 10 KB.
+        let big = json!({"blob": "x".repeat(10_000)});
+        send(
+            &mut room,
+            1,
+            change("m3", "alice", 7, upsert("b", big, 7, a(1), 0)),
+        );
+        send(
+            &mut room,
+            1,
+            change("m4", "alice", 8, upsert("b", json!({"x": 1}), 8, a(2), 3)),
+        );
+        let bob = upsert(
+            "a",
+            json!({"title": "t", "done": true}),
+            9,
+            VectorClock::from([("ra", 1), ("rb", 1)]),
+            1,
+        );
+        send(&mut room, 2, change("m5", "bob", 9, bob));
+        data(&room, "a")
+    };
+    assert_eq!(
+        run(1 << 20),
+        Some(json!({"title": "T", "done": true})),
+        "within the byte bound: merged"
+    );
+    assert_eq!(
+        run(4_096),
+        Some(json!({"title": "t", "done": true})),
+        "the large base pushed the small one out: bob's whole"
+    );
+}

@@ -57,6 +57,9 @@ pub struct RoomLimits {
     /// Superseded entity states kept per room (the most recent ones) to serve as
     /// three-way merge bases; a change whose base is older merges by last-write-wins.
     pub merge_bases: usize,
+    /// Most bytes (encoded JSON) of those states kept per room; the oldest go first. Bounds
+    /// a room of large entities (1,024 states of 200 KB were 194 MB).
+    pub merge_base_bytes: usize,
     /// (replica id, change message id) pairs remembered for deduplication (the most
     /// recent ones). A resend older than that is still not applied twice — its clock is
     /// dominated by the entity's — but is acknowledged with the entity's current version
@@ -83,6 +86,7 @@ impl Default for RoomLimits {
             catch_up_page: 256,
             catch_up_page_bytes: 256 * 1024,
             merge_bases: 1_024,
+            merge_base_bytes: 16 << 20,
             dedup_window: 4_096,
             max_clock_skew: 60_000,
             tombstone_versions: 10_000,
@@ -110,7 +114,9 @@ pub struct Room {
     /// Every entity's current state (tombstones included).
     entities: HashMap<EntityKey, StoredChange>,
     /// Superseded states by the version that produced them: merge bases.
-    bases: BTreeMap<u64, (EntityKey, Option<Entity<Value>>)>,
+    bases: BTreeMap<u64, Base>,
+    /// Encoded bytes of every state in `bases`.
+    bases_bytes: usize,
     /// Current version → entity, for catch-up in version order.
     by_version: BTreeMap<u64, EntityKey>,
     /// The versions of the current tombstones, so collecting them looks at them alone.
@@ -165,6 +171,7 @@ impl Room {
             limits: RoomLimits::default(),
             entities: HashMap::new(),
             bases: BTreeMap::new(),
+            bases_bytes: 0,
             by_version: BTreeMap::new(),
             tombstones: BTreeSet::new(),
             replicas: Replicas::default(),
@@ -402,7 +409,15 @@ impl Room {
         if !collected.is_empty() {
             let gone: std::collections::HashSet<EntityKey> =
                 collected.iter().map(StoredChange::key).collect();
-            self.bases.retain(|_, (key, _)| !gone.contains(key));
+            let mut freed = 0;
+            self.bases.retain(|_, base| {
+                let keep = !gone.contains(&base.key);
+                if !keep {
+                    freed += base.bytes;
+                }
+                keep
+            });
+            self.bases_bytes -= freed;
         }
         collected
     }
@@ -701,8 +716,8 @@ impl Room {
             v => self
                 .bases
                 .get(&v)
-                .filter(|(key, _)| *key == current.key())
-                .map(|(_, state)| state.clone()),
+                .filter(|base| base.key == current.key())
+                .map(|base| base.state.clone()),
         };
         let case = ConflictCase {
             kind: current.kind.clone(),
@@ -860,9 +875,23 @@ impl Room {
             self.by_version.remove(&old.version);
             self.tombstones.remove(&old.version);
             if self.limits.merge_bases > 0 {
-                self.bases.insert(old.version, (key, old.state));
-                while self.bases.len() > self.limits.merge_bases {
-                    self.bases.pop_first();
+                let bytes = old.state.as_ref().map_or(0, encoded_len);
+                self.bases_bytes += bytes;
+                let base = Base {
+                    key,
+                    state: old.state,
+                    bytes,
+                };
+                if let Some(replaced) = self.bases.insert(old.version, base) {
+                    self.bases_bytes -= replaced.bytes;
+                }
+                while self.bases.len() > self.limits.merge_bases
+                    || self.bases_bytes > self.limits.merge_base_bytes
+                {
+                    let Some((_, oldest)) = self.bases.pop_first() else {
+                        break;
+                    };
+                    self.bases_bytes -= oldest.bytes;
                 }
             }
         }
@@ -916,6 +945,14 @@ impl Room {
 }
 
 /// The size of `value` as JSON, without building the string.
+/// A superseded state kept as a merge base, with its encoded size.
+#[derive(Debug)]
+struct Base {
+    key: EntityKey,
+    state: Option<Entity<Value>>,
+    bytes: usize,
+}
+
 fn encoded_len(value: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
