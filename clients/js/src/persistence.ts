@@ -183,6 +183,8 @@ export class IndexedDbPersistence implements Persistence {
         meta.put({ ...(old ?? {}), ...c.meta }, "meta");
       }
     } catch (e) {
+      // The transaction is abandoned: its own rejection is this error's echo.
+      done.catch(() => undefined);
       try {
         tx.abort();
       } catch {

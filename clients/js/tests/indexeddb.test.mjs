@@ -1,0 +1,90 @@
+// IndexedDB persistence (fake-indexeddb in Node): one transaction per commit, entities,
+// outbox, known versions and progress together; a database reopened from it resumes.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { IDBFactory } from "fake-indexeddb";
+import WebSocket from "ws";
+import { FrontendDatabase, IndexedDbPersistence, Replica, keyString } from "../dist/index.js";
+import { startServer, tempDir, until } from "./helpers.mjs";
+
+const entity = (id, data) => ({ id, type: "todo", data, updatedAt: 5 });
+
+test("a commit stores entities and the replica's state together; load gives them back in queue order", async () => {
+  const factory = new IDBFactory();
+  const p = new IndexedDbPersistence("t1", factory);
+  const r = new Replica({ roomId: "r", userId: "u", replicaId: "me", incarnation: 1 });
+  r.localChange({ operation: "upsert", entityType: "todo", entityId: "b", entity: entity("b", { n: 1 }), timestamp: 5 }, 5);
+  r.localChange({ operation: "upsert", entityType: "todo", entityId: "a", entity: entity("a", { n: 1 }), timestamp: 5 }, 5);
+  r.connect(6);
+  r.handle({ type: "welcome", messageId: "w", userId: "@server", timestamp: 6, payload: { protocolVersion: 1, roomId: "r", roomVersion: 4, catchUpFrom: 0, epoch: "E" } }, 6);
+  r.handle({ type: "change", messageId: "c", userId: "x", timestamp: 6, payload: { operation: "upsert", entityType: "todo", entityId: "z", entity: entity("z", {}), vector: { x: 1 }, roomVersion: 2 } }, 6);
+  await p.commit({ put: [entity("a", { n: 1 }), entity("b", { n: 1 }), entity("z", {})], delete: [], deltas: [r.takeDelta()], meta: { replicaId: "me" } });
+  r.localChange({ operation: "delete", entityType: "todo", entityId: "b", timestamp: 7 }, 7);
+  await p.commit({ put: [], delete: [{ kind: "todo", id: "b" }], deltas: [r.takeDelta()] });
+  await p.close();
+
+  const again = new IndexedDbPersistence("t1", factory);
+  const loaded = await again.load();
+  assert.deepEqual(loaded.entities.map((e) => e.id).sort(), ["a", "z"]);
+  assert.deepEqual([...loaded.replica.outbox.keys()], [keyString("todo", "b"), keyString("todo", "a")], "queue order kept");
+  assert.equal(loaded.replica.outbox.get(keyString("todo", "b")).message.payload.operation, "delete");
+  assert.deepEqual(loaded.replica.known.get(keyString("todo", "z")).vector, { x: 1 });
+  assert.equal(loaded.replica.nextSeq, r.lastSeq());
+  assert.deepEqual(loaded.replica.receivedAbove, [2]);
+  assert.equal(loaded.replica.epoch, "E");
+  assert.deepEqual(loaded.meta, { replicaId: "me" });
+  await again.close();
+});
+
+test("a commit that fails writes nothing: not the entities, not the outbox", async () => {
+  const factory = new IDBFactory();
+  const p = new IndexedDbPersistence("t2", factory);
+  const r = new Replica({ roomId: "r", userId: "u", replicaId: "me", incarnation: 1 });
+  r.localChange({ operation: "upsert", entityType: "todo", entityId: "a", entity: entity("a", {}), timestamp: 5 }, 5);
+  // A function cannot be stored (DataCloneError): the whole transaction is abandoned.
+  await assert.rejects(p.commit({ put: [entity("ok", {}), entity("bad", { f: () => 1 })], delete: [], deltas: [r.takeDelta()] }));
+  const loaded = await p.load();
+  assert.deepEqual(loaded.entities, []);
+  assert.equal(loaded.replica.outbox.size, 0);
+  assert.equal(loaded.replica.nextSeq, 0);
+  await p.close();
+});
+
+test("FrontendDatabase on IndexedDB: an offline edit survives a restart and syncs when the server is reachable", async () => {
+  const factory = new IDBFactory();
+  const t = tempDir();
+  const server = await startServer({ dir: t.dir, args: ["--open"] });
+  try {
+    const offline = new FrontendDatabase({
+      dbName: "app",
+      persistence: new IndexedDbPersistence("app", factory),
+      flush: { debounceMs: 1 },
+      sync: { wsUrl: "ws://127.0.0.1:9", roomId: "idb", userId: "alice", WebSocket, minBackoff: 5000, maxBackoff: 5000 },
+    });
+    await offline.init();
+    offline.collection("todo").upsert("t1", { title: "written offline" });
+    await offline.durable("local");
+    await offline.close();
+
+    const online = new FrontendDatabase({
+      dbName: "app",
+      persistence: new IndexedDbPersistence("app", factory),
+      flush: { debounceMs: 1 },
+      sync: { wsUrl: server.url, roomId: "idb", userId: "alice", WebSocket },
+    });
+    await online.init();
+    assert.equal(online.collection("todo").findById("t1").data.title, "written offline");
+    assert.equal(online.sync.getOfflineQueueSize(), 1);
+    await online.durable("server");
+    assert.equal(online.sync.getOfflineQueueSize(), 0);
+    await until(async () => (await new IndexedDbPersistence("app", factory).load()).replica.outbox.size === 0, "the ack is stored");
+    const peer = new FrontendDatabase({ dbName: "peer", persistence: new IndexedDbPersistence("peer", factory), flush: { debounceMs: 1 }, sync: { wsUrl: server.url, roomId: "idb", userId: "bob", WebSocket } });
+    await peer.init();
+    await until(() => peer.collection("todo").findById("t1"), "the peer gets it");
+    await online.close();
+    await peer.close();
+  } finally {
+    await server.stop();
+    t.remove();
+  }
+});
