@@ -780,6 +780,13 @@ impl Replica {
     fn begin_resync(&mut self, from: u64, forget_clocks: bool, snapshot: bool) {
         self.state.watermark = from;
         self.state.received_above.clear();
+        if self.state.epoch.is_none() {
+            // The versions taken in from here on belong to the welcome's epoch, stored only
+            // when the resync ends. Until then they must not pass for versions of whatever
+            // room the next connection finds: an empty epoch matches none, so a connection
+            // before this resync ends resyncs again (from 0) instead of catching up.
+            self.state.epoch = Some(String::new());
+        }
         let me = self.config.replica_id.clone();
         for known in self.state.known.values_mut() {
             known.version = 0;
