@@ -12,7 +12,7 @@ import { Emitter } from "./events.js";
 import { type FlushChange, MemoryFlushEngine } from "./flush.js";
 import { type Commit, IndexedDbPersistence, MemoryPersistence, type Persistence } from "./persistence.js";
 import type { ClientMessage, Entity, Millis } from "./protocol.js";
-import { type LocalChange, type Output, type RemoteChange, ReplicaError, type StateDelta, emptyState, keyString } from "./replica.js";
+import { type LocalChange, type Output, type RemoteChange, ReplicaError, type StateDelta, keyString } from "./replica.js";
 import { NetworkSyncEngine, type SyncConfig, type SyncError, newReplicaId } from "./network.js";
 
 /** Database configuration. */
@@ -48,7 +48,6 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   sync: NetworkSyncEngine | undefined;
   private deltas: StateDelta[] = [];
   private meta: Record<string, unknown> | undefined;
-  private localOnlyReplica = false;
   private storageQueue: Promise<void> = Promise.resolve();
   private ready = false;
 
@@ -86,8 +85,6 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       this.ready = true;
       await this.sync.connect();
     } else {
-      this.localOnlyReplica = true;
-      void emptyState;
       this.ready = true;
     }
   }
@@ -152,7 +149,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
     return this.serial(async () => {
       const send: ClientMessage[] = [];
       const replica = this.sync?.replica;
-      if (replica && !this.localOnlyReplica) {
+      if (replica) {
         for (const c of changes) {
           try {
             send.push(...replica.localChange(c, this.now()));

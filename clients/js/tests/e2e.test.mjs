@@ -208,3 +208,39 @@ test("with a token provider, an expired token is refreshed and the client reconn
     t.remove();
   }
 });
+
+test("manual conflicts arrive as events with both versions; the pick written back converges", async () => {
+  const t = tempDir();
+  const server = await startServer({ dir: t.dir, args: ["--open", "--conflict", "manual"] });
+  try {
+    const a = await client(server, "r6", "alice");
+    const b = await client(server, "r6", "bob");
+    a.db.collection("todo").upsert("t1", { title: "start" });
+    await a.db.durable("server");
+    await until(() => b.db.collection("todo").findById("t1"), "b has t1");
+    await b.db.sync.disconnect();
+    a.db.collection("todo").upsert("t1", { title: "alice's" });
+    await a.db.durable("server");
+    b.db.collection("todo").upsert("t1", { title: "bob's" });
+    await b.db.durable("local");
+    const conflicts = [];
+    b.db.sync.on("conflict", (c) => conflicts.push(c));
+    await b.db.sync.connect();
+    await b.db.durable("server");
+    await until(() => conflicts.length === 1, "the conflict event");
+    const c = conflicts[0];
+    assert.equal(c.strategy, "manual");
+    assert.equal(c.yours.entity.data.title, "bob's");
+    assert.equal(c.theirs.entity.data.title, "alice's");
+    // The app picks a version and writes it: everyone converges on it.
+    b.db.collection("todo").upsert("t1", { title: "both: alice's and bob's" });
+    await b.db.durable("server");
+    await until(() => a.db.collection("todo").findById("t1").data.title === "both: alice's and bob's", "a sees the pick");
+    assert.equal(conflicts.length, 1, "the pick dominates both: no new conflict");
+    await a.db.close();
+    await b.db.close();
+  } finally {
+    await server.stop();
+    t.remove();
+  }
+});
