@@ -181,6 +181,9 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       const replica = this.sync!.replica;
       const touched = new Map<string, { kind: string; id: string }>();
       for (const c of out.apply) {
+        // A local edit of the entity not yet handed to the replica wins in memory: the
+        // replica queues it next, and shows the room's answer to it after its ack.
+        if (this.flushEngine.isQueued(c.entityType, c.entityId)) continue;
         this.rawCollection(c.entityType).applyRemote(c);
         touched.set(keyString(c.entityType, c.entityId), { kind: c.entityType, id: c.entityId });
         this.emit("change", { origin: "remote", change: c });

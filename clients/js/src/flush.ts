@@ -78,6 +78,8 @@ export class MemoryFlushEngine {
   private failures = 0;
   private running: Promise<void> | undefined;
   private idleWaiters: Array<() => void> = [];
+  /** The keys of the batch the target is working on. */
+  private inBatch = new Set<string>();
 
   constructor(config: FlushConfig) {
     this.config = {
@@ -144,6 +146,7 @@ export class MemoryFlushEngine {
       if (batch.length >= this.config.maxBatchSize) break;
       batch.push(change);
       this.state.pending.delete(key);
+      this.inBatch.add(key);
     }
     try {
       await this.config.flushTarget(batch);
@@ -165,7 +168,14 @@ export class MemoryFlushEngine {
       throw error;
     } finally {
       this.state.isFlushInProgress = false;
+      this.inBatch.clear();
     }
+  }
+
+  /** True while a change of this entity is queued or being flushed. */
+  isQueued(entityType: string, entityId: string): boolean {
+    const key = keyOf({ entityType, entityId });
+    return this.state.pending.has(key) || this.inBatch.has(key);
   }
 
   private arm(ms: number): void {

@@ -142,7 +142,8 @@ export class NetworkSyncEngine extends Emitter<SyncEvents> {
     this.stopReason = undefined;
     this.attempts = 0;
     if (!this.tickTimer) {
-      this.tickTimer = setInterval(() => this.tick(), 1000);
+      const period = Math.min(1000, Math.max(10, (this.config.heartbeatInterval ?? 30_000) / 2));
+      this.tickTimer = setInterval(() => this.tick(), period);
       (this.tickTimer as { unref?: () => void }).unref?.();
     }
     await this.open();
@@ -382,7 +383,7 @@ export class NetworkSyncEngine extends Emitter<SyncEvents> {
     if (!ws || this.replica.link() !== "connected") return;
     const now = this.now();
     const interval = this.config.heartbeatInterval ?? 30_000;
-    if (this.replica.silence(now) > 2 * interval + 5_000) {
+    if (this.replica.silence(now) > 2 * interval + Math.min(5_000, interval)) {
       // A dead connection: nothing heard for two heartbeats.
       try {
         ws.close(4000, "no answer from the server");
