@@ -98,3 +98,46 @@ test("utf8Length counts bytes as UTF-8 does", () => {
     assert.equal(utf8Length(s), Buffer.byteLength(s, "utf8"), JSON.stringify(s));
   }
 });
+
+test("hostile frames: mutations of every example never throw anything but a ProtocolError", () => {
+  let seed = 12345;
+  const rnd = (n) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+  const pieces = ['"', "{", "}", "[", "]", ",", ":", "null", "-1", "1e400", "9007199254740993", '"x"', "true", "\\", "\u0000", "😀"];
+  const all = [...examples("server"), ...examples("client")];
+  let decoded = 0;
+  for (let i = 0; i < 4000; i++) {
+    let text = all[rnd(all.length)];
+    for (let k = 0; k <= rnd(4); k++) {
+      const at = rnd(text.length + 1);
+      const cut = rnd(3);
+      text = text.slice(0, at) + (rnd(2) ? pieces[rnd(pieces.length)] : "") + text.slice(at + cut);
+    }
+    for (const decode of [decodeServer, decodeClient]) {
+      try {
+        decode(text);
+        decoded++;
+      } catch (e) {
+        assert.ok(e instanceof ProtocolError, `${e} for ${JSON.stringify(text)}`);
+        assert.equal(typeof e.code, "string");
+      }
+    }
+  }
+  assert.ok(decoded > 0, "some mutations still decode");
+});
+
+test("shapes the Rust decoder refuses are refused here too", () => {
+  const wrap = (payload) => JSON.stringify({ type: "catchUp", messageId: "m", userId: "@server", timestamp: 1, payload });
+  refused(() => decodeServer(wrap({ fromVersion: 0, toVersion: 1, complete: true, changes: {} })), "invalid_message", /'changes' must be an array/);
+  refused(() => decodeServer(wrap({ fromVersion: 0, toVersion: 1, complete: "yes", changes: [] })), "invalid_message", /'complete' must be a boolean/);
+  refused(
+    () => decodeServer(wrap({ fromVersion: 0, toVersion: 1, complete: true, changes: [{ operation: "merge", entityType: "t", entityId: "1" }] })),
+    "invalid_message",
+    /unknown operation 'merge'/,
+  );
+  refused(
+    () => decodeServer(wrap({ fromVersion: 0, toVersion: 1, complete: true, changes: [{ operation: "upsert", entityType: "t", entityId: "1", entity: { id: "1", type: "t" } }] })),
+    "missing_field",
+    /'data'/,
+  );
+  refused(() => decodeServer(wrap({ fromVersion: 0, toVersion: 1, complete: true, changes: [{ operation: "delete", entityType: 5, entityId: "1" }] })), "invalid_message", /'entityType' must be a string/);
+});
