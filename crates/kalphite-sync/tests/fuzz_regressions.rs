@@ -86,6 +86,7 @@ mod crashers {
         Room, RoomLimits, RoomMeta, ServerMessage, Step, VectorClock, decode_server, encode,
     };
     use serde_json::{Value, json};
+    use std::sync::Arc;
 
     fn hello(replica: &str) -> Envelope<HelloPayload> {
         let payload = serde_json::from_value(json!({
@@ -225,5 +226,54 @@ mod crashers {
             3,
             "a new version, not one clients hold"
         );
+    }
+
+    /// A typed kind: its schema keeps `title` and drops every other field.
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+    struct Note {
+        #[serde(default)]
+        title: Value,
+    }
+
+    impl kalphite::EntityKind for Note {
+        const KIND: &'static str = "todo";
+    }
+
+    #[test]
+    fn a_conflicting_upsert_is_checked_as_sent_not_only_as_normalized() {
+        // The first bug again, through a schema that normalizes: the depth limit was
+        // checked on the data as the schema returned it, which drops unknown fields, while
+        // the conflict notice echoes the data as sent. A deep unknown field passed, and the
+        // notice was a frame no client can decode.
+        let schema = kalphite::TypedSchema::new().kind::<Note>();
+        let mut room = Room::new("r", ConflictPolicy::default()).with_schema(Arc::new(schema));
+        room.join(1, "u", &hello("p1"), 1).unwrap();
+        room.join(2, "u", &hello("p2"), 1).unwrap();
+        let todo = Entity::new("c", "todo", json!({"title": "milk"})).at(5);
+        let first = send(
+            &mut room,
+            1,
+            change("p1-1", Op::Upsert, Some(todo), [("p1", 1)].into()),
+        );
+        assert!(matches!(first[0], ServerMessage::Ack(_)));
+        let deep = Entity::new("c", "todo", json!({"title": "eggs", "extra": nested(65)})).at(6);
+        let out = send(
+            &mut room,
+            2,
+            change("p2-1", Op::Upsert, Some(deep), [("p2", 1)].into()),
+        );
+        for message in out {
+            let frame = encode(&message).unwrap();
+            let decoded = decode_server(&frame, usize::MAX);
+            assert!(
+                decoded.is_ok(),
+                "a client cannot decode {:?}",
+                decoded.err()
+            );
+            if let ServerMessage::Error(e) = &message {
+                assert_eq!(e.payload.code, kalphite_sync::ErrorCode::InvalidEntity);
+                assert_eq!(e.payload.refers_to.as_deref(), Some("p2-1"));
+            }
+        }
     }
 }

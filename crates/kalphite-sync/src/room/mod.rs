@@ -796,7 +796,13 @@ impl Room {
                         .normalize(&entity.kind, entity.data)
                         .map_err(|issues| invalid(join(&issues)))?;
                 }
-                if depth(&entity.data) > MAX_DATA_DEPTH {
+                // As sent, too: a conflict notice echoes the change as sent, and a schema
+                // may have dropped fields.
+                let sent = match (&self.schema, &p.entity) {
+                    (Some(_), Some(sent)) => depth(&sent.data),
+                    _ => 0,
+                };
+                if depth(&entity.data).max(sent) > MAX_DATA_DEPTH {
                     return Err(invalid(format!(
                         "its data is nested deeper than {MAX_DATA_DEPTH} levels"
                     )));
