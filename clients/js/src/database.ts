@@ -12,8 +12,19 @@ import { Emitter } from "./events.js";
 import { type FlushChange, MemoryFlushEngine } from "./flush.js";
 import { type Commit, IndexedDbPersistence, MemoryPersistence, type Persistence } from "./persistence.js";
 import type { ClientMessage, Entity, Millis } from "./protocol.js";
-import { type LocalChange, type Output, type RemoteChange, ReplicaError, type StateDelta, keyString } from "./replica.js";
-import { NetworkSyncEngine, type SyncConfig, type SyncError, newReplicaId } from "./network.js";
+import { type LocalChange, type Output, type RemoteChange, ReplicaError, type StateDelta, keyString, parseKey } from "./replica.js";
+import { type ConnectionStatus, NetworkSyncEngine, type SyncConfig, type SyncError, newReplicaId } from "./network.js";
+import { type ChannelLike, type TabsConfig, defaultTabs } from "./tabs.js";
+
+/** A message between tabs (see `tabs.ts`). */
+type TabMessage =
+  | { t: "write"; from: string; seq: number; change: LocalChange }
+  | { t: "stored"; to: string; seqs: number[]; states: Array<{ kind: string; id: string; entity: Entity<unknown> | null }> }
+  | { t: "changed"; from: string; change: LocalChange | RemoteChange }
+  | { t: "leader"; from: string; status: ConnectionStatus; pending: number }
+  | { t: "status"; status: ConnectionStatus; pending: number }
+  | { t: "durable"; from: string; id: number }
+  | { t: "durableDone"; to: string; id: number; error?: string | undefined };
 
 /** Database configuration. */
 export interface DatabaseConfig {
@@ -27,6 +38,12 @@ export interface DatabaseConfig {
   flush?: { debounceMs?: number; maxRetries?: number; baseRetryDelay?: number; maxBatchSize?: number };
   /** The clock (tests). */
   now?: () => Millis;
+  /**
+   * Several tabs on one database: one leader tab (elected with Web Locks) owns the
+   * WebSocket and the outbox; the others send it their writes (BroadcastChannel) and
+   * get every change. Leadership passes on when the leader closes.
+   */
+  multiTab?: boolean | TabsConfig;
 }
 
 /** The database's events. */
@@ -50,6 +67,20 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   private meta: Record<string, unknown> | undefined;
   private storageQueue: Promise<void> = Promise.resolve();
   private ready = false;
+  /** This tab's role when several tabs share the database. */
+  role: "leader" | "follower" | "single" = "single";
+  private readonly tabId = Math.random().toString(36).slice(2);
+  private channel: ChannelLike | undefined;
+  private releaseLock: (() => void) | undefined;
+  private closed = false;
+  private writeSeq = 0;
+  /** Follower: writes sent to the leader and not yet stored by it. */
+  private unconfirmed = new Map<number, LocalChange>();
+  private confirmWaiters: Array<() => void> = [];
+  private durableRequests = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
+  private followerStatus: { status: ConnectionStatus; pending: number } = { status: "disconnected", pending: 0 };
+  /** Leader: follower writes waiting for their flush, by entity. */
+  private waiting = new Map<string, Array<{ tab: string; seq: number }>>();
 
   constructor(config: DatabaseConfig) {
     super();
@@ -73,6 +104,12 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   async init(): Promise<void> {
     const loaded = await this.persistence.load();
     for (const e of loaded.entities) this.rawCollection(e.type).applyRemote({ operation: "upsert", entityType: e.type, entityId: e.id, entity: e, timestamp: e.updatedAt ?? 0 });
+    if (this.config.multiTab) return this.initTabs(loaded);
+    await this.start(loaded);
+  }
+
+  /** Starts storing and syncing (a single tab, or the leader). */
+  private async start(loaded: { replica: import("./replica.js").ReplicaState; meta: Record<string, unknown> }): Promise<void> {
     const sync = this.config.sync;
     if (sync) {
       let replicaId = sync.replicaId ?? (loaded.meta.replicaId as string | undefined);
@@ -82,6 +119,8 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       }
       this.sync = new NetworkSyncEngine({ ...sync, replicaId }, loaded.replica, (out) => this.absorb(out));
       this.sync.on("error", (e) => this.emit("error", e));
+      this.sync.on("connected", () => this.broadcastStatus());
+      this.sync.on("disconnected", () => this.broadcastStatus());
       this.ready = true;
       await this.sync.connect();
     } else {
@@ -108,8 +147,179 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
 
   private local(change: LocalChange): void {
     if (!this.ready) throw new Error("call init() before writing");
-    this.flushEngine.schedule(change as FlushChange);
+    if (this.role === "follower") {
+      const seq = ++this.writeSeq;
+      this.unconfirmed.set(seq, change);
+      this.post({ t: "write", from: this.tabId, seq, change });
+    } else {
+      this.flushEngine.schedule(change as FlushChange);
+      if (this.role === "leader") this.post({ t: "changed", from: this.tabId, change });
+    }
     this.emit("change", { origin: "local", change });
+  }
+
+  /** The connection status (a follower tab reports the leader's). */
+  connectionStatus(): ConnectionStatus {
+    if (this.role === "follower") return this.followerStatus.status;
+    return this.sync?.getConnectionStatus() ?? "disconnected";
+  }
+
+  /** Entities waiting for the server (a follower tab reports the leader's count). */
+  offlineQueueSize(): number {
+    if (this.role === "follower") return this.followerStatus.pending;
+    return this.sync?.getOfflineQueueSize() ?? 0;
+  }
+
+  private post(message: TabMessage): void {
+    this.channel?.postMessage(message);
+  }
+
+  private broadcastStatus(): void {
+    if (this.role === "leader") this.post({ t: "status", status: this.connectionStatus(), pending: this.offlineQueueSize() });
+  }
+
+  private async initTabs(loaded: { replica: import("./replica.js").ReplicaState; meta: Record<string, unknown> }): Promise<void> {
+    const { locks, channel } = defaultTabs(this.config.multiTab === true ? {} : (this.config.multiTab as TabsConfig));
+    const name = `kalphite:${this.config.dbName}`;
+    this.channel = channel(name);
+    this.channel.onmessage = (ev) => this.onTabMessage(ev.data as TabMessage);
+    this.role = "follower";
+    this.ready = true;
+    const held = new Promise<void>((resolve) => (this.releaseLock = resolve));
+    const first = await new Promise<boolean>((resolve) => {
+      void locks.request(name, { ifAvailable: true }, async (lock) => {
+        resolve(lock !== null && lock !== undefined);
+        if (lock) await held;
+      });
+    });
+    if (first) {
+      await this.lead(loaded);
+      return;
+    }
+    void locks.request(name, {}, async () => {
+      if (this.closed) return;
+      await this.lead(await this.persistence.load());
+      await held;
+    });
+  }
+
+  /** This tab becomes the leader: it takes the stored state, syncs, and takes the other tabs' writes. */
+  private async lead(loaded: { entities?: Entity<unknown>[]; replica: import("./replica.js").ReplicaState; meta: Record<string, unknown> }): Promise<void> {
+    const mine = [...this.unconfirmed.values()];
+    const queuedKeys = new Set(mine.map((c) => keyString(c.entityType, c.entityId)));
+    for (const e of loaded.entities ?? []) {
+      if (queuedKeys.has(keyString(e.type, e.id))) continue;
+      this.rawCollection(e.type).applyRemote({ operation: "upsert", entityType: e.type, entityId: e.id, entity: e, timestamp: e.updatedAt ?? 0 });
+    }
+    this.role = "leader";
+    this.unconfirmed.clear();
+    for (const c of mine) this.flushEngine.schedule(c as FlushChange);
+    this.wakeConfirmWaiters();
+    for (const [id, r] of this.durableRequests) {
+      this.durableRequests.delete(id);
+      this.durable("server").then(r.resolve, r.reject);
+    }
+    await this.start(loaded);
+    this.post({ t: "leader", from: this.tabId, status: this.connectionStatus(), pending: this.offlineQueueSize() });
+  }
+
+  private onTabMessage(m: TabMessage): void {
+    if (this.closed) return;
+    switch (m.t) {
+      case "write": {
+        if (this.role !== "leader") return;
+        const key = keyString(m.change.entityType, m.change.entityId);
+        this.rawCollection(m.change.entityType).applyRemote(m.change);
+        const list = this.waiting.get(key) ?? [];
+        list.push({ tab: m.from, seq: m.seq });
+        this.waiting.set(key, list);
+        this.flushEngine.schedule(m.change as FlushChange);
+        this.emit("change", { origin: "local", change: m.change });
+        this.post({ t: "changed", from: m.from, change: m.change });
+        break;
+      }
+      case "changed": {
+        if (this.role !== "follower" || m.from === this.tabId) return;
+        if (this.isUnconfirmed(m.change.entityType, m.change.entityId)) return;
+        this.rawCollection(m.change.entityType).applyRemote(m.change);
+        this.emit("change", { origin: "remote", change: m.change });
+        break;
+      }
+      case "stored": {
+        if (m.to !== this.tabId) return;
+        for (const seq of m.seqs) this.unconfirmed.delete(seq);
+        for (const s of m.states) {
+          if (this.isUnconfirmed(s.kind, s.id)) continue;
+          const current = this.collections.get(s.kind)?.findById(s.id);
+          if (s.entity && current !== s.entity) {
+            this.rawCollection(s.kind).applyRemote({ operation: "upsert", entityType: s.kind, entityId: s.id, entity: s.entity, timestamp: 0 });
+          } else if (!s.entity && current) {
+            this.rawCollection(s.kind).applyRemote({ operation: "delete", entityType: s.kind, entityId: s.id, timestamp: 0 });
+          }
+        }
+        this.wakeConfirmWaiters();
+        break;
+      }
+      case "leader":
+        if (this.role !== "follower") return;
+        this.followerStatus = { status: m.status, pending: m.pending };
+        // The new leader may not have what the old one had not stored yet: send it again.
+        for (const [seq, change] of this.unconfirmed) this.post({ t: "write", from: this.tabId, seq, change });
+        for (const id of this.durableRequests.keys()) this.post({ t: "durable", from: this.tabId, id });
+        break;
+      case "status":
+        if (this.role === "follower") this.followerStatus = { status: m.status, pending: m.pending };
+        break;
+      case "durable":
+        if (this.role !== "leader") return;
+        this.durable("server").then(
+          () => this.post({ t: "durableDone", to: m.from, id: m.id }),
+          (e: unknown) => this.post({ t: "durableDone", to: m.from, id: m.id, error: String(e) }),
+        );
+        break;
+      case "durableDone": {
+        if (m.to !== this.tabId) return;
+        const r = this.durableRequests.get(m.id);
+        this.durableRequests.delete(m.id);
+        if (m.error === undefined) r?.resolve();
+        else r?.reject(new Error(m.error));
+        break;
+      }
+    }
+  }
+
+  private isUnconfirmed(kind: string, id: string): boolean {
+    for (const c of this.unconfirmed.values()) if (c.entityType === kind && c.entityId === id) return true;
+    return false;
+  }
+
+  private wakeConfirmWaiters(): void {
+    const waiters = this.confirmWaiters;
+    this.confirmWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /** Follower: resolves once the leader stored every write up to `seq`. */
+  private async confirmed(seq: number): Promise<void> {
+    while ([...this.unconfirmed.keys()].some((s) => s <= seq)) {
+      await new Promise<void>((resolve) => this.confirmWaiters.push(resolve));
+    }
+  }
+
+  /** Leader: tells the tabs whose writes a commit stored, with the entities as they are now. */
+  private confirmStored(taken: Map<string, Array<{ tab: string; seq: number }>>): void {
+    const byTab = new Map<string, { seqs: number[]; states: Array<{ kind: string; id: string; entity: Entity<unknown> | null }> }>();
+    for (const [key, list] of taken) {
+      const { kind, id } = parseKey(key);
+      const entity = (this.collections.get(kind)?.findById(id) as Entity<unknown> | undefined) ?? null;
+      for (const w of list) {
+        const entry = byTab.get(w.tab) ?? { seqs: [], states: [] };
+        entry.seqs.push(w.seq);
+        if (!entry.states.some((s) => s.kind === kind && s.id === id)) entry.states.push({ kind, id, entity });
+        byTab.set(w.tab, entry);
+      }
+    }
+    for (const [tab, e] of byTab) this.post({ t: "stored", to: tab, seqs: e.seqs, states: e.states });
   }
 
   /**
@@ -118,6 +328,18 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
    * fails, or when the server refused one of them.
    */
   async durable(level: "local" | "server" = "local"): Promise<void> {
+    if (this.role === "follower") {
+      await this.confirmed(this.writeSeq);
+      if (level === "server" && this.role === "follower") {
+        const id = ++this.writeSeq;
+        await new Promise<void>((resolve, reject) => {
+          this.durableRequests.set(id, { resolve, reject });
+          this.post({ t: "durable", from: this.tabId, id });
+        });
+        return;
+      }
+      if (this.role === "follower") return;
+    }
     await this.flushEngine.flush();
     if (level === "server" && this.sync) {
       const target = this.sync.replica.lastSeq();
@@ -146,6 +368,14 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
 
   /** The flush target: hands the changes to the replica, stores them with its state in one commit, then sends. */
   private flushChanges(changes: FlushChange[]): Promise<void> {
+    // Taken now, before other tabs' later writes of the same entities can join the list.
+    const taken = new Map<string, Array<{ tab: string; seq: number }>>();
+    for (const c of changes) {
+      const key = keyString(c.entityType, c.entityId);
+      const list = this.waiting.get(key);
+      if (list) taken.set(key, list);
+      this.waiting.delete(key);
+    }
     return this.serial(async () => {
       const send: ClientMessage[] = [];
       const replica = this.sync?.replica;
@@ -168,10 +398,17 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
         else commit.delete.push({ kind: c.entityType, id: c.entityId });
       }
       if (this.meta) commit.meta = this.meta;
-      await this.persistence.commit(commit);
+      try {
+        await this.persistence.commit(commit);
+      } catch (e) {
+        for (const [key, list] of taken) this.waiting.set(key, [...list, ...(this.waiting.get(key) ?? [])]);
+        throw e;
+      }
       this.deltas = [];
       this.meta = undefined;
       this.sync?.send(send);
+      this.confirmStored(taken);
+      this.broadcastStatus();
     });
   }
 
@@ -187,6 +424,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
         this.rawCollection(c.entityType).applyRemote(c);
         touched.set(keyString(c.entityType, c.entityId), { kind: c.entityType, id: c.entityId });
         this.emit("change", { origin: "remote", change: c });
+        this.post({ t: "changed", from: this.tabId, change: c });
       }
       const extra: ClientMessage[] = [];
       for (const event of out.events) {
@@ -214,11 +452,18 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   /** Flushes what is pending, disconnects and closes storage. */
   async close(): Promise<void> {
     try {
-      await this.flushEngine.flush();
+      if (this.role === "follower") await this.confirmed(this.writeSeq);
+      else await this.flushEngine.flush();
     } finally {
+      this.closed = true;
       this.flushEngine.destroy();
       await this.sync?.disconnect();
       await this.storageQueue;
+      this.broadcastStatus();
+      this.channel?.close();
+      this.channel = undefined;
+      // Leadership passes to the next tab waiting for the lock.
+      this.releaseLock?.();
       await this.persistence.close();
     }
   }

@@ -13,3 +13,4 @@ export * from "./network.js";
 export * from "./persistence.js";
 export * from "./protocol.js";
 export * from "./replica.js";
+export * from "./tabs.js";
