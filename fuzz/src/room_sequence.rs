@@ -1,7 +1,8 @@
 //! Drives one [`Room`] through a sequence of operations read from the fuzzer's bytes —
 //! joins, changes (structured, or raw frames through the decoder), heartbeats, commits,
 //! aborts, leaves — from a few users and replicas over a few entities, and checks after
-//! every step what the room promises:
+//! every step what the room promises (with or without a schema that normalizes data, an
+//! identity, tombstone collection):
 //!
 //! - committed versions are gapless and increasing, and a pending write moves nothing;
 //! - every ack answers a change that its connection sent, with the version that change got;
@@ -80,6 +81,30 @@ struct Harness {
     now: u64,
 }
 
+/// A typed kind for the room's schema (when it has one): it keeps `title` and drops every
+/// other field, so what the room stores differs from what was sent.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Note {
+    #[serde(default)]
+    title: Value,
+}
+
+impl kalphite::EntityKind for Note {
+    const KIND: &'static str = "note";
+}
+
+/// A new room with the policy and schema `choice` names.
+fn new_room(choice: u8, limits: RoomLimits) -> Room {
+    let room = Room::new(ROOM, policy(choice)).with_limits(limits);
+    if (choice / 4).is_multiple_of(3) {
+        room.with_schema(std::sync::Arc::new(
+            kalphite::TypedSchema::new().kind::<Note>(),
+        ))
+    } else {
+        room
+    }
+}
+
 fn policy(choice: u8) -> ConflictPolicy {
     match choice % 4 {
         0 => ConflictPolicy::default(),
@@ -105,7 +130,7 @@ impl Harness {
             tombstone_versions: u64::from(b.byte() % 4),
             tombstone_age: *b.pick(&[0, 1_000, u64::MAX]),
         };
-        let mut room = Room::new(ROOM, policy(policy_choice)).with_limits(limits);
+        let mut room = new_room(policy_choice, limits);
         if with_meta {
             room = room.with_meta(RoomMeta::new("e1"));
         }
@@ -591,7 +616,7 @@ impl Harness {
     fn check_restore(&self) {
         let mut records: Vec<StoredChange> = self.log.values().cloned().collect();
         records.sort_by_key(|r| r.version);
-        let mut rebuilt = Room::new(ROOM, policy(self.policy)).with_limits(self.limits);
+        let mut rebuilt = new_room(self.policy, self.limits);
         if let Some(meta) = self.room.meta() {
             rebuilt = rebuilt.with_meta(meta.clone());
         }
