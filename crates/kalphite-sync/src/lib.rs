@@ -96,8 +96,8 @@ pub use replica::{
     ReplicaEvent, ReplicaState, StateDelta, Undelivered,
 };
 pub use room::{
-    ConnId, MAX_CLOCK_ENTRIES, MAX_DATA_DEPTH, MAX_ID_BYTES, Outbound, Pending, Recipient, Room,
-    RoomError, RoomLimits, RoomMeta, Step, StoredChange,
+    CatchUpStream, ConnId, Joined, MAX_CLOCK_ENTRIES, MAX_DATA_DEPTH, MAX_ID_BYTES, Outbound,
+    Pending, Recipient, Room, RoomError, RoomLimits, RoomMeta, Step, StoredChange,
 };
 
 /// One entity's address: its kind and id.

@@ -7,6 +7,7 @@
 //! room never stored.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use kalphite::{Entity, Millis, Op, SharedSchema};
 use serde_json::Value;
@@ -20,11 +21,13 @@ use crate::protocol::{
     WelcomePayload,
 };
 
+mod catch_up;
 mod error;
 mod output;
 mod record;
 mod replicas;
 
+pub use catch_up::{CatchUpStream, Joined};
 pub use error::RoomError;
 pub use output::{ConnId, Outbound, Pending, Recipient, Step};
 pub use record::{RoomMeta, StoredChange};
@@ -111,8 +114,10 @@ pub struct Room {
     policy: ConflictPolicy,
     schema: Option<SharedSchema>,
     limits: RoomLimits,
-    /// Every entity's current state (tombstones included).
-    entities: HashMap<EntityKey, StoredChange>,
+    /// Every entity's current state (tombstones included). Shared and never changed in
+    /// place (a change installs a new record): a join's [`CatchUpStream`] holds the
+    /// records of its snapshot, so taking it is a pointer copy per entity.
+    entities: HashMap<EntityKey, Arc<StoredChange>>,
     /// Superseded states by the version that produced them: merge bases.
     bases: BTreeMap<u64, Base>,
     /// Encoded bytes of every state in `bases`.
@@ -263,7 +268,7 @@ impl Room {
     /// The stored state of one entity (tombstones included).
     #[must_use]
     pub fn get(&self, key: &EntityKey) -> Option<&StoredChange> {
-        self.entities.get(key)
+        self.entities.get(key).map(|c| &**c)
     }
 
     /// Every live (not deleted) entity, in no particular order.
@@ -272,7 +277,8 @@ impl Room {
     }
 
     /// Joins `conn` as `user_id` (already authenticated by the caller) and returns the
-    /// welcome and the catch-up pages for it.
+    /// welcome and every catch-up page for it, built at once. For tests, tools and small
+    /// rooms; a server uses [`Room::join_streamed`], which builds no page under the call.
     ///
     /// # Errors
     /// A [`RoomError`] to send back (see [`Room::error_to`]) before closing the connection.
@@ -283,6 +289,47 @@ impl Room {
         hello: &Envelope<HelloPayload>,
         now: Millis,
     ) -> Result<Vec<Outbound>, RoomError> {
+        let (welcome, mut pages) = self.admit(conn, user_id, hello)?;
+        let mut out = vec![self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)))];
+        while let Some(page) = pages.next_page() {
+            out.push(self.addressed(conn, now, |e| ServerMessage::CatchUp(e(page))));
+        }
+        Ok(out)
+    }
+
+    /// Joins `conn` as `user_id` (already authenticated by the caller) and returns the
+    /// welcome and the catch-up as a [`CatchUpStream`]: a snapshot of the records to send
+    /// (a pointer per entity changed since the client's version, nothing encoded), whose
+    /// pages the caller makes one at a time as its connection takes them. Send the
+    /// welcome, then every page, before any later message of the room to `conn`.
+    ///
+    /// # Errors
+    /// A [`RoomError`] to send back (see [`Room::error_to`]) before closing the connection.
+    pub fn join_streamed(
+        &mut self,
+        conn: ConnId,
+        user_id: &str,
+        hello: &Envelope<HelloPayload>,
+        now: Millis,
+    ) -> Result<Joined, RoomError> {
+        let (welcome, mut catch_up) = self.admit(conn, user_id, hello)?;
+        let welcome = self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)));
+        // One id per page the stream may make, reserved now: its pages are made later,
+        // away from the room, and their ids must not collide with the room's next ones.
+        let pages = CatchUpStream::max_pages(catch_up.records_left());
+        catch_up.address(conn, self.id.clone(), self.next_message + 1, now);
+        self.next_message += pages;
+        Ok(Joined { welcome, catch_up })
+    }
+
+    /// Checks a hello and makes `conn` a member: the welcome and the catch-up (not yet
+    /// addressed) to send it.
+    fn admit(
+        &mut self,
+        conn: ConnId,
+        user_id: &str,
+        hello: &Envelope<HelloPayload>,
+    ) -> Result<(WelcomePayload, CatchUpStream), RoomError> {
         let h = &hello.payload;
         if h.protocol_version != PROTOCOL_VERSION {
             return Err(RoomError::UnsupportedVersion {
@@ -329,11 +376,7 @@ impl Room {
             snapshot,
             collected_through: self.meta.as_ref().map_or(0, |m| m.collected_through),
         };
-        let mut out = vec![self.addressed(conn, now, |e| ServerMessage::Welcome(e(welcome)))];
-        for page in self.catch_up(from) {
-            out.push(self.addressed(conn, now, |e| ServerMessage::CatchUp(e(page))));
-        }
-        Ok(out)
+        Ok((welcome, self.catch_up_stream(from)))
     }
 
     /// Where a joining client's catch-up starts, and whether it is a snapshot (see
@@ -388,7 +431,7 @@ impl Room {
             self.by_version.remove(&version);
             self.tombstones.remove(&version);
             if let Some(record) = self.entities.remove(&key) {
-                collected.push(record);
+                collected.push(Arc::unwrap_or_clone(record));
             }
         }
         if let (Some(meta), Some(last)) = (self.meta.as_mut(), collected.last()) {
@@ -437,44 +480,31 @@ impl Room {
     /// The catch-up pages for a client that has everything up to `after`: the current
     /// state of every entity changed since, in version order, cut into pages of at most
     /// [`RoomLimits::catch_up_page`] entities and about [`RoomLimits::catch_up_page_bytes`].
+    /// All at once; [`Room::catch_up_stream`] makes them one at a time.
     #[must_use]
     pub fn catch_up(&self, after: u64) -> Vec<CatchUpPayload> {
-        let max_count = self.limits.catch_up_page.max(1);
-        let max_bytes = self.limits.catch_up_page_bytes;
-        let mut pages = Vec::new();
-        let mut from = after;
-        let mut last = after;
-        let mut changes = Vec::new();
-        let mut bytes = 0usize;
-        for (&version, key) in self.by_version.range(after.saturating_add(1)..) {
-            let Some(current) = self.entities.get(key) else {
-                continue;
-            };
-            let payload = current.to_payload();
-            let size = encoded_len(&payload);
-            if !changes.is_empty()
-                && (changes.len() == max_count || bytes.saturating_add(size) > max_bytes)
-            {
-                pages.push(CatchUpPayload {
-                    from_version: from,
-                    to_version: last,
-                    changes: std::mem::take(&mut changes),
-                    complete: false,
-                });
-                from = last;
-                bytes = 0;
-            }
-            changes.push(payload);
-            bytes = bytes.saturating_add(size);
-            last = version;
-        }
-        pages.push(CatchUpPayload {
-            from_version: from,
-            to_version: self.version.max(from),
-            changes,
-            complete: true,
-        });
-        pages
+        let mut stream = self.catch_up_stream(after);
+        std::iter::from_fn(|| stream.next_page()).collect()
+    }
+
+    /// The catch-up for a client that has everything up to `after`, as a snapshot of the
+    /// records to send whose pages [`CatchUpStream::next_page`] makes one at a time (the
+    /// same pages as [`Room::catch_up`], whatever the room does meanwhile). Its messages
+    /// are addressed to no connection; [`Room::join_streamed`] makes addressed ones.
+    #[must_use]
+    pub fn catch_up_stream(&self, after: u64) -> CatchUpStream {
+        let records: Vec<Arc<StoredChange>> = self
+            .by_version
+            .range(after.saturating_add(1)..)
+            .filter_map(|(_, key)| self.entities.get(key).map(Arc::clone))
+            .collect();
+        CatchUpStream::new(
+            records,
+            after,
+            self.version,
+            self.limits.catch_up_page,
+            self.limits.catch_up_page_bytes,
+        )
     }
 
     /// Forgets a connection (closed, timed out).
@@ -877,18 +907,26 @@ impl Room {
         if record.state.is_none() {
             self.tombstones.insert(record.version);
         }
-        if let Some(old) = self.entities.insert(key.clone(), record) {
-            self.by_version.remove(&old.version);
-            self.tombstones.remove(&old.version);
+        if let Some(old) = self.entities.insert(key.clone(), Arc::new(record)) {
+            // The state is cloned only when a catch-up in progress still holds the record.
+            let (old_version, old_state) = match Arc::try_unwrap(old) {
+                Ok(old) => (old.version, old.state),
+                Err(shared) if self.limits.merge_bases > 0 => {
+                    (shared.version, shared.state.clone())
+                }
+                Err(shared) => (shared.version, None),
+            };
+            self.by_version.remove(&old_version);
+            self.tombstones.remove(&old_version);
             if self.limits.merge_bases > 0 {
-                let bytes = old.state.as_ref().map_or(0, encoded_len);
+                let bytes = old_state.as_ref().map_or(0, encoded_len);
                 self.bases_bytes += bytes;
                 let base = Base {
                     key,
-                    state: old.state,
+                    state: old_state,
                     bytes,
                 };
-                if let Some(replaced) = self.bases.insert(old.version, base) {
+                if let Some(replaced) = self.bases.insert(old_version, base) {
                     self.bases_bytes -= replaced.bytes;
                 }
                 while self.bases.len() > self.limits.merge_bases
@@ -912,7 +950,7 @@ impl Room {
         key: &EntityKey,
         now: Millis,
     ) -> Vec<Outbound> {
-        let Some(result) = self.entities.get(key).map(StoredChange::to_payload) else {
+        let Some(result) = self.entities.get(key).map(|c| c.to_payload()) else {
             return vec![self.error_to(
                 conn,
                 ErrorCode::Internal,
