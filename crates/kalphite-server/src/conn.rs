@@ -165,132 +165,141 @@ impl Drop for OpenGauge {
 }
 
 /// Serves one upgraded connection to its end.
-pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>, peer: Peer) {
-    let metrics = Arc::clone(&shared.metrics);
-    let _open = OpenGauge::new(&metrics);
-    let id = shared
-        .next_conn
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let config = &shared.config;
-    let outbox = Arc::new(Outbox::new(
-        config.outbound_queue,
-        config.outbound_queue_bytes,
-        Arc::clone(&metrics),
-    ));
-    let cancel = shared.cancel.clone();
-    let idle = config.idle_timeout;
-    let max_out = config.max_server_frame_bytes;
-    let hello_by = Instant::now() + config.handshake_timeout;
-    let mut bucket = Bucket::new(config.rate_limit.per_second, config.rate_limit.burst);
-    let mut conn = Conn {
-        id,
-        shared,
-        room: None,
-        outbox: Arc::clone(&outbox),
-        user_slot: None,
-        expires: None,
-        next_message: 0,
-    };
-    let mut socket = socket;
-    let mut writer = Writer {
-        unflushed: 0,
-        max_bytes: max_out,
-    };
-    let mut deadline = Instant::now() + idle;
-    let end = {
-        loop {
-            let joined = conn.room.is_some();
-            let mut wake = if joined {
-                deadline
-            } else {
-                deadline.min(hello_by)
-            };
-            if let Some(expires) = conn.expires {
-                wake = wake.min(expires);
-            }
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break End::Shutdown,
-                // Writes run beside the reads: a client that does not read stalls only the
-                // write half of this poll, never the reads, the idle timer or shutdown.
-                event = std::future::poll_fn(|cx| {
-                    if let Poll::Ready(end) = writer.poll_write(&mut socket, &outbox, &metrics, cx) {
-                        return Poll::Ready(Err(end));
-                    }
-                    socket.poll_next_unpin(cx).map(Ok)
-                }) => {
-                    let frame = match event {
-                        Err(end) => break end,
-                        Ok(Some(Ok(frame))) => frame,
-                        Ok(Some(Err(e))) => break conn.unreadable(&e),
-                        Ok(None) => break End::Gone,
-                    };
-                    // Nothing is taken from a connection whose token has expired.
-                    if conn.expires.is_some_and(|at| Instant::now() >= at) {
-                        break End::Expired;
-                    }
-                    deadline = Instant::now() + idle;
-                    Metrics::inc(&metrics.messages_in);
-                    if matches!(frame, Message::Close(_)) {
-                        break End::Goodbye;
-                    }
-                    // Every frame counts against the rate limit: a flood of pings or binary
-                    // frames costs the server as much as one of messages.
-                    let next = if bucket.take() {
-                        match frame {
-                            Message::Text(text) => Box::pin(conn.on_text(text.as_str())).await,
-                            Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,
-                                "binary frames are not supported; send JSON text frames", None),
-                            // Pings are answered by the WebSocket layer.
-                            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {
-                                Next::Continue
-                            }
-                        }
-                    } else {
-                        let refers_to = match &frame {
-                            Message::Text(text) => peek_message_id(text.as_str()),
-                            _ => None,
-                        };
-                        conn.reply_error(ErrorCode::RateLimited,
-                            "too many messages on this connection; slow down and resend",
-                            refers_to)
-                    };
-                    if let Next::Close(code, reason) = next {
-                        break End::Close(code, reason);
-                    }
-                }
-                () = sleep_until(wake) => {
-                    if conn.expires.is_some_and(|at| Instant::now() >= at) {
-                        break End::Expired;
-                    }
-                    break End::Idle(if joined { "idle timeout" } else { "no hello in time" });
-                }
-            }
-        }
-    };
-    let end = match end {
-        End::Gone if peer.write_stalled() => End::Stalled,
-        other => other,
-    };
-    let (frames, close) = conn.last_words(end);
-    // Whatever is still queued is freed now, and the room's later frames are discarded.
-    outbox.abandon();
-    if let Some((code, reason)) = close {
-        let n = frames.len() as u64;
-        // Boxed: a closing connection's writes and their timer are needed once, at the end;
-        // inline they would grow every idle connection's task.
-        let last = Box::pin(timeout(
-            CLOSE_WRITE_TIMEOUT,
-            finish(&mut socket, frames, code, reason),
+// Not an `async fn`: one of those keeps its arguments twice (as arguments and as the
+// body's locals), and the socket is 368 bytes in every connection's task. The block below
+// uses the captured socket in place.
+#[allow(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+pub(crate) fn serve(
+    mut socket: WebSocket,
+    shared: Arc<Shared>,
+    peer: Peer,
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let metrics = Arc::clone(&shared.metrics);
+        let _open = OpenGauge::new(&metrics);
+        let id = shared
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = &shared.config;
+        let outbox = Arc::new(Outbox::new(
+            config.outbound_queue,
+            config.outbound_queue_bytes,
+            Arc::clone(&metrics),
         ));
-        if matches!(last.await, Ok(Ok(()))) {
-            Metrics::add(&metrics.messages_out, n);
-            // The close frame is out: the socket lingers so that it is read, not reset.
-            peer.linger();
+        let cancel = shared.cancel.clone();
+        let idle = config.idle_timeout;
+        let max_out = config.max_server_frame_bytes;
+        let hello_by = Instant::now() + config.handshake_timeout;
+        let mut bucket = Bucket::new(config.rate_limit.per_second, config.rate_limit.burst);
+        let mut conn = Conn {
+            id,
+            shared,
+            room: None,
+            outbox: Arc::clone(&outbox),
+            user_slot: None,
+            expires: None,
+            next_message: 0,
+        };
+        let mut writer = Writer {
+            unflushed: 0,
+            max_bytes: max_out,
+        };
+        let mut deadline = Instant::now() + idle;
+        let end = {
+            loop {
+                let joined = conn.room.is_some();
+                let mut wake = if joined {
+                    deadline
+                } else {
+                    deadline.min(hello_by)
+                };
+                if let Some(expires) = conn.expires {
+                    wake = wake.min(expires);
+                }
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break End::Shutdown,
+                    // Writes run beside the reads: a client that does not read stalls only the
+                    // write half of this poll, never the reads, the idle timer or shutdown.
+                    event = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(end) = writer.poll_write(&mut socket, &outbox, &metrics, cx) {
+                            return Poll::Ready(Err(end));
+                        }
+                        socket.poll_next_unpin(cx).map(Ok)
+                    }) => {
+                        let frame = match event {
+                            Err(end) => break end,
+                            Ok(Some(Ok(frame))) => frame,
+                            Ok(Some(Err(e))) => break conn.unreadable(&e),
+                            Ok(None) => break End::Gone,
+                        };
+                        // Nothing is taken from a connection whose token has expired.
+                        if conn.expires.is_some_and(|at| Instant::now() >= at) {
+                            break End::Expired;
+                        }
+                        deadline = Instant::now() + idle;
+                        Metrics::inc(&metrics.messages_in);
+                        if matches!(frame, Message::Close(_)) {
+                            break End::Goodbye;
+                        }
+                        // Every frame counts against the rate limit: a flood of pings or binary
+                        // frames costs the server as much as one of messages.
+                        let next = if bucket.take() {
+                            match frame {
+                                Message::Text(text) => Box::pin(conn.on_text(text.as_str())).await,
+                                Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,
+                                    "binary frames are not supported; send JSON text frames", None),
+                                // Pings are answered by the WebSocket layer.
+                                Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {
+                                    Next::Continue
+                                }
+                            }
+                        } else {
+                            let refers_to = match &frame {
+                                Message::Text(text) => peek_message_id(text.as_str()),
+                                _ => None,
+                            };
+                            conn.reply_error(ErrorCode::RateLimited,
+                                "too many messages on this connection; slow down and resend",
+                                refers_to)
+                        };
+                        if let Next::Close(code, reason) = next {
+                            break End::Close(code, reason);
+                        }
+                    }
+                    () = sleep_until(wake) => {
+                        if conn.expires.is_some_and(|at| Instant::now() >= at) {
+                            break End::Expired;
+                        }
+                        break End::Idle(if joined { "idle timeout" } else { "no hello in time" });
+                    }
+                }
+            }
+        };
+        let end = match end {
+            End::Gone if peer.write_stalled() => End::Stalled,
+            other => other,
+        };
+        let (frames, close) = conn.last_words(end);
+        // Whatever is still queued is freed now, and the room's later frames are discarded.
+        outbox.abandon();
+        if let Some((code, reason)) = close {
+            let n = frames.len() as u64;
+            // Boxed: a closing connection's writes and their timer are needed once, at the end;
+            // inline they would grow every idle connection's task.
+            let last = Box::pin(timeout(
+                CLOSE_WRITE_TIMEOUT,
+                finish(&mut socket, frames, code, reason),
+            ));
+            if matches!(last.await, Ok(Ok(()))) {
+                Metrics::add(&metrics.messages_out, n);
+                // The close frame is out: the socket lingers so that it is read, not reset.
+                peer.linger();
+            }
         }
+        drop(socket);
+        Box::pin(conn.leave()).await;
     }
-    drop(socket);
-    Box::pin(conn.leave()).await;
 }
 
 /// The write half of a connection: moves queued frames into the socket as it takes them,
@@ -634,13 +643,16 @@ impl Conn {
         let Some(room) = guard.as_mut() else {
             return Next::Continue;
         };
-        match room.join(self.id, &user, &hello, Self::now()) {
-            Ok(outs) => {
+        // The catch-up is a snapshot of pointers, made into pages only as this connection's
+        // socket takes them: nothing of it is encoded under the room lock.
+        match room.join_streamed(self.id, &user, &hello, Self::now()) {
+            Ok(joined) => {
                 handle
                     .joining
                     .lock()
                     .insert(self.id, Arc::clone(&self.outbox));
-                let frames = encode_all(outs, &self.shared.metrics);
+                let mut frames = encode_all(vec![joined.welcome], &self.shared.metrics);
+                frames.push(Frame::CatchUp(Box::new(joined.catch_up)));
                 let job = Job {
                     room: Arc::clone(&handle),
                     record: None,
@@ -757,7 +769,7 @@ fn encode_all(outs: Vec<Outbound>, metrics: &Metrics) -> Vec<Frame> {
             ServerMessage::Welcome(_) | ServerMessage::CatchUp(_)
         );
         match encode(&out.message) {
-            Ok(text) => frames.push(Frame {
+            Ok(text) => frames.push(Frame::Text {
                 to: out.to,
                 text: text.into(),
                 live,

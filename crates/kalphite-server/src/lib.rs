@@ -797,18 +797,25 @@ fn unavailable(body: &'static str) -> Response {
 
 /// One connection task: serves the WebSocket until it ends, or until shutdown's grace
 /// period is over (then it is dropped where it stands). The permit holds its slot.
-async fn connection(
+// Not an `async fn`, so the socket moves straight into the connection's future instead of
+// being kept a second time as this function's argument (see `conn::serve`).
+fn connection(
     socket: axum::extract::ws::WebSocket,
     shared: Arc<Shared>,
     peer: Peer,
     permit: ConnectionPermit,
-) {
+) -> impl Future<Output = ()> + Send {
     let stop = shared.stop.clone();
-    tokio::select! {
-        () = conn::serve(socket, shared, peer) => {}
-        () = stop.cancelled() => {}
+    // Boxed: `select!` moves its futures into a tuple of its own, which would keep the
+    // whole connection future twice in the task.
+    let serve = Box::pin(conn::serve(socket, shared, peer));
+    async move {
+        tokio::select! {
+            () = serve => {}
+            () = stop.cancelled() => {}
+        }
+        drop(permit);
     }
-    drop(permit);
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
