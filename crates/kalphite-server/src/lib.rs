@@ -53,7 +53,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use kalphite_sync::{ConflictPolicy, ConnId, Recipient, Room, RoomLimits};
+use kalphite_sync::{CatchUpStream, ConflictPolicy, ConnId, Recipient, Room, RoomLimits};
 
 pub use auth::{
     AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
@@ -392,13 +392,19 @@ pub enum ServerError {
     WriterLock(#[source] kalphite_db::Error),
 }
 
-/// An encoded frame and who gets it.
-pub(crate) struct Frame {
-    pub(crate) to: Recipient,
-    pub(crate) text: Utf8Bytes,
-    /// False for the welcome and catch-up pages, which do not count against the
-    /// recipient's queue bounds (their size is the room's, sent once).
-    pub(crate) live: bool,
+/// What the room sends: an encoded frame and who gets it, or a joiner's catch-up.
+pub(crate) enum Frame {
+    /// An encoded message.
+    Text {
+        to: Recipient,
+        text: Utf8Bytes,
+        /// False for the welcome, which does not count against the recipient's queue
+        /// bounds (catch-up is the room's size, sent once).
+        live: bool,
+    },
+    /// The catch-up of a join, for its connection (right behind its welcome): a snapshot
+    /// whose pages that connection encodes one at a time as its socket takes them.
+    CatchUp(Box<CatchUpStream>),
 }
 
 /// One room: the state machine (behind an async mutex: one message at a time), the
@@ -457,31 +463,42 @@ impl RoomHandle {
         let mut members = self.members.lock();
         let mut gone = Vec::new();
         for frame in frames {
-            match frame.to {
-                Recipient::One(conn) => {
-                    if !members.contains_key(&conn)
-                        && let Some(outbox) = self.joining.lock().remove(&conn)
-                    {
-                        // Its welcome: from here on it receives the room's frames.
-                        members.insert(conn, outbox);
-                    }
-                    if let Some(outbox) = members.get(&conn) {
-                        let pushed = outbox.push_frame(frame.text, frame.live);
-                        if pushed != Pushed::Queued {
-                            gone.push((conn, pushed));
-                        }
-                    }
-                }
-                Recipient::AllExcept(except) => {
+            let (conn, pushed) = match frame {
+                Frame::Text {
+                    to: Recipient::AllExcept(except),
+                    text,
+                    live,
+                } => {
                     for (conn, outbox) in members.iter() {
                         if *conn != except {
-                            let pushed = outbox.push_frame(frame.text.clone(), frame.live);
+                            let pushed = outbox.push_frame(text.clone(), live);
                             if pushed != Pushed::Queued {
                                 gone.push((*conn, pushed));
                             }
                         }
                     }
+                    continue;
                 }
+                Frame::Text {
+                    to: Recipient::One(conn),
+                    text,
+                    live,
+                } => {
+                    let Some(outbox) = self.member(&mut members, conn) else {
+                        continue;
+                    };
+                    (conn, outbox.push_frame(text, live))
+                }
+                Frame::CatchUp(pages) => {
+                    let conn = pages.conn();
+                    let Some(outbox) = self.member(&mut members, conn) else {
+                        continue;
+                    };
+                    (conn, outbox.push_catch_up(pages))
+                }
+            };
+            if pushed != Pushed::Queued {
+                gone.push((conn, pushed));
             }
         }
         for (conn, pushed) in gone {
@@ -490,6 +507,21 @@ impl RoomHandle {
                 tracing::warn!(room = %self.id, conn, "dropping a connection that fell behind");
             }
         }
+    }
+
+    /// The queue of member `conn`. A joining connection becomes a member here, at its
+    /// first frame (its welcome): from then on it receives the room's frames.
+    fn member<'m>(
+        &self,
+        members: &'m mut HashMap<ConnId, Arc<Outbox>>,
+        conn: ConnId,
+    ) -> Option<&'m Arc<Outbox>> {
+        if !members.contains_key(&conn)
+            && let Some(outbox) = self.joining.lock().remove(&conn)
+        {
+            members.insert(conn, outbox);
+        }
+        members.get(&conn)
     }
 }
 

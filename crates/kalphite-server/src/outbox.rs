@@ -2,7 +2,9 @@
 //! to write them. Allocates nothing until the first frame (an idle connection costs a few
 //! words), is bounded in frames and in bytes (a client that falls further behind is
 //! dropped at once, its queue freed, and catches up when it reconnects), and can be closed
-//! by the room.
+//! by the room. A joiner's catch-up is queued as one item, a [`CatchUpStream`] whose pages
+//! are encoded one at a time as the connection's writer takes them (when its socket has
+//! room): a joiner holds one encoded page at a time, whatever the size of the room.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
+use kalphite_sync::{CatchUpStream, encode};
 
 use super::metrics::Metrics;
 
@@ -47,12 +50,14 @@ pub(crate) enum Popped {
     Closed(Closed),
 }
 
-/// A queued frame. Catch-up frames (the welcome and the pages after it) are not `live`:
-/// their size is the room's, sent once, so they do not count against the bounds; live
-/// traffic (acks, broadcasts, replies) does.
-struct Queued {
-    text: Utf8Bytes,
-    live: bool,
+/// A queued item. Catch-up (the welcome and the pages after it) is not `live`: its size is
+/// the room's, sent once, so it does not count against the bounds; live traffic (acks,
+/// broadcasts, replies) does.
+enum Queued {
+    /// An encoded frame.
+    Frame { text: Utf8Bytes, live: bool },
+    /// A catch-up whose pages are not made yet; what is queued behind it waits for its last.
+    CatchUp(Box<CatchUpStream>),
 }
 
 #[derive(Default)]
@@ -119,11 +124,26 @@ impl Outbox {
                 st.live_frames += 1;
                 st.live_bytes += len;
             }
-            st.frames.push_back(Queued { text, live });
+            st.frames.push_back(Queued::Frame { text, live });
             Metrics::add(&self.metrics.outbound_bytes, len as u64);
             self.metrics
                 .outbound_peak_bytes
                 .fetch_max(st.bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.waker.wake();
+        Pushed::Queued
+    }
+
+    /// Queues a joiner's catch-up: its pages are made and encoded one at a time by
+    /// [`Outbox::pop`], and what is queued after it is written after its last page. Not
+    /// bounded, like the catch-up frames it replaces.
+    pub(crate) fn push_catch_up(&self, pages: Box<CatchUpStream>) -> Pushed {
+        {
+            let mut st = self.state.lock();
+            if st.closed.is_some() {
+                return Pushed::Closed;
+            }
+            st.frames.push_back(Queued::CatchUp(pages));
         }
         self.waker.wake();
         Pushed::Queued
@@ -170,28 +190,66 @@ impl Outbox {
         }
     }
 
-    /// Takes the oldest queued frame.
+    /// Takes the oldest queued frame; at a catch-up, makes and encodes its next page (the
+    /// only page of it that exists until the next call).
     pub(crate) fn pop(&self) -> Popped {
-        let mut st = self.state.lock();
-        match st.frames.pop_front() {
-            Some(Queued { text, live }) => {
-                let len = text.len();
-                st.bytes -= len;
-                if live {
-                    st.live_frames -= 1;
-                    st.live_bytes -= len;
+        loop {
+            let mut st = self.state.lock();
+            let pages = match st.frames.pop_front() {
+                Some(Queued::Frame { text, live }) => {
+                    let len = text.len();
+                    st.bytes -= len;
+                    if live {
+                        st.live_frames -= 1;
+                        st.live_bytes -= len;
+                    }
+                    Metrics::sub(&self.metrics.outbound_bytes, len as u64);
+                    if st.frames.is_empty() && st.frames.capacity() > KEEP_CAPACITY {
+                        st.frames.shrink_to(KEEP_CAPACITY);
+                    }
+                    return Popped::Frame(text);
                 }
-                Metrics::sub(&self.metrics.outbound_bytes, len as u64);
-                if st.frames.is_empty() && st.frames.capacity() > KEEP_CAPACITY {
-                    st.frames.shrink_to(KEEP_CAPACITY);
-                }
-                Popped::Frame(text)
+                Some(Queued::CatchUp(pages)) => pages,
+                None => return st.closed.map_or(Popped::Empty, Popped::Closed),
+            };
+            drop(st);
+            if let Some(text) = self.next_page(pages) {
+                return Popped::Frame(text);
             }
-            None => st.closed.map_or(Popped::Empty, Popped::Closed),
         }
     }
 
-    /// Takes every queued frame (to write them before a close).
+    /// The next page of `pages`, encoded; the rest goes back to the head of the queue. Made
+    /// outside the queue's lock, so the room's deliveries to it never wait for the encoding
+    /// (this task is the queue's only reader: nothing else takes from its head meanwhile).
+    /// `None` when the catch-up is over, or the queue was dropped meanwhile.
+    fn next_page(&self, mut pages: Box<CatchUpStream>) -> Option<Utf8Bytes> {
+        let page = pages.next_message();
+        let text = page.and_then(|out| match encode(&out.message) {
+            Ok(text) => Some(Utf8Bytes::from(text)),
+            Err(e) => {
+                tracing::error!(conn = pages.conn(), error = %e, "could not encode a catch-up page");
+                None
+            }
+        });
+        let mut st = self.state.lock();
+        if st.closed == Some(Closed::Dropped) {
+            return None;
+        }
+        if !pages.is_finished() {
+            st.frames.push_front(Queued::CatchUp(pages));
+        }
+        let text = text?;
+        // The page in hand is this connection's too, until the socket takes it.
+        self.metrics.outbound_peak_bytes.fetch_max(
+            st.bytes.saturating_add(text.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Some(text)
+    }
+
+    /// Takes every queued frame (to write them before a close). A catch-up still queued is
+    /// dropped, not made: the client catches up when it reconnects.
     pub(crate) fn take_all(&self) -> Vec<Utf8Bytes> {
         let mut st = self.state.lock();
         Metrics::sub(&self.metrics.outbound_bytes, st.bytes as u64);
@@ -199,7 +257,14 @@ impl Outbox {
         st.bytes = 0;
         st.live_frames = 0;
         st.live_bytes = 0;
-        frames.into_iter().map(|q| q.text).collect()
+        drop(st);
+        frames
+            .into_iter()
+            .filter_map(|q| match q {
+                Queued::Frame { text, .. } => Some(text),
+                Queued::CatchUp(_) => None,
+            })
+            .collect()
     }
 
     /// Bytes queued now.
