@@ -5,11 +5,12 @@
 // Chromium (CHROMIUM_BIN, default /usr/lib/chromium/chromium; `apt-get install chromium`).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { createServer } from "node:http";
 import { build } from "esbuild";
 import { chromium } from "playwright-core";
-import { startServer, tempDir } from "./helpers.mjs";
+import { cli, startServer, tempDir, until } from "./helpers.mjs";
 
 const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/lib/chromium/chromium";
 const skip = existsSync(CHROMIUM) ? false : `SKIPPED: no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM_BIN)`;
@@ -289,6 +290,44 @@ test("Chromium: SIGKILL of the browser, then a relaunch on the same profile, syn
     await browser.close();
   } finally {
     await web.close();
+    await server.stop();
+    t.remove();
+  }
+});
+
+test("Chromium: the web todo app adds, completes, shows a CLI-made todo and the CLI sees its todos", { skip }, async () => {
+  const t = tempDir();
+  const server = await startServer({ dir: t.dir, args: ["--open"] });
+  const html = readFileSync("app/todo.html", "utf8");
+  const web = createServer((_req, res) => {
+    res.writeHead(200, { "content-type": "text/html" });
+    res.end(html);
+  });
+  await new Promise((r) => web.listen(0, "127.0.0.1", r));
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+  const artifacts = join(process.cwd(), "tests", "artifacts");
+  mkdirSync(artifacts, { recursive: true });
+  try {
+    const page = await browser.newPage({ viewport: { width: 800, height: 600 } });
+    const url = `http://127.0.0.1:${web.address().port}/?room=web&user=alice&server=${encodeURIComponent(server.url)}`;
+    await page.goto(url);
+    await page.waitForSelector("#state.connected", { timeout: 20_000 });
+    await page.fill("#title", "buy oat milk");
+    await page.selectOption("#priority", "high");
+    await page.click("#add button");
+    await page.waitForSelector("li .title:text('buy oat milk')");
+    const base = ["todo", "--db", join(t.dir, "cli.db"), "--server", server.url, "--room", "web", "--user", "carol"];
+    await until(async () => /buy oat milk/.test(await cli([...base, "list"])), "the CLI lists the browser's todo");
+    await cli([...base, "add", "call the plumber"]);
+    await page.waitForSelector("li .title:text('call the plumber')", { timeout: 20_000 });
+    await page.locator("li", { hasText: "buy oat milk" }).locator("input[type=checkbox]").check();
+    await page.waitForSelector("li .title.done:text('buy oat milk')");
+    await until(async () => /\[x\].*buy oat milk/.test(await cli([...base, "list"])), "the CLI sees it completed");
+    assert.match(await page.textContent("#state"), /^connected/);
+    await page.screenshot({ path: join(artifacts, "todo-app.png") });
+  } finally {
+    await browser.close();
+    await new Promise((r) => web.close(r));
     await server.stop();
     t.remove();
   }
