@@ -295,22 +295,18 @@ test("Chromium: SIGKILL of the browser, then a relaunch on the same profile, syn
   }
 });
 
-test("Chromium: the web todo app adds, completes, shows a CLI-made todo and the CLI sees its todos", { skip }, async () => {
+test("Chromium: the web todo app, served by kalphite serve, adds, completes, shows a CLI-made todo and the CLI sees its todos", { skip }, async () => {
   const t = tempDir();
   const server = await startServer({ dir: t.dir, args: ["--open"] });
-  const html = readFileSync("app/todo.html", "utf8");
-  const web = createServer((_req, res) => {
-    res.writeHead(200, { "content-type": "text/html" });
-    res.end(html);
-  });
-  await new Promise((r) => web.listen(0, "127.0.0.1", r));
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   const artifacts = join(process.cwd(), "tests", "artifacts");
   mkdirSync(artifacts, { recursive: true });
   try {
     const page = await browser.newPage({ viewport: { width: 800, height: 600 } });
-    const url = `http://127.0.0.1:${web.address().port}/?room=web&user=alice&server=${encodeURIComponent(server.url)}`;
-    await page.goto(url);
+    // `kalphite serve` serves the app at / and syncs it over /sync, same origin.
+    const served = await (await fetch(`${server.url.replace("ws:", "http:")}/`)).text();
+    assert.equal(served, readFileSync("app/todo.html", "utf8"), "the server serves the committed app");
+    await page.goto(`${server.url.replace("ws:", "http:")}/?room=web&user=alice`);
     await page.waitForSelector("#state.connected", { timeout: 20_000 });
     await page.fill("#title", "buy oat milk");
     await page.selectOption("#priority", "high");
@@ -327,7 +323,6 @@ test("Chromium: the web todo app adds, completes, shows a CLI-made todo and the 
     await page.screenshot({ path: join(artifacts, "todo-app.png") });
   } finally {
     await browser.close();
-    await new Promise((r) => web.close(r));
     await server.stop();
     t.remove();
   }

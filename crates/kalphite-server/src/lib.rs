@@ -715,6 +715,7 @@ pub async fn run_with_metrics(
     }
     let app = Router::new()
         .route("/sync", get(ws_handler))
+        .route("/", get(web_app))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_handler))
         .layer(axum::middleware::from_fn(handshake_deadline))
@@ -848,6 +849,16 @@ fn connection(
         }
         drop(permit);
     }
+}
+
+/// The web todo app (`clients/js/app`, built into one page with `npm run app`): it syncs
+/// with this server over `/sync`, from the same origin.
+async fn web_app() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../../../clients/js/app/todo.html"),
+    )
+        .into_response()
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
