@@ -337,6 +337,106 @@ mod tests {
         assert_eq!(outbox.push(frame(1)), Pushed::Overflow, "frame bound");
     }
 
+    /// A room of `n` entities whose catch-up takes one page per entity.
+    fn catch_up(n: u64) -> Box<CatchUpStream> {
+        use kalphite_sync::{ConflictPolicy, Room, RoomLimits, Stamp, StoredChange, VectorClock};
+        let records = (1..=n).map(|v| StoredChange {
+            version: v,
+            kind: "todo".into(),
+            id: format!("t{v}").as_str().into(),
+            state: Some(kalphite::Entity::new(
+                format!("t{v}"),
+                "todo",
+                serde_json::json!({"v": v}),
+            )),
+            vector: VectorClock::from([("r", v)]),
+            stamp: Stamp {
+                at: v,
+                user_id: "u".into(),
+            },
+            message_id: format!("m{v}"),
+            replica_id: "r".into(),
+            author: "u".into(),
+        });
+        let room = Room::new("room", ConflictPolicy::default())
+            .with_limits(RoomLimits {
+                catch_up_page: 1,
+                ..RoomLimits::default()
+            })
+            .restore(records)
+            .expect("restore");
+        Box::new(room.catch_up_stream(0))
+    }
+
+    fn popped_text(outbox: &Outbox) -> String {
+        match outbox.pop() {
+            Popped::Frame(text) => text.as_str().to_owned(),
+            Popped::Empty => panic!("empty"),
+            Popped::Closed(c) => panic!("closed: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn a_catch_up_is_encoded_a_page_at_a_time_and_what_follows_it_waits() {
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(10, 1_000, Arc::clone(&metrics));
+        assert_eq!(outbox.push_frame(frame(7), false), Pushed::Queued);
+        assert_eq!(outbox.push_catch_up(catch_up(3)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(5)), Pushed::Queued);
+        assert_eq!(
+            outbox.queued_bytes(),
+            12,
+            "no page is made before it is taken"
+        );
+        assert_eq!(popped_text(&outbox), "x".repeat(7));
+        for v in 1..=3 {
+            let page = popped_text(&outbox);
+            assert!(page.contains("\"catchUp\"") && page.contains(&format!("\"t{v}\"")));
+            assert_eq!(page.contains("\"complete\":true"), v == 3, "{page}");
+            assert_eq!(
+                outbox.queued_bytes(),
+                5,
+                "one page exists at a time, none queued"
+            );
+        }
+        assert_eq!(
+            popped_text(&outbox),
+            "x".repeat(5),
+            "queued behind the catch-up"
+        );
+        assert!(matches!(outbox.pop(), Popped::Empty));
+        let peak = metrics
+            .outbound_peak_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            peak >= 12,
+            "the page in hand counts towards the peak ({peak})"
+        );
+    }
+
+    #[test]
+    fn a_closing_connection_drops_its_catch_up() {
+        let metrics = Arc::new(Metrics::default());
+        let outbox = Outbox::new(10, 1_000, Arc::clone(&metrics));
+        outbox.push_frame(frame(3), false);
+        outbox.push_catch_up(catch_up(2));
+        outbox.push(frame(4));
+        assert_eq!(
+            outbox
+                .take_all()
+                .iter()
+                .map(|t| t.len())
+                .collect::<Vec<_>>(),
+            [3, 4],
+            "written before a close: the frames, not the catch-up"
+        );
+        outbox.push_catch_up(catch_up(2));
+        assert!(popped_text(&outbox).contains("catchUp"));
+        outbox.abandon();
+        assert!(matches!(outbox.pop(), Popped::Closed(Closed::Dropped)));
+        assert_eq!(outbox.push_catch_up(catch_up(1)), Pushed::Closed);
+    }
+
     #[test]
     fn a_reset_queue_is_written_out_first() {
         let metrics = Arc::new(Metrics::default());
