@@ -297,7 +297,8 @@ test("Chromium: SIGKILL of the browser, then a relaunch on the same profile, syn
 
 test("Chromium: the web todo app, served by kalphite serve, adds, completes, shows a CLI-made todo and the CLI sees its todos", { skip }, async () => {
   const t = tempDir();
-  const server = await startServer({ dir: t.dir, args: ["--open"] });
+  const secret = "a-web-app-test-secret-of-32-bytes-or-more";
+  const server = await startServer({ dir: t.dir, args: ["--secret", secret] });
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   const artifacts = join(process.cwd(), "tests", "artifacts");
   mkdirSync(artifacts, { recursive: true });
@@ -306,13 +307,17 @@ test("Chromium: the web todo app, served by kalphite serve, adds, completes, sho
     // `kalphite serve` serves the app at / and syncs it over /sync, same origin.
     const served = await (await fetch(`${server.url.replace("ws:", "http:")}/`)).text();
     assert.equal(served, readFileSync("app/todo.html", "utf8"), "the server serves the committed app");
-    await page.goto(`${server.url.replace("ws:", "http:")}/?room=web&user=alice`);
+    // `kalphite token --url` prints the link that opens the app for a user and room.
+    const link = (await cli(["token", "--secret", secret, "--user", "alice", "--room", "web", "--url", server.url, "-q"])).trim();
+    assert.match(link, /^http:\/\/127\.0\.0\.1:\d+\/\?room=web&user=alice&token=[\w.-]+$/);
+    await page.goto(link);
     await page.waitForSelector("#state.connected", { timeout: 20_000 });
     await page.fill("#title", "buy oat milk");
     await page.selectOption("#priority", "high");
     await page.click("#add button");
     await page.waitForSelector("li .title:text('buy oat milk')");
-    const base = ["todo", "--db", join(t.dir, "cli.db"), "--server", server.url, "--room", "web", "--user", "carol"];
+    const cliToken = (await cli(["token", "--secret", secret, "--user", "carol", "--room", "web", "-q"])).trim();
+    const base = ["todo", "--db", join(t.dir, "cli.db"), "--server", server.url, "--room", "web", "--token", cliToken];
     await until(async () => /buy oat milk/.test(await cli([...base, "list"])), "the CLI lists the browser's todo");
     await cli([...base, "add", "call the plumber"]);
     await page.waitForSelector("li .title:text('call the plumber')", { timeout: 20_000 });

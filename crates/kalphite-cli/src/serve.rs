@@ -100,6 +100,10 @@ pub(crate) struct TokenArgs {
     /// Lifetime: `30s`, `15m`, `1h`, `7d`.
     #[arg(long, default_value = "1h", value_parser = parse_ttl)]
     pub ttl: Duration,
+    /// Print a link that opens the web todo app of the server at SERVER (default
+    /// `http://127.0.0.1:8787`) for this user and the first room, instead of the token.
+    #[arg(long, value_name = "SERVER", num_args = 0..=1, default_missing_value = "http://127.0.0.1:8787")]
+    pub url: Option<String>,
 }
 
 /// Parses `30s`, `15m`, `1h`, `7d`.
@@ -329,16 +333,61 @@ pub(crate) fn token(args: &TokenArgs) -> Result<()> {
         );
     };
     let rooms: Vec<&str> = args.rooms.iter().map(String::as_str).collect();
-    println!(
-        "{}",
-        issue_token(secret.as_bytes(), &args.user, &rooms, args.ttl)?
-    );
+    let token = issue_token(secret.as_bytes(), &args.user, &rooms, args.ttl)?;
+    match &args.url {
+        None => println!("{token}"),
+        Some(server) => {
+            let room = rooms.iter().find(|r| **r != "*").copied().unwrap_or("todo");
+            println!("{}", app_link(server, &args.user, room, &token));
+        }
+    }
     Ok(())
+}
+
+/// The web app's address on `server` (`http(s)://` or `ws(s)://`), for `user` in `room`.
+fn app_link(server: &str, user: &str, room: &str, token: &str) -> String {
+    let base = server.trim_end_matches('/');
+    let base = if let Some(rest) = base.strip_prefix("ws://") {
+        format!("http://{rest}")
+    } else if let Some(rest) = base.strip_prefix("wss://") {
+        format!("https://{rest}")
+    } else {
+        base.to_owned()
+    };
+    let base = base.strip_suffix("/sync").unwrap_or(&base);
+    let query = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    format!(
+        "{base}/?room={}&user={}&token={}",
+        query(room),
+        query(user),
+        query(token)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_links() {
+        assert_eq!(
+            app_link("ws://127.0.0.1:9/sync", "a b", "r&1", "x.y"),
+            "http://127.0.0.1:9/?room=r%261&user=a%20b&token=x.y"
+        );
+        assert_eq!(
+            app_link("https://k.example/", "é", "r", "t"),
+            "https://k.example/?room=r&user=%C3%A9&token=t"
+        );
+    }
 
     #[test]
     fn ttls_parse() {
