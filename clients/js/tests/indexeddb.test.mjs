@@ -88,3 +88,30 @@ test("FrontendDatabase on IndexedDB: an offline edit survives a restart and sync
     t.remove();
   }
 });
+
+test("a full storage quota is reported to the app as a QuotaError, and the change stays queued", async () => {
+  const { IDBObjectStore } = await import("fake-indexeddb");
+  const factory = new IDBFactory();
+  const db = new FrontendDatabase({ dbName: "q", persistence: new IndexedDbPersistence("q", factory), flush: { debounceMs: 1, baseRetryDelay: 1, maxRetries: 1 } });
+  const errors = [];
+  db.on("error", (e) => errors.push(e));
+  await db.init();
+  const put = IDBObjectStore.prototype.put;
+  IDBObjectStore.prototype.put = function (value, key) {
+    if (value?.data?.huge) throw new DOMException("the quota has been exceeded", "QuotaExceededError");
+    return put.call(this, value, key);
+  };
+  try {
+    db.collection("todo").upsert("big", { huge: true });
+    await assert.rejects(db.durable("local"), (e) => e.name === "QuotaError" && /quota is exceeded/.test(e.message));
+    assert.ok(errors.some((e) => e.code === "storage" && /quota is exceeded/.test(e.message)), JSON.stringify(errors));
+    assert.equal(db.pendingFlushCount(), 1, "kept, to be retried once there is room");
+  } finally {
+    IDBObjectStore.prototype.put = put;
+  }
+  await db.durable("local");
+  assert.equal(db.pendingFlushCount(), 0);
+  const loaded = await new IndexedDbPersistence("q", factory).load();
+  assert.deepEqual(loaded.entities.map((e) => e.id), ["big"]);
+  await db.close();
+});
