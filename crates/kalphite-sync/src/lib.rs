@@ -26,6 +26,8 @@
 //! - **Server**, per room, one message at a time: decode each frame with
 //!   [`decode_client`] (on error, send [`ProtocolError::to_payload`] back); verify the
 //!   hello's token, then [`Room::join`] with the token's user; [`Room::handle`] the rest.
+//!   ([`Room::join_streamed`] returns the catch-up as a [`CatchUpStream`] instead: send
+//!   its pages one at a time, as the socket takes them, before anything else of the room.)
 //!   [`Step::Persist`] means: write [`Pending::record`] to the database, then
 //!   [`Room::commit`] (or [`Room::abort`] if the write failed) and send what it returns.
 //!   [`Recipient::AllExcept`] is every joined connection of the room but one.
