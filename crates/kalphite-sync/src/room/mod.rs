@@ -489,8 +489,9 @@ impl Room {
 
     /// The catch-up for a client that has everything up to `after`, as a snapshot of the
     /// records to send whose pages [`CatchUpStream::next_page`] makes one at a time (the
-    /// same pages as [`Room::catch_up`], whatever the room does meanwhile). Its messages
-    /// are addressed to no connection; [`Room::join_streamed`] makes addressed ones.
+    /// same pages as [`Room::catch_up`], whatever the room does meanwhile). It is addressed
+    /// to no connection: take its payloads with [`CatchUpStream::next_page`] (as messages
+    /// they would carry placeholder ids); [`Room::join_streamed`] makes an addressed one.
     #[must_use]
     pub fn catch_up_stream(&self, after: u64) -> CatchUpStream {
         let records: Vec<Arc<StoredChange>> = self
