@@ -233,6 +233,11 @@ async fn joiners_during_writes_get_welcome_pages_then_live_changes_and_converge(
     }
     stop.store(true, Ordering::Relaxed);
     let last = guard(writing).await.expect("writer");
+    let welcomed: std::collections::BTreeSet<u64> = joiners.iter().map(|(_, w, _)| *w).collect();
+    assert!(
+        welcomed.len() > 1 && welcomed.first() < Some(&last),
+        "the joins happened while the room was written to (welcomed at {welcomed:?}, last {last})"
+    );
 
     for (j, (raw, welcomed, model)) in joiners.iter_mut().enumerate() {
         // After its catch-up, a joiner gets every later version, in order, as live changes.
