@@ -22,7 +22,7 @@ use super::listener::Peer;
 use super::log::{Job, record_entity};
 use super::metrics::Metrics;
 use super::outbox::{Closed, Outbox, Popped, Pushed};
-use super::{Frame, RoomHandle, Shared, auth};
+use super::{Frame, RateLimit, RoomHandle, Shared, auth};
 use kalphite_sync::{
     ClientMessage, ConnId, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
     Outbound, SERVER_USER_ID, ServerMessage, Step, decode_client, encode, peek_message_id,
@@ -100,29 +100,29 @@ impl Unreadable {
 }
 
 /// Token bucket for the per-connection rate limit.
+/// (The rate itself is read from the config at each take: one copy for all connections.)
 struct Bucket {
     tokens: f64,
-    per_second: f64,
-    burst: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(per_second: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
+    fn new(limit: RateLimit) -> Self {
         Self {
-            tokens: burst,
-            per_second: f64::from(per_second.max(1)),
-            burst,
+            tokens: f64::from(limit.burst.max(1)),
             last: Instant::now(),
         }
     }
 
-    fn take(&mut self) -> bool {
+    fn take(&mut self, limit: RateLimit) -> bool {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        let (per_second, burst) = (
+            f64::from(limit.per_second.max(1)),
+            f64::from(limit.burst.max(1)),
+        );
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -168,7 +168,10 @@ impl Drop for OpenGauge {
 // Not an `async fn`: one of those keeps its arguments twice (as arguments and as the
 // body's locals), and the socket is 368 bytes in every connection's task. The block below
 // uses the captured socket in place.
-#[allow(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold the socket twice"
+)]
 pub(crate) fn serve(
     mut socket: WebSocket,
     shared: Arc<Shared>,
@@ -190,7 +193,7 @@ pub(crate) fn serve(
         let idle = config.idle_timeout;
         let max_out = config.max_server_frame_bytes;
         let hello_by = Instant::now() + config.handshake_timeout;
-        let mut bucket = Bucket::new(config.rate_limit.per_second, config.rate_limit.burst);
+        let mut bucket = Bucket::new(config.rate_limit);
         let mut conn = Conn {
             id,
             shared,
@@ -244,7 +247,7 @@ pub(crate) fn serve(
                         }
                         // Every frame counts against the rate limit: a flood of pings or binary
                         // frames costs the server as much as one of messages.
-                        let next = if bucket.take() {
+                        let next = if bucket.take(conn.shared.config.rate_limit) {
                             match frame {
                                 Message::Text(text) => Box::pin(conn.on_text(text.as_str())).await,
                                 Message::Binary(_) => conn.reply_error(ErrorCode::InvalidMessage,

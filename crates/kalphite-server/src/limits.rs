@@ -15,7 +15,8 @@ pub(crate) struct Budgets {
     max_connections: usize,
     /// Open joined connections per user. A plain mutex: taken once per hello and once per
     /// leave, never across an await.
-    users: Mutex<HashMap<String, usize>>,
+    /// Open connections per user; the key is shared with each of the user's permits.
+    users: Mutex<HashMap<Arc<str>, usize>>,
     max_per_user: usize,
 }
 
@@ -46,14 +47,18 @@ impl Budgets {
     /// A slot for one more connection of `user`, or `None` at the per-user limit.
     pub(crate) fn user(self: &Arc<Self>, user: &str) -> Option<UserPermit> {
         let mut users = self.users.lock();
-        let n = users.entry(user.to_owned()).or_insert(0);
+        let key = match users.get_key_value(user) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(user),
+        };
+        let n = users.entry(Arc::clone(&key)).or_insert(0);
         if *n >= self.max_per_user {
             return None;
         }
         *n += 1;
         Some(UserPermit {
             budgets: Arc::clone(self),
-            user: user.to_owned(),
+            user: key,
         })
     }
 }
@@ -70,7 +75,7 @@ impl Drop for ConnectionPermit {
 /// One of a user's connection slots.
 pub(crate) struct UserPermit {
     budgets: Arc<Budgets>,
-    user: String,
+    user: Arc<str>,
 }
 
 impl Drop for UserPermit {

@@ -37,6 +37,7 @@ const LINGER: Duration = Duration::from_secs(2);
 const SPARE_FILES: usize = 64;
 
 /// What a [`BoundedListener`] enforces.
+#[derive(Clone, Copy)]
 pub(crate) struct SocketLimits {
     /// Most sockets open at once; more are closed as soon as they are accepted.
     pub(crate) max_sockets: usize,
@@ -44,12 +45,21 @@ pub(crate) struct SocketLimits {
     pub(crate) write_timeout: Duration,
 }
 
+/// What every socket of a listener shares (one copy, not one per socket: an idle
+/// connection's size is the server's capacity).
+struct Common {
+    /// Open sockets, decremented as each is dropped.
+    open: AtomicUsize,
+    metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
+    write_timeout: Duration,
+}
+
 /// A TCP listener that keeps the number of open sockets within a budget.
 pub(crate) struct BoundedListener {
     tcp: TcpListener,
-    limits: SocketLimits,
-    open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    max_sockets: usize,
+    common: Arc<Common>,
     /// Shutdown's hard stop: sockets not yet upgraded fail their I/O when it fires.
     stop: CancellationToken,
 }
@@ -63,9 +73,13 @@ impl BoundedListener {
     ) -> Self {
         Self {
             tcp,
-            limits,
-            open: Arc::new(AtomicUsize::new(0)),
-            metrics,
+            max_sockets: limits.max_sockets,
+            common: Arc::new(Common {
+                open: AtomicUsize::new(0),
+                metrics,
+                handshake_timeout: limits.handshake_timeout,
+                write_timeout: limits.write_timeout,
+            }),
             stop,
         }
     }
@@ -93,14 +107,15 @@ impl axum::serve::Listener for BoundedListener {
                 }
             };
             // Only this loop adds, so the check and the add cannot race with each other.
-            if self.open.load(Ordering::Acquire) >= self.limits.max_sockets {
-                Metrics::inc(&self.metrics.connections_refused);
+            let common = &self.common;
+            if common.open.load(Ordering::Acquire) >= self.max_sockets {
+                Metrics::inc(&common.metrics.connections_refused);
                 tracing::debug!(%addr, "socket limit reached: connection closed");
                 drop(tcp);
                 continue;
             }
-            self.open.fetch_add(1, Ordering::AcqRel);
-            Metrics::inc(&self.metrics.sockets);
+            common.open.fetch_add(1, Ordering::AcqRel);
+            Metrics::inc(&common.metrics.sockets);
             // Small frames (acks, broadcasts) must not wait for Nagle's algorithm.
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY");
@@ -109,17 +124,12 @@ impl axum::serve::Listener for BoundedListener {
                 upgraded: AtomicBool::new(false),
                 stalled: AtomicBool::new(false),
                 linger: AtomicBool::new(false),
-                deadline: parking_lot::Mutex::new(Some(
-                    Instant::now() + self.limits.handshake_timeout,
-                )),
-                handshake_timeout: self.limits.handshake_timeout,
+                deadline: parking_lot::Mutex::new(Some(Instant::now() + common.handshake_timeout)),
+                common: Arc::clone(common),
             }));
             let socket = Socket {
                 tcp: Some(tcp),
                 peer,
-                open: Arc::clone(&self.open),
-                metrics: Arc::clone(&self.metrics),
-                write_timeout: self.limits.write_timeout,
                 deadline: None,
                 stall: None,
                 stop: Some(Box::pin(self.stop.clone().cancelled_owned())),
@@ -131,6 +141,14 @@ impl axum::serve::Listener for BoundedListener {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         self.tcp.local_addr()
+    }
+}
+
+impl Common {
+    /// A socket is gone: it no longer counts against the limit.
+    fn closed(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        Metrics::dec(&self.metrics.sockets);
     }
 }
 
@@ -148,7 +166,7 @@ struct PeerState {
     /// handled, and for good after the upgrade. A plain mutex: read on each poll of a
     /// socket not yet upgraded, written once per request.
     deadline: parking_lot::Mutex<Option<Instant>>,
-    handshake_timeout: Duration,
+    common: Arc<Common>,
 }
 
 impl Peer {
@@ -161,7 +179,7 @@ impl Peer {
     /// timeout; the response itself must be written by then too.
     pub(crate) fn request_done(&self) {
         if !self.0.upgraded.load(Ordering::Acquire) {
-            *self.0.deadline.lock() = Some(Instant::now() + self.0.handshake_timeout);
+            *self.0.deadline.lock() = Some(Instant::now() + self.0.common.handshake_timeout);
         }
     }
 
@@ -194,11 +212,8 @@ impl Connected<IncomingStream<'_, BoundedListener>> for Peer {
 pub(crate) struct Socket {
     /// `None` only once dropped (a lingering socket is handed to its linger task).
     tcp: Option<TcpStream>,
+    /// Its shared state, and through it the listener's (counted open until dropped).
     peer: Peer,
-    /// The listener's count of open sockets, decremented on drop.
-    open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
-    write_timeout: Duration,
     /// The header deadline's timer (allocated on first use, freed at the upgrade).
     deadline: Option<Pin<Box<Sleep>>>,
     /// Runs while a write after the upgrade waits for the client to read.
@@ -243,7 +258,7 @@ impl Socket {
                 timer.as_mut().reset(at);
             }
             if timer.as_mut().poll(cx).is_ready() {
-                Metrics::inc(&self.metrics.handshake_timeouts);
+                Metrics::inc(&self.peer.0.common.metrics.handshake_timeouts);
                 return Err(self.fail(io::ErrorKind::TimedOut));
             }
         }
@@ -265,12 +280,13 @@ impl Socket {
             // The header deadline bounds writes before the upgrade.
             return r;
         }
-        let timeout = self.write_timeout;
+        let timeout = self.peer.0.common.write_timeout;
         let timer = self.stall.get_or_insert_with(|| Box::pin(sleep(timeout)));
         if timer.as_mut().poll(cx).is_ready() {
             self.peer.0.stalled.store(true, Ordering::Release);
-            Metrics::inc(&self.metrics.write_timeouts);
-            Metrics::inc(&self.metrics.slow_consumers);
+            let metrics = &self.peer.0.common.metrics;
+            Metrics::inc(&metrics.write_timeouts);
+            Metrics::inc(&metrics.slow_consumers);
             return Poll::Ready(Err(self.fail(io::ErrorKind::TimedOut)));
         }
         r
@@ -295,17 +311,14 @@ impl Drop for Socket {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             // The socket stays counted until its linger ends.
-            let open = Arc::clone(&self.open);
-            let metrics = Arc::clone(&self.metrics);
+            let common = Arc::clone(&self.peer.0.common);
             runtime.spawn(async move {
                 linger(tcp).await;
-                open.fetch_sub(1, Ordering::AcqRel);
-                Metrics::dec(&metrics.sockets);
+                common.closed();
             });
             return;
         }
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        Metrics::dec(&self.metrics.sockets);
+        self.peer.0.common.closed();
     }
 }
 

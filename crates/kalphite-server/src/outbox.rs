@@ -18,8 +18,10 @@ use kalphite_sync::{CatchUpStream, encode};
 
 use super::metrics::Metrics;
 
-/// Capacity kept after the queue drains; more is released.
-const KEEP_CAPACITY: usize = 16;
+/// Capacity kept after the queue drains; more is released. None: most connections are
+/// idle most of the time, and a few slots kept in each cost more than the allocation the
+/// next burst makes.
+const KEEP_CAPACITY: usize = 0;
 
 /// Why a queue was closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
