@@ -225,16 +225,21 @@ pub(crate) async fn restore(args: RestoreArgs) -> Result<()> {
     let bytes = read_backup(&from)?;
     let db = Database::open(DatabaseConfig::new(&args.db)).await?;
     let bar = spinner("restoring");
-    let result = db.restore(&bytes).await;
+    // Rooms of a sync server's database get a new epoch each, in the same transaction as
+    // the restore, so that clients holding the history after the backup resync instead of
+    // taking its reused versions as theirs.
+    let mut rooms = 0;
+    let result = db
+        .restore_adjusted(&bytes, |records| {
+            rooms = kalphite_server::renew_room_epochs_in(records, args.rollback)
+                .map_err(|e| format!("its sync rooms cannot be given new epochs: {e}"))?;
+            Ok(())
+        })
+        .await;
     bar.finish_and_clear();
     let n = result
         .with_context(|| format!("restore from {from} refused; the database was left as it was"))?;
     println!("Restored {n} entities from {from}");
-    // Rooms of a sync server's database: a new epoch each, so that clients holding the
-    // history after the backup resync instead of taking its reused versions as theirs.
-    let rooms = kalphite_server::renew_room_epochs(&db, args.rollback)
-        .await
-        .context("the backup was restored, but its rooms could not be given new epochs")?;
     if rooms > 0 {
         let what = if args.rollback {
             "clients will drop what the backup lacks"

@@ -756,7 +756,23 @@ impl Database {
     /// [`Error::InvalidBackup`], [`Error::Validation`], [`Error::Unstorable`],
     /// [`Error::QuotaExceeded`], backend errors.
     pub async fn restore(&self, bytes: &[u8]) -> Result<usize> {
+        self.restore_adjusted(bytes, |_| Ok(())).await
+    }
+
+    /// [`Database::restore`], with `adjust` applied to the backup's records before anything
+    /// is checked or written, so what it changes is part of the same replacement (one
+    /// transaction): a sync server's restore gives its rooms new identities this way.
+    ///
+    /// # Errors
+    /// As [`Database::restore`]; [`Error::InvalidBackup`] (line 0) with `adjust`'s reason
+    /// when it refuses the records, and then nothing is written.
+    pub async fn restore_adjusted(
+        &self,
+        bytes: &[u8],
+        adjust: impl FnOnce(&mut Vec<backup::Record>) -> std::result::Result<(), String>,
+    ) -> Result<usize> {
         let (_, mut records) = backup::decode(bytes)?;
+        adjust(&mut records).map_err(|reason| Error::InvalidBackup { line: 0, reason })?;
         for r in &records {
             self.storable(&r.kind, &r.id, &r.data)?;
         }

@@ -448,6 +448,59 @@ pub(crate) fn new_epoch() -> String {
     format!("{:016x}{:016x}", halves[0], halves[1])
 }
 
+/// Gives every room in a server database's backup records a new epoch (as
+/// [`renew_room_epochs`] does for a database), for `Database::restore_adjusted`: the
+/// restore and the new identities are then one transaction, so a restore interrupted
+/// half-way never leaves the backup's epochs in place. Returns how many rooms there are.
+///
+/// # Errors
+/// [`LogError::Corrupt`] for an unreadable identity record, [`LogError::Write`] or
+/// [`LogError::Unstorable`] when a new identity record cannot be made.
+pub fn renew_room_epochs_in(
+    records: &mut Vec<kalphite_db::backup::Record>,
+    rolled_back: bool,
+) -> Result<usize, LogError> {
+    let mut metas: std::collections::BTreeMap<String, RoomMeta> = std::collections::BTreeMap::new();
+    let mut rooms = std::collections::BTreeSet::new();
+    let mut kept = Vec::with_capacity(records.len());
+    for record in records.drain(..) {
+        if record.kind.as_str() == ROOM_META_KIND {
+            let meta: RoomMeta =
+                serde_json::from_value(record.data).map_err(|e| LogError::Corrupt {
+                    room: record.id.to_string(),
+                    id: format!("{ROOM_META_KIND}/{}", record.id),
+                    reason: e.to_string(),
+                })?;
+            metas.insert(record.id.to_string(), meta);
+            continue;
+        }
+        if let Some(room) = record.kind.as_str().strip_prefix(ROOM_KIND_PREFIX) {
+            rooms.insert(room.to_owned());
+        }
+        kept.push(record);
+    }
+    for room in rooms {
+        metas
+            .entry(room)
+            .or_insert_with(|| RoomMeta::new(String::new()));
+    }
+    let n = metas.len();
+    for (room, mut meta) in metas {
+        meta.epoch = new_epoch();
+        meta.rolled_back = rolled_back;
+        let entity = meta_entity(&room, &meta)?;
+        kept.push(kalphite_db::backup::Record {
+            kind: entity.kind,
+            id: entity.id,
+            data: entity.data,
+            updated_at: entity.updated_at,
+            version: 1,
+        });
+    }
+    *records = kept;
+    Ok(n)
+}
+
 /// Gives every room of a room log a new epoch (`kalphite restore` runs it after replacing
 /// a server database with a backup): its clients no longer take the restored room for
 /// the history they synced with, and resync. With `rolled_back`, the rooms are marked as
@@ -625,5 +678,66 @@ mod tests {
         assert!(a.is_poisoned());
         assert!(!b.is_poisoned());
         assert!(stored(&db, "a").await.is_empty());
+    }
+
+    fn record(kind: &str, id: &str, data: serde_json::Value) -> kalphite_db::backup::Record {
+        kalphite_db::backup::Record {
+            kind: kind.into(),
+            id: id.into(),
+            data,
+            updated_at: 1,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn a_restore_gives_every_room_of_the_backup_a_new_identity() {
+        let mut meta = RoomMeta::new("old-epoch".to_owned());
+        meta.collected_through = 7;
+        let mut records = vec![
+            record(
+                &format!("{ROOM_KIND_PREFIX}a"),
+                "[\"todo\",\"1\"]",
+                json!({}),
+            ),
+            record(ROOM_META_KIND, "a", serde_json::to_value(&meta).unwrap()),
+            // A room whose identity record is missing from the backup gets one too.
+            record(
+                &format!("{ROOM_KIND_PREFIX}b"),
+                "[\"todo\",\"2\"]",
+                json!({}),
+            ),
+            record("todo", "not-a-room", json!({"title": "x"})),
+        ];
+        assert_eq!(renew_room_epochs_in(&mut records, true).unwrap(), 2);
+        assert_eq!(
+            records.len(),
+            5,
+            "the room records stay, one identity per room"
+        );
+        let metas: std::collections::BTreeMap<String, RoomMeta> = records
+            .iter()
+            .filter(|r| r.kind.as_str() == ROOM_META_KIND)
+            .map(|r| {
+                (
+                    r.id.to_string(),
+                    serde_json::from_value(r.data.clone()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(metas.len(), 2);
+        for meta in metas.values() {
+            assert!(meta.rolled_back);
+            assert_eq!(meta.epoch.len(), 32);
+            assert_ne!(meta.epoch, "old-epoch");
+        }
+        assert_ne!(metas["a"].epoch, metas["b"].epoch);
+        assert_eq!(metas["a"].collected_through, 7, "the horizon is kept");
+
+        let mut corrupt = vec![record(ROOM_META_KIND, "a", json!("not a meta"))];
+        assert!(matches!(
+            renew_room_epochs_in(&mut corrupt, false),
+            Err(LogError::Corrupt { .. })
+        ));
     }
 }
