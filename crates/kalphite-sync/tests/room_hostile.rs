@@ -523,3 +523,34 @@ fn a_skewed_clock_does_not_win_every_last_write_wins_conflict() {
     let kept = room.get(&EntityKey::new("todo", "n")).unwrap();
     assert_eq!(kept.state.as_ref().unwrap().updated_at, later + 30_000);
 }
+
+#[test]
+fn entity_data_that_is_not_an_object_is_refused_by_the_room_itself() {
+    // Issue 10, item 10: the decoder refuses it, but a room handed a message built another
+    // way (an adapter, a fuzzer) stored any JSON value as an entity's data.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    let mut log = Vec::new();
+    room.join(1, "mallory", &hello("laptop"), 1).unwrap();
+    for (n, data) in [json!([1, 2]), json!("text"), json!(3), json!(null)]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("m{n}");
+        let reply = send(
+            &mut room,
+            &mut log,
+            1,
+            change(&id, upsert("a", data, clock([("laptop", 1)]))),
+        );
+        assert_eq!(reply.error(), Some((ErrorCode::InvalidEntity, Some(id))));
+    }
+    assert_eq!(room.version(), 0);
+    assert!(log.is_empty());
+    let reply = send(
+        &mut room,
+        &mut log,
+        1,
+        change("ok", upsert("a", json!({"t": 1}), clock([("laptop", 1)]))),
+    );
+    assert!(reply.acked());
+}

@@ -821,6 +821,11 @@ impl Room {
                         entity.kind, entity.id, p.entity_type, p.entity_id
                     )));
                 }
+                // The decoder refuses this already; the room holds the rule itself, for
+                // adapters that hand it messages built another way.
+                if !entity.data.is_object() {
+                    return Err(invalid("its data must be a JSON object".into()));
+                }
                 let mut entity = entity;
                 if let Some(schema) = &self.schema {
                     entity.data = schema
