@@ -554,3 +554,38 @@ fn entity_data_that_is_not_an_object_is_refused_by_the_room_itself() {
     );
     assert!(reply.acked());
 }
+
+#[test]
+fn an_entity_stays_editable_after_more_replicas_than_a_clock_may_name() {
+    // Issue 10 (found while fuzzing, from item 7's bound): a clock may name at most 256
+    // replicas and an entity's stored clock merges every editor's, so once 256 replicas
+    // had edited an entity, the next new replica's honest edit (the stored clock plus its
+    // own entry: 257) was refused as invalid_entity, for good. The room now stores at
+    // most 255 entries, dropping the smallest counters.
+    let mut room = Room::new("r", ConflictPolicy::default());
+    let mut log = Vec::new();
+    let key = EntityKey::new("todo", "shared");
+    for n in 0..300u64 {
+        let replica = format!("device-{n:03}");
+        room.join(n + 1, &format!("user-{n}"), &hello(&replica), 1)
+            .unwrap();
+        let mut vector = room
+            .get(&key)
+            .map(|stored| stored.vector.clone())
+            .unwrap_or_default();
+        vector.increment(&replica);
+        let edit = upsert("shared", json!({"editor": n}), vector);
+        let reply = send(
+            &mut room,
+            &mut log,
+            n + 1,
+            change(&format!("{replica}-1"), edit),
+        );
+        assert!(reply.acked(), "edit {n}: {:?}", reply.error());
+        let stored = room.get(&key).expect("stored");
+        assert!(stored.vector.iter().count() < kalphite_sync::MAX_CLOCK_ENTRIES);
+        assert_eq!(stored.vector.get(&replica), 1, "the author's entry is kept");
+    }
+    assert_eq!(data(&room, "shared"), Some(json!({"editor": 299})));
+    assert_eq!(room.version(), 300);
+}

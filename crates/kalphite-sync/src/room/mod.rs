@@ -647,7 +647,7 @@ impl Room {
                 version,
                 vector,
                 conflict,
-            } => (version, vector, conflict),
+            } => (version, stored_clock(vector, &member.replica_id), conflict),
         };
         let Some(room_version) = self.version.checked_add(1) else {
             return Err(RoomError::VersionsExhausted);
@@ -995,6 +995,36 @@ impl Room {
 }
 
 /// The size of `value` as JSON, without building the string.
+/// The clock stored with a change: at most [`MAX_CLOCK_ENTRIES`] − 1 replicas, so that the
+/// next editor's clock (the stored one plus its own entry) is always accepted. Without the
+/// bound, once 256 replicas had edited an entity (or two concurrent clocks merged past
+/// it), no new replica could ever edit it again. Past the bound the smallest counters go
+/// first (never the author's): a later change naming a dropped replica compares as
+/// concurrent, not as already known, so it is resolved by the kind's strategy and nothing
+/// is swallowed.
+fn stored_clock(vector: VectorClock, author: &str) -> VectorClock {
+    let keep = MAX_CLOCK_ENTRIES - 1;
+    if vector.iter().count() <= keep {
+        return vector;
+    }
+    let mut entries: Vec<(&str, u64)> = vector.iter().collect();
+    // The author first, then by counter (largest first), then by replica id: the same
+    // choice on every server.
+    entries.sort_by(|a, b| {
+        (b.0 == author)
+            .cmp(&(a.0 == author))
+            .then(b.1.cmp(&a.1))
+            .then(a.0.cmp(b.0))
+    });
+    entries.truncate(keep);
+    VectorClock::from(
+        entries
+            .into_iter()
+            .map(|(replica, counter)| (replica.to_owned(), counter))
+            .collect::<BTreeMap<String, u64>>(),
+    )
+}
+
 /// A superseded state kept as a merge base, with its encoded size.
 #[derive(Debug)]
 struct Base {
