@@ -59,9 +59,7 @@ pub use auth::{
     AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
     verify_token,
 };
-pub use log::{
-    LogError, ROOM_KIND_PREFIX, ROOM_META_KIND, renew_room_epochs, renew_room_epochs_in,
-};
+pub use log::{LogError, ROOM_KIND_PREFIX, ROOM_META_KIND, renew_room_epochs_in};
 pub use metrics::{Metrics, resident_bytes};
 
 use limits::{Budgets, ConnectionPermit};

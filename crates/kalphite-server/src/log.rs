@@ -448,10 +448,13 @@ pub(crate) fn new_epoch() -> String {
     format!("{:016x}{:016x}", halves[0], halves[1])
 }
 
-/// Gives every room in a server database's backup records a new epoch (as
-/// [`renew_room_epochs`] does for a database), for `Database::restore_adjusted`: the
-/// restore and the new identities are then one transaction, so a restore interrupted
-/// half-way never leaves the backup's epochs in place. Returns how many rooms there are.
+/// Gives every room in a server database's backup records a new epoch (`kalphite restore`
+/// runs it through `Database::restore_adjusted`): its clients no longer take the restored
+/// room for the history they synced with, and resync. With `rolled_back`, the rooms are
+/// marked as rolled back on purpose: clients drop what a room lacks instead of sending it
+/// back. Each room keeps its collection horizon. The restore and the new identities are
+/// one transaction, so an interrupted restore never leaves the backup's epochs in place.
+/// Returns how many rooms there are.
 ///
 /// # Errors
 /// [`LogError::Corrupt`] for an unreadable identity record, [`LogError::Write`] or
@@ -498,47 +501,6 @@ pub fn renew_room_epochs_in(
         });
     }
     *records = kept;
-    Ok(n)
-}
-
-/// Gives every room of a room log a new epoch (`kalphite restore` runs it after replacing
-/// a server database with a backup): its clients no longer take the restored room for
-/// the history they synced with, and resync. With `rolled_back`, the rooms are marked as
-/// rolled back on purpose: clients drop what a room lacks instead of sending it back.
-/// Each room keeps its collection horizon. Returns how many rooms there are.
-///
-/// # Errors
-/// [`LogError::Read`] or [`LogError::Write`] from the database, [`LogError::Corrupt`] for
-/// an unreadable identity record.
-pub async fn renew_room_epochs(db: &Database, rolled_back: bool) -> Result<usize, LogError> {
-    let read = |e: kalphite_db::Error| LogError::Read(e.to_string());
-    let mut metas: std::collections::BTreeMap<String, RoomMeta> = std::collections::BTreeMap::new();
-    for entity in db.get_by_type(ROOM_META_KIND).await.map_err(read)? {
-        let meta: RoomMeta =
-            serde_json::from_value(entity.data).map_err(|e| LogError::Corrupt {
-                room: entity.id.to_string(),
-                id: format!("{ROOM_META_KIND}/{}", entity.id),
-                reason: e.to_string(),
-            })?;
-        metas.insert(entity.id.to_string(), meta);
-    }
-    for (kind, _) in db.kinds().await.map_err(read)? {
-        if let Some(room) = kind.strip_prefix(ROOM_KIND_PREFIX) {
-            metas
-                .entry(room.to_owned())
-                .or_insert_with(|| RoomMeta::new(String::new()));
-        }
-    }
-    let mut entities = Vec::with_capacity(metas.len());
-    for (room, mut meta) in metas {
-        meta.epoch = new_epoch();
-        meta.rolled_back = rolled_back;
-        entities.push(meta_entity(&room, &meta)?);
-    }
-    let n = entities.len();
-    db.upsert_batch_borrowed(entities.iter())
-        .await
-        .map_err(|e| LogError::Write(e.to_string()))?;
     Ok(n)
 }
 

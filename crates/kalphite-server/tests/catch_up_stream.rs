@@ -24,16 +24,6 @@ use tokio_tungstenite::MaybeTlsStream;
 /// The server's default catch-up page size in bytes (`RoomLimits::catch_up_page_bytes`).
 const PAGE: u64 = 256 * 1024;
 
-/// A metric's value from `/metrics`.
-async fn metric(server: &Server, name: &str) -> u64 {
-    let (status, body) = http_get(server.addr, "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
-}
-
 /// A raw client whose receive buffer is a few KiB: the server's writes to it wait for it
 /// to read.
 async fn connect_small_buffer(addr: SocketAddr) -> Raw {

@@ -7,27 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Raw, change_frame, config, guard, http_get, sqlite, start, token};
+use common::{Raw, change_frame, config, metric, sqlite, start, token, wait_metric};
 use kalphite_sync::ServerMessage;
 use serde_json::json;
-
-/// A metric's value from `/metrics`.
-async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
-    let (_, body) = http_get(addr, "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
-}
-
-/// Polls a metric until it has `want` (hang guard only).
-async fn wait_metric(addr: std::net::SocketAddr, name: &str, want: u64) {
-    guard(async {
-        while metric(addr, name).await != want {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
 
 /// Joins `room`, writes one todo, waits for its ack, and leaves.
 async fn write_one(url: &str, room: &str, user: &str, id: &str) {
@@ -61,9 +43,9 @@ async fn rooms_left_by_everyone_are_unloaded_and_restored_from_the_log() {
         write_one(&url, &format!("room-{i}"), "alice", &format!("t{i}")).await;
     }
     // Every room was left: all of them go, none stays loaded.
-    wait_metric(server.addr, "kalphite_sync_rooms", 0).await;
+    wait_metric(&server, "kalphite_sync_rooms", |n| n == 0).await;
     assert_eq!(
-        metric(server.addr, "kalphite_sync_rooms_unloaded_total").await,
+        metric(&server, "kalphite_sync_rooms_unloaded_total").await,
         200
     );
 
@@ -85,7 +67,7 @@ async fn rooms_left_by_everyone_are_unloaded_and_restored_from_the_log() {
         })
         .await;
     assert_eq!(ids, vec!["t7".to_owned()]);
-    assert_eq!(metric(server.addr, "kalphite_sync_rooms").await, 1);
+    assert_eq!(metric(&server, "kalphite_sync_rooms").await, 1);
     // A restored room continues its versions: the next change is version 2.
     raw.send_json(change_frame("bob-1", "bob", "t7b", json!({"t": "b"}), 1))
         .await;
@@ -120,9 +102,9 @@ async fn a_room_with_a_connection_stays_loaded_and_live() {
             )
             .await;
     }
-    assert_eq!(metric(server.addr, "kalphite_sync_rooms").await, 1);
+    assert_eq!(metric(&server, "kalphite_sync_rooms").await, 1);
     assert_eq!(
-        metric(server.addr, "kalphite_sync_rooms_unloaded_total").await,
+        metric(&server, "kalphite_sync_rooms_unloaded_total").await,
         0
     );
     // The room is still the one the watcher is in: another writer's change reaches it.

@@ -34,32 +34,6 @@ async fn connect_unread(addr: SocketAddr) -> Raw {
     Raw { ws }
 }
 
-/// A metric's value from `/metrics`.
-async fn metric(server: &Server, name: &str) -> u64 {
-    let (status, body) = http_get(server.addr, "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
-}
-
-/// Polls `/metrics` until `cond` holds for `name` (hang guard: GUARD).
-async fn wait_metric(server: &Server, name: &str, cond: impl Fn(u64) -> bool) -> u64 {
-    let deadline = tokio::time::Instant::now() + GUARD;
-    loop {
-        let v = metric(server, name).await;
-        if cond(v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hang guard: {name} is still {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 const BLOB: usize = 200 * 1024;
 
 /// `writer` sends `n` changes of about 200 KiB; each is acknowledged to it and broadcast to

@@ -291,3 +291,29 @@ pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     (status, body)
 }
+
+/// A metric's value from `/metrics`.
+pub(crate) async fn metric(server: &Server, name: &str) -> u64 {
+    let (status, body) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+/// Polls `/metrics` until `cond` holds for `name` (hang guard: GUARD).
+pub(crate) async fn wait_metric(server: &Server, name: &str, cond: impl Fn(u64) -> bool) -> u64 {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    loop {
+        let v = metric(server, name).await;
+        if cond(v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "hang guard: {name} is still {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
