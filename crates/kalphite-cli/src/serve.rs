@@ -280,31 +280,52 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     if args.open {
         tracing::warn!("the server is in OPEN mode: no authentication");
     }
-    println!("kalphite sync server listening on ws://{addr}/sync");
-    println!("  database: {} ({})", db.target(), db.backend_name());
-    println!("  durability: {durability}");
-    println!("  auth: {auth}");
-    println!("  conflicts: {}", describe(&args.conflict));
-    println!("  schema: {schema_line}");
-    println!("  health: http://{addr}/healthz   metrics: http://{addr}/metrics");
-    println!(
+    let mut banner = format!("kalphite sync server listening on ws://{addr}/sync\n");
+    let _ = writeln!(
+        banner,
+        "  database: {} ({})",
+        db.target(),
+        db.backend_name()
+    );
+    let _ = writeln!(banner, "  durability: {durability}");
+    let _ = writeln!(banner, "  auth: {auth}");
+    let _ = writeln!(banner, "  conflicts: {}", describe(&args.conflict));
+    let _ = writeln!(banner, "  schema: {schema_line}");
+    let _ = writeln!(
+        banner,
+        "  health: http://{addr}/healthz   metrics: http://{addr}/metrics"
+    );
+    let _ = writeln!(
+        banner,
         "  limits: {} connections, {} per user",
         args.max_connections, args.max_connections_per_user
     );
-    println!(
+    let _ = writeln!(
+        banner,
         "  connect a client: kalphite todo --server ws://{addr} --room todo{} list",
         if args.open { "" } else { " --token TOKEN" }
     );
+    say(&mut std::io::stdout(), &banner);
     let shutdown = async {
         stop_signal().await;
         if !crate::quiet() {
-            eprintln!("shutting down: finishing in-flight writes…");
+            say(
+                &mut std::io::stderr(),
+                "shutting down: finishing in-flight writes…\n",
+            );
         }
     };
     run(listener, config, shutdown).await?;
     db.close().await?;
-    println!("stopped cleanly");
+    say(&mut std::io::stdout(), "stopped cleanly\n");
     Ok(())
+}
+
+/// Writes what the server tells its operator, ignoring a closed or broken stream:
+/// `println!` panics when stdout is gone (`kalphite serve | head -1`, a supervisor that
+/// stopped reading), and a server must not stop serving, nor drop its writer lock, for that.
+fn say(out: &mut impl std::io::Write, text: &str) {
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Ctrl-C, or SIGTERM (what service managers send).
