@@ -101,10 +101,10 @@ impl Default for RoomLimits {
 /// A joined connection.
 #[derive(Clone, Debug)]
 struct Member {
-    user_id: String,
+    user_id: Arc<str>,
     /// The hello's replica id: the connection's slot in vector clocks and the namespace of
     /// its message ids.
-    replica_id: String,
+    replica_id: Arc<str>,
 }
 
 /// One sync room: the authoritative, versioned state of a set of entities.
@@ -358,12 +358,12 @@ impl Room {
                 return Err(RoomError::NulCharacter { field });
             }
         }
-        self.replicas.bind(&h.replica_id, user_id)?;
+        let (replica_id, user_id) = self.replicas.bind(&h.replica_id, user_id)?;
         self.members.insert(
             conn,
             Member {
-                user_id: user_id.to_owned(),
-                replica_id: h.replica_id.clone(),
+                user_id,
+                replica_id,
             },
         );
         let (from, snapshot) = self.catch_up_start(h);
@@ -576,7 +576,7 @@ impl Room {
         change: &Envelope<ChangePayload>,
         now: Millis,
     ) -> Result<Step, RoomError> {
-        let user_id = member.user_id.as_str();
+        let user_id = &*member.user_id;
         if change.message_id.len() > MAX_ID_BYTES {
             return Err(RoomError::IdTooLong {
                 field: "messageId",
@@ -660,7 +660,7 @@ impl Room {
             vector,
             stamp: version.stamp,
             message_id: change.message_id.clone(),
-            replica_id: member.replica_id.clone(),
+            replica_id: member.replica_id.to_string(),
             author: user_id.to_owned(),
         };
         let payload = record.to_payload();

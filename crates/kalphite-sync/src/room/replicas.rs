@@ -4,6 +4,7 @@
 //! stored changes when a room is restored.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use crate::EntityKey;
 use crate::clock::VectorClock;
@@ -13,48 +14,55 @@ use super::{RoomError, StoredChange};
 /// Who a replica id belongs to in this room.
 #[derive(Clone, Debug)]
 struct Binding {
-    /// The user who first used the replica id here.
-    user_id: String,
+    /// The user who first used the replica id here (shared with its members).
+    user_id: Arc<str>,
     /// True once the room holds a change by this replica: the binding then lasts (it is
     /// rebuilt from the log). A binding made by hellos alone is dropped when the last of
     /// those connections leaves, so hellos cannot grow the room without bound.
     stored: bool,
 }
 
-/// The room's per-replica bookkeeping.
+/// The room's per-replica bookkeeping. Replica and user ids are shared (`Arc<str>`)
+/// between the bindings, the members and the deduplication window, and a message id
+/// between the window's map and its order: one allocation each, not one per place.
 #[derive(Debug, Default)]
 pub(super) struct Replicas {
     /// Replica id → the user it belongs to.
-    owners: HashMap<String, Binding>,
+    owners: HashMap<Arc<str>, Binding>,
     /// Replica id → the highest counter of that replica in any clock the room stored.
     high: HashMap<String, u64>,
     /// Replica id → change message id → (entity, version assigned).
-    seen: HashMap<String, HashMap<String, (EntityKey, u64)>>,
+    seen: HashMap<Arc<str>, HashMap<Arc<str>, (EntityKey, u64)>>,
     /// The (replica id, message id) pairs in `seen`, oldest first, to bound it.
-    seen_order: VecDeque<(String, String)>,
+    seen_order: VecDeque<(Arc<str>, Arc<str>)>,
 }
 
 impl Replicas {
     /// A hello of `user_id` with `replica`: binds the replica id to the user if it is
-    /// free.
+    /// free. Returns the shared replica and user ids, for the member to hold.
     ///
     /// # Errors
     /// [`RoomError::ReplicaTaken`] when it belongs to another user.
-    pub(super) fn bind(&mut self, replica: &str, user_id: &str) -> Result<(), RoomError> {
-        match self.owners.get(replica) {
-            Some(binding) if binding.user_id != user_id => Err(RoomError::ReplicaTaken {
+    pub(super) fn bind(
+        &mut self,
+        replica: &str,
+        user_id: &str,
+    ) -> Result<(Arc<str>, Arc<str>), RoomError> {
+        match self.owners.get_key_value(replica) {
+            Some((_, binding)) if &*binding.user_id != user_id => Err(RoomError::ReplicaTaken {
                 replica_id: truncate(replica),
             }),
-            Some(_) => Ok(()),
+            Some((replica, binding)) => Ok((Arc::clone(replica), Arc::clone(&binding.user_id))),
             None => {
+                let (replica, user_id) = (Arc::<str>::from(replica), Arc::<str>::from(user_id));
                 self.owners.insert(
-                    replica.to_owned(),
+                    Arc::clone(&replica),
                     Binding {
-                        user_id: user_id.to_owned(),
+                        user_id: Arc::clone(&user_id),
                         stored: false,
                     },
                 );
-                Ok(())
+                Ok((replica, user_id))
             }
         }
     }
@@ -76,7 +84,7 @@ impl Replicas {
         if self
             .owners
             .get(replica)
-            .is_some_and(|b| b.user_id == user_id)
+            .is_some_and(|b| &*b.user_id == user_id)
         {
             Ok(())
         } else {
@@ -124,10 +132,23 @@ impl Replicas {
         version: u64,
         window: usize,
     ) {
-        let ids = self.seen.entry(replica.to_owned()).or_default();
-        if ids.insert(message_id.to_owned(), (key, version)).is_none() {
-            self.seen_order
-                .push_back((replica.to_owned(), message_id.to_owned()));
+        let ids = match self.seen.get_mut(replica) {
+            Some(ids) => ids,
+            None => {
+                let replica = self.shared(replica);
+                self.seen.entry(replica).or_default()
+            }
+        };
+        if let Some(entry) = ids.get_mut(message_id) {
+            *entry = (key, version);
+        } else {
+            let message_id = Arc::<str>::from(message_id);
+            ids.insert(Arc::clone(&message_id), (key, version));
+            let replica = match self.seen.get_key_value(replica) {
+                Some((replica, _)) => Arc::clone(replica),
+                None => Arc::from(replica),
+            };
+            self.seen_order.push_back((replica, message_id));
         }
         while self.seen_order.len() > window.max(1) {
             let Some((replica, message_id)) = self.seen_order.pop_front() else {
@@ -139,6 +160,14 @@ impl Replicas {
                     self.seen.remove(&replica);
                 }
             }
+        }
+    }
+
+    /// `replica` as the binding's shared id when it is bound, else a new one.
+    fn shared(&self, replica: &str) -> Arc<str> {
+        match self.owners.get_key_value(replica) {
+            Some((replica, _)) => Arc::clone(replica),
+            None => Arc::from(replica),
         }
     }
 
@@ -155,9 +184,9 @@ impl Replicas {
         }
         for (replica, user) in owners {
             self.owners.insert(
-                replica.clone(),
+                Arc::from(replica.as_str()),
                 Binding {
-                    user_id: user.clone(),
+                    user_id: Arc::from(user.as_str()),
                     stored: true,
                 },
             );
@@ -176,18 +205,18 @@ impl Replicas {
             }
         }
         if !record.replica_id.is_empty() {
-            match self.owners.get_mut(&record.replica_id) {
+            match self.owners.get_mut(record.replica_id.as_str()) {
                 // Bound by an earlier change, or by its author's hello.
-                Some(binding) if binding.stored || binding.user_id == record.author => {
+                Some(binding) if binding.stored || *binding.user_id == *record.author => {
                     binding.stored = true;
                 }
                 // Unbound, or bound by another user's hello after the author left while
                 // this change was being written: the stored change decides.
                 _ => {
                     self.owners.insert(
-                        record.replica_id.clone(),
+                        Arc::from(record.replica_id.as_str()),
                         Binding {
-                            user_id: record.author.clone(),
+                            user_id: Arc::from(record.author.as_str()),
                             stored: true,
                         },
                     );
