@@ -81,6 +81,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// [`crate::Database::commit_sync`]).
     async fn commit_sync(&self) -> Result<String>;
     async fn close(&self) -> Result<()>;
+    /// The PostgreSQL backend, which alone runs cluster mode (see [`crate::cluster`]).
+    fn postgres(&self) -> Option<&crate::postgres::Postgres> {
+        None
+    }
 }
 
 /// Parses a stored row's JSON text; a corrupt row is logged and skipped.

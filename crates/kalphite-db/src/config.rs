@@ -62,6 +62,12 @@ pub struct DatabaseConfig {
     /// advisory lock on a key derived from the schema, held by a connection of its own
     /// until the database is closed or dropped. (Readers never need it.)
     pub writer_lock: bool,
+    /// Take the writer lock as a cluster node (default off; implies
+    /// [`DatabaseConfig::writer_lock`]): PostgreSQL's writer lock in shared mode, so any
+    /// number of cluster nodes write the database together while a single-node writer (the
+    /// exclusive lock) is refused, and refuses them ([`Error::Busy`] says which kind holds
+    /// it). Needs PostgreSQL: on SQLite, opening fails with [`Error::ClusterNeedsPostgres`].
+    pub cluster_writer: bool,
     /// How long opening waits for a writer lock held by another process (default 3 s:
     /// enough for one that is shutting down to let go).
     pub writer_lock_wait: Duration,
@@ -83,6 +89,7 @@ impl DatabaseConfig {
             pool_size: 8,
             fsync: false,
             writer_lock: false,
+            cluster_writer: false,
             writer_lock_wait: Duration::from_secs(3),
         }
     }
@@ -150,7 +157,16 @@ impl DatabaseConfig {
         self
     }
 
-    /// Sets how long opening waits for a writer lock held by another process.
+    /// Takes the writer lock as a cluster node, in shared mode (see
+    /// [`DatabaseConfig::cluster_writer`]).
+    #[must_use]
+    pub fn cluster_writer(mut self, on: bool) -> Self {
+        self.cluster_writer = on;
+        self
+    }
+
+    /// Sets how long opening waits for a writer lock held by another process (and
+    /// [`crate::Database::join_cluster`] for a node id held by another process).
     #[must_use]
     pub fn writer_lock_wait(mut self, wait: Duration) -> Self {
         self.writer_lock_wait = wait;
@@ -179,6 +195,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("pool_size", &self.pool_size)
             .field("fsync", &self.fsync)
             .field("writer_lock", &self.writer_lock)
+            .field("cluster_writer", &self.cluster_writer)
             .field("writer_lock_wait", &self.writer_lock_wait)
             .finish()
     }

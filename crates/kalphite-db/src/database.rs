@@ -85,6 +85,21 @@ impl Database {
     pub async fn open(config: DatabaseConfig) -> Result<Self> {
         let target = parse_url(&config.url)?;
         let wait = config.writer_lock_wait;
+        if config.cluster_writer {
+            match &target {
+                Target::SqliteMemory => {
+                    return Err(Error::ClusterNeedsPostgres {
+                        target: "sqlite::memory:".into(),
+                    });
+                }
+                Target::SqliteFile(path) => {
+                    return Err(Error::ClusterNeedsPostgres {
+                        target: path.display().to_string(),
+                    });
+                }
+                Target::Postgres(_) => {}
+            }
+        }
         // A SQLite file is locked before it is opened; PostgreSQL once connected. Either
         // way before any migration runs.
         let mut writer = None;
@@ -129,12 +144,13 @@ impl Database {
                 let lock_target = LockTarget::Postgres {
                     config: Box::new(pg.connect_config().clone()),
                     schema: config.postgres_schema.clone(),
+                    shared: config.cluster_writer,
                 };
                 (Box::new(pg), redact(url), None, lock_target)
             }
         };
         let writer_lost = Arc::new(AtomicBool::new(false));
-        if config.writer_lock && writer.is_none() {
+        if (config.writer_lock || config.cluster_writer) && writer.is_none() {
             writer = Some(lock_target.acquire(&label, wait, &writer_lost).await?);
         }
         let migrations = migration::all_migrations(&config.app_migrations, backend.dialect())?;
@@ -234,7 +250,7 @@ impl Database {
     /// # Errors
     /// [`Error::Busy`] when another process took it meanwhile (or PostgreSQL has not yet
     /// noticed that the old connection is gone): nothing is written until the lock is back.
-    async fn writable(&self) -> Result<()> {
+    pub(crate) async fn writable(&self) -> Result<()> {
         let lost = &self.inner.writer_lost;
         if !lost.load(Ordering::Acquire) || self.inner.closed.load(Ordering::Acquire) {
             return Ok(());
@@ -424,6 +440,18 @@ impl Database {
     where
         I: IntoIterator<Item = &'a Entity> + Send,
     {
+        let writes = self.borrowed_writes(entities)?;
+        self.writable().await?;
+        self.inner.backend.write(writes, self.inner.quota).await?;
+        Ok(())
+    }
+
+    /// The writes of [`Database::upsert_batch_borrowed`]: each entity checked (and, with a
+    /// schema, normalized), stamped when its `updatedAt` is unset, and serialized.
+    pub(crate) fn borrowed_writes<'a, I>(&self, entities: I) -> Result<Vec<Write>>
+    where
+        I: IntoIterator<Item = &'a Entity>,
+    {
         let mut writes = Vec::new();
         for e in entities {
             let row = if self.inner.schema.is_some() {
@@ -449,9 +477,27 @@ impl Database {
             };
             writes.push(Write::Upsert(row));
         }
-        self.writable().await?;
-        self.inner.backend.write(writes, self.inner.quota).await?;
-        Ok(())
+        Ok(writes)
+    }
+
+    /// The PostgreSQL backend, for cluster calls; SQLite refuses them.
+    pub(crate) fn cluster_backend(&self) -> Result<&Postgres> {
+        self.inner
+            .backend
+            .postgres()
+            .ok_or_else(|| Error::ClusterNeedsPostgres {
+                target: self.inner.label.clone(),
+            })
+    }
+
+    /// The storage quota, if any.
+    pub(crate) fn quota(&self) -> Option<Quota> {
+        self.inner.quota
+    }
+
+    /// How long waits for a lock held by another process last.
+    pub(crate) fn lock_wait(&self) -> Duration {
+        self.inner.writer_lock_wait
     }
 
     /// Deletes one entity; `true` if it existed. Deletes only that entity: no heuristic

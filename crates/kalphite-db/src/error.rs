@@ -3,6 +3,8 @@
 
 use kalphite::Issue;
 
+use crate::writer_lock::WriterKind;
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -211,24 +213,105 @@ pub enum Error {
     },
 
     /// Another process holds the database's writer lock (see
-    /// [`crate::DatabaseConfig::writer_lock`]): one process writes it at a time.
+    /// [`crate::DatabaseConfig::writer_lock`]): one process writes it at a time, or any
+    /// number of cluster nodes (see [`crate::DatabaseConfig::cluster_writer`]) but then no
+    /// single-node writer.
     #[error(
-        "{target} is already being written by another process{}; only one process may write \
-         it at a time: stop that one, or use another database",
-        holder.as_ref().map_or_else(String::new, |h| format!(" ({h})"))
+        "{target} is already being written by {by}{}; {}",
+        holder.as_ref().map_or_else(String::new, |h| format!(" ({h})")),
+        busy_advice(*by, *cluster)
     )]
     Busy {
         /// The database: the SQLite file, or the PostgreSQL URL (redacted) and schema.
         target: String,
-        /// Who holds the lock, when known: a pid, or PostgreSQL's view of the connection.
+        /// Who holds the lock, when known: a pid, or PostgreSQL's view of the connection(s).
         holder: Option<String>,
         /// The holding process's id, when it is known (SQLite: written in the lock file).
         pid: Option<u32>,
+        /// What kind of writer holds it.
+        by: WriterKind,
+        /// Whether the refused opener wanted to write as a cluster node (the shared lock).
+        cluster: bool,
+    },
+
+    /// A cluster call on a database that is not PostgreSQL: cluster mode (several server
+    /// nodes on one database, see [`crate::Database::join_cluster`]) needs PostgreSQL.
+    #[error(
+        "cluster mode needs PostgreSQL: {target} is a SQLite database, which one server \
+         writes at a time (use a postgres:// URL, or run a single node)"
+    )]
+    ClusterNeedsPostgres {
+        /// The database that was opened (the SQLite path).
+        target: String,
+    },
+
+    /// Another live process holds this cluster node id's liveness lock (see
+    /// [`crate::Database::join_cluster`]).
+    #[error(
+        "cluster node id '{node}' is already in use by a live process{}; give this node \
+         another id, or stop that one",
+        holder.as_ref().map_or_else(String::new, |h| format!(" ({h})"))
+    )]
+    NodeTaken {
+        /// The node id.
+        node: String,
+        /// PostgreSQL's view of the connection holding it, when known.
+        holder: Option<String>,
+    },
+
+    /// A fenced write or version update was refused because this node no longer holds the
+    /// room at that term (another node took it, the lease was released, or the room's
+    /// version is not the one expected): nothing was written.
+    #[error(
+        "room '{room}' was not written: this node no longer owns it at that term (another \
+         node took it over, or its version moved); nothing was written, reload the room"
+    )]
+    Fenced {
+        /// The room whose fence failed (the first one found).
+        room: String,
+    },
+
+    /// [`crate::Database::init_room_version`] found the room's version already set, at the
+    /// same term, to another value.
+    #[error(
+        "room '{room}' already has version {stored} at this term, not {given}; its log and \
+         its cluster row disagree"
+    )]
+    VersionAlreadySet {
+        /// The room.
+        room: String,
+        /// The version in the room's row.
+        stored: i64,
+        /// The version that was to be set.
+        given: i64,
+    },
+
+    /// The fences of a fenced write do not make sense together (see
+    /// [`crate::Database::upsert_batch_fenced`]).
+    #[error("invalid fences: {reason}")]
+    InvalidFences {
+        /// What is wrong.
+        reason: String,
     },
 
     /// The database was closed.
     #[error("the database is closed")]
     Closed,
+}
+
+/// What a refused writer can do, by who holds the lock and what it wanted.
+fn busy_advice(by: WriterKind, cluster: bool) -> &'static str {
+    match (by, cluster) {
+        (WriterKind::Cluster, false) => {
+            "a single-node server cannot share it with cluster nodes: stop them, run this one \
+             as a cluster node, or use another database"
+        }
+        (WriterKind::SingleNode, true) => {
+            "cluster nodes cannot share it with a single-node server: stop that one, or use \
+             another database"
+        }
+        _ => "only one process may write it at a time: stop that one, or use another database",
+    }
 }
 
 fn join(issues: &[Issue]) -> String {
@@ -240,6 +323,13 @@ fn join(issues: &[Issue]) -> String {
 }
 
 impl Error {
+    /// True for [`Error::Fenced`]: this node lost the room (its lease or term), so the write
+    /// was refused and nothing of it was written. Never [`Error::is_unavailable`].
+    #[must_use]
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Self::Fenced { .. })
+    }
+
     /// True when the database could do no write just now: it could not be reached, is
     /// closed, busy (or its writer lock is held elsewhere), or out of disk or memory. Such a failure says nothing about what was
     /// being written (retrying part of the batch would fail the same way); other errors

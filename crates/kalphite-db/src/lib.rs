@@ -23,7 +23,11 @@
 //! - `storable`: [`check_storable`], what every backend can store (no NUL characters).
 //! - `target`: `impl FlushTarget for Database`.
 //! - `writer_lock`: one writer per database (a lock file beside SQLite, an advisory lock
-//!   per PostgreSQL schema); see [`DatabaseConfig::writer_lock`].
+//!   per PostgreSQL schema), or any number of cluster nodes; see
+//!   [`DatabaseConfig::writer_lock`] and [`DatabaseConfig::cluster_writer`].
+//! - `cluster`: cluster mode on PostgreSQL: node liveness locks, room leases with a fencing
+//!   term, fenced commits ([`Database::join_cluster`], [`Database::acquire_room`],
+//!   [`Database::upsert_batch_fenced`]).
 //!
 //! Only [`backup`] is a public module (its `Header` and `Record` name lines of a backup
 //! file); every other public item is re-exported at the crate root.
@@ -55,6 +59,7 @@
 
 mod backend;
 pub mod backup;
+mod cluster;
 mod config;
 mod database;
 mod error;
@@ -70,6 +75,7 @@ mod target;
 mod writer_lock;
 
 pub use backend::StoredEntity;
+pub use cluster::{Acquired, Fence, Lease, NodeGuard, NodeInfo, RoomOwner};
 pub use config::DatabaseConfig;
 pub use database::Database;
 pub use error::{Error, Result};
@@ -78,3 +84,4 @@ pub use query::{Cmp, Condition, Direction, Field, Query};
 pub use storable::check_storable;
 pub use store::open_store;
 pub use sync_state::{KnownRow, OutboxRow, SyncTables, SyncWrite};
+pub use writer_lock::WriterKind;

@@ -121,6 +121,15 @@ pub(crate) fn builtin() -> Vec<Migration> {
                 include_str!("../migrations/postgres/0002_sync_client.up.sql"),
                 include_str!("../migrations/postgres/0002_sync_client.down.sql"),
             ),
+        Migration::new(3, "cluster")
+            .sqlite(
+                include_str!("../migrations/sqlite/0003_cluster.up.sql"),
+                include_str!("../migrations/sqlite/0003_cluster.down.sql"),
+            )
+            .postgres(
+                include_str!("../migrations/postgres/0003_cluster.up.sql"),
+                include_str!("../migrations/postgres/0003_cluster.down.sql"),
+            ),
     ]
 }
 
@@ -266,10 +275,10 @@ mod tests {
         let up = plan(&known, &[], None, Dialect::Sqlite).unwrap();
         assert_eq!(
             up.iter().map(|s| s.version).collect::<Vec<_>>(),
-            [1, 2, 1000, 1001]
+            [1, 2, 3, 1000, 1001]
         );
         assert!(up.iter().all(|s| s.up));
-        let down = plan(&known, &[1, 2, 1000, 1001], Some(2), Dialect::Sqlite).unwrap();
+        let down = plan(&known, &[1, 2, 3, 1000, 1001], Some(3), Dialect::Sqlite).unwrap();
         assert_eq!(
             down.iter().map(|s| (s.version, s.up)).collect::<Vec<_>>(),
             [(1001, false), (1000, false)]
@@ -294,7 +303,7 @@ mod tests {
         ));
         let known = all_migrations(&[], Dialect::Sqlite).unwrap();
         assert!(matches!(
-            plan(&known, &[1, 2, 4242], None, Dialect::Sqlite),
+            plan(&known, &[1, 2, 3, 4242], None, Dialect::Sqlite),
             Err(Error::UnknownMigration { version: 4242 })
         ));
     }

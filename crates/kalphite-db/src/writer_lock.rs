@@ -4,6 +4,8 @@
 //! the kalphite client locks too). PostgreSQL: `pg_try_advisory_lock` on a key derived
 //! from the schema, held by a dedicated connection; if that connection ends, the lock is
 //! gone, and the database takes it again before its next write (or refuses the write).
+//! Cluster nodes take the same PostgreSQL lock in shared mode: they coexist with each other
+//! and exclude a single-node writer, which excludes them.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions, TryLockError};
@@ -23,6 +25,29 @@ const RETRY: Duration = Duration::from_millis(50);
 /// The key of a schema's lock: `$1` is the schema, or `NULL` for the connection's own.
 const KEY: &str = "hashtextextended('kalphite_writer:' || COALESCE($1, current_schema(), ''), 0)";
 
+/// Who holds a writer lock that was refused (see [`Error::Busy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriterKind {
+    /// Another process: a SQLite lock file's owner, or a holder PostgreSQL no longer shows.
+    Process,
+    /// A single-node writer (`kalphite serve` without `--cluster`): PostgreSQL's exclusive
+    /// writer lock.
+    SingleNode,
+    /// Cluster nodes: PostgreSQL's writer lock in shared mode.
+    Cluster,
+}
+
+impl std::fmt::Display for WriterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Process => "another process",
+            Self::SingleNode => "a single-node server",
+            Self::Cluster => "cluster nodes",
+        })
+    }
+}
+
 /// What a database's writer lock is taken on.
 pub(crate) enum LockTarget {
     /// A private in-memory database.
@@ -30,10 +55,11 @@ pub(crate) enum LockTarget {
     /// A SQLite file.
     File(PathBuf),
     /// A PostgreSQL schema (`None`: the connections' current schema), reached with the
-    /// pool's connection settings.
+    /// pool's connection settings; `shared` for a cluster node.
     Postgres {
         config: Box<tokio_postgres::Config>,
         schema: Option<String>,
+        shared: bool,
     },
 }
 
@@ -49,8 +75,14 @@ impl LockTarget {
         match self {
             Self::Private => Ok(WriterLock::Private),
             Self::File(path) => WriterLock::sqlite(path, wait).await,
-            Self::Postgres { config, schema } => {
-                WriterLock::postgres(config, schema.as_deref(), label, wait, Arc::clone(lost)).await
+            Self::Postgres {
+                config,
+                schema,
+                shared,
+            } => {
+                let schema = schema.as_deref();
+                let lost = Arc::clone(lost);
+                WriterLock::postgres(config, schema, *shared, label, wait, lost).await
             }
         }
     }
@@ -62,8 +94,9 @@ pub(crate) enum WriterLock {
     Private,
     /// The locked `<file>.lock` (closing it releases the lock).
     File(#[allow(dead_code, reason = "held for its lock, never read")] File),
-    /// The connection holding the advisory lock (ending it releases the lock), and the key.
-    Postgres(tokio_postgres::Client, i64),
+    /// The connection holding the advisory lock (ending it releases the lock), the key,
+    /// and whether it is held in shared mode (a cluster node).
+    Postgres(tokio_postgres::Client, i64, bool),
 }
 
 impl WriterLock {
@@ -98,6 +131,8 @@ impl WriterLock {
                         target: db.display().to_string(),
                         holder: pid.map(|pid| format!("pid {pid}, per {}", path.display())),
                         pid,
+                        by: WriterKind::Process,
+                        cluster: false,
                     });
                 }
                 Err(TryLockError::Error(e)) => return Err(io(e)),
@@ -111,18 +146,25 @@ impl WriterLock {
     }
 
     /// Takes the advisory lock of `schema` (`None`: the connection's current schema) on a
-    /// connection of its own, trying for `wait`. `label` names the database in messages;
-    /// `lost` is set when that connection ends (and with it the lock).
+    /// connection of its own, trying for `wait`; in shared mode with `shared` (a cluster
+    /// node). `label` names the database in messages; `lost` is set when that connection
+    /// ends (and with it the lock).
     pub(crate) async fn postgres(
         config: &tokio_postgres::Config,
         schema: Option<&str>,
+        shared: bool,
         label: &str,
         wait: Duration,
         lost: Arc<AtomicBool>,
     ) -> Result<Self> {
         let mut config = config.clone();
         // What a refused second writer reads in pg_stat_activity.
-        config.application_name(format!("kalphite writer (pid {})", std::process::id()));
+        let role = if shared {
+            "kalphite cluster node"
+        } else {
+            "kalphite writer"
+        };
+        config.application_name(format!("{role} (pid {})", std::process::id()));
         let (client, connection) = config.connect(NoTls).await.map_err(|e| Error::Connect {
             target: label.to_owned(),
             message: format!("opening the writer-lock connection: {e}"),
@@ -144,26 +186,33 @@ impl WriterLock {
             .await
             .map_err(Error::postgres(ctx))?
             .get(0);
+        let try_lock = if shared {
+            "SELECT pg_try_advisory_lock_shared($1)"
+        } else {
+            "SELECT pg_try_advisory_lock($1)"
+        };
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let locked: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .query_one(try_lock, &[&key])
                 .await
                 .map_err(Error::postgres(ctx))?
                 .get(0);
             if locked {
                 held.store(true, Ordering::Release);
-                return Ok(Self::Postgres(client, key));
+                return Ok(Self::Postgres(client, key, shared));
             }
             if tokio::time::Instant::now() >= deadline {
-                let holder = holder(&client, key).await;
+                let holders = lock_holders(&client, key).await;
                 return Err(Error::Busy {
                     target: match schema {
                         Some(schema) => format!("{label} (schema {schema})"),
                         None => label.to_owned(),
                     },
-                    holder,
+                    holder: describe(&holders),
                     pid: None,
+                    by: writer_kind(&holders),
+                    cluster: shared,
                 });
             }
             tokio::time::sleep(RETRY).await;
@@ -172,37 +221,83 @@ impl WriterLock {
 
     /// Releases the lock now (dropping it does too, PostgreSQL's a moment later).
     pub(crate) async fn release(self) {
-        if let Self::Postgres(client, key) = self {
-            let _ = client
-                .execute("SELECT pg_advisory_unlock($1)", &[&key])
-                .await;
+        if let Self::Postgres(client, key, shared) = self {
+            let unlock = if shared {
+                "SELECT pg_advisory_unlock_shared($1)"
+            } else {
+                "SELECT pg_advisory_unlock($1)"
+            };
+            let _ = client.execute(unlock, &[&key]).await;
         }
     }
 }
 
-/// Who holds the advisory lock `key`, as PostgreSQL sees it.
-async fn holder(client: &tokio_postgres::Client, key: i64) -> Option<String> {
-    let row = client
-        .query_opt(
-            "SELECT a.pid, a.application_name, host(a.client_addr) \
+/// One session holding an advisory lock, as PostgreSQL sees it.
+pub(crate) struct LockHolder {
+    /// Whether it holds the lock in shared mode.
+    pub shared: bool,
+    /// What to call it in a message: backend pid, application name, client address.
+    pub who: String,
+}
+
+/// The sessions holding the advisory lock `key` in this database (empty if none, or if
+/// PostgreSQL could not say).
+pub(crate) async fn lock_holders(client: &tokio_postgres::Client, key: i64) -> Vec<LockHolder> {
+    let Ok(rows) = client
+        .query(
+            "SELECT l.mode = 'ShareLock', a.pid, a.application_name, host(a.client_addr) \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND l.classid = (($1::int8 >> 32) & 4294967295)::oid \
-             AND l.objid = ($1::int8 & 4294967295)::oid",
+             AND l.objid = ($1::int8 & 4294967295)::oid \
+             ORDER BY a.pid",
             &[&key],
         )
         .await
-        .ok()??;
-    let pid: i32 = row.try_get(0).ok()?;
-    let app: Option<String> = row.try_get(1).ok()?;
-    let host: Option<String> = row.try_get(2).ok()?;
-    let mut who = format!("PostgreSQL backend pid {pid}");
-    if let Some(app) = app.filter(|a| !a.is_empty()) {
-        let _ = write!(who, ", application '{app}'");
+    else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter_map(|row| {
+            let shared: bool = row.try_get(0).ok()?;
+            let pid: i32 = row.try_get(1).ok()?;
+            let app: Option<String> = row.try_get(2).ok()?;
+            let host: Option<String> = row.try_get(3).ok()?;
+            let mut who = format!("PostgreSQL backend pid {pid}");
+            if let Some(app) = app.filter(|a| !a.is_empty()) {
+                let _ = write!(who, ", application '{app}'");
+            }
+            if let Some(host) = host {
+                let _ = write!(who, ", from {host}");
+            }
+            Some(LockHolder { shared, who })
+        })
+        .collect()
+}
+
+/// The holders of a writer lock in one line: the first three, and how many more.
+pub(crate) fn describe(holders: &[LockHolder]) -> Option<String> {
+    const SHOWN: usize = 3;
+    let mut text = holders
+        .iter()
+        .take(SHOWN)
+        .map(|h| h.who.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if holders.len() > SHOWN {
+        let _ = write!(text, "; and {} more", holders.len() - SHOWN);
     }
-    if let Some(host) = host {
-        let _ = write!(who, ", from {host}");
+    (!text.is_empty()).then_some(text)
+}
+
+/// What kind of writer the holders of a writer lock are.
+fn writer_kind(holders: &[LockHolder]) -> WriterKind {
+    if holders.iter().any(|h| !h.shared) {
+        WriterKind::SingleNode
+    } else if holders.is_empty() {
+        WriterKind::Process
+    } else {
+        WriterKind::Cluster
     }
-    Some(who)
 }

@@ -52,7 +52,7 @@ async fn data_survives_reopening(f: Fixture) -> anyhow::Result<()> {
     assert_eq!(again.get_by_type("review").await?, vec![r]);
     assert_eq!(
         again.applied_migrations().await?.len(),
-        2,
+        3,
         "migrations are not re-run"
     );
     Ok(())

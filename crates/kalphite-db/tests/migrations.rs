@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Fixture, comment};
+use common::{Backend, Fixture, comment};
 use kalphite_db::{Database, Error, Migration};
 
 both_backends!(
@@ -40,9 +40,10 @@ fn versions(applied: &[kalphite_db::AppliedMigration]) -> Vec<i64> {
 async fn open_applies_the_builtin_migrations(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config()).await?;
     let applied = db.applied_migrations().await?;
-    assert_eq!(versions(&applied), [1, 2]);
+    assert_eq!(versions(&applied), [1, 2, 3]);
     assert_eq!(applied[0].name, "entities");
     assert_eq!(applied[1].name, "sync_client");
+    assert_eq!(applied[2].name, "cluster");
     assert!(f.table_exists("kalphite_entities").await);
     for table in [
         "kalphite_sync_state",
@@ -50,6 +51,14 @@ async fn open_applies_the_builtin_migrations(f: Fixture) -> anyhow::Result<()> {
         "kalphite_sync_known",
     ] {
         assert!(f.table_exists(table).await, "{table}");
+    }
+    // Cluster mode's tables exist on PostgreSQL only (SQLite stays single-node).
+    for table in ["kalphite_rooms", "kalphite_nodes"] {
+        assert_eq!(
+            f.table_exists(table).await,
+            f.backend == Backend::Postgres,
+            "{table}"
+        );
     }
     assert!(db.migrate_to(None).await?.is_empty(), "nothing left to do");
     Ok(())
@@ -59,7 +68,7 @@ async fn app_migrations_apply_and_roll_back(f: Fixture) -> anyhow::Result<()> {
     let db = Database::open(f.config().migration(notes()).migration(tags())).await?;
     assert_eq!(
         versions(&db.applied_migrations().await?),
-        [1, 2, 1000, 1001]
+        [1, 2, 3, 1000, 1001]
     );
     assert!(f.table_exists("app_tags").await && f.table_exists("app_notes").await);
     db.upsert(comment("c1", "m", 1, "low")).await?;
@@ -67,7 +76,7 @@ async fn app_migrations_apply_and_roll_back(f: Fixture) -> anyhow::Result<()> {
     assert_eq!(db.rollback_to(1000).await?, [1001]);
     assert!(!f.table_exists("app_notes").await);
     assert!(f.table_exists("app_tags").await);
-    assert_eq!(db.rollback_to(2).await?, [1000]);
+    assert_eq!(db.rollback_to(3).await?, [1000]);
     assert!(!f.table_exists("app_tags").await);
     assert_eq!(
         db.get_by_type("comment").await?.len(),
@@ -78,13 +87,13 @@ async fn app_migrations_apply_and_roll_back(f: Fixture) -> anyhow::Result<()> {
     assert_eq!(db.migrate_to(None).await?, [1000, 1001]);
     assert!(f.table_exists("app_tags").await && f.table_exists("app_notes").await);
 
-    assert_eq!(db.rollback_to(0).await?, [1001, 1000, 2, 1]);
+    assert_eq!(db.rollback_to(0).await?, [1001, 1000, 3, 2, 1]);
     assert!(!f.table_exists("kalphite_entities").await);
     assert!(
         db.get_by_type("comment").await.is_err(),
         "no table, no reads"
     );
-    assert_eq!(db.migrate_to(Some(2)).await?, [1, 2]);
+    assert_eq!(db.migrate_to(Some(3)).await?, [1, 2, 3]);
     assert!(db.get_by_type("comment").await?.is_empty());
     Ok(())
 }
@@ -118,7 +127,7 @@ async fn a_failing_migration_changes_nothing(f: Fixture) -> anyhow::Result<()> {
     );
     // The migrations before it are applied and recorded.
     let db = Database::open(f.config().migration(tags())).await?;
-    assert_eq!(versions(&db.applied_migrations().await?), [1, 2, 1000]);
+    assert_eq!(versions(&db.applied_migrations().await?), [1, 2, 3, 1000]);
     assert!(f.table_exists("app_tags").await);
     Ok(())
 }
@@ -129,7 +138,7 @@ async fn a_failing_rollback_changes_nothing(f: Fixture) -> anyhow::Result<()> {
         "DROP TABLE app_keep; DROP TABLE no_such",
     );
     let db = Database::open(f.config().migration(tags()).migration(bad_down)).await?;
-    let err = db.rollback_to(2).await.unwrap_err();
+    let err = db.rollback_to(3).await.unwrap_err();
     assert!(
         matches!(
             &err,
@@ -151,7 +160,7 @@ async fn a_failing_rollback_changes_nothing(f: Fixture) -> anyhow::Result<()> {
     );
     assert_eq!(
         versions(&db.applied_migrations().await?),
-        [1, 2, 1000, 1001]
+        [1, 2, 3, 1000, 1001]
     );
     Ok(())
 }
@@ -161,7 +170,7 @@ async fn migrations_off_refuses_a_stale_database(f: Fixture) -> anyhow::Result<(
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::NotMigrated { pending } if pending == &[1, 2]),
+        matches!(&err, Error::NotMigrated { pending } if pending == &[1, 2, 3]),
         "{err}"
     );
     assert!(!f.table_exists("kalphite_entities").await);
@@ -218,7 +227,7 @@ async fn backup_before_migrate_writes_a_restorable_backup(f: Fixture) -> anyhow:
     let files: Vec<_> = std::fs::read_dir(&backups)?.collect::<Result<_, _>>()?;
     assert_eq!(files.len(), 1);
     let name = files[0].file_name().to_string_lossy().into_owned();
-    assert!(name.starts_with("kalphite-pre-migrate-v2-"), "{name}");
+    assert!(name.starts_with("kalphite-pre-migrate-v3-"), "{name}");
     db.clear().await?;
     assert_eq!(db.restore_from_file(&files[0].path()).await?, 2);
     assert_eq!(db.get_all().await?, before);

@@ -16,6 +16,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::backend::{Backend, ROW_OVERHEAD, StoredEntity, Write};
 use crate::backup::Record;
+use crate::cluster::Fence;
 use crate::config::redact;
 use crate::error::{Error, Result};
 use crate::migration::{AppliedMigration, Dialect, Step};
@@ -91,6 +92,7 @@ const DEADLOCK_RETRIES: u32 = 8;
 /// How many pipelined statements a restore keeps in flight.
 const PIPELINE_CHUNK: usize = 512;
 
+mod cluster;
 mod render;
 
 use render::render;
@@ -210,10 +212,45 @@ impl Postgres {
         &self.config
     }
 
-    async fn write_once(&self, writes: &[Write], quota: Option<Quota>) -> Result<Vec<bool>> {
+    /// Writes a batch and the rooms' fences in one transaction (see
+    /// [`crate::Database::upsert_batch_fenced`]): nothing is written if a fence fails.
+    pub(crate) async fn write_fenced(
+        &self,
+        writes: Vec<Write>,
+        fences: &[Fence],
+        quota: Option<Quota>,
+    ) -> Result<Vec<bool>> {
+        if writes.is_empty() && fences.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Two writers locking the same rows in different orders deadlock; PostgreSQL then
+        // aborts one transaction, which is retried here (all of it, from the start).
+        let mut attempt = 0;
+        loop {
+            match self.write_once(&writes, fences, quota).await {
+                Err(Error::Postgres { source, .. })
+                    if attempt < DEADLOCK_RETRIES
+                        && source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(attempt, "write batch deadlocked; retrying");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_once(
+        &self,
+        writes: &[Write],
+        fences: &[Fence],
+        quota: Option<Quota>,
+    ) -> Result<Vec<bool>> {
         let ctx = "writing a batch";
         let mut client = self.client(ctx).await?;
         let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
+        // First, so a fenced-out batch writes nothing (dropping `tx` rolls back).
+        cluster::fence(&tx, fences).await?;
         if let Some(quota) = quota {
             let used: i64 = tx
                 .query_one(SIZE, &[])
@@ -598,24 +635,7 @@ impl Backend for Postgres {
     }
 
     async fn write(&self, writes: Vec<Write>, quota: Option<Quota>) -> Result<Vec<bool>> {
-        if writes.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Two writers locking the same rows in different orders deadlock; PostgreSQL then
-        // aborts one transaction, which is retried here (all of it, from the start).
-        let mut attempt = 0;
-        loop {
-            match self.write_once(&writes, quota).await {
-                Err(Error::Postgres { source, .. })
-                    if attempt < DEADLOCK_RETRIES
-                        && source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
-                {
-                    attempt += 1;
-                    tracing::debug!(attempt, "write batch deadlocked; retrying");
-                }
-                other => return other,
-            }
-        }
+        self.write_fenced(writes, &[], quota).await
     }
 
     async fn get(&self, kind: Kind, id: EntityId) -> Result<Option<StoredEntity>> {
@@ -696,6 +716,9 @@ impl Backend for Postgres {
         let mut client = self.client(ctx).await?;
         let tx = client.transaction().await.map_err(Error::postgres(ctx))?;
         tx.batch_execute(REPLACE_ALL_CLEAR)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        tx.batch_execute(cluster::RESET_ROOMS)
             .await
             .map_err(Error::postgres(ctx))?;
         let insert = tx
@@ -801,5 +824,9 @@ impl Backend for Postgres {
     async fn close(&self) -> Result<()> {
         self.pool.close();
         Ok(())
+    }
+
+    fn postgres(&self) -> Option<&Postgres> {
+        Some(self)
     }
 }

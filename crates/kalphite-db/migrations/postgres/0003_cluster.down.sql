@@ -1,0 +1,2 @@
+DROP TABLE kalphite_nodes;
+DROP TABLE kalphite_rooms;

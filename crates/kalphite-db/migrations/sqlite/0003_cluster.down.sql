@@ -1,0 +1,1 @@
+-- kalphite built-in migration 3 (SQLite): nothing to undo.

@@ -1,0 +1,2 @@
+-- kalphite built-in migration 3 (SQLite): nothing. Cluster mode needs PostgreSQL; on
+-- SQLite every cluster call is refused with Error::ClusterNeedsPostgres.
