@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use kalphite::Entity;
+use kalphite::{Change, Entity};
 use tokio::sync::watch;
 
 use crate::database::Database;
@@ -258,6 +258,25 @@ impl Database {
         let pg = self.cluster_backend()?;
         let fences = merge_fences(fences)?;
         let writes = self.borrowed_writes(entities)?;
+        self.writable().await?;
+        pg.write_fenced(writes, &fences, self.quota()).await?;
+        Ok(())
+    }
+}
+
+impl Database {
+    /// [`Database::apply_changes`] (upserts and deletes, in order) with fences, in one
+    /// transaction, as [`Database::upsert_batch_fenced`]: what a cluster node writes
+    /// besides its commits (a room's identity record, collected tombstones' deletes), so
+    /// that a node that lost a room never writes over what the new owner wrote. A fence
+    /// whose `from_version` equals its `to_version` checks the term and moves nothing.
+    ///
+    /// # Errors
+    /// As [`Database::upsert_batch_fenced`] and [`Database::apply_changes`].
+    pub async fn apply_changes_fenced(&self, changes: &[Change], fences: &[Fence]) -> Result<()> {
+        let pg = self.cluster_backend()?;
+        let fences = merge_fences(fences)?;
+        let writes = self.change_writes(changes)?;
         self.writable().await?;
         pg.write_fenced(writes, &fences, self.quota()).await?;
         Ok(())

@@ -566,16 +566,8 @@ impl Database {
     /// # Errors
     /// As [`Database::apply_changes`]. Nothing is written on error.
     pub async fn write_with_sync(&self, changes: &[Change], sync: Vec<SyncWrite>) -> Result<()> {
-        let mut writes = Vec::with_capacity(changes.len() + sync.len());
-        for c in changes {
-            match c.op {
-                Op::Delete => writes.push(Write::Delete {
-                    kind: c.kind.clone(),
-                    id: c.id.clone(),
-                }),
-                Op::Upsert => writes.push(Write::Upsert(self.change_row(c)?)),
-            }
-        }
+        let mut writes = self.change_writes(changes)?;
+        writes.reserve(sync.len());
         // Entity writes first, bookkeeping after: the backends rely on this order.
         writes.extend(sync.into_iter().map(Write::Sync));
         self.writable().await?;
@@ -589,6 +581,21 @@ impl Database {
     /// Backend errors.
     pub async fn read_sync(&self) -> Result<SyncTables> {
         self.inner.backend.read_sync().await
+    }
+
+    /// The writes of `changes`, in order.
+    pub(crate) fn change_writes(&self, changes: &[Change]) -> Result<Vec<Write>> {
+        let mut writes = Vec::with_capacity(changes.len());
+        for c in changes {
+            match c.op {
+                Op::Delete => writes.push(Write::Delete {
+                    kind: c.kind.clone(),
+                    id: c.id.clone(),
+                }),
+                Op::Upsert => writes.push(Write::Upsert(self.change_row(c)?)),
+            }
+        }
+        Ok(writes)
     }
 
     fn change_row(&self, c: &Change) -> Result<Row> {
