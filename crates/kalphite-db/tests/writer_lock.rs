@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Backend, Fixture};
 use kalphite::Entity;
-use kalphite_db::{Database, DatabaseConfig, Error};
+use kalphite_db::{Database, DatabaseConfig, Error, WriterKind};
 use serde_json::json;
 
 both_backends!(a_second_writer_is_refused_until_the_first_lets_go);
@@ -177,4 +177,65 @@ async fn postgres_a_lost_lock_is_taken_again_before_the_next_write_or_writes_sto
     write_until(&first, Result::is_ok).await;
     assert!(first.holds_writer_lock());
     first.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cluster_nodes_share_the_lock_and_exclude_a_single_node() {
+    // Issue 12: `kalphite serve --cluster` nodes write one database together, but never
+    // beside a single-node server, which would assign room versions on its own.
+    let Some(f) = Fixture::postgres("writer_lock_cluster").await else {
+        return;
+    };
+    let node = |f: &Fixture| writer(f.config()).writer_lock(false).cluster_writer(true);
+    let n1 = Database::open(node(&f)).await.expect("a cluster node");
+    let n2 = Database::open(node(&f))
+        .await
+        .expect("two cluster nodes coexist");
+    assert!(n1.holds_writer_lock() && n2.holds_writer_lock());
+
+    // A single-node writer is refused, told that cluster nodes hold it.
+    let err = Database::open(writer(f.config()))
+        .await
+        .expect_err("a single node beside cluster nodes");
+    let Error::Busy {
+        by,
+        cluster,
+        holder,
+        ..
+    } = &err
+    else {
+        panic!("expected Error::Busy, got {err:?}");
+    };
+    assert_eq!((*by, *cluster), (WriterKind::Cluster, false));
+    assert!(
+        holder
+            .as_deref()
+            .is_some_and(|h| h.contains("kalphite cluster node")),
+        "{holder:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("by cluster nodes"), "{message}");
+    assert_eq!(message.lines().count(), 1, "one line: {message}");
+
+    // Once they are gone, the single node writes, and a cluster node is refused.
+    n1.close().await.expect("close");
+    n2.close().await.expect("close");
+    let single = Database::open(writer(f.config())).await.expect("single");
+    let err = Database::open(node(&f))
+        .await
+        .expect_err("a cluster node beside a single node");
+    let Error::Busy { by, cluster, .. } = &err else {
+        panic!("expected Error::Busy, got {err:?}");
+    };
+    assert_eq!((*by, *cluster), (WriterKind::SingleNode, true));
+    let message = err.to_string();
+    assert!(message.contains("by a single-node server"), "{message}");
+    assert_eq!(message.lines().count(), 1, "one line: {message}");
+    single.close().await.expect("close");
+    Database::open(node(&f))
+        .await
+        .expect("a cluster node once the single node is gone")
+        .close()
+        .await
+        .expect("close");
 }

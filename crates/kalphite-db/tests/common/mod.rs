@@ -106,6 +106,22 @@ impl Fixture {
 }
 
 impl Fixture {
+    /// A PostgreSQL connection of its own to the fixture's schema, outside kalphite (for
+    /// reading rows and the database clock). Panics on a SQLite fixture.
+    pub(crate) async fn pg_client(&self) -> tokio_postgres::Client {
+        assert_eq!(self.backend, Backend::Postgres, "pg_client on SQLite");
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let schema = self.pg_schema.as_deref().unwrap_or("public");
+        client
+            .batch_execute(&format!("SET search_path = {schema}"))
+            .await
+            .expect("search_path");
+        client
+    }
+
     /// Whether a table of this name exists in the fixture's database (schema).
     pub(crate) async fn table_exists(&self, table: &str) -> bool {
         match self.backend {
