@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use kalphite_db::{Database, DatabaseConfig};
 use kalphite_server::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_USER, MIN_SECRET_BYTES, ServerConfig,
-    issue_token, run,
+    ClusterConfig, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_USER, MIN_SECRET_BYTES,
+    ServerConfig, issue_token, run,
 };
 
 use crate::admin::sqlite_file;
@@ -79,6 +79,32 @@ pub(crate) struct ServeArgs {
     /// Seconds a tombstone must be old before it is collected (default 7 days).
     #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
     pub tombstone_age: u64,
+    /// Run as one node of a cluster: several `serve --cluster` on one PostgreSQL database,
+    /// each room served by the node holding its lease, the others relaying its connections
+    /// there (see docs/cluster.md). PostgreSQL only.
+    #[arg(long, requires_all = ["node_id", "advertise"])]
+    pub cluster: bool,
+    /// This node's id in the cluster: unique among live nodes, stable across restarts.
+    #[arg(long, value_name = "ID", requires = "cluster")]
+    pub node_id: Option<String>,
+    /// The host:port other nodes reach this node at (its --listen address as they see it).
+    #[arg(long, value_name = "HOST:PORT", requires = "cluster")]
+    pub advertise: Option<String>,
+    /// How long a room's lease lasts without renewal: a paused or cut-off node's rooms move
+    /// after it (a dead node's at once). `10s`, `2s`, `500ms`.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_lease_ttl, requires = "cluster")]
+    pub lease_ttl: Duration,
+}
+
+/// Parses a lease TTL: `10s`, `2s`, `1m`, `500ms`.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("'{s}' is not a duration like 10s or 500ms"));
+    }
+    parse_ttl(s)
 }
 
 /// `kalphite token`.
@@ -238,12 +264,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let schema = args.schema.as_deref().map(load_schema).transpose()?;
     // One server per database: a second one on the same SQLite file or PostgreSQL schema
     // is refused here, before it writes anything (kalphite_db::Error::Busy, one line).
-    let db = Database::open(
-        DatabaseConfig::new(&args.db)
-            .writer_lock(true)
-            .fsync(args.fsync),
-    )
-    .await?;
+    // A cluster node shares the database with the other nodes, never with a single server.
+    let db_config = DatabaseConfig::new(&args.db).fsync(args.fsync);
+    let db_config = if args.cluster {
+        db_config.cluster_writer(true)
+    } else {
+        db_config.writer_lock(true)
+    };
+    let db = Database::open(db_config).await?;
     let durability = format!(
         "{} ({})",
         db.commit_sync().await?,
@@ -256,6 +284,12 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         .max_connections_per_user(args.max_connections_per_user)
         .open(args.open)
         .policy(policy);
+    if args.cluster {
+        let (Some(node), Some(advertise)) = (&args.node_id, &args.advertise) else {
+            bail!("--cluster needs --node-id and --advertise");
+        };
+        config = config.cluster(ClusterConfig::new(node, advertise).lease_ttl(args.lease_ttl));
+    }
     config.room_limits.tombstone_versions = args.tombstone_versions;
     config.room_limits.tombstone_age = args.tombstone_age.saturating_mul(1_000);
     let schema_line = match schema {
@@ -300,6 +334,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         "  limits: {} connections, {} per user",
         args.max_connections, args.max_connections_per_user
     );
+    if let (true, Some(node), Some(advertise)) = (args.cluster, &args.node_id, &args.advertise) {
+        let _ = writeln!(
+            banner,
+            "  cluster: node {node}, reached at {advertise}, lease TTL {:?}",
+            args.lease_ttl
+        );
+    }
     let _ = writeln!(
         banner,
         "  connect a client: kalphite todo --server ws://{addr} --room todo{} list",

@@ -17,12 +17,14 @@ use futures_util::{Sink, SinkExt, StreamExt};
 use kalphite::{Millis, now_millis};
 use tokio::time::{Instant, sleep_until, timeout};
 
+use super::cluster::Owner;
+use super::forward::{self, Forward};
 use super::limits::UserPermit;
 use super::listener::Peer;
 use super::log::{Job, record_entity};
 use super::metrics::Metrics;
 use super::outbox::{Closed, Outbox, Popped, Pushed};
-use super::{Frame, RateLimit, RoomHandle, Shared, auth};
+use super::{Frame, RateLimit, RoomHandle, RoomLease, Shared, auth};
 use kalphite_sync::{
     ClientMessage, ConnId, Envelope, ErrorCode, ErrorPayload, HeartbeatPayload, HelloPayload,
     Outbound, SERVER_USER_ID, ServerMessage, Step, decode_client, encode, peek_message_id,
@@ -49,6 +51,8 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 enum Next {
     Continue,
     Close(u16, String),
+    /// Cluster mode: another node owns the hello's room; the connection becomes a relay.
+    Forward(Box<Forward>),
 }
 
 /// Why a connection ends.
@@ -69,10 +73,14 @@ enum End {
     Slow,
     /// The room was reset after a failed write.
     Reset,
+    /// Cluster mode: this node lost the room's lease; the client reconnects (to any node).
+    Moved,
     /// The hello's token expired.
     Expired,
     /// A frame for this client was over the largest a client accepts; it was not sent.
     FrameTooLarge(usize),
+    /// Cluster mode: relayed to the room's owner from here on.
+    Forward(Box<Forward>),
 }
 
 /// A frame the WebSocket layer could not read, by what the client is told.
@@ -145,6 +153,9 @@ struct Conn {
     /// When the hello's token expires (none in open mode without a token).
     expires: Option<Instant>,
     next_message: u64,
+    /// Cluster mode: another node forwarded this connection here (it is never forwarded
+    /// again: if this node does not own the room either, the client reconnects).
+    forwarded: bool,
 }
 
 /// Counts an open connection while it lives.
@@ -176,6 +187,7 @@ pub(crate) fn serve(
     mut socket: WebSocket,
     shared: Arc<Shared>,
     peer: Peer,
+    forwarded: bool,
 ) -> impl Future<Output = ()> + Send {
     async move {
         let metrics = Arc::clone(&shared.metrics);
@@ -202,6 +214,7 @@ pub(crate) fn serve(
             user_slot: None,
             expires: None,
             next_message: 0,
+            forwarded,
         };
         let mut writer = Writer {
             unflushed: 0,
@@ -266,8 +279,10 @@ pub(crate) fn serve(
                                 "too many messages on this connection; slow down and resend",
                                 refers_to)
                         };
-                        if let Next::Close(code, reason) = next {
-                            break End::Close(code, reason);
+                        match next {
+                            Next::Continue => {}
+                            Next::Close(code, reason) => break End::Close(code, reason),
+                            Next::Forward(to) => break End::Forward(to),
                         }
                     }
                     () = sleep_until(wake) => {
@@ -281,6 +296,13 @@ pub(crate) fn serve(
         };
         let end = match end {
             End::Gone if peer.write_stalled() => End::Stalled,
+            End::Forward(to) => {
+                // Boxed: relaying is the rare path; inline it would grow every task.
+                Box::pin(forward::relay(&mut socket, *to, &conn.shared, &outbox)).await;
+                drop(socket);
+                Box::pin(conn.leave()).await;
+                return;
+            }
             other => other,
         };
         let (frames, close) = conn.last_words(end);
@@ -369,6 +391,7 @@ impl Writer {
                 }
                 Popped::Closed(Closed::Reset) => return Poll::Ready(End::Reset),
                 Popped::Closed(Closed::Dropped) => return Poll::Ready(End::Slow),
+                Popped::Closed(Closed::Moved) => return Poll::Ready(End::Moved),
             }
         }
     }
@@ -395,7 +418,8 @@ impl Conn {
     /// What a connection ending for `end` still sends: frames, then a close frame.
     fn last_words(&mut self, end: End) -> (Vec<Utf8Bytes>, Option<(u16, String)>) {
         match end {
-            End::Gone => (Vec::new(), None),
+            // (A relayed connection ended in its relay: nothing more to send here.)
+            End::Gone | End::Forward(_) => (Vec::new(), None),
             End::Stalled => {
                 tracing::warn!(conn = self.id, "dropping a connection whose writes stalled");
                 (Vec::new(), None)
@@ -426,6 +450,13 @@ impl Conn {
                     None,
                 )],
                 Some((CLOSE_GOING_AWAY, "room reset; reconnect".to_owned())),
+            ),
+            End::Moved => (
+                Vec::new(),
+                Some((
+                    CLOSE_GOING_AWAY,
+                    "room moved to another node; reconnect".to_owned(),
+                )),
             ),
             End::Expired => (
                 vec![self.error_frame(
@@ -630,11 +661,36 @@ impl Conn {
         let handle = self.shared.room(&room_id);
         let mut guard = handle.state.lock().await;
         if guard.is_none() {
-            match self.shared.load_room(&room_id).await {
-                Ok(room) => *guard = Some(room),
+            let asked = Instant::now();
+            let lease = match self.owner(&room_id, &hello).await {
+                Ok(Ok(lease)) => lease,
+                Ok(Err(next)) => return next,
+                Err(e) => {
+                    tracing::error!(room = %room_id, error = %e, "could not acquire the room");
+                    drop(guard);
+                    return self.reply_error(
+                        ErrorCode::StorageFailed,
+                        "the room's owner could not be determined; try again later",
+                        refers_to,
+                    );
+                }
+            };
+            match self.shared.load_room(&room_id, lease).await {
+                Ok((room, lease)) => {
+                    *guard = Some(room);
+                    handle.set_lease(lease);
+                    if lease.is_some() {
+                        let ms = asked.elapsed().as_millis();
+                        let metrics = &self.shared.metrics.cluster;
+                        Metrics::add(&metrics.handover_ms, u64::try_from(ms).unwrap_or(u64::MAX));
+                    }
+                }
                 Err(e) => {
                     tracing::error!(room = %room_id, error = %e, "could not restore room");
                     drop(guard);
+                    if let (Some(cluster), Some(lease)) = (&self.shared.cluster, lease) {
+                        cluster.release(vec![(room_id.clone(), lease.term)]).await;
+                    }
                     return self.reply_error(
                         ErrorCode::StorageFailed,
                         "the room could not be loaded; try again later",
@@ -659,6 +715,7 @@ impl Conn {
                 let job = Job {
                     room: Arc::clone(&handle),
                     record: None,
+                    version: 0,
                     frames,
                 };
                 let submitted = self.shared.log.submit(job).await;
@@ -682,6 +739,39 @@ impl Conn {
         }
     }
 
+    /// Cluster mode: the lease this node may serve `room` under, acquired now (`Ok(Ok)`), or
+    /// what the connection does instead (`Ok(Err)`): relay to the owner, or, when it was
+    /// forwarded here already, reconnect. A single server: `Ok(Ok(None))`.
+    async fn owner(
+        &mut self,
+        room: &str,
+        hello: &Envelope<HelloPayload>,
+    ) -> Result<Result<Option<RoomLease>, Next>, kalphite_db::Error> {
+        let Some(cluster) = &self.shared.cluster else {
+            return Ok(Ok(None));
+        };
+        match cluster.acquire(room).await? {
+            Owner::Me { term, row_version } => Ok(Ok(Some(RoomLease { term, row_version }))),
+            Owner::Other { node, advertise } if self.forwarded || advertise.is_empty() => {
+                tracing::debug!(conn = self.id, room, owner = %node,
+                    "a forwarded hello for a room another node owns: the client reconnects");
+                Ok(Err(Next::Close(
+                    CLOSE_GOING_AWAY,
+                    "room moved to another node; reconnect".into(),
+                )))
+            }
+            Owner::Other { node, advertise } => {
+                let hello = encode(&ClientMessage::Hello(hello.clone()))
+                    .map_or_else(|_| Utf8Bytes::from_static("{}"), Utf8Bytes::from);
+                Ok(Err(Next::Forward(Box::new(Forward {
+                    node,
+                    url: format!("ws://{advertise}/sync"),
+                    hello,
+                }))))
+            }
+        }
+    }
+
     /// Handles a message of a joined connection. The room commits changes in memory and
     /// queues them, with the frames they produce, to the log writer, which makes them
     /// durable before delivering anything (in order); the room lock is held only while
@@ -700,24 +790,30 @@ impl Conn {
             Step::Reply(outs) => Job {
                 room: Arc::clone(handle),
                 record: None,
+                version: 0,
                 frames: encode_all(outs, metrics),
             },
             Step::Persist(pending) => match record_entity(&handle.id, pending.record()) {
-                Ok(entity) => match room.commit(pending) {
-                    Ok(outs) => Job {
-                        room: Arc::clone(handle),
-                        record: Some(entity),
-                        frames: encode_all(outs, metrics),
-                    },
-                    Err(e) => {
-                        tracing::error!(room = %handle.id, error = %e, "commit refused");
-                        return Next::Continue;
+                Ok(entity) => {
+                    let version = pending.record().version;
+                    match room.commit(pending) {
+                        Ok(outs) => Job {
+                            room: Arc::clone(handle),
+                            record: Some(entity),
+                            version,
+                            frames: encode_all(outs, metrics),
+                        },
+                        Err(e) => {
+                            tracing::error!(room = %handle.id, error = %e, "commit refused");
+                            return Next::Continue;
+                        }
                     }
-                },
+                }
                 Err(e) => match room.abort(pending, &e.to_string(), now) {
                     Ok(out) => Job {
                         room: Arc::clone(handle),
                         record: None,
+                        version: 0,
                         frames: encode_all(vec![out], metrics),
                     },
                     Err(e) => {

@@ -28,7 +28,9 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod auth;
+mod cluster;
 mod conn;
+mod forward;
 mod limits;
 mod listener;
 mod log;
@@ -59,9 +61,11 @@ pub use auth::{
     AuthError, Claims, MIN_SECRET_BYTES, WeakSecret, check_secret, encode_claims, issue_token,
     verify_token,
 };
+pub use cluster::{ClusterConfig, DEFAULT_LEASE_TTL};
 pub use log::{LogError, ROOM_KIND_PREFIX, ROOM_META_KIND, renew_room_epochs_in};
-pub use metrics::{Metrics, resident_bytes};
+pub use metrics::{ClusterMetrics, Metrics, resident_bytes};
 
+use cluster::Cluster;
 use limits::{Budgets, ConnectionPermit};
 use listener::{BoundedListener, Peer, SocketLimits};
 use log::RoomLog;
@@ -166,6 +170,10 @@ pub struct ServerConfig {
     /// memory (default 60 s); the next hello restores it from the log. Bounds the memory of
     /// a long-running server by its active rooms, not by every room it ever served.
     pub room_unload_after: Duration,
+    /// Cluster mode (PostgreSQL only): this server is one node of several on one database;
+    /// each room is served by the node holding its lease, the others forward its
+    /// connections there. `None` (the default): the only server of its database.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -186,6 +194,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("cluster", &self.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -218,7 +227,15 @@ impl ServerConfig {
             read_buffer_bytes: 1_024,
             room_limits: RoomLimits::default(),
             room_unload_after: Duration::from_mins(1),
+            cluster: None,
         }
+    }
+
+    /// Runs the server as a node of a cluster (see [`ClusterConfig`]).
+    #[must_use]
+    pub fn cluster(mut self, cluster: ClusterConfig) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Sets the token secret (at least [`MIN_SECRET_BYTES`] bytes; checked by
@@ -364,6 +381,9 @@ impl ServerConfig {
                 "write_timeout, handshake_timeout and room_unload_after must be positive".into(),
             ));
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(())
     }
 }
@@ -390,6 +410,10 @@ pub enum ServerError {
     /// PostgreSQL connection failed).
     #[error("cannot take the database's writer lock: {0}")]
     WriterLock(#[source] kalphite_db::Error),
+    /// Cluster mode could not start: the database is not PostgreSQL, another live node
+    /// has this node's id, or the cluster tables could not be reached.
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[source] kalphite_db::Error),
 }
 
 /// What the room sends: an encoded frame and who gets it, or a joiner's catch-up.
@@ -424,6 +448,17 @@ pub(crate) struct RoomHandle {
     /// Since when nothing but the room map has held this handle, as seen by the unload
     /// sweeps (see [`Shared::unload_idle`]).
     unused_since: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    /// Cluster mode: the lease this node serves the room under (`None` on a single server).
+    lease: parking_lot::Mutex<Option<RoomLease>>,
+}
+
+/// The lease a cluster node holds a room under, and what its commits are fenced with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RoomLease {
+    pub(crate) term: i64,
+    /// The room's version in the lease row, as of this node's last commit (the next
+    /// commit's fence expects it).
+    pub(crate) row_version: Option<i64>,
 }
 
 impl RoomHandle {
@@ -435,6 +470,35 @@ impl RoomHandle {
             joining: parking_lot::Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
             unused_since: parking_lot::Mutex::new(None),
+            lease: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// The term of the lease this node serves the room under (cluster mode).
+    pub(crate) fn term(&self) -> Option<i64> {
+        self.lease.lock().map(|l| l.term)
+    }
+
+    pub(crate) fn lease(&self) -> Option<RoomLease> {
+        *self.lease.lock()
+    }
+
+    pub(crate) fn set_lease(&self, lease: Option<RoomLease>) {
+        *self.lease.lock() = lease;
+    }
+
+    /// This node lost the room's lease: every member is closed with 1001 after what is
+    /// queued for it (all of it committed under the lease), and the handle is retired like
+    /// a reset one (its unwritten jobs are dropped; the next hello acquires anew).
+    pub(crate) fn moved(&self) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::warn!(room = %self.id, "room lease lost: closing its connections");
+            for (_, outbox) in self.members.lock().drain() {
+                outbox.close_for(outbox::Closed::Moved);
+            }
+            for (_, outbox) in self.joining.lock().drain() {
+                outbox.close_for(outbox::Closed::Moved);
+            }
         }
     }
 
@@ -540,6 +604,8 @@ pub(crate) struct Shared {
     pub(crate) stop: CancellationToken,
     /// The connection tasks (the room-log writer is tracked apart: it always finishes).
     pub(crate) conn_tasks: TaskTracker,
+    /// Cluster mode: this node's leases.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 impl Shared {
@@ -559,14 +625,18 @@ impl Shared {
     }
 
     /// Unloads every room that nothing but the room map has held since `unused_before`
-    /// (as observed by earlier sweeps); returns how many. A handle is only handed out by
+    /// (as observed by earlier sweeps); returns them. A handle is only handed out by
     /// [`Shared::room`], under the map's lock, and held by each of the room's connections
     /// and by each of its log jobs in flight, so a handle whose only holder is the map
     /// (checked under that lock) has no member, no joining connection and no unwritten
     /// change: dropping it loses nothing, and the next hello restores the room from the log.
-    pub(crate) fn unload_idle(&self, now: tokio::time::Instant, unused_for: Duration) -> usize {
+    pub(crate) fn unload_idle(
+        &self,
+        now: tokio::time::Instant,
+        unused_for: Duration,
+    ) -> Vec<Arc<RoomHandle>> {
         let mut rooms = self.rooms.lock();
-        let before = rooms.len();
+        let mut unloaded = Vec::new();
         rooms.retain(|_, handle| {
             let mut since = handle.unused_since.lock();
             if Arc::strong_count(handle) > 1 {
@@ -574,17 +644,20 @@ impl Shared {
                 return true;
             }
             let first_seen = *since.get_or_insert(now);
-            now.saturating_duration_since(first_seen) < unused_for
+            let keep = now.saturating_duration_since(first_seen) < unused_for;
+            if !keep {
+                unloaded.push(Arc::clone(handle));
+            }
+            keep
         });
-        let unloaded = before - rooms.len();
-        if unloaded > 0 {
+        if !unloaded.is_empty() {
             if rooms.capacity() > 64 && rooms.len() < rooms.capacity() / 4 {
                 rooms.shrink_to_fit();
             }
             self.metrics
                 .rooms
-                .fetch_sub(unloaded as u64, Ordering::Relaxed);
-            Metrics::add(&self.metrics.rooms_unloaded, unloaded as u64);
+                .fetch_sub(unloaded.len() as u64, Ordering::Relaxed);
+            Metrics::add(&self.metrics.rooms_unloaded, unloaded.len() as u64);
         }
         unloaded
     }
@@ -596,7 +669,15 @@ impl Shared {
     /// history was lost (its clients resync and send back what they hold). Tombstones past
     /// the horizon are collected here, and leave the log in the same transaction that
     /// moves the room's horizon.
-    pub(crate) async fn load_room(&self, id: &str) -> Result<Room, String> {
+    ///
+    /// On a cluster node, `lease` is the lease just acquired: a lease row without a version
+    /// (a new room, or one written before cluster mode) gets the log's, and the writes made
+    /// here are fenced by the lease. Returns the lease as it stands after them.
+    pub(crate) async fn load_room(
+        &self,
+        id: &str,
+        lease: Option<RoomLease>,
+    ) -> Result<(Room, Option<RoomLease>), String> {
         let records = self.log.load(id).await.map_err(|e| e.to_string())?;
         let stored_meta = self.log.load_meta(id).await.map_err(|e| e.to_string())?;
         let fresh = stored_meta.is_none();
@@ -618,12 +699,16 @@ impl Shared {
         }
         let n = records.len();
         let mut room = room.restore(records).map_err(|e| e.to_string())?;
+        let lease = match lease {
+            Some(lease) => Some(self.fence_start(id, lease, room.version()).await?),
+            None => None,
+        };
         let collected = room.collect_tombstones(kalphite::now_millis());
         if (fresh || !collected.is_empty())
             && let Some(meta) = room.meta()
         {
             self.log
-                .save_meta(id, meta, &collected)
+                .save_meta(id, meta, &collected, lease)
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -634,7 +719,44 @@ impl Shared {
             version = room.version(),
             "room restored"
         );
-        Ok(room)
+        Ok((room, lease))
+    }
+
+    /// The lease a freshly loaded room is served under: its row's version set to the log's
+    /// `version` if the row has none yet (fenced by the term: an error if the lease is
+    /// already lost).
+    async fn fence_start(
+        &self,
+        id: &str,
+        lease: RoomLease,
+        version: u64,
+    ) -> Result<RoomLease, String> {
+        let version = i64::try_from(version).map_err(|e| e.to_string())?;
+        match lease.row_version {
+            Some(row) => {
+                if row != version {
+                    tracing::warn!(
+                        room = id,
+                        lease_row = row,
+                        log = version,
+                        "the room's lease row and its log disagree on its version (the log was \
+                         written outside cluster mode?): serving the log's"
+                    );
+                }
+                Ok(lease)
+            }
+            None => {
+                self.config
+                    .database
+                    .init_room_version(id, lease.term, version)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(RoomLease {
+                    term: lease.term,
+                    row_version: Some(version),
+                })
+            }
+        }
     }
 }
 
@@ -669,10 +791,21 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate()?;
-    config.database.lock_writer().await.map_err(|e| match e {
-        kalphite_db::Error::Busy { .. } => ServerError::DatabaseBusy(e),
-        other => ServerError::WriterLock(other),
-    })?;
+    // A cluster node shares the database with the other nodes (each room is fenced by its
+    // lease); a single server takes it for itself.
+    let cluster = match config.cluster.clone() {
+        Some(cluster) => {
+            let joined = Cluster::join(config.database.clone(), cluster, Arc::clone(&metrics));
+            Some(Arc::new(joined.await?))
+        }
+        None => {
+            config.database.lock_writer().await.map_err(|e| match e {
+                kalphite_db::Error::Busy { .. } => ServerError::DatabaseBusy(e),
+                other => ServerError::WriterLock(other),
+            })?;
+            None
+        }
+    };
     if !config.open && config.token_secret.is_none() {
         tracing::warn!("no token secret and not in open mode: every hello will be refused");
     }
@@ -709,6 +842,7 @@ pub async fn run_with_metrics(
         cancel: cancel.clone(),
         stop: stop.clone(),
         conn_tasks: conn_tasks.clone(),
+        cluster: cluster.clone(),
     });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "kalphite sync server listening");
@@ -716,11 +850,15 @@ pub async fn run_with_metrics(
     let app = Router::new()
         .route("/sync", get(ws_handler))
         .route("/", get(web_app))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_handler))
         .layer(axum::middleware::from_fn(handshake_deadline))
         .with_state(Arc::clone(&shared));
     let sweeper = tokio::spawn(unload_idle_rooms(Arc::downgrade(&shared), cancel.clone()));
+    let renewer = tokio::spawn(cluster::renew_leases(
+        Arc::downgrade(&shared),
+        cancel.clone(),
+    ));
     drop(shared);
     let signal = {
         let cancel = cancel.clone();
@@ -755,6 +893,12 @@ pub async fn run_with_metrics(
     writer.wait().await;
     deadline.abort();
     sweeper.abort();
+    renewer.abort();
+    // Cluster mode: the rooms are handed over at once (their clients, closed with 1001,
+    // reconnect to a node that takes them), not after the lease runs out.
+    if let Some(cluster) = &cluster {
+        cluster.release_all().await;
+    }
     tracing::info!("kalphite sync server stopped");
     served.map_err(ServerError::Io)
 }
@@ -774,9 +918,19 @@ async fn unload_idle_rooms(shared: std::sync::Weak<Shared>, cancel: Cancellation
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let n = shared.unload_idle(tokio::time::Instant::now(), after);
-        if n > 0 {
-            tracing::debug!(rooms = n, "unloaded unused rooms");
+        let unloaded = shared.unload_idle(tokio::time::Instant::now(), after);
+        if !unloaded.is_empty() {
+            tracing::debug!(rooms = unloaded.len(), "unloaded unused rooms");
+        }
+        // Cluster mode: an unloaded room's lease is given up, so any node can take it.
+        if let Some(cluster) = &shared.cluster {
+            let leases: Vec<(String, i64)> = unloaded
+                .iter()
+                .filter_map(|h| Some((h.id.clone(), h.term()?)))
+                .collect();
+            if !leases.is_empty() {
+                cluster.release(leases).await;
+            }
         }
     }
 }
@@ -797,8 +951,10 @@ async fn handshake_deadline(
 async fn ws_handler(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let forwarded = headers.contains_key(forward::FORWARDED_BY);
     if shared.cancel.is_cancelled() {
         return unavailable("shutting down\n");
     }
@@ -815,7 +971,9 @@ async fn ws_handler(
         .max_frame_size(hard);
     peer.upgrade();
     let tasks = shared.conn_tasks.clone();
-    ws.on_upgrade(move |socket| tasks.track_future(connection(socket, shared, peer, permit)))
+    ws.on_upgrade(move |socket| {
+        tasks.track_future(connection(socket, shared, peer, permit, forwarded))
+    })
 }
 
 /// A `503` that closes its socket.
@@ -837,11 +995,12 @@ fn connection(
     shared: Arc<Shared>,
     peer: Peer,
     permit: ConnectionPermit,
+    forwarded: bool,
 ) -> impl Future<Output = ()> + Send {
     let stop = shared.stop.clone();
     // Boxed: `select!` moves its futures into a tuple of its own, which would keep the
     // whole connection future twice in the task.
-    let serve = Box::pin(conn::serve(socket, shared, peer));
+    let serve = Box::pin(conn::serve(socket, shared, peer, forwarded));
     async move {
         tokio::select! {
             () = serve => {}
@@ -859,6 +1018,19 @@ async fn web_app() -> Response {
         include_str!("../../../clients/js/app/todo.html"),
     )
         .into_response()
+}
+
+/// `ok`, and on a cluster node its role: its id, address and the rooms it owns.
+async fn healthz(State(shared): State<Arc<Shared>>) -> String {
+    match &shared.cluster {
+        None => "ok\n".to_owned(),
+        Some(cluster) => format!(
+            "ok: cluster node {} at {}, owns {} rooms\n",
+            cluster.config.node_id,
+            cluster.config.advertise,
+            cluster.rooms_owned()
+        ),
+    }
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

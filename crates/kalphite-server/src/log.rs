@@ -18,12 +18,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use kalphite::{AnyEntity, Change, Entity, Origin, now_millis};
-use kalphite_db::{Database, check_storable};
+use kalphite_db::{Database, Fence, check_storable};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
-use super::{Frame, RoomHandle};
+use super::{Frame, RoomHandle, RoomLease};
 use kalphite_sync::{Room, RoomMeta, StoredChange};
 
 /// The kind prefix of room-log entities.
@@ -72,6 +72,9 @@ pub enum LogError {
 pub(crate) struct Job {
     pub(crate) room: Arc<RoomHandle>,
     pub(crate) record: Option<Entity>,
+    /// The room version the record commits (0 without one): a cluster node's commit
+    /// fences the room's lease row from the version before its first record to its last.
+    pub(crate) version: u64,
     pub(crate) frames: Vec<Frame>,
 }
 
@@ -150,12 +153,31 @@ impl Writer {
 
     /// Deletes collected tombstones with the room's new horizon. A failure leaves both as
     /// they were (the tombstones and the old horizon agree); the room collects them again
-    /// when it is next loaded.
+    /// when it is next loaded. On a cluster node the deletes are fenced like a commit: a
+    /// node that lost the room never deletes what the new owner wrote.
     async fn collect(&self, room: &RoomHandle, changes: &[Change]) {
         if room.is_poisoned() {
             return;
         }
-        if let Err(e) = self.db.apply_changes(changes).await {
+        let result = match room.lease() {
+            Some(lease) => {
+                // The row's version stays: collecting commits no version.
+                let fence = Fence {
+                    room: room.id.clone(),
+                    term: lease.term,
+                    from_version: lease.row_version,
+                    to_version: lease.row_version.unwrap_or(0),
+                };
+                self.db.apply_changes_fenced(changes, &[fence]).await
+            }
+            None => self.db.apply_changes(changes).await,
+        };
+        if let Err(e) = result {
+            if e.is_fenced() {
+                Metrics::inc(&self.metrics.cluster.fencing_rejections);
+                room.moved();
+                return;
+            }
             Metrics::inc(&self.metrics.storage_errors);
             tracing::warn!(room = %room.id, error = %e,
                 "collected tombstones could not be deleted from the room log; they will be \
@@ -164,21 +186,85 @@ impl Writer {
     }
 
     /// Writes the records of `jobs` in one transaction (borrowed: they stay in the jobs
-    /// for a retry).
+    /// for a retry). On a cluster node the transaction also moves each room's lease row
+    /// from the version this node last wrote to the last of its records here, at the
+    /// lease's term: if another node took a room since, nothing is written
+    /// ([`kalphite_db::Error::Fenced`]).
     async fn write(&self, jobs: &[Job]) -> Result<(), kalphite_db::Error> {
         let records: Vec<&Entity> = jobs.iter().filter_map(|job| job.record.as_ref()).collect();
         if records.is_empty() {
             return Ok(());
         }
         let n = records.len() as u64;
-        match self.db.upsert_batch_borrowed(records).await {
+        let leased = fences(jobs);
+        let written = if leased.is_empty() {
+            self.db.upsert_batch_borrowed(records).await
+        } else {
+            let fences: Vec<Fence> = leased.iter().map(|(_, fence)| fence.clone()).collect();
+            self.db.upsert_batch_fenced(records, &fences).await
+        };
+        match written {
             Ok(()) => {
+                for (room, fence) in leased {
+                    room.set_lease(Some(RoomLease {
+                        term: fence.term,
+                        row_version: Some(fence.to_version),
+                    }));
+                }
                 Metrics::add(&self.metrics.changes_persisted, n);
                 Ok(())
             }
             Err(e) => {
-                Metrics::inc(&self.metrics.storage_errors);
+                if e.is_fenced() {
+                    Metrics::inc(&self.metrics.cluster.fencing_rejections);
+                } else {
+                    Metrics::inc(&self.metrics.storage_errors);
+                }
                 Err(e)
+            }
+        }
+    }
+
+    /// The rooms of `batch` that lost their lease to another node ([`kalphite_db::Error::Fenced`]
+    /// names one at a time): each is closed for good here (its clients reconnect to the new
+    /// owner; nothing of it is acknowledged), and the rest of the batch is committed again.
+    async fn commit_fenced(&self, batch: &mut Vec<Job>, mut error: kalphite_db::Error) {
+        loop {
+            let room = match &error {
+                kalphite_db::Error::Fenced { room } => room.clone(),
+                _ => String::new(),
+            };
+            tracing::warn!(room = %room,
+                "a commit was fenced out: another node owns the room now; closing it here");
+            let mut found = false;
+            for job in batch.iter() {
+                if job.room.id == room {
+                    job.room.moved();
+                    found = true;
+                }
+            }
+            if !found {
+                // Not one of ours by name: every leased room of the batch is suspect.
+                for job in batch.iter() {
+                    if job.room.lease().is_some() {
+                        job.room.moved();
+                    }
+                }
+            }
+            batch.retain(|job| !job.room.is_poisoned());
+            match self.write(batch).await {
+                Ok(()) => {
+                    for job in batch.drain(..) {
+                        job.room.deliver(job.frames, &self.metrics);
+                    }
+                    return;
+                }
+                Err(e) if e.is_fenced() => error = e,
+                Err(e) => {
+                    // Not a fence: the usual failed-write path for what is left.
+                    Box::pin(self.commit_failed(batch, e)).await;
+                    return;
+                }
             }
         }
     }
@@ -195,6 +281,15 @@ impl Writer {
             }
             return;
         };
+        if e.is_fenced() {
+            self.commit_fenced(batch, e).await;
+            return;
+        }
+        self.commit_failed(batch, e).await;
+    }
+
+    /// [`Writer::commit`] after the group's write failed for a reason other than a fence.
+    async fn commit_failed(&self, batch: &mut Vec<Job>, e: kalphite_db::Error) {
         if e.is_unavailable() {
             tracing::error!(error = %e, "room log write failed; resetting the rooms involved");
             reset_all(batch.drain(..), &self.metrics);
@@ -248,6 +343,12 @@ impl Writer {
                     reset_all(jobs.into_iter(), &self.metrics);
                     return Err(e);
                 }
+                Err(e) if e.is_fenced() => {
+                    for job in &jobs {
+                        job.room.moved();
+                    }
+                    return Ok(());
+                }
                 Err(e) => e.to_string(),
             },
         };
@@ -259,6 +360,10 @@ impl Writer {
         while let Some(job) = jobs.next() {
             match self.write(std::slice::from_ref(&job)).await {
                 Ok(()) => job.room.deliver(job.frames, &self.metrics),
+                Err(e) if e.is_fenced() => {
+                    job.room.moved();
+                    return Ok(());
+                }
                 Err(e) => {
                     let unavailable = e.is_unavailable();
                     reset_room(
@@ -272,6 +377,34 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The fence of each leased room with records among `jobs` (cluster mode): from the
+/// version its lease row had after this node's last commit to its last record here.
+fn fences(jobs: &[Job]) -> Vec<(&RoomHandle, Fence)> {
+    let mut fences: Vec<(&RoomHandle, Fence)> = Vec::new();
+    for job in jobs.iter().filter(|job| job.record.is_some()) {
+        let Some(lease) = job.room.lease() else {
+            continue;
+        };
+        let to = i64::try_from(job.version).unwrap_or(i64::MAX);
+        match fences
+            .iter_mut()
+            .find(|(room, _)| std::ptr::eq(*room, Arc::as_ptr(&job.room)))
+        {
+            Some((_, fence)) => fence.to_version = fence.to_version.max(to),
+            None => fences.push((
+                &job.room,
+                Fence {
+                    room: job.room.id.clone(),
+                    term: lease.term,
+                    from_version: lease.row_version,
+                    to_version: to,
+                },
+            )),
+        }
+    }
+    fences
 }
 
 /// Splits `jobs` by room, keeping each room's jobs in order.
@@ -534,12 +667,22 @@ impl RoomLog {
         room: &str,
         meta: &RoomMeta,
         collected: &[StoredChange],
+        lease: Option<RoomLease>,
     ) -> Result<(), LogError> {
         let changes = collect_changes(room, meta, collected)?;
-        self.db
-            .apply_changes(&changes)
-            .await
-            .map_err(|e| LogError::Write(e.to_string()))
+        let saved = match lease.and_then(|l| Some((l.term, l.row_version?))) {
+            Some((term, version)) => {
+                let fence = Fence {
+                    room: room.to_owned(),
+                    term,
+                    from_version: Some(version),
+                    to_version: version,
+                };
+                self.db.apply_changes_fenced(&changes, &[fence]).await
+            }
+            None => self.db.apply_changes(&changes).await,
+        };
+        saved.map_err(|e| LogError::Write(e.to_string()))
     }
 }
 
@@ -559,6 +702,7 @@ mod tests {
         Job {
             room: Arc::clone(room),
             record: Some(Entity::new(id, format!("{ROOM_KIND_PREFIX}{}", room.id), data).at(1)),
+            version: 0,
             frames: Vec::new(),
         }
     }
@@ -634,6 +778,7 @@ mod tests {
         let idle = Job {
             room: Arc::clone(&b),
             record: None,
+            version: 0,
             frames: Vec::new(),
         };
         let db = group_commit(vec![idle, job(&a, "a1", too_large())]).await;

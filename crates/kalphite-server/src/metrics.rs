@@ -47,6 +47,31 @@ pub struct Metrics {
     pub outbound_bytes: AtomicU64,
     /// The most bytes one connection's outbound queue has held since start (gauge).
     pub outbound_peak_bytes: AtomicU64,
+    /// Cluster mode's counters (rendered only on a cluster node).
+    pub cluster: ClusterMetrics,
+}
+
+/// What a cluster node counts (see `docs/cluster.md`).
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Set when the server runs as a cluster node: the rows below are rendered.
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Rooms whose lease this node holds (gauge).
+    pub rooms_owned: AtomicU64,
+    /// Lease renewals that failed (the database did not answer, or answered an error).
+    pub lease_renew_failures: AtomicU64,
+    /// Leases found lost (renewal did not return them, or renewal failed for a whole TTL).
+    pub leases_lost: AtomicU64,
+    /// Group commits of a room refused by its fence: another node had taken the room.
+    pub fencing_rejections: AtomicU64,
+    /// Connections forwarded to the room's owner.
+    pub forwarded_connections: AtomicU64,
+    /// Forwarded connections open now (gauge).
+    pub forwarded_open: AtomicU64,
+    /// Rooms acquired by this node.
+    pub acquisitions: AtomicU64,
+    /// Milliseconds from asking for a room's lease to serving it, summed over acquisitions.
+    pub handover_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -78,6 +103,13 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        if self.cluster.enabled.load(Ordering::Relaxed) {
+            for (name, kind, help, value) in self.cluster.rows() {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} {kind}");
+                let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            }
         }
         if let Some(bytes) = resident_bytes() {
             let name = "kalphite_sync_process_resident_bytes";
@@ -205,6 +237,62 @@ impl Metrics {
                 "gauge",
                 "Most bytes one connection's queue has held since start.",
                 &self.outbound_peak_bytes,
+            ),
+        ]
+    }
+}
+
+impl ClusterMetrics {
+    fn rows(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 8] {
+        [
+            (
+                "kalphite_cluster_rooms_owned",
+                "gauge",
+                "Rooms whose lease this node holds.",
+                &self.rooms_owned,
+            ),
+            (
+                "kalphite_cluster_lease_renew_failures_total",
+                "counter",
+                "Lease renewals that failed.",
+                &self.lease_renew_failures,
+            ),
+            (
+                "kalphite_cluster_leases_lost_total",
+                "counter",
+                "Room leases this node lost (its clients were closed with 1001).",
+                &self.leases_lost,
+            ),
+            (
+                "kalphite_cluster_fencing_rejections_total",
+                "counter",
+                "Room commits refused by their fence: another node owned the room.",
+                &self.fencing_rejections,
+            ),
+            (
+                "kalphite_cluster_forwarded_connections_total",
+                "counter",
+                "Connections forwarded to their room's owner.",
+                &self.forwarded_connections,
+            ),
+            (
+                "kalphite_cluster_forwarded_connections",
+                "gauge",
+                "Forwarded connections open.",
+                &self.forwarded_open,
+            ),
+            (
+                "kalphite_cluster_acquisitions_total",
+                "counter",
+                "Rooms this node acquired.",
+                &self.acquisitions,
+            ),
+            (
+                "kalphite_cluster_handover_ms_total",
+                "counter",
+                "Milliseconds from asking for a room's lease to serving it, summed over \
+                 kalphite_cluster_acquisitions_total.",
+                &self.handover_ms,
             ),
         ]
     }

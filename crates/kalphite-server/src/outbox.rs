@@ -31,6 +31,9 @@ pub(crate) enum Closed {
     /// The client fell behind (its queue went over a bound, or a write stalled): what was
     /// queued is dropped.
     Dropped,
+    /// Cluster mode: this node lost the room's lease (another node owns it now): what is
+    /// queued (all of it committed under the lease) is still written.
+    Moved,
 }
 
 /// What [`Outbox::push`] did with a frame.
@@ -154,10 +157,16 @@ impl Outbox {
     /// Closes the queue after a room reset: the connection's task writes what is queued,
     /// then ends.
     pub(crate) fn close(&self) {
+        self.close_for(Closed::Reset);
+    }
+
+    /// Closes the queue for `why` ([`Closed::Reset`] or [`Closed::Moved`]): the
+    /// connection's task writes what is queued, then ends.
+    pub(crate) fn close_for(&self, why: Closed) {
         {
             let mut st = self.state.lock();
             if st.closed.is_none() {
-                st.closed = Some(Closed::Reset);
+                st.closed = Some(why);
             }
         }
         self.waker.wake();

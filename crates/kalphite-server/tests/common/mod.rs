@@ -32,6 +32,15 @@ pub(crate) struct Server {
 }
 
 impl Server {
+    /// A handle on a server run elsewhere, for the helpers that only read its address.
+    pub(crate) fn at(addr: SocketAddr) -> Server {
+        Server {
+            addr,
+            stop: None,
+            task: None,
+        }
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("ws://{}/sync", self.addr)
     }

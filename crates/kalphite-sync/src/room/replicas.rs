@@ -22,6 +22,9 @@ struct Binding {
     stored: bool,
 }
 
+/// A replica's recent change message ids → (entity, version assigned).
+type SeenIds = HashMap<Arc<str>, (EntityKey, u64)>;
+
 /// The room's per-replica bookkeeping. Replica and user ids are shared (`Arc<str>`)
 /// between the bindings, the members and the deduplication window, and a message id
 /// between the window's map and its order: one allocation each, not one per place.
@@ -32,7 +35,7 @@ pub(super) struct Replicas {
     /// Replica id → the highest counter of that replica in any clock the room stored.
     high: HashMap<String, u64>,
     /// Replica id → change message id → (entity, version assigned).
-    seen: HashMap<Arc<str>, HashMap<Arc<str>, (EntityKey, u64)>>,
+    seen: HashMap<Arc<str>, SeenIds>,
     /// The (replica id, message id) pairs in `seen`, oldest first, to bound it.
     seen_order: VecDeque<(Arc<str>, Arc<str>)>,
 }
