@@ -118,9 +118,30 @@ pub(crate) async fn inspect(args: InspectArgs) -> Result<()> {
     let total: u64 = kinds.iter().map(|(_, n)| n).sum();
     let size = db.storage_bytes().await?;
     let last = db.get_all().await?.into_iter().max_by_key(|e| e.updated_at);
+    // Cluster mode's leases (PostgreSQL; none on SQLite, which is never clustered).
+    let owners = if db.backend_name() == "postgres" {
+        db.room_owners().await?
+    } else {
+        Vec::new()
+    };
     if args.json {
+        let rooms: Vec<_> = owners
+            .iter()
+            .map(|o| {
+                json!({
+                    "room": o.room,
+                    "term": o.term,
+                    "version": o.version,
+                    "owner": o.owner,
+                    "advertise": o.advertise,
+                    "live": o.live,
+                    "ownerAlive": o.owner_alive,
+                    "leaseLeftMs": o.lease_left_ms,
+                })
+            })
+            .collect();
         let kinds: BTreeMap<String, u64> = kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect();
-        let report = json!({
+        let mut report = json!({
             "database": db.target(),
             "backend": db.backend_name(),
             "entities": total,
@@ -132,6 +153,9 @@ pub(crate) async fn inspect(args: InspectArgs) -> Result<()> {
                 "updatedAt": e.updated_at,
             })),
         });
+        if db.backend_name() == "postgres" {
+            report["clusterRooms"] = serde_json::Value::Array(rooms);
+        }
         println!("{report}");
     } else {
         println!("database: {} ({})", db.target(), db.backend_name());
@@ -143,6 +167,22 @@ pub(crate) async fn inspect(args: InspectArgs) -> Result<()> {
         match last {
             Some(e) => println!("last change: {} '{}' at {} ms", e.kind, e.id, e.updated_at),
             None => println!("last change: none"),
+        }
+        if !owners.is_empty() {
+            println!("cluster rooms: {}", owners.len());
+            for o in &owners {
+                let version = o.version.map_or_else(|| "-".to_owned(), |v| v.to_string());
+                let owner = match (&o.owner, o.live) {
+                    (Some(node), true) => {
+                        let at = o.advertise.as_deref().unwrap_or("?");
+                        let left = o.lease_left_ms.unwrap_or(0);
+                        format!("owned by {node} ({at}), lease {left} ms left")
+                    }
+                    (Some(node), false) => format!("free (lease of {node} expired)"),
+                    (None, _) => "free".to_owned(),
+                };
+                println!("  {}: {owner}, term {}, version {version}", o.room, o.term);
+            }
         }
     }
     db.close().await?;

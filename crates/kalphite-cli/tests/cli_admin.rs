@@ -308,6 +308,40 @@ async fn a_sqlite_backup_piped_into_postgres_and_inspected_as_json() {
     let report = inspect_json(d, &url);
     assert_eq!(report["backend"], "postgres");
     assert_eq!(report["kinds"], inspect_json(d, "a.db")["kinds"]);
+    assert_eq!(
+        report["clusterRooms"],
+        serde_json::json!([]),
+        "no cluster yet"
+    );
+
+    // Cluster mode's leases: a node holds room r1 (issue 12: `inspect` shows room owners).
+    let db =
+        kalphite_db::Database::open(kalphite_db::DatabaseConfig::new(&pg).postgres_schema(&schema))
+            .await
+            .expect("open");
+    let node = db
+        .join_cluster(&kalphite_db::NodeInfo {
+            node: "n1".into(),
+            advertise: "127.0.0.1:9999".into(),
+        })
+        .await
+        .expect("join");
+    let acquired = db
+        .acquire_room("r1", "n1", std::time::Duration::from_secs(60))
+        .await
+        .expect("acquire");
+    assert!(matches!(acquired, kalphite_db::Acquired::Owned(_)));
+    let rooms = inspect_json(d, &url)["clusterRooms"].clone();
+    assert_eq!(rooms.as_array().map(Vec::len), Some(1), "{rooms}");
+    assert_eq!(rooms[0]["room"], "r1");
+    assert_eq!(rooms[0]["owner"], "n1");
+    assert_eq!(rooms[0]["advertise"], "127.0.0.1:9999");
+    assert_eq!(rooms[0]["live"], true);
+    assert_eq!(rooms[0]["term"], 1);
+    let text = stdout(&ok(d, &["inspect", "--db", &url]));
+    assert!(text.contains("r1: owned by n1 (127.0.0.1:9999)"), "{text}");
+    drop(node);
+    db.close().await.expect("close");
     let shown = report["database"].as_str().unwrap();
     let authority = pg.split("://").nth(1).unwrap().split('/').next().unwrap();
     if let Some((user_pw, _)) = authority.rsplit_once('@')

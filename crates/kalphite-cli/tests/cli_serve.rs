@@ -868,3 +868,46 @@ async fn serve_unloads_rooms_left_by_everyone_after_unload_after() {
     refused(fresh.path(), &["serve", "--open", "--unload-after", "0"]);
     assert!(!fresh.path().join("rooms.db").exists() && !fresh.path().join("kalphite.db").exists());
 }
+
+/// Cluster mode is PostgreSQL only, and needs its node id and address: each missing piece
+/// is one clear error before anything starts (issue 12).
+#[test]
+fn serve_cluster_refuses_sqlite_and_missing_node_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = [
+        "serve",
+        "--cluster",
+        "--node-id",
+        "a",
+        "--advertise",
+        "127.0.0.1:1",
+        "--open",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let err = refused(d, &cluster);
+    assert!(err.contains("cluster mode needs PostgreSQL"), "{err}");
+    assert!(
+        !d.join("kalphite.db").exists() || err.contains("SQLite"),
+        "{err}"
+    );
+    let err = refused(d, &["serve", "--cluster", "--open", "--node-id", "a"]);
+    assert!(err.contains("--advertise"), "{err}");
+    let err = refused(d, &["serve", "--node-id", "a", "--open"]);
+    assert!(err.contains("--cluster"), "{err}");
+    let err = refused(
+        d,
+        &[
+            "serve",
+            "--cluster",
+            "--node-id",
+            "a",
+            "--advertise",
+            "h:1",
+            "--lease-ttl",
+            "soon",
+        ],
+    );
+    assert!(err.contains("soon"), "{err}");
+}
