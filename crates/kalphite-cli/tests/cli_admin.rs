@@ -327,7 +327,7 @@ async fn a_sqlite_backup_piped_into_postgres_and_inspected_as_json() {
         .await
         .expect("join");
     let acquired = db
-        .acquire_room("r1", "n1", std::time::Duration::from_secs(60))
+        .acquire_room("r1", "n1", std::time::Duration::from_mins(1))
         .await
         .expect("acquire");
     assert!(matches!(acquired, kalphite_db::Acquired::Owned(_)));
