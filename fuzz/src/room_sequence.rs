@@ -13,19 +13,23 @@
 //! - every stored entity respects the room's limits (ids, kinds, clock size, nesting, NUL);
 //! - everything the room sends encodes, and decodes to itself as a client would read it;
 //! - catch-up pages chain and cover the room; a room restored from the committed records
-//!   equals the live one.
+//!   equals the live one;
+//! - a streamed catch-up (`Room::join_streamed`, every other connection), drained one page
+//!   per later step while the room goes on changing, chains and holds exactly the room's
+//!   state as of the join, with message ids no other message of the room uses.
 //!
 //! Shared by the `room_sequence` fuzz target and the replay test.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
 
 use kalphite::{Entity, Op};
 use kalphite_sync::{
-    CatchUpPayload, ChangePayload, ClientMessage, ConflictPolicy, ConnId, DEFAULT_MAX_FRAME_BYTES,
-    EntityKey, Envelope, ErrorCode, HelloPayload, MAX_CLOCK_ENTRIES, MAX_DATA_DEPTH, MAX_ID_BYTES,
-    Outbound, PROTOCOL_VERSION, Pending, RESERVED_KIND_PREFIX, Recipient, Room, RoomLimits,
-    RoomMeta, ServerMessage, Step, StoredChange, Strategy, VectorClock, decode_client,
-    decode_server, encode,
+    CatchUpPayload, CatchUpStream, ChangePayload, ClientMessage, ConflictPolicy, ConnId,
+    DEFAULT_MAX_FRAME_BYTES, EntityKey, Envelope, ErrorCode, HelloPayload, MAX_CLOCK_ENTRIES,
+    MAX_DATA_DEPTH, MAX_ID_BYTES, Outbound, PROTOCOL_VERSION, Pending, RESERVED_KIND_PREFIX,
+    Recipient, Room, RoomLimits, RoomMeta, ServerMessage, Step, StoredChange, Strategy,
+    VectorClock, decode_client, decode_server, encode,
 };
 use serde_json::Value;
 
@@ -54,6 +58,9 @@ pub fn run(data: &[u8]) {
         }
         h.step(&mut b);
     }
+    while !h.streams.is_empty() {
+        h.drain_one_page();
+    }
     h.check_restore();
 }
 
@@ -77,8 +84,23 @@ struct Harness {
     gone: BTreeSet<ConnId>,
     /// (connection, message id) of every change a connection sent.
     sent: HashSet<(ConnId, String)>,
+    /// Streamed catch-ups not drained yet, by connection.
+    streams: BTreeMap<ConnId, Streamed>,
+    /// Every message id the room sent (they must never repeat).
+    message_ids: std::cell::RefCell<HashSet<String>>,
     next_conn: ConnId,
     now: u64,
+}
+
+/// A streamed catch-up being drained, and what it must hold: the room as of the join.
+struct Streamed {
+    stream: CatchUpStream,
+    from: u64,
+    /// The room's version at the join.
+    version: u64,
+    /// The state at the join of every entity changed since `from`.
+    expected: BTreeMap<EntityKey, ChangePayload>,
+    pages: Vec<CatchUpPayload>,
 }
 
 /// A typed kind for the room's schema (when it has one): it keeps `title` and drops every
@@ -145,12 +167,17 @@ impl Harness {
             members: BTreeMap::new(),
             gone: BTreeSet::new(),
             sent: HashSet::new(),
+            streams: BTreeMap::new(),
+            message_ids: std::cell::RefCell::new(HashSet::new()),
             next_conn: 1,
             now: 1,
         }
     }
 
     fn step(&mut self, b: &mut Bytes<'_>) {
+        // Streamed catch-ups advance one page per step, between the room's other work
+        // (no input byte: the corpus keeps its meaning).
+        self.drain_one_page();
         self.now += u64::from(b.byte());
         let slot = b.below(SLOTS);
         match b.below(16) {
@@ -324,6 +351,11 @@ impl Harness {
         let conn = self.conn(slot);
         let user = hello.user_id.clone();
         let version = self.room.version();
+        // Every other connection joins the way the server does, with a streamed catch-up.
+        if conn % 2 == 0 {
+            self.join_streamed(slot, conn, already, hello);
+            return;
+        }
         match self.room.join(conn, &user, hello, self.now) {
             Ok(out) => {
                 assert!(already.is_none(), "a second hello on {conn} was accepted");
@@ -343,6 +375,132 @@ impl Harness {
             }
         }
         self.check_members();
+    }
+
+    /// [`Harness::join`] with [`Room::join_streamed`]: the welcome now, the pages later.
+    fn join_streamed(
+        &mut self,
+        slot: usize,
+        conn: ConnId,
+        already: Option<ConnId>,
+        hello: &Envelope<HelloPayload>,
+    ) {
+        let user = hello.user_id.clone();
+        let version = self.room.version();
+        match self.room.join_streamed(conn, &user, hello, self.now) {
+            Ok(joined) => {
+                assert!(already.is_none(), "a second hello on {conn} was accepted");
+                self.slots[slot] = Some(conn);
+                self.members
+                    .insert(conn, (user, hello.payload.replica_id.clone()));
+                assert_eq!(joined.catch_up.conn(), conn);
+                let out = [joined.welcome];
+                let Some(ServerMessage::Welcome(welcome)) = out.first().map(|o| &o.message) else {
+                    panic!("a streamed join starts with a welcome");
+                };
+                let from = welcome.payload.catch_up_from;
+                assert_eq!(welcome.payload.room_version, version);
+                assert!(from == hello.payload.last_version || from == 0);
+                assert!(from <= version, "catch-up from a version the room has");
+                let expected = self
+                    .log
+                    .values()
+                    .filter(|r| r.version > from)
+                    .map(|r| {
+                        let key = r.key();
+                        let current = self.room.get(&key).expect("a logged entity exists");
+                        (key, current.to_payload())
+                    })
+                    .collect();
+                self.check_outputs(&out, None);
+                self.streams.insert(
+                    conn,
+                    Streamed {
+                        stream: joined.catch_up,
+                        from,
+                        version,
+                        expected,
+                        pages: Vec::new(),
+                    },
+                );
+            }
+            Err(_) => {
+                assert_eq!(
+                    self.room.is_member(conn),
+                    already.is_some(),
+                    "a refused hello"
+                );
+            }
+        }
+        self.check_members();
+    }
+
+    /// Takes the next page of the oldest streamed catch-up; checks the whole catch-up once
+    /// its last page is out.
+    fn drain_one_page(&mut self) {
+        let Some(mut entry) = self.streams.first_entry() else {
+            return;
+        };
+        let conn = *entry.key();
+        let streamed = entry.get_mut();
+        let Some(out) = streamed.stream.next_message() else {
+            let done = entry.remove();
+            Self::check_streamed(conn, &done);
+            return;
+        };
+        assert_eq!(out.to, Recipient::One(conn), "a page for its joiner only");
+        let ServerMessage::CatchUp(page) = &out.message else {
+            panic!("a catch-up stream makes only pages: {:?}", out.message);
+        };
+        streamed.pages.push(page.payload.clone());
+        let finished = streamed.stream.is_finished();
+        if finished {
+            let done = entry.remove();
+            Self::check_streamed(conn, &done);
+        }
+        self.check_outputs(std::slice::from_ref(&out), None);
+    }
+
+    /// A drained streamed catch-up: pages chain from where the hello stood to the room's
+    /// version at the join, and hold each entity changed since once, as it was then.
+    fn check_streamed(conn: ConnId, done: &Streamed) {
+        assert!(!done.pages.is_empty(), "at least one page for {conn}");
+        let mut at = done.from;
+        let mut seen = BTreeMap::new();
+        for (i, page) in done.pages.iter().enumerate() {
+            assert_eq!(page.from_version, at, "pages chain");
+            assert_eq!(
+                page.complete,
+                i + 1 == done.pages.len(),
+                "only the last is complete"
+            );
+            let mut last = page.from_version;
+            for change in &page.changes {
+                let v = change.room_version.expect("catch-up carries room versions");
+                assert!(v > last && v <= page.to_version, "in order and in range");
+                last = v;
+                let key = EntityKey::new(change.entity_type.clone(), change.entity_id.clone());
+                assert!(
+                    seen.insert(key, change.clone()).is_none(),
+                    "each entity once"
+                );
+            }
+            at = page.to_version;
+        }
+        assert_eq!(
+            at,
+            done.version.max(done.from),
+            "up to the version at the join"
+        );
+        if seen != done.expected {
+            let mut diff = String::new();
+            for (key, payload) in &seen {
+                if done.expected.get(key) != Some(payload) {
+                    let _ = write!(diff, "{key:?} ");
+                }
+            }
+            panic!("the streamed catch-up of {conn} is not the room as of its join: {diff}");
+        }
     }
 
     /// The welcome, then the catch-up from where the hello stood (0 after a reset).
@@ -540,6 +698,8 @@ impl Harness {
 
     fn leave(&mut self, slot: usize) {
         let conn = self.conn(slot);
+        // The server drops a leaving connection's queue, catch-up included.
+        self.streams.remove(&conn);
         self.room.leave(conn);
         assert!(!self.room.is_member(conn));
         if self.members.remove(&conn).is_some() {
@@ -575,6 +735,11 @@ impl Harness {
                     assert!(ack.payload.version <= self.room.version().max(ack.payload.version));
                 }
             }
+            let id = o.message.message_id().to_owned();
+            assert!(
+                self.message_ids.borrow_mut().insert(id.clone()),
+                "the room sent message id {id} twice"
+            );
             let frame = encode(&o.message).expect("what the room sends encodes");
             let back = decode_server(&frame, usize::MAX)
                 .unwrap_or_else(|e| panic!("a client cannot decode what the room sent: {e}"));
