@@ -352,7 +352,7 @@ impl Harness {
         let user = hello.user_id.clone();
         let version = self.room.version();
         // Every other connection joins the way the server does, with a streamed catch-up.
-        if conn % 2 == 0 {
+        if conn.is_multiple_of(2) {
             self.join_streamed(slot, conn, already, hello);
             return;
         }
