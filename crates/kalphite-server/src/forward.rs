@@ -77,6 +77,16 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
         }
     };
     tracing::debug!(owner = %to.node, "relaying a connection to its room's owner");
+    // A paused or cut-off owner keeps the relay's socket open: the relay pings it, and a
+    // silence longer than the lease TTL and a half (its rooms have moved by then, or are
+    // about to) sends the client away to reconnect.
+    let ttl = shared
+        .cluster
+        .as_ref()
+        .map_or(super::cluster::DEFAULT_LEASE_TTL, |c| c.config.lease_ttl);
+    let mut ping = tokio::time::interval(ttl / 2);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
     if timeout(
         write_timeout,
         upstream.send(Upstream::Text(to.hello.as_str().into())),
@@ -100,6 +110,17 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
                 let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "server shutting down"))).await;
                 let _ = timeout(write_timeout, upstream.close(None)).await;
                 return;
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > ttl + ttl / 2 {
+                    tracing::warn!(owner = %to.node, "the room's owner stopped answering a relayed connection");
+                    let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner stopped answering; reconnect"))).await;
+                    return;
+                }
+                if timeout(write_timeout, upstream.send(Upstream::Ping(axum::body::Bytes::new()))).await.map_or(true, |r| r.is_err()) {
+                    let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner went away; reconnect"))).await;
+                    return;
+                }
             }
             from_client = client.next() => {
                 let message = match from_client {
@@ -126,6 +147,7 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
                 }
             }
             from_owner = upstream.next() => {
+                heard = tokio::time::Instant::now();
                 let message = match from_owner {
                     Some(Ok(Upstream::Text(text))) => Message::Text(text.as_str().into()),
                     Some(Ok(Upstream::Binary(bytes))) => Message::Binary(bytes),

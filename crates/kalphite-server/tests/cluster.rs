@@ -325,3 +325,56 @@ async fn an_idle_cluster_node_stops_cleanly() {
     assert_eq!(status, 200);
     a.stop().await;
 }
+
+/// A relay to an owner that stops answering (paused, or cut off) does not hold its client
+/// forever: past the lease TTL and a half without a frame (the relay pings), the client is
+/// closed with 1001 and reconnects, by when the room has moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_to_an_owner_that_stopped_answering_sends_its_client_away() {
+    let Some(url) = pg_url("a_relay_to_an_owner_that_stopped_answering_sends_its_client_away")
+    else {
+        return;
+    };
+    let schema = format!("cluster_silent_{:08x}", rand::random::<u32>());
+    // The "owner": accepts the relayed WebSocket, then never reads or answers again.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let (accepted_tx, accepted_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = silent.accept().await.expect("accept");
+        let ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+        let _ = accepted_tx.send(());
+        // Held, never polled: pings go unanswered.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(ws);
+    });
+    let b = Node::start(&url, &schema, "b").await;
+    // Its lease is live and its liveness lock held, so b relays instead of taking the room.
+    let db = Database::open(DatabaseConfig::new(&url).postgres_schema(&schema))
+        .await
+        .expect("open");
+    let _ghost = db
+        .join_cluster(&kalphite_db::NodeInfo {
+            node: "ghost".into(),
+            advertise: silent_addr.to_string(),
+        })
+        .await
+        .expect("join");
+    let owned = db
+        .acquire_room("r", "ghost", Duration::from_secs(60))
+        .await
+        .expect("acquire");
+    assert!(matches!(owned, kalphite_db::Acquired::Owned(_)));
+
+    let mut bob = Raw::connect(&b.url()).await;
+    bob.hello("r", "bob", Some(&token("bob", &["r"]))).await;
+    guard(accepted_rx)
+        .await
+        .expect("relayed to the silent owner");
+    let (code, reason, _) = closed(&mut bob).await;
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains("stopped answering"), "{reason}");
+    b.stop().await;
+}
