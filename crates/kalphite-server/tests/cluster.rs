@@ -347,7 +347,7 @@ async fn a_relay_to_an_owner_that_stopped_answering_sends_its_client_away() {
         let ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
         let _ = accepted_tx.send(());
         // Held, never polled: pings go unanswered.
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_mins(1)).await;
         drop(ws);
     });
     let b = Node::start(&url, &schema, "b").await;
@@ -363,7 +363,7 @@ async fn a_relay_to_an_owner_that_stopped_answering_sends_its_client_away() {
         .await
         .expect("join");
     let owned = db
-        .acquire_room("r", "ghost", Duration::from_secs(60))
+        .acquire_room("r", "ghost", Duration::from_mins(1))
         .await
         .expect("acquire");
     assert!(matches!(owned, kalphite_db::Acquired::Owned(_)));
