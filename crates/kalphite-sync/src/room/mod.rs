@@ -448,10 +448,14 @@ impl Room {
             }
         }
         // A collected entity's superseded states can no longer be a merge base: an edit
-        // of it now starts a new entity.
+        // of it now starts a new entity. Nor can its changes be re-acknowledged (the ack
+        // carries the entity's current state, which is gone): their message ids leave the
+        // deduplication window, so a resend whose ack was lost is taken as a change of an
+        // entity the room does not know, not refused for ever.
         if !collected.is_empty() {
             let gone: std::collections::HashSet<EntityKey> =
                 collected.iter().map(StoredChange::key).collect();
+            self.replicas.forget_entities(&gone);
             let mut freed = 0;
             self.bases.retain(|_, base| {
                 let keep = !gone.contains(&base.key);

@@ -3,7 +3,7 @@
 //! recent message ids of each replica (deduplication). All of it is rebuilt from the
 //! stored changes when a room is restored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use crate::EntityKey;
@@ -164,6 +164,19 @@ impl Replicas {
                 }
             }
         }
+    }
+
+    /// Forgets the message ids of changes to `gone` (entities the room no longer holds).
+    pub(super) fn forget_entities(&mut self, gone: &HashSet<EntityKey>) {
+        self.seen.retain(|_, ids| {
+            ids.retain(|_, (key, _)| !gone.contains(key));
+            !ids.is_empty()
+        });
+        let seen = &self.seen;
+        self.seen_order.retain(|(replica, message_id)| {
+            seen.get(replica)
+                .is_some_and(|ids| ids.contains_key(message_id))
+        });
     }
 
     /// `replica` as the binding's shared id when it is bound, else a new one.
