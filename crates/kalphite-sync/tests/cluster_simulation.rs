@@ -1,14 +1,8 @@
-//! Deterministic simulation of `kalphite serve --cluster` (issue 12): 2–3 server nodes over
-//! one fenced log (the model of PostgreSQL: per room the stored records, a lease row
-//! `(term, version, owner)` and an append-only history of commits), with random handovers,
-//! owner crashes, lease releases and stale owners that keep writing, and replicas on any
-//! node (a non-owner forwards) over a faulty network. Checks per room: versions gapless and
-//! unique, every acknowledged or broadcast state in the history, each replica's view
-//! monotonic, and convergence after a quiet phase.
-//!
-//! Each run prints its seed; `KALPHITE_SIM_SEED=<n> cargo test -p kalphite-sync --test
-//! cluster_simulation` replays one seed (`<a>..<b>` sweeps a range), and
-//! `KALPHITE_SIM_STEPS=<n>` changes the length of each run.
+//! Deterministic simulation of `kalphite serve --cluster` (issue 12): 2–3 nodes over one
+//! fenced log (records, lease rows, commit history) with handovers, crashes, releases and
+//! stale owners still writing; checks per room gapless unique versions, acked states in the
+//! history, monotonic replica views, convergence. Replay: `KALPHITE_SIM_SEED=<n>` (or
+//! `<a>..<b>`), `KALPHITE_SIM_STEPS=<n>`, as in `simulation.rs`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -304,12 +298,12 @@ fn payload_key(p: &ChangePayload) -> EntityKey {
 impl Sim {
     fn new(seed: u64, setup: Setup) -> Self {
         let mut replicas = Vec::new();
-        for room in 0..ROOMS.len() {
+        for (room, name) in ROOMS.iter().enumerate() {
             for j in 0..setup.replicas_per_room {
                 let mut config = ReplicaConfig::new(
-                    ROOMS[room],
+                    *name,
                     format!("user{}", j % 2),
-                    format!("{}-replica{j}", ROOMS[room]),
+                    format!("{name}-replica{j}"),
                 );
                 config.resend_after = RESEND_AFTER;
                 config.heartbeat_interval = 5_000;
@@ -473,11 +467,11 @@ impl Sim {
             Some(owner) => {
                 let term = row.term;
                 match self.nodes[owner].rooms.get(&room) {
-                    Some(owned) if owned.term != term => {
+                    Some(held) if held.term != term => {
                         self.fail(format!(
                             "room {room}: node {owner} owns the lease at term {term} but \
                              holds the room at term {}",
-                            owned.term
+                            held.term
                         ));
                         return None;
                     }
@@ -848,15 +842,15 @@ impl Sim {
     fn deliver(&mut self, packet: Packet) {
         self.stats.delivered += 1;
         match packet {
-            Packet::ToNode { conn, msg } => self.to_node(conn, msg),
-            Packet::ToReplica { idx, conn, msg } => self.to_replica(idx, conn, msg),
+            Packet::ToNode { conn, msg } => self.at_node(conn, msg),
+            Packet::ToReplica { idx, conn, msg } => self.at_replica(idx, conn, msg),
         }
     }
 
     /// A client frame reaches its connection's node: the hello picks the owner (its own
     /// room, or forwarded); everything goes to that owner's room, whose output waits in
     /// the owner's queue for the next commit.
-    fn to_node(&mut self, conn: ConnId, msg: ClientMessage) {
+    fn at_node(&mut self, conn: ConnId, msg: ClientMessage) {
         let now = self.now;
         let Some(c) = self.conns.get(&conn) else {
             return;
@@ -931,7 +925,7 @@ impl Sim {
         self.stats.collected += collected;
     }
 
-    fn to_replica(&mut self, idx: usize, conn: ConnId, msg: ServerMessage) {
+    fn at_replica(&mut self, idx: usize, conn: ConnId, msg: ServerMessage) {
         let now = self.now;
         let r = &self.replicas[idx];
         if r.conn != Some(conn) {
@@ -1067,7 +1061,7 @@ impl Sim {
                 self.stats.acks_checked += 1;
                 let ack = &ack.payload;
                 let key = payload_key(&ack.result);
-                if !committed(ack.version).is_some_and(|c| c.key() == key) {
+                if committed(ack.version).is_none_or(|c| c.key() != key) {
                     problems.push(format!(
                         "replica {idx}: ack of {} at version {}, not a commit of {}/{}",
                         ack.ack_of, ack.version, key.kind, key.id
@@ -1378,7 +1372,7 @@ fn simulate(seed: u64, fencing: Fencing, steps: usize) -> (Stats, Result<(), Str
 fn two_or_three_nodes_over_a_fenced_log_lose_nothing_and_converge() {
     let steps = steps(3_000);
     let mut total = Stats::default();
-    for seed in seeds(0..40) {
+    for seed in seeds(0..60) {
         let (stats, result) = simulate(seed, Fencing::Full, steps);
         if let Err(e) = result {
             panic!(
@@ -1408,6 +1402,18 @@ fn two_or_three_nodes_over_a_fenced_log_lose_nothing_and_converge() {
         );
         assert!(t.acks_checked > 0 && t.broadcasts_checked > 0, "{t:?}");
     }
+}
+
+/// Replays a seed that finds a `Replica` bug (not the cluster's): a snapshot resync of the
+/// room's own epoch (the replica was older than a collected tombstone) cut short after some
+/// pages leaves the watermark past the horizon and the stored epoch unchanged, so the next
+/// connection catches up incrementally and the entities the snapshot would have dropped
+/// (here `todo/a`, deleted at version 156 and collected) stay on the replica for good.
+#[test]
+#[ignore = "Replica: an interrupted same-epoch snapshot resync is never finished (seed 1237)"]
+fn an_interrupted_snapshot_resync_is_finished() {
+    let (stats, result) = simulate(1237, Fencing::Full, 3_000);
+    assert_eq!(result, Ok(()), "{stats:?}");
 }
 
 /// Without the fence a stale owner's commit is written: the checks must see it.
