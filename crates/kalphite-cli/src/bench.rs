@@ -27,16 +27,19 @@ pub(crate) enum BenchCommand {
 /// `kalphite bench sync`.
 #[derive(Debug, Args)]
 pub(crate) struct SyncBenchArgs {
-    /// The server (`ws://HOST:PORT`, `/sync` added when no path is given).
+    /// The server (`ws://HOST:PORT`, `/sync` added when no path is given). Repeat it, or
+    /// separate with commas, for several (a cluster's nodes): clients are spread over them
+    /// round-robin.
     // Old name: --url.
     #[arg(
         long,
         alias = "url",
         env = "KALPHITE_SERVER",
         default_value = "ws://127.0.0.1:8787",
+        value_delimiter = ',',
         value_parser = parse_server
     )]
-    pub server: String,
+    pub server: Vec<String>,
     /// s1 (latency), s2 (fan-out), s3 (many rooms), s4 (idle connections), soak (rooms
     /// opened and left, entities deleted) or load (steady writes over many connections).
     #[arg(long, default_value = "s1")]

@@ -2,7 +2,8 @@
 //! rooms, S4 idle connections, against any running sync server. Clients speak the wire
 //! protocol directly; observers read each frame's type and entity id (borrowed, the rest
 //! skipped) and keep the frame in a map, their "store", so thousands of clients and
-//! hundreds of thousands of frames per second fit in one generator core. Run by
+//! hundreds of thousands of frames per second fit in one generator core. Given several
+//! servers (the nodes of a cluster), clients are spread over them round-robin. Run by
 //! `kalphite bench sync`.
 
 // Rates, averages and sizes in the report are f64: exact for any count below 2^52.
@@ -68,8 +69,9 @@ impl std::str::FromStr for Scenario {
 /// Load-generator options; the defaults are workload S's sizes.
 #[derive(Clone, Debug)]
 pub(crate) struct BenchOptions {
-    /// `ws://host:port/sync`.
-    pub url: String,
+    /// `ws://host:port/sync`, one or more (never empty): the nth client of a scenario
+    /// connects to `urls[n % len]`, and the server metrics are summed over all of them.
+    pub urls: Vec<String>,
     /// Token secret, to mint room tokens; `None` for a server in open mode.
     pub token_secret: Option<Vec<u8>>,
     /// S1: measured changes (2000) and warm-up changes (200).
@@ -119,10 +121,10 @@ pub(crate) struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// Workload S's sizes against `url`.
-    pub(crate) fn new(url: impl Into<String>) -> Self {
+    /// Workload S's sizes against `urls` (the first alone when given none).
+    pub(crate) fn new(urls: Vec<String>) -> Self {
         Self {
-            url: url.into(),
+            urls,
             token_secret: None,
             s1_changes: 2000,
             s1_warmup: 200,
@@ -145,6 +147,11 @@ impl BenchOptions {
             load_duration: Duration::from_mins(5),
             load_sample: Duration::from_secs(30),
         }
+    }
+
+    /// The server of a scenario's `n`th client: round-robin over the URLs.
+    fn url(&self, n: usize) -> &str {
+        &self.urls[n % self.urls.len().max(1)]
     }
 }
 
@@ -216,21 +223,18 @@ async fn guarded<T>(
 }
 
 impl Client {
-    /// Connects, says hello and waits for the complete catch-up; returns the sending half
-    /// and the receiving half.
+    /// Connects to the scenario's `n`th server (round-robin), says hello and waits for the
+    /// complete catch-up; returns the sending half and the receiving half.
     async fn join(
         opts: &BenchOptions,
+        n: usize,
         room: &str,
         user: &str,
     ) -> Result<(Self, Source), BenchError> {
         let (ws, _) = guarded(
             opts,
             "connect",
-            tokio_tungstenite::connect_async_with_config(
-                opts.url.as_str(),
-                Some(ws_config()),
-                true,
-            ),
+            tokio_tungstenite::connect_async_with_config(opts.url(n), Some(ws_config()), true),
         )
         .await?
         .map_err(|e| BenchError::Connect(e.to_string()))?;
@@ -478,14 +482,36 @@ fn ms(d: Duration) -> String {
 /// # Errors
 /// Connection failures, refusals, or a wait past the hang guard.
 pub(crate) async fn run(scenario: Scenario, opts: &BenchOptions) -> Result<Report, BenchError> {
-    match scenario {
+    if opts.urls.is_empty() {
+        return Err(BenchError::Config("no server given".into()));
+    }
+    let mut report = match scenario {
         Scenario::S1 => s1(opts).await,
         Scenario::S2 => s2(opts).await,
         Scenario::S3 => s3(opts).await,
         Scenario::S4 => s4(opts).await,
         Scenario::Soak => soak(opts).await,
         Scenario::Load => load(opts).await,
+    }?;
+    if opts.urls.len() > 1 {
+        let at = report
+            .rows
+            .iter()
+            .position(|(k, _)| k == "scenario")
+            .map_or(0, |i| i + 1);
+        report.rows.insert(
+            at,
+            (
+                "servers".to_owned(),
+                format!(
+                    "{} (clients round-robin; RSS and room counts summed): {}",
+                    opts.urls.len(),
+                    opts.urls.join(", ")
+                ),
+            ),
+        );
     }
+    Ok(report)
 }
 
 /// A writes c1..cn one at a time, each after B observed the previous; returns each
@@ -495,8 +521,8 @@ async fn ping_pong_latencies(
     room: &str,
     n: u64,
 ) -> Result<Vec<Duration>, BenchError> {
-    let (mut writer, a_source) = Client::join(opts, room, &format!("{room}-a")).await?;
-    let (_b, b_source) = Client::join(opts, room, &format!("{room}-b")).await?;
+    let (mut writer, a_source) = Client::join(opts, 0, room, &format!("{room}-a")).await?;
+    let (_b, b_source) = Client::join(opts, 1, room, &format!("{room}-b")).await?;
     spawn_drain(a_source);
     let (tx, mut rx) = mpsc::unbounded_channel();
     spawn_observer(b_source, tx);
@@ -529,12 +555,12 @@ async fn full_client_latencies(
     use kalphite_db::{Database, DatabaseConfig};
 
     let mut clients = Vec::new();
-    for user in ["a", "b"] {
+    for (n, user) in ["a", "b"].into_iter().enumerate() {
         let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
             .await
             .map_err(|e| BenchError::Config(e.to_string()))?;
         let user = format!("{room}-{user}");
-        let mut config = SyncConfig::new(opts.url.clone(), room)
+        let mut config = SyncConfig::new(opts.url(n), room)
             .user(user.clone())
             .replica_id(&user);
         if let Some(secret) = &opts.token_secret {
@@ -637,12 +663,12 @@ async fn s2(opts: &BenchOptions) -> Result<Report, BenchError> {
         let room = format!("s2-{readers}-{}", run_id());
         let mut observers = Vec::new();
         for r in 0..readers {
-            let (_client, source) = Client::join(opts, &room, &format!("reader{r}")).await?;
+            let (_client, source) = Client::join(opts, r, &room, &format!("reader{r}")).await?;
             let (tx, rx) = mpsc::unbounded_channel();
             spawn_observer(source, tx);
             observers.push(rx);
         }
-        let (mut writer, source) = Client::join(opts, &room, "writer").await?;
+        let (mut writer, source) = Client::join(opts, readers, &room, "writer").await?;
         spawn_drain(source);
         let mut waits = Vec::new();
         for mut rx in observers {
@@ -708,8 +734,8 @@ async fn s3(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut pairs = Vec::new();
     for r in 0..opts.s3_rooms {
         let room = format!("s3-{run}-{r}");
-        let a = Client::join(opts, &room, &format!("{room}-a")).await?;
-        let b = Client::join(opts, &room, &format!("{room}-b")).await?;
+        let a = Client::join(opts, 2 * r, &room, &format!("{room}-a")).await?;
+        let b = Client::join(opts, 2 * r + 1, &room, &format!("{room}-b")).await?;
         pairs.push((a, b));
     }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
@@ -771,7 +797,7 @@ async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut clients = Vec::with_capacity(opts.s4_clients);
     for i in 0..opts.s4_clients {
         let room = format!("s4-{run}-{}", i % opts.s4_rooms.max(1));
-        clients.push(Client::join(opts, &room, &format!("idle{i}")).await?);
+        clients.push(Client::join(opts, i, &room, &format!("idle{i}")).await?);
     }
     let connected = server_rss(opts).await;
     tokio::time::sleep(opts.s4_idle).await;
@@ -796,11 +822,25 @@ async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-/// A gauge or counter from the server's `/metrics`.
+/// A gauge or counter from the servers' `/metrics`, summed over the servers that export
+/// it (`None` when none does).
 async fn server_metric(opts: &BenchOptions, name: &str) -> Option<u64> {
-    let body = scrape(opts).await?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    let mut sum = None;
+    for url in &opts.urls {
+        let Some(body) = scrape(url).await else {
+            continue;
+        };
+        if let Some(v) = body.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        }) {
+            sum = Some(sum.unwrap_or(0) + v);
+        }
+    }
+    sum
 }
 
 async fn soak(opts: &BenchOptions) -> Result<Report, BenchError> {
@@ -828,7 +868,7 @@ async fn soak(opts: &BenchOptions) -> Result<Report, BenchError> {
             let batch = (next..opts.soak_rooms.min(next + 64)).map(|i| {
                 let room = format!("soak-{run}-{round}-{i}");
                 async move {
-                    let (mut c, mut source) = Client::join(opts, &room, "soak").await?;
+                    let (mut c, mut source) = Client::join(opts, i, &room, "soak").await?;
                     let msg = c.edit(0, 1, false);
                     c.pipeline(&mut source, opts, [msg], 1).await
                 }
@@ -840,7 +880,7 @@ async fn soak(opts: &BenchOptions) -> Result<Report, BenchError> {
         }
         // Entities written, then deleted, in one room.
         let room = format!("soak-{run}-{round}-deletes");
-        let (mut c, mut source) = Client::join(opts, &room, "soak-deleter").await?;
+        let (mut c, mut source) = Client::join(opts, round, &room, "soak-deleter").await?;
         let n = opts.soak_deletes;
         let upserts: Vec<_> = (0..n).map(|i| c.edit(i, 1, false)).collect();
         c.pipeline(&mut source, opts, upserts, 256).await?;
@@ -882,7 +922,7 @@ async fn load(opts: &BenchOptions) -> Result<Report, BenchError> {
     let mut tasks = Vec::with_capacity(clients);
     for i in 0..clients {
         let room = format!("load-{run}-{}", i % opts.load_rooms.max(1));
-        let (mut c, mut source) = Client::join(opts, &room, &format!("load{i}")).await?;
+        let (mut c, mut source) = Client::join(opts, i, &room, &format!("load{i}")).await?;
         let lat = lat_tx.clone();
         let mut stopped = stopped.clone();
         let offset = period.mul_f64(i as f64 / clients as f64);
@@ -978,17 +1018,17 @@ fn mib(bytes: Option<u64>) -> String {
     )
 }
 
-/// Scrapes the server's resident memory from `/metrics` (same host and port as the URL).
+/// Scrapes the servers' resident memory from `/metrics` (same host and port as each URL),
+/// summed.
 pub(crate) async fn server_rss(opts: &BenchOptions) -> Option<u64> {
     server_metric(opts, "kalphite_sync_process_resident_bytes").await
 }
 
-/// The server's `/metrics` text (same host and port as the URL).
-async fn scrape(opts: &BenchOptions) -> Option<String> {
-    let rest = opts
-        .url
+/// A server's `/metrics` text (same host and port as its URL).
+async fn scrape(url: &str) -> Option<String> {
+    let rest = url
         .strip_prefix("ws://")
-        .or_else(|| opts.url.strip_prefix("http://"))?;
+        .or_else(|| url.strip_prefix("http://"))?;
     let host = rest.split('/').next()?;
     let mut stream = TcpStream::connect(host).await.ok()?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -1033,7 +1073,7 @@ mod tests {
             let _ = stopped.await;
         }));
 
-        let mut opts = BenchOptions::new(format!("ws://{addr}/sync"));
+        let mut opts = BenchOptions::new(vec![format!("ws://{addr}/sync")]);
         opts.token_secret = Some(SECRET.to_vec());
         opts.s1_changes = 20;
         opts.s1_warmup = 5;
@@ -1102,6 +1142,56 @@ mod tests {
             .and_then(|(_, v)| v.parse().ok())
             .expect("acks row");
         assert!(acks >= 50, "{report}");
+        let _ = stop.send(());
+        server.await.expect("join").expect("server");
+    }
+
+    /// Several servers: clients go round-robin over them (here two addresses of one server:
+    /// one by IP, one by name), the report names them, the metrics are summed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_servers_share_the_clients() {
+        let db = Database::open(DatabaseConfig::new("sqlite::memory:"))
+            .await
+            .expect("open");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = ServerConfig::new(db).token_secret(SECRET.to_vec());
+        let server = tokio::spawn(serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let one = format!("ws://{addr}/sync");
+        let mut opts = BenchOptions::new(vec![one.clone()]);
+        opts.token_secret = Some(SECRET.to_vec());
+        let alone = super::server_rss(&opts).await.expect("rss");
+        opts.urls = vec![one, format!("ws://localhost:{}/sync", addr.port())];
+        assert_eq!(opts.url(0), opts.urls[0]);
+        assert_eq!(opts.url(3), opts.urls[1]);
+        // Both addresses are scraped: the same process counted twice.
+        let summed = super::server_rss(&opts).await.expect("rss");
+        assert!(summed >= alone * 2 - alone / 2, "{alone} then {summed}");
+        opts.s1_changes = 10;
+        opts.s1_warmup = 2;
+        opts.s3_rooms = 3;
+        opts.s3_changes = 6;
+        opts.s4_clients = 6;
+        opts.s4_rooms = 2;
+        opts.s4_idle = Duration::ZERO;
+        opts.timeout = GUARD;
+        for scenario in [Scenario::S1, Scenario::S3, Scenario::S4] {
+            let report = tokio::time::timeout(GUARD, run(scenario, &opts))
+                .await
+                .expect("hang guard")
+                .expect("scenario");
+            assert_eq!(report.rows[0].0, "scenario", "{report}");
+            assert_eq!(report.rows[1].0, "servers", "{report}");
+            assert!(report.rows[1].1.starts_with("2 "), "{report}");
+        }
+        opts.urls.truncate(1);
+        let report = run(Scenario::S1, &opts).await.expect("s1");
+        assert!(report.rows.iter().all(|(k, _)| k != "servers"), "{report}");
         let _ = stop.send(());
         server.await.expect("join").expect("server");
     }
