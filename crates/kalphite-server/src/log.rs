@@ -192,11 +192,11 @@ impl Writer {
     /// ([`kalphite_db::Error::Fenced`]).
     async fn write(&self, jobs: &[Job]) -> Result<(), kalphite_db::Error> {
         let records: Vec<&Entity> = jobs.iter().filter_map(|job| job.record.as_ref()).collect();
-        if records.is_empty() {
+        let leased = fences(jobs);
+        if records.is_empty() && leased.is_empty() {
             return Ok(());
         }
         let n = records.len() as u64;
-        let leased = fences(jobs);
         let written = if leased.is_empty() {
             self.db.upsert_batch_borrowed(records).await
         } else {
@@ -324,7 +324,8 @@ impl Writer {
         known: Option<String>,
     ) -> Result<(), kalphite_db::Error> {
         let records = jobs.iter().filter(|job| job.record.is_some()).count();
-        if records == 0 {
+        // (A leased room's jobs are written even without records: their fence is checked.)
+        if records == 0 && jobs.iter().all(|job| job.room.lease().is_none()) {
             for job in jobs {
                 job.room.deliver(job.frames, &self.metrics);
             }
@@ -379,15 +380,23 @@ impl Writer {
     }
 }
 
-/// The fence of each leased room with records among `jobs` (cluster mode): from the
-/// version its lease row had after this node's last commit to its last record here.
+/// The fence of each leased room among `jobs` (cluster mode): from the version its lease
+/// row had after this node's last commit to its last record here (or to the same version,
+/// a term check, when it has no record here).
 fn fences(jobs: &[Job]) -> Vec<(&RoomHandle, Fence)> {
     let mut fences: Vec<(&RoomHandle, Fence)> = Vec::new();
-    for job in jobs.iter().filter(|job| job.record.is_some()) {
+    for job in jobs {
         let Some(lease) = job.room.lease() else {
             continue;
         };
-        let to = i64::try_from(job.version).unwrap_or(i64::MAX);
+        // A job without a record (a welcome and its catch-up, a duplicate ack, a reply)
+        // commits no version but shows the room's state: it is delivered only if the node
+        // still holds the room, checked by a fence that moves nothing.
+        let to = if job.record.is_some() {
+            i64::try_from(job.version).unwrap_or(i64::MAX)
+        } else {
+            lease.row_version.unwrap_or(0)
+        };
         match fences
             .iter_mut()
             .find(|(room, _)| std::ptr::eq(*room, Arc::as_ptr(&job.room)))
