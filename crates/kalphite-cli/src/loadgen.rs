@@ -791,8 +791,21 @@ async fn s3(opts: &BenchOptions) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+/// Connections S4 opens and closes before its baseline.
+const S4_WARM_UP: usize = 20;
+
 async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     let run = run_id();
+    // A warm-up first: a server that never served a connection has not touched the code
+    // of its connection path, nor grown its allocator's arenas, and the first connections
+    // would carry both. Measured from after it, the figure is what each connection costs.
+    let mut warm = Vec::with_capacity(S4_WARM_UP);
+    for i in 0..S4_WARM_UP {
+        let room = format!("s4-{run}-warm-{}", i % 2);
+        warm.push(Client::join(opts, i, &room, &format!("warm{i}")).await?);
+    }
+    drop(warm);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = server_rss(opts).await;
     let mut clients = Vec::with_capacity(opts.s4_clients);
     for i in 0..opts.s4_clients {
@@ -804,6 +817,10 @@ async fn s4(opts: &BenchOptions) -> Result<Report, BenchError> {
     let after = server_rss(opts).await;
     let mut report = Report::default();
     report.row("scenario", "S4 idle connections");
+    report.row(
+        "baseline",
+        format!("after {S4_WARM_UP} connections opened and closed"),
+    );
     report.row(
         "clients / rooms / idle",
         format!(
