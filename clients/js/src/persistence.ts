@@ -148,6 +148,7 @@ export class IndexedDbPersistence implements Persistence {
       replica.watermark = p.watermark;
       replica.receivedAbove = [...p.receivedAbove];
       replica.epoch = p.epoch;
+      if (p.resyncing === true) replica.resyncing = true;
     }
     return { entities: entities as Entity<unknown>[], replica, meta: (meta as Record<string, unknown>) ?? {} };
   }

@@ -93,6 +93,11 @@ export interface ReplicaState {
   /** At most one entry per entity, oldest first (a Map keeps insertion order). */
   outbox: Map<string, OutboxEntry>;
   epoch?: string | undefined;
+  /**
+   * A resync began and its catch-up has not completed: the watermark and known versions
+   * are its partial progress. The next hello asks from 0, so it is started again and finished.
+   */
+  resyncing?: boolean | undefined;
 }
 
 /** The scalar part of the state. */
@@ -101,6 +106,8 @@ export interface Progress {
   watermark: number;
   receivedAbove: number[];
   epoch?: string | undefined;
+  /** Written with the watermark it qualifies; absent when false. */
+  resyncing?: boolean | undefined;
 }
 
 /** What changed in the persistent state since the last `takeDelta`. */
@@ -137,6 +144,7 @@ export function applyDelta(state: ReplicaState, delta: StateDelta): void {
     state.watermark = delta.progress.watermark;
     state.receivedAbove = [...delta.progress.receivedAbove];
     state.epoch = delta.progress.epoch;
+    state.resyncing = delta.progress.resyncing === true ? true : undefined;
   }
 }
 
@@ -230,7 +238,7 @@ export class Replica {
   private dirty: Dirty = newDirty();
   private helloFrom = 0;
   private readonly undelivered = new Map<string, Undelivered>();
-  private resyncing: { snapshot: boolean } | undefined;
+  private resync: { snapshot: boolean } | undefined;
   private welcomeEpoch: string | undefined;
   private horizon = 0;
 
@@ -297,6 +305,7 @@ export class Replica {
       watermark: this.st.watermark,
       receivedAbove: [...this.st.receivedAbove],
       epoch: this.st.epoch,
+      resyncing: this.st.resyncing === true ? true : undefined,
     };
   }
 
@@ -341,12 +350,14 @@ export class Replica {
   connect(now: Millis): ClientMessage {
     this.linkState = "connecting";
     this.lastHeard = now;
-    this.helloFrom = this.st.watermark;
+    // A resync cut short (a disconnect, a restart) starts again from 0: its pages moved
+    // the watermark, but what the catch-up lacks is only known at its end.
+    this.helloFrom = this.st.resyncing ? 0 : this.st.watermark;
     const payload: ClientMessage["payload"] & Record<string, unknown> = {
       protocolVersion: PROTOCOL_VERSION,
       roomId: this.config.roomId,
       replicaId: this.config.replicaId,
-      lastVersion: this.st.watermark,
+      lastVersion: this.helloFrom,
     };
     if (this.config.authToken !== undefined) payload.token = this.config.authToken;
     if (this.st.epoch !== undefined) payload.epoch = this.st.epoch;
@@ -454,9 +465,10 @@ export class Replica {
         const otherEpoch = w.epoch !== undefined && this.st.epoch !== undefined && w.epoch !== this.st.epoch;
         const behind = w.catchUpFrom < this.helloFrom;
         const snapshot = w.snapshot === true;
-        this.resyncing = undefined;
+        this.resync = undefined;
         this.horizon = w.collectedThrough ?? 0;
-        if (otherEpoch || behind || snapshot) {
+        // A resync an earlier connection did not finish is done again, whatever the welcome says.
+        if (otherEpoch || behind || snapshot || this.st.resyncing) {
           const forgetClocks = otherEpoch || (behind && !snapshot);
           this.beginResync(w.catchUpFrom, forgetClocks, snapshot);
           this.welcomeEpoch = w.epoch;
@@ -491,10 +503,12 @@ export class Replica {
           this.dirty.progress = true;
         }
         const complete = page.complete && this.st.watermark >= page.toVersion;
-        if (complete && this.resyncing) {
-          const resync = this.resyncing;
-          this.resyncing = undefined;
+        if (complete && this.resync) {
+          const resync = this.resync;
+          this.resync = undefined;
           this.finishResync(resync, now, out);
+          this.st.resyncing = undefined;
+          this.dirty.progress = true;
           if (this.welcomeEpoch !== undefined) {
             this.st.epoch = this.welcomeEpoch;
             this.welcomeEpoch = undefined;
@@ -528,6 +542,9 @@ export class Replica {
   private beginResync(from: number, forgetClocks: boolean, snapshot: boolean): void {
     this.st.watermark = from;
     this.st.receivedAbove = [];
+    // Without a stored epoch, the versions taken in from here on must not pass for those of
+    // whatever room the next connection finds: the empty epoch matches none.
+    if (this.st.epoch === undefined) this.st.epoch = "";
     const me = this.config.replicaId;
     for (const [key, known] of this.st.known) {
       this.st.known.set(key, {
@@ -547,8 +564,9 @@ export class Replica {
       this.st.outbox.set(key, entry);
       this.dirty.outbox.add(key);
     }
+    this.st.resyncing = true;
     this.dirty.progress = true;
-    this.resyncing = { snapshot };
+    this.resync = { snapshot };
   }
 
   private finishResync(resync: { snapshot: boolean }, now: Millis, out: Output): void {
@@ -714,7 +732,7 @@ export class Replica {
   }
 
   private keepsLocal(change: ChangePayload): boolean {
-    if (!this.resyncing || this.resyncing.snapshot || (change.operation === "upsert" && !change.entity)) {
+    if (!this.resync || this.resync.snapshot || (change.operation === "upsert" && !change.entity)) {
       return false;
     }
     const key = keyString(change.entityType, change.entityId);

@@ -36,6 +36,43 @@ test("a commit stores entities and the replica's state together; load gives them
   await again.close();
 });
 
+test("a resync cut short is stored as under way: the replica loaded from it asks from 0 again", async () => {
+  const factory = new IDBFactory();
+  const p = new IndexedDbPersistence("t3", factory);
+  const r = new Replica({ roomId: "r", userId: "u", replicaId: "me", incarnation: 1 });
+  const server = (type, payload) => ({ type, messageId: "s", userId: "@server", timestamp: 1, payload });
+  const welcome = (extra) => server("welcome", { protocolVersion: 1, roomId: "r", roomVersion: 9, catchUpFrom: 0, epoch: "E", ...extra });
+  const state = (id, roomVersion) => ({ operation: "upsert", entityType: "todo", entityId: id, entity: entity(id, {}), vector: { x: roomVersion }, roomVersion });
+  const page = (fromVersion, toVersion, changes, complete) => server("catchUp", { fromVersion, toVersion, changes, complete });
+  r.connect(1);
+  r.handle(welcome({ roomVersion: 1 }), 1);
+  r.handle(page(0, 1, [state("a", 1)], true), 1);
+  r.disconnected();
+  // Then older than the room's collection horizon (3, `a` deleted and collected): a
+  // snapshot of the room's own epoch, whose first page moves the watermark past the
+  // horizon; then the link drops.
+  r.connect(2);
+  r.handle(welcome({ snapshot: true, collectedThrough: 3 }), 2);
+  r.handle(page(0, 5, [state("b", 5)], false), 2);
+  assert.equal(r.watermark(), 5);
+  await p.commit({ put: [entity("a", {}), entity("b", {})], delete: [], deltas: [r.takeDelta()] });
+  await p.close();
+
+  const loaded = await new IndexedDbPersistence("t3", factory).load();
+  assert.equal(loaded.replica.resyncing, true);
+  const again = new Replica({ roomId: "r", userId: "u", replicaId: "me", incarnation: 2 }, loaded.replica);
+  const hello = again.connect(3);
+  assert.deepEqual([hello.payload.lastVersion, hello.payload.epoch], [0, "E"], "the snapshot is asked for again");
+  again.handle(welcome({ snapshot: true, collectedThrough: 3 }), 3);
+  again.handle(page(0, 5, [state("b", 5)], false), 3);
+  const out = again.handle(page(5, 9, [state("c", 9)], true), 3);
+  assert.deepEqual(out.apply.filter((c) => c.operation === "delete").map((c) => c.entityId), ["a"]);
+  assert.ok(out.events.some((e) => e.type === "resynced" && e.snapshot && e.dropped.map((k) => k.id).join() === "a"));
+  assert.equal(again.watermark(), 9);
+  assert.equal(again.state().resyncing, undefined);
+  assert.equal(again.connect(4).payload.lastVersion, 9);
+});
+
 test("a commit that fails writes nothing: not the entities, not the outbox", async () => {
   const factory = new IDBFactory();
   const p = new IndexedDbPersistence("t2", factory);

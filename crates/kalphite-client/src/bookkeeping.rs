@@ -159,6 +159,8 @@ pub(crate) fn load(tables: &SyncTables) -> Result<Loaded, CorruptRow> {
         state.received_above = p.received_above;
         // The room's epoch travels in the same record as the watermark it qualifies.
         state.epoch = p.epoch;
+        // So does the mark of a resync not finished, which the next hello starts again.
+        state.resyncing = p.resyncing;
     }
     let mut outbox = IndexMap::with_capacity(tables.outbox.len());
     for row in &tables.outbox {
@@ -245,6 +247,7 @@ pub(crate) async fn import_legacy(db: &Database, room: &str) -> Result<bool, cra
         watermark: legacy.state.watermark,
         received_above: legacy.state.received_above,
         epoch: legacy.state.epoch,
+        resyncing: legacy.state.resyncing,
     }));
     if let Some(id) = legacy.replica_id {
         records.push(Record::State(KEY_REPLICA_ID, id));

@@ -147,6 +147,12 @@ pub struct ReplicaState {
     /// catch-up completes; `None` before the first, or from a server without epochs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
+    /// A resync began (a welcome called for one) and its catch-up has not completed: the
+    /// watermark and the known versions are its partial progress, which does not say
+    /// what the room lacks. The next hello asks from version 0, so an interrupted resync
+    /// is started again and finished (see `docs/sync.md`, "Room identity and resync").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resyncing: bool,
 }
 
 /// The scalar part of [`ReplicaState`]: where the replica stands in the room.
@@ -162,6 +168,9 @@ pub struct Progress {
     /// [`ReplicaState::epoch`]. Written with the watermark, so the two always agree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
+    /// [`ReplicaState::resyncing`]. Written with the watermark it qualifies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resyncing: bool,
 }
 
 /// What changed in the persistent state since the last [`Replica::take_delta`]: the
@@ -223,6 +232,7 @@ impl ReplicaState {
             self.watermark = p.watermark;
             self.received_above = p.received_above;
             self.epoch = p.epoch;
+            self.resyncing = p.resyncing;
         }
     }
 }
@@ -334,9 +344,9 @@ pub struct Output {
     pub events: Vec<ReplicaEvent>,
 }
 
-/// A resync in progress (between a welcome that calls for one and the end of its
-/// catch-up). Not persisted: the epoch is stored only when the catch-up completes, so a
-/// replica stopped halfway starts the resync again on its next connection.
+/// A resync in progress on this connection (between a welcome that calls for one and the
+/// end of its catch-up). Not persisted: [`ReplicaState::resyncing`] is, so a replica
+/// stopped halfway starts the resync again on its next connection.
 #[derive(Debug)]
 struct Resync {
     /// Drop what the room lacks (a snapshot) instead of sending it back.
@@ -478,6 +488,7 @@ impl Replica {
                 watermark: state.watermark,
                 received_above: state.received_above.clone(),
                 epoch: state.epoch.clone(),
+                resyncing: state.resyncing,
             }),
         }
     }
@@ -542,12 +553,20 @@ impl Replica {
     pub fn connect(&mut self, now: Millis) -> ClientMessage {
         self.link = LinkState::Connecting;
         self.last_heard = now;
-        self.hello_from = self.state.watermark;
+        // A resync cut short (a disconnect, a restart) starts again from 0: its pages moved
+        // the watermark, but what the catch-up lacks is only known at its end. (Same epoch
+        // and older than a collected tombstone, a catch-up from the watermark would skip
+        // that delete for good.)
+        self.hello_from = if self.state.resyncing {
+            0
+        } else {
+            self.state.watermark
+        };
         let hello = HelloPayload {
             protocol_version: PROTOCOL_VERSION,
             room_id: self.config.room_id.clone(),
             replica_id: self.config.replica_id.clone(),
-            last_version: self.state.watermark,
+            last_version: self.hello_from,
             token: self.config.auth_token.clone(),
             epoch: self.state.epoch.clone(),
         };
@@ -694,7 +713,10 @@ impl Replica {
                 let behind = w.catch_up_from < self.hello_from;
                 self.resync = None;
                 self.horizon = w.collected_through;
-                if other_epoch || behind || w.snapshot {
+                // A resync an earlier connection did not finish is done again, whatever
+                // the welcome says (a hello from 0 to a room that has not collected
+                // anything gets a plain full catch-up).
+                if other_epoch || behind || w.snapshot || self.state.resyncing {
                     // A snapshot of our own epoch (we are older than its collected
                     // tombstones) keeps the clocks: they still count the same edits.
                     let forget_clocks = other_epoch || (behind && !w.snapshot);
@@ -745,6 +767,8 @@ impl Replica {
                     && let Some(resync) = self.resync.take()
                 {
                     self.finish_resync(&resync, now, &mut out);
+                    self.state.resyncing = false;
+                    self.dirty.progress = true;
                     if let Some(epoch) = self.welcome_epoch.take() {
                         self.state.epoch = Some(epoch);
                         self.dirty.progress = true;
@@ -805,6 +829,7 @@ impl Replica {
         }
         self.dirty.known.extend(self.state.known.keys().cloned());
         self.dirty.outbox.extend(self.state.outbox.keys().cloned());
+        self.state.resyncing = true;
         self.dirty.progress = true;
         self.resync = Some(Resync { snapshot });
     }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use kalphite::{AnyEntity, Change, Entity, Op, Origin};
 use kalphite_sync::{
-    AckPayload, CatchUpPayload, ChangePayload, ClientMessage, Envelope, ErrorCode, ErrorPayload,
-    LinkState, Replica, ReplicaConfig, ReplicaError, ReplicaEvent, SERVER_USER_ID, ServerMessage,
-    VectorClock, WelcomePayload,
+    AckPayload, CatchUpPayload, ChangePayload, ClientMessage, ConflictPolicy, Envelope, ErrorCode,
+    ErrorPayload, LinkState, Outbound, Recipient, Replica, ReplicaConfig, ReplicaError,
+    ReplicaEvent, ReplicaState, Room, RoomLimits, RoomMeta, SERVER_USER_ID, ServerMessage, Step,
+    Strategy, VectorClock, WelcomePayload,
 };
 use serde_json::{Value, json};
 
@@ -875,4 +876,208 @@ fn a_change_before_the_welcome_is_not_a_room_reset() {
         VectorClock::from([("bob", 1), ("ra", 1)])
     );
     assert_eq!(r.watermark(), 2);
+}
+
+/// A room that collects a tombstone 3 versions after it, with catch-up pages of 2, and a
+/// replica `bob` (connection 2) writing to it.
+struct CollectingRoom {
+    room: Room,
+    bob: Replica,
+    alice_online: bool,
+    /// What the room sent alice (connection 1), in order.
+    to_alice: Vec<ServerMessage>,
+}
+
+const NOW: u64 = 1_000_000;
+
+impl CollectingRoom {
+    fn new() -> Self {
+        let room = Room::new("r", ConflictPolicy::new(Strategy::LastWriteWins))
+            .with_meta(RoomMeta::new("e1"))
+            .with_limits(RoomLimits {
+                catch_up_page: 2,
+                tombstone_versions: 3,
+                tombstone_age: 0,
+                ..RoomLimits::default()
+            });
+        let mut this = Self {
+            room,
+            bob: Replica::new(ReplicaConfig::new("r", "bob", "rb")),
+            alice_online: false,
+            to_alice: Vec::new(),
+        };
+        let ClientMessage::Hello(hello) = this.bob.connect(NOW) else {
+            panic!("a hello first");
+        };
+        let outs = this.room.join(2, "bob", &hello, NOW).expect("bob joins");
+        this.route(outs);
+        this
+    }
+
+    fn route(&mut self, outs: Vec<Outbound>) {
+        for out in outs {
+            let (alice, bob) = match out.to {
+                Recipient::One(c) => (c == 1, c == 2),
+                Recipient::AllExcept(c) => (c != 1 && self.alice_online, c != 2),
+            };
+            if alice {
+                self.to_alice.push(out.message.clone());
+            }
+            if bob {
+                let sent = self.bob.handle(out.message, NOW).send;
+                for m in sent {
+                    self.from(2, m);
+                }
+            }
+        }
+    }
+
+    fn from(&mut self, conn: u64, message: ClientMessage) {
+        let outs = match self.room.handle(conn, message, NOW) {
+            Step::Reply(outs) => outs,
+            Step::Persist(pending) => {
+                let outs = self.room.commit(pending).expect("own pending");
+                let _ = self.room.collect_due(NOW);
+                outs
+            }
+        };
+        self.route(outs);
+    }
+
+    fn bob_writes(&mut self, id: &str, data: Option<Value>) {
+        let change = match data {
+            Some(d) => local_upsert(id, d, NOW),
+            None => Change::delete("todo".into(), id.into(), NOW, Origin::Local),
+        };
+        for m in self.bob.local_change(&change, NOW).expect("queued") {
+            self.from(2, m);
+        }
+    }
+
+    fn join_alice(&mut self, hello: ClientMessage) -> Vec<ServerMessage> {
+        let ClientMessage::Hello(hello) = hello else {
+            panic!("a hello first");
+        };
+        self.alice_online = true;
+        let outs = self
+            .room
+            .join(1, "alice", &hello, NOW)
+            .expect("alice joins");
+        self.route(outs);
+        std::mem::take(&mut self.to_alice)
+    }
+
+    fn alice_leaves(&mut self) {
+        self.room.leave(1);
+        self.alice_online = false;
+        self.to_alice.clear();
+    }
+}
+
+/// A replica and what its adapter persisted: every [`Replica::take_delta`] applied in order,
+/// and its local store.
+struct Alice {
+    replica: Replica,
+    disk: ReplicaState,
+    store: std::collections::BTreeMap<String, Entity<Value>>,
+    events: Vec<ReplicaEvent>,
+}
+
+impl Alice {
+    fn handle(&mut self, message: ServerMessage) {
+        let out = self.replica.handle(message, NOW);
+        for c in out.apply {
+            match c.entity {
+                Some(e) => {
+                    self.store
+                        .insert(c.id.to_string(), e.to_json().expect("json"));
+                }
+                None => {
+                    self.store.remove(&*c.id);
+                }
+            }
+        }
+        self.events.extend(out.events);
+        self.disk.apply_delta(self.replica.take_delta());
+    }
+}
+
+/// Regression (the cluster simulation, seed 1237): a replica older than the room's
+/// collection horizon gets a snapshot of the room's own epoch; the connection drops after
+/// its first page, which already moved the watermark past the horizon, and the stored
+/// epoch is the room's. The next hello asked for an incremental catch-up from that
+/// watermark, so the entity the snapshot would have dropped (deleted, and its tombstone
+/// collected) stayed on the replica for good. Now the replica persists that a resync is
+/// under way and asks from 0 until it is finished, after a reconnect or a restart alike.
+#[test]
+fn an_interrupted_snapshot_resync_is_started_again_and_finished() {
+    for restart in [false, true] {
+        let mut net = CollectingRoom::new();
+        net.bob_writes("a", Some(json!({"n": 1})));
+        let mut alice = Alice {
+            replica: Replica::new(config()),
+            disk: ReplicaState::default(),
+            store: std::collections::BTreeMap::new(),
+            events: Vec::new(),
+        };
+        for m in net.join_alice(alice.replica.connect(NOW)) {
+            alice.handle(m);
+        }
+        assert_eq!(alice.replica.watermark(), 1);
+        assert!(alice.store.contains_key("a"));
+        net.alice_leaves();
+        alice.replica.disconnected();
+
+        // While alice is away, `a` is deleted (version 2) and its tombstone collected.
+        net.bob_writes("a", None);
+        for (i, id) in ["b", "c", "d", "e", "f", "g"].into_iter().enumerate() {
+            net.bob_writes(id, Some(json!({ "n": i })));
+        }
+        let horizon = net.room.meta().expect("meta").collected_through;
+        assert_eq!((horizon, net.room.version()), (2, 8));
+
+        // Alice is older than the horizon: a snapshot, cut after its first page (b, c).
+        let messages = net.join_alice(alice.replica.connect(NOW));
+        assert!(
+            matches!(&messages[0], ServerMessage::Welcome(w) if w.payload.snapshot),
+            "{messages:?}"
+        );
+        assert!(messages.len() > 3, "several pages: {messages:?}");
+        for m in messages.into_iter().take(2) {
+            alice.handle(m);
+        }
+        assert!(alice.replica.watermark() > horizon, "the page moved it");
+        assert!(alice.disk.resyncing);
+        net.alice_leaves();
+        alice.replica.disconnected();
+        if restart {
+            alice.replica = Replica::restore(config(), alice.disk.clone());
+        }
+
+        // The next connection asks for the whole snapshot again, and finishes it.
+        let hello = alice.replica.connect(NOW);
+        assert!(
+            matches!(&hello, ClientMessage::Hello(h) if h.payload.last_version == 0
+                && h.payload.epoch.as_deref() == Some("e1")),
+            "restart {restart}: {hello:?}"
+        );
+        for m in net.join_alice(hello) {
+            alice.handle(m);
+        }
+        let ids: Vec<&str> = alice.store.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["b", "c", "d", "e", "f", "g"], "restart {restart}");
+        assert!(alice.events.iter().any(|e| matches!(e,
+            ReplicaEvent::Resynced { snapshot: true, dropped, .. }
+                if dropped.iter().map(|k| &*k.id).eq(["a"]))));
+        assert_eq!(alice.replica.watermark(), net.room.version());
+        assert!(!alice.replica.state().resyncing);
+        assert_eq!(alice.replica.state().epoch.as_deref(), Some("e1"));
+        assert_eq!(&alice.disk, alice.replica.state(), "restart {restart}");
+
+        // And from there on, incremental again.
+        net.alice_leaves();
+        alice.replica.disconnected();
+        let hello = alice.replica.connect(NOW);
+        assert!(matches!(&hello, ClientMessage::Hello(h) if h.payload.last_version == 8));
+    }
 }

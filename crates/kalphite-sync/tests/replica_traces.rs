@@ -1,8 +1,10 @@
 //! Seeded traces of one replica's inputs, outputs and state, for the TypeScript replica
 //! (`clients/js/src/replica.ts`) to replay and match. A real room and a second replica
 //! drive it: local edits (some refused by the room, some past the outbox limit), server
-//! messages delivered late, twice or never, ticks, disconnects and reconnects, and the
-//! room lost (a new epoch, so a resync).
+//! messages delivered late, twice or never, ticks, disconnects and reconnects, restarts
+//! from the persisted state (every `take_delta` applied in order), and the room lost (a
+//! new epoch, so a resync). A scripted run interrupts a snapshot resync (a replica older
+//! than the room's collection horizon) by a disconnect and then by a restart.
 //!
 //! The traces are committed in `clients/js/tests/traces/replica.json`; this test fails
 //! when the replica's behaviour no longer matches them. After a deliberate change of the
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use kalphite::{AnyEntity, Change, Entity, Op, Origin};
 use kalphite_sync::{
     ClientMessage, ConflictPolicy, ConnId, EntityKey, Recipient, Replica, ReplicaConfig,
-    ReplicaEvent, Room, RoomLimits, RoomMeta, ServerMessage, Step, Strategy,
+    ReplicaEvent, ReplicaState, Room, RoomLimits, RoomMeta, ServerMessage, Step, Strategy,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -126,6 +128,7 @@ fn state_json(r: &Replica) -> Value {
         "watermark": s.watermark,
         "receivedAbove": s.received_above,
         "epoch": s.epoch,
+        "resyncing": s.resyncing,
         "known": known.into_iter().map(|(kind, id, v)| json!([kind, id, v])).collect::<Vec<_>>(),
         "outbox": outbox,
         "link": format!("{:?}", r.link()).to_lowercase(),
@@ -140,6 +143,8 @@ struct Run {
     epochs: u32,
     now: u64,
     a: Replica,
+    /// A's persisted state: every `take_delta` applied in order (what a restart reads).
+    a_disk: ReplicaState,
     a_conn: Option<ConnId>,
     a_inbox: VecDeque<ServerMessage>,
     a_store: BTreeMap<(String, String), Entity<Value>>,
@@ -157,6 +162,7 @@ impl Run {
             epochs: 0,
             now: 1_000,
             a: Replica::new(config("ra", "alice")),
+            a_disk: ReplicaState::default(),
             a_conn: None,
             a_inbox: VecDeque::new(),
             a_store: BTreeMap::new(),
@@ -168,6 +174,7 @@ impl Run {
     }
 
     fn record(&mut self, input: Value, output: Value) {
+        self.a_disk.apply_delta(self.a.take_delta());
         let mut step = serde_json::Map::new();
         step.insert("input".into(), input);
         step.insert("output".into(), output);
@@ -295,6 +302,78 @@ impl Run {
         }
     }
 
+    fn a_disconnects(&mut self) {
+        if let Some(conn) = self.a_conn.take() {
+            self.room.leave(conn);
+            self.a_inbox.clear();
+            self.a.disconnected();
+            self.record(json!({"op": "disconnected"}), json!({}));
+        }
+    }
+
+    /// A's process stops (its connection with it) and starts again from what it persisted.
+    fn a_restarts(&mut self) {
+        if let Some(conn) = self.a_conn.take() {
+            self.room.leave(conn);
+            self.a_inbox.clear();
+        }
+        self.a = Replica::restore(config("ra", "alice"), self.a_disk.clone());
+        self.record(json!({"op": "restart"}), json!({}));
+    }
+
+    /// Whoever is offline connects.
+    fn connect(&mut self) {
+        self.a_connects();
+        self.b_connects();
+    }
+
+    fn a_connects(&mut self) {
+        if self.a_conn.is_none() {
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            self.a_conn = Some(conn);
+            let hello = self.a.connect(self.now);
+            let send = vec![hello];
+            self.record(
+                json!({"op": "connect", "now": self.now}),
+                json!({"send": send.iter().map(to_value).collect::<Vec<_>>()}),
+            );
+            for m in send {
+                self.deliver(conn, m);
+            }
+        }
+    }
+
+    fn b_connects(&mut self) {
+        if self.b_conn.is_none() {
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            self.b_conn = Some(conn);
+            let hello = self.b.connect(self.now);
+            self.deliver(conn, hello);
+        }
+    }
+
+    fn b_writes(&mut self, change: &Change) {
+        if let Ok(send) = self.b.local_change(change, self.now)
+            && let Some(conn) = self.b_conn
+        {
+            for m in send {
+                self.deliver(conn, m);
+            }
+        }
+    }
+
+    /// A takes in up to `n` of the messages waiting for it, in order.
+    fn a_receives(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(message) = self.a_inbox.pop_front() else {
+                return;
+            };
+            self.a_handle(message);
+        }
+    }
+
     fn entity(&mut self, kind: &str) -> Change {
         let id = IDS[self.rng.random_range(0..IDS.len())];
         let mut data = serde_json::Map::new();
@@ -331,13 +410,7 @@ impl Run {
             }
             25..37 => {
                 let change = self.entity("todo");
-                if let Ok(send) = self.b.local_change(&change, self.now)
-                    && let Some(conn) = self.b_conn
-                {
-                    for m in send {
-                        self.deliver(conn, m);
-                    }
-                }
+                self.b_writes(&change);
             }
             37..75 => {
                 if let Some(message) = self.a_inbox.pop_front() {
@@ -370,56 +443,118 @@ impl Run {
                     }
                 }
             }
-            85..91 => {
-                if let Some(conn) = self.a_conn.take() {
-                    self.room.leave(conn);
-                    self.a_inbox.clear();
-                    self.a.disconnected();
-                    self.record(json!({"op": "disconnected"}), json!({}));
-                }
-            }
-            91..98 => {
-                if self.a_conn.is_none() {
-                    let conn = self.next_conn;
-                    self.next_conn += 1;
-                    self.a_conn = Some(conn);
-                    let hello = self.a.connect(self.now);
-                    let send = vec![hello];
-                    self.record(
-                        json!({"op": "connect", "now": self.now}),
-                        json!({"send": send.iter().map(to_value).collect::<Vec<_>>()}),
-                    );
-                    for m in send {
-                        self.deliver(conn, m);
-                    }
-                }
-                if self.b_conn.is_none() {
-                    let conn = self.next_conn;
-                    self.next_conn += 1;
-                    self.b_conn = Some(conn);
-                    let hello = self.b.connect(self.now);
-                    self.deliver(conn, hello);
-                }
-            }
-            _ => {
-                // The server's database is lost: an empty room with a new epoch.
-                self.epochs += 1;
-                self.room = new_room(&format!("e{}", self.epochs));
-                if self.a_conn.take().is_some() {
-                    self.a_inbox.clear();
-                    self.a.disconnected();
-                    self.record(json!({"op": "disconnected"}), json!({}));
-                }
-                if self.b_conn.take().is_some() {
-                    self.b.disconnected();
-                }
+            85..89 => self.a_disconnects(),
+            89..91 => self.a_restarts(),
+            91..98 => self.connect(),
+            _ => self.room_lost(),
+        }
+    }
+
+    /// The server's database is lost: an empty room with a new epoch.
+    fn room_lost(&mut self) {
+        self.epochs += 1;
+        self.room = new_room(&format!("e{}", self.epochs));
+        if self.a_conn.take().is_some() {
+            self.a_inbox.clear();
+            self.a.disconnected();
+            self.record(json!({"op": "disconnected"}), json!({}));
+        }
+        if self.b_conn.take().is_some() {
+            self.b.disconnected();
+        }
+    }
+
+    /// B writes `a`, deletes it, and writes `b`, `c`, `d` three times over, so that `a`'s
+    /// tombstone is collected and a catch-up from 0 is a snapshot of pages of 2.
+    fn b_writes_past_a_collected_delete(&mut self, a_seen: impl FnOnce(&mut Self)) {
+        let a = Entity::new("a", "todo", json!({"x": 1})).at(self.now);
+        self.b_writes(&Change::upsert(
+            AnyEntity::new(Arc::new(a)),
+            self.now,
+            Origin::Local,
+        ));
+        a_seen(self);
+        self.now += 10;
+        self.b_writes(&Change::delete(
+            "todo".into(),
+            "a".into(),
+            self.now,
+            Origin::Local,
+        ));
+        for n in 0..3 {
+            for id in ["b", "c", "d"] {
+                self.now += 10;
+                let e = Entity::new(id, "todo", json!({"x": n})).at(self.now);
+                self.b_writes(&Change::upsert(
+                    AnyEntity::new(Arc::new(e)),
+                    self.now,
+                    Origin::Local,
+                ));
             }
         }
+        let horizon = self.room.meta().map_or(0, |m| m.collected_through);
+        assert!(horizon >= 2, "a's tombstone is collected: {horizon}");
     }
 }
 
+/// A is away while `a` is deleted and its tombstone collected, so it gets a snapshot
+/// (catch-up pages of 2 entities); the first is cut after its first page by a disconnect,
+/// the second by a restart; the third ends and drops `a`. (The cluster simulation found a
+/// replica that then caught up incrementally from past the horizon and kept `a` for good.)
+fn interrupted_snapshot() -> Value {
+    let mut run = Run::new(0);
+    run.connect();
+    run.b_writes_past_a_collected_delete(|run| {
+        run.a_receives(usize::MAX);
+        run.a_disconnects();
+    });
+    let horizon = run.room.meta().map_or(0, |m| m.collected_through);
+    // The welcome and the first of two pages, then the link drops.
+    run.connect();
+    run.a_receives(2);
+    assert!(run.a.watermark() > horizon && run.a.state().resyncing);
+    run.a_disconnects();
+    run.now += 10;
+    // Again, then the process stops.
+    run.connect();
+    run.a_receives(2);
+    run.a_restarts();
+    run.now += 10;
+    run.connect();
+    run.a_receives(usize::MAX);
+    assert!(!run.a.state().resyncing);
+    assert_eq!(run.a.watermark(), run.room.version());
+    assert!(
+        !run.a_store
+            .contains_key(&("todo".to_owned(), "a".to_owned()))
+    );
+    json!({"seed": "interrupted snapshot", "steps": run.trace})
+}
+
+/// A replica that never stored an epoch joins a room that has collected (a snapshot), is
+/// cut off after the first page, and the room is then lost: the empty epoch it stored
+/// while resyncing matches no room, so it resyncs with the new one (from 0, clocks
+/// reduced to its own counters) instead of taking the lost room's versions for the new's.
+fn interrupted_first_snapshot_then_room_lost() -> Value {
+    let mut run = Run::new(1);
+    run.b_connects();
+    run.b_writes_past_a_collected_delete(|_| {});
+    let change = run.entity("todo");
+    run.a_local(&change);
+    run.a_connects();
+    run.a_receives(2);
+    assert_eq!(run.a.state().epoch.as_deref(), Some(""));
+    run.room_lost();
+    run.now += 10;
+    run.connect();
+    run.a_receives(usize::MAX);
+    assert!(!run.a.state().resyncing);
+    assert_eq!(run.a.state().epoch.as_deref(), Some("e1"));
+    json!({"seed": "first snapshot interrupted, room lost", "steps": run.trace})
+}
+
 fn traces() -> Value {
-    let runs: Vec<Value> = (0..SEEDS)
+    let mut runs: Vec<Value> = (0..SEEDS)
         .map(|seed| {
             let mut run = Run::new(seed);
             for _ in 0..STEPS {
@@ -428,6 +563,8 @@ fn traces() -> Value {
             json!({"seed": seed, "steps": run.trace})
         })
         .collect();
+    runs.push(interrupted_snapshot());
+    runs.push(interrupted_first_snapshot_then_room_lost());
     let c = config("ra", "alice");
     json!({
         "about": "Generated by crates/kalphite-sync/tests/replica_traces.rs; replayed by clients/js/tests/traces.test.mjs",
