@@ -274,3 +274,37 @@ pub(crate) async fn import_legacy(db: &Database, room: &str) -> Result<bool, cra
     );
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resync cut short must be started again after a restart (`docs/sync.md` §6): the
+    /// mark travels in the progress row with the watermark it qualifies.
+    #[test]
+    fn the_progress_row_keeps_a_resync_under_way() {
+        for resyncing in [true, false] {
+            let progress = Progress {
+                next_seq: 7,
+                watermark: 165,
+                epoch: Some("e1".into()),
+                resyncing,
+                ..Progress::default()
+            };
+            let SyncWrite::State { key, value } =
+                to_write(&Record::Progress(progress)).expect("serializes")
+            else {
+                panic!("the progress is a state row");
+            };
+            let tables = SyncTables {
+                state: vec![(key, value)],
+                ..SyncTables::default()
+            };
+            let state = load(&tables).expect("loads").state;
+            assert_eq!(
+                (state.watermark, state.epoch.as_deref(), state.resyncing),
+                (165, Some("e1"), resyncing)
+            );
+        }
+    }
+}
