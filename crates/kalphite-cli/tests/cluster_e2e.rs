@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use common::client::{Client, ClientConfig, read_final, wait_until};
+use common::client::{Client, ClientConfig, probe_welcome, read_final, wait_until};
 use common::history::{ClientLog, FinalLog, Violation, assert_history, check};
 use common::nodes::{Node, free_port, http_get, metric};
 use common::pg;
@@ -27,6 +27,8 @@ const ROOM: &str = "e2e";
 const CLIENTS: usize = 6;
 /// How long a wait may take before the test fails (a hang guard, not a measurement).
 const PATIENCE: Duration = Duration::from_mins(1);
+/// How long a probe waits for a welcome.
+const PROBE: Duration = Duration::from_secs(5);
 
 /// Runs one scenario at a time, each on a runtime of its own.
 fn scenario(f: impl Future<Output = ()>) {
@@ -199,6 +201,15 @@ impl Load {
         }
     }
 
+    /// The highest version any client has received.
+    fn max_version(&self) -> u64 {
+        self.clients
+            .iter()
+            .map(|c| c.shared().watermark)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn acked(&self) -> u64 {
         self.clients.iter().map(|c| c.shared().acked).sum()
     }
@@ -300,9 +311,29 @@ impl Load {
             let s = c.shared();
             (m + s.made, a + s.acked)
         });
-        let stalls: u32 = self.clients.iter().map(|c| c.shared().stalls).sum();
+        let mut stalls = 0;
+        let mut waits = Vec::new();
+        let mut errors = std::collections::BTreeMap::<String, u32>::new();
+        let mut closes = std::collections::BTreeMap::<String, u32>::new();
+        for c in &self.clients {
+            let s = c.shared();
+            stalls += s.stalls;
+            waits.extend_from_slice(&s.waits);
+            for (k, n) in &s.errors {
+                *errors.entry(k.clone()).or_default() += n;
+            }
+            for (k, n) in &s.closes {
+                *closes.entry(k.clone()).or_default() += n;
+            }
+        }
+        waits.sort_unstable();
+        let at = |p: usize| waits.get(waits.len().saturating_sub(1) * p / 100).copied();
         eprintln!(
-            "{test}: {made} changes made, {acked} acknowledged, {stalls} stalled connections"
+            "{test}: {made} changes made, {acked} acknowledged; made -> ack p50 {}, p99 {}, \
+             max {}; {stalls} stalled connections; errors {errors:?}; closes {closes:?}",
+            at(50).map_or_else(String::new, ms),
+            at(99).map_or_else(String::new, ms),
+            at(100).map_or_else(String::new, ms),
         );
         let mut logs = Vec::new();
         for c in self.clients {
@@ -323,6 +354,23 @@ struct Settled {
     last: FinalLog,
     made: u64,
     acked: u64,
+}
+
+/// Polls an async condition every 100 ms until it holds; false when `deadline` passed.
+async fn wait_until_async<F: Future<Output = bool>>(
+    deadline: Duration,
+    mut ready: impl FnMut() -> F,
+) -> bool {
+    let until = Instant::now() + deadline;
+    loop {
+        if ready().await {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -358,6 +406,36 @@ fn three_nodes_one_room_converge() {
         eprintln!("{TEST}: owner {owner:?}");
         load.settle_and_check(TEST).await;
         cluster.print_metrics(TEST).await;
+        // kalphite bench sync over the three nodes: S1's writer and reader on two nodes (one
+        // of them relays), S3's pairs spread over all three.
+        let servers = cluster.urls().join(",");
+        for scenario in ["s1", "s3"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_kalphite"))
+                .args([
+                    "bench",
+                    "sync",
+                    "--server",
+                    &servers,
+                    "--scenario",
+                    scenario,
+                ])
+                .args(["--scale", "0.05"])
+                .env("RUST_LOG", "off")
+                .env_remove("KALPHITE_AUTH_SECRET")
+                .output()
+                .expect("run kalphite bench sync");
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "bench {scenario}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                report.contains("servers                      3 "),
+                "{report}"
+            );
+            eprintln!("{TEST}: kalphite bench sync --scenario {scenario} over 3 nodes:\n{report}");
+        }
         cluster.finish().await;
     });
 }
@@ -444,9 +522,31 @@ fn owner_paused_past_its_lease_acknowledges_nothing_more() {
         );
         // Past the lease for sure, with writes going on.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = load.max_version();
+        let old = cluster.nodes[owner].url();
+        // Fresh clients knock on the old owner the moment it wakes up: its welcome must not
+        // take the room back to the version it had when it was paused.
+        let probes: Vec<_> = (0..4)
+            .map(|_| {
+                let old = old.clone();
+                tokio::spawn(async move { probe_welcome(&old, ROOM, PROBE).await })
+            })
+            .collect();
         cluster.nodes[owner].resume();
         let resumed = Instant::now();
         eprintln!("{TEST}: resumed {}", cluster.nodes[owner].name);
+        for probe in probes {
+            let welcomed = probe.await.expect("probe");
+            eprintln!(
+                "{TEST}: a fresh client's welcome from the resumed node: version {welcomed:?} \
+                 (the clients had seen {before})"
+            );
+            assert!(
+                welcomed.as_ref().map_or(true, |v| *v >= before),
+                "{TEST}: the resumed old owner welcomed a client at version {welcomed:?}, \
+                 behind the {before} the room had already acknowledged"
+            );
+        }
         load.wait_acks(TEST, 50, PATIENCE).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The clients that started on the paused node are connected again (elsewhere or
@@ -635,5 +735,111 @@ fn the_checker_catches_a_room_rolled_back_under_its_clients() {
                 .any(|v| matches!(v, Violation::TwoContents { .. })),
             "{violations:?}"
         );
+    });
+}
+
+/// (d, silent) The owner's PostgreSQL link goes silent (the proxy holds every byte, closes
+/// nothing): its session and liveness lock stay alive in PostgreSQL, so its room moves only
+/// when its lease runs out; its commits hang meanwhile and, when the link carries bytes
+/// again, land on a fence. Nothing acknowledged is lost, every change is acknowledged.
+#[test]
+fn owner_partitioned_from_postgres_loses_the_room_after_its_lease() {
+    const TEST: &str = "owner_partitioned_from_postgres_loses_the_room_after_its_lease";
+    let Some(pg) = pg::pg_url_or_skip(TEST) else {
+        return;
+    };
+    scenario(async {
+        let cluster = Cluster::start(&pg, "silent", 3, true).await;
+        let load = Load::start("silent", &cluster.urls(), CLIENTS).await;
+        load.set_writing(true);
+        load.wait_acks(TEST, 100, PATIENCE).await;
+        let owner = cluster
+            .wait_owner(ROOM, None, Duration::from_secs(30))
+            .await;
+        cluster.proxies[owner].freeze();
+        let frozen = Instant::now();
+        eprintln!(
+            "{TEST}: {}'s PostgreSQL link silent",
+            cluster.nodes[owner].name
+        );
+        load.wait_acks(TEST, 50, PATIENCE).await;
+        let first = load
+            .first_ack_after(frozen)
+            .expect("an ack after the freeze");
+        let new_owner = cluster
+            .wait_owner(ROOM, Some(owner), Duration::from_secs(30))
+            .await;
+        eprintln!(
+            "{TEST}: lease {LEASE_TTL}; silent link -> first ack {}; new owner {}",
+            ms(first - frozen),
+            cluster.nodes[new_owner].name
+        );
+        // Still partitioned: does the old owner let go of the room (it cannot renew)?
+        let old = cluster.nodes[owner].address();
+        let let_go = wait_until_async(Duration::from_secs(6), || async {
+            metric(&old, "kalphite_cluster_rooms_owned").await == Some(0.0)
+        })
+        .await;
+        eprintln!(
+            "{TEST}: {} {} while partitioned ({} after the link went silent); a fresh client \
+             there: {:?}",
+            cluster.nodes[owner].name,
+            if let_go {
+                "dropped the room"
+            } else {
+                "still holds the room"
+            },
+            ms(frozen.elapsed()),
+            probe_welcome(&cluster.nodes[owner].url(), ROOM, PROBE).await
+        );
+        cluster.proxies[owner].restore();
+        eprintln!("{TEST}: link carries bytes again");
+        load.wait_acks(TEST, 50, PATIENCE).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        load.settle_and_check(TEST).await;
+        cluster.print_metrics(TEST).await;
+        cluster.finish().await;
+    });
+}
+
+/// PostgreSQL out of reach of every node for a while (all their links cut, as a database
+/// restart looks to them), then back: writes wait, nothing acknowledged is lost, and every
+/// change made meanwhile is acknowledged once the database is back.
+#[test]
+fn postgres_unreachable_for_every_node_then_back() {
+    const TEST: &str = "postgres_unreachable_for_every_node_then_back";
+    let Some(pg) = pg::pg_url_or_skip(TEST) else {
+        return;
+    };
+    scenario(async {
+        let cluster = Cluster::start(&pg, "dbdown", 3, true).await;
+        let load = Load::start("dbdown", &cluster.urls(), CLIENTS).await;
+        load.set_writing(true);
+        load.wait_acks(TEST, 100, PATIENCE).await;
+        for proxy in &cluster.proxies {
+            proxy.cut();
+        }
+        let down = Instant::now();
+        eprintln!("{TEST}: PostgreSQL out of reach of every node");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for proxy in &cluster.proxies {
+            proxy.restore();
+        }
+        let up = Instant::now();
+        eprintln!("{TEST}: PostgreSQL back");
+        load.wait_acks(TEST, 50, PATIENCE).await;
+        let first = load
+            .first_ack_after(up)
+            .expect("an ack after the database came back");
+        let all = load.all_acked_after(up);
+        eprintln!(
+            "{TEST}: down {}; back -> first ack {}; back -> every client acked {}",
+            ms(up - down),
+            ms(first - up),
+            all.map_or_else(|| "not yet".to_owned(), |t| ms(t - up))
+        );
+        load.settle_and_check(TEST).await;
+        cluster.print_metrics(TEST).await;
+        cluster.finish().await;
     });
 }

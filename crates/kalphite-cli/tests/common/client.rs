@@ -97,6 +97,12 @@ pub(crate) struct Shared {
     pub(crate) connections: u32,
     /// Per ack: when the change was last sent, and when the ack came.
     pub(crate) ack_times: Vec<(Instant, Instant)>,
+    /// Per acknowledged change: from its making to its ack.
+    pub(crate) waits: Vec<Duration>,
+    /// Error frames received, by code.
+    pub(crate) errors: BTreeMap<String, u32>,
+    /// Connections closed by the server, by close code and reason.
+    pub(crate) closes: BTreeMap<String, u32>,
     /// When the last welcome came.
     pub(crate) welcomed_at: Option<Instant>,
     /// Connections left because a change went unacknowledged for [`ClientConfig::stall`].
@@ -221,6 +227,8 @@ struct Pending {
     sent_at: Option<Instant>,
     /// The first send on the current connection.
     since: Option<Instant>,
+    /// When the change was made.
+    made: Instant,
 }
 
 /// The client's bookkeeping, kept across connections.
@@ -348,6 +356,7 @@ impl Book {
                     text: text.clone(),
                     sent_at: None,
                     since: None,
+                    made: Instant::now(),
                 },
             ),
         );
@@ -539,7 +548,13 @@ async fn session(
                 let text = match frame {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Close(c))) => {
-                        book.shared().notes.push(format!("conn {conn} to {url}: closed {c:?}"));
+                        let mut s = book.shared();
+                        let why = c.as_ref().map_or_else(
+                            || "no close frame".to_owned(),
+                            |c| format!("{} {}", u16::from(c.code), c.reason),
+                        );
+                        *s.closes.entry(why).or_default() += 1;
+                        s.notes.push(format!("conn {conn} to {url}: closed {c:?}"));
                         return Ended::Dropped;
                     }
                     Some(Ok(_)) => continue,
@@ -687,15 +702,20 @@ fn on_message(
                 let mut s = book.shared();
                 s.acked += 1;
                 s.ack_times.push((p.sent_at.unwrap_or(received), received));
+                s.waits.push(received.duration_since(p.made));
             }
             book.publish();
         }
         ServerMessage::Error(e) => {
             let e = e.payload;
-            book.shared().notes.push(format!(
-                "conn {conn}: error {:?} {} (refers to {:?})",
-                e.code, e.message, e.refers_to
-            ));
+            {
+                let mut s = book.shared();
+                s.notes.push(format!(
+                    "conn {conn}: error {:?} {} (refers to {:?})",
+                    e.code, e.message, e.refers_to
+                ));
+                *s.errors.entry(format!("{:?}", e.code)).or_default() += 1;
+            }
             if let Some(id) = &e.refers_to
                 && !e.code.is_retryable()
                 && let Some(seq) = book.pending_by_id(id)
@@ -809,4 +829,59 @@ pub(crate) async fn wait_until(deadline: Duration, mut ready: impl FnMut() -> bo
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A fresh client's hello to one server: the welcome's room version, or what happened
+/// instead (refused, closed, nothing within `patience`).
+///
+/// # Errors
+/// What came instead of a welcome.
+pub(crate) async fn probe_welcome(
+    url: &str,
+    room: &str,
+    patience: Duration,
+) -> Result<u64, String> {
+    let probe = async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let me = format!("probe-{:08x}", rand::random::<u32>());
+        let hello = ClientMessage::Hello(Envelope::new(
+            format!("{me}-0"),
+            me.clone(),
+            now_millis(),
+            HelloPayload {
+                protocol_version: PROTOCOL_VERSION,
+                room_id: room.to_owned(),
+                replica_id: me,
+                last_version: 0,
+                token: None,
+                epoch: None,
+            },
+        ));
+        let text = encode(&hello).map_err(|e| e.to_string())?;
+        ws.send(Message::Text(text.into()))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        while let Some(frame) = ws.next().await {
+            match frame.map_err(|e| format!("read: {e}"))? {
+                Message::Text(t) => match decode_server(t.as_str(), 64 << 20) {
+                    Ok(ServerMessage::Welcome(w)) => {
+                        let _ = ws.close(None).await;
+                        return Ok(w.payload.room_version);
+                    }
+                    Ok(ServerMessage::Error(e)) => {
+                        return Err(format!("error {:?} {}", e.payload.code, e.payload.message));
+                    }
+                    _ => {}
+                },
+                Message::Close(c) => return Err(format!("closed {c:?}")),
+                _ => {}
+            }
+        }
+        Err("closed without a close frame".to_owned())
+    };
+    tokio::time::timeout(patience, probe)
+        .await
+        .unwrap_or_else(|_| Err(format!("nothing within {patience:?}")))
 }

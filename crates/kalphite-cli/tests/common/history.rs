@@ -187,7 +187,10 @@ pub(crate) enum Violation {
         /// Another.
         other: Option<String>,
     },
-    /// An ack whose `version` is not its result's `roomVersion`.
+    /// An ack whose `version` is above its result's `roomVersion` (a fresh ack has both
+    /// equal; a re-ack of a change the room already held has the version first assigned to
+    /// it and the entity's current state, at that version or later: `docs/protocol.md`
+    /// §5.2).
     AckMismatch {
         /// The client.
         client: String,
@@ -485,7 +488,7 @@ pub(crate) fn check(logs: &[ClientLog], last: &FinalLog) -> Result<Summary, Vec<
                     content,
                 } => {
                     summary.acks += 1;
-                    if version != result_version {
+                    if version > result_version {
                         out.push(Violation::AckMismatch {
                             client: client.clone(),
                             message_id: message_id.clone(),
@@ -502,7 +505,7 @@ pub(crate) fn check(logs: &[ClientLog], last: &FinalLog) -> Result<Summary, Vec<
                         &mut out,
                     );
                     apply(&mut view, key, *result_version, content);
-                    seen = seen.max(*version);
+                    seen = seen.max(*result_version);
                     // An ack below what the connection expects acknowledges a change the
                     // room already held (a resend): a re-ack, whose content the
                     // one-content-per-version rule checks. Above it, a version was skipped.
@@ -706,6 +709,36 @@ mod tests {
             ],
         );
         check(&logs, &last).expect("passes");
+    }
+
+    #[test]
+    fn a_re_ack_with_the_first_version_and_a_later_state_passes() {
+        let (mut logs, last) = good();
+        // a resends a-1 (x, first acknowledged at 1) and is acknowledged again with version
+        // 1 and x's current state, version 2.
+        logs[0].events.push(Event::Ack {
+            conn: 1,
+            message_id: "a-1".into(),
+            key: "x".into(),
+            version: 1,
+            result_version: 2,
+            content: "x2".into(),
+        });
+        check(&logs, &last).expect("passes");
+        // The other way round is wrong.
+        logs[0].events.push(Event::Ack {
+            conn: 1,
+            message_id: "a-1".into(),
+            key: "x".into(),
+            version: 3,
+            result_version: 2,
+            content: "x2".into(),
+        });
+        let v = check(&logs, &last).unwrap_err();
+        assert!(
+            v.iter().any(|v| matches!(v, Violation::AckMismatch { .. })),
+            "{v:?}"
+        );
     }
 
     #[test]
