@@ -122,11 +122,19 @@ impl Cluster {
     /// Takes `room`'s lease if nobody else holds it. Called under the room's state lock,
     /// so one node never races itself for a room (each acquisition bumps the term).
     pub(crate) async fn acquire(&self, room: &str) -> Result<Owner, kalphite_db::Error> {
-        match self
-            .db
-            .acquire_room(room, &self.config.node_id, self.config.lease_ttl)
-            .await?
-        {
+        let ttl = self.config.lease_ttl;
+        // Bounded like the renewals: a hello to a node cut off from the database is
+        // answered (storage_failed) instead of hanging.
+        let acquired =
+            tokio::time::timeout(ttl, self.db.acquire_room(room, &self.config.node_id, ttl))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kalphite_db::Error::Connect {
+                        target: self.db.target().to_owned(),
+                        message: format!("no answer to the lease request within {ttl:?}"),
+                    })
+                })?;
+        match acquired {
             Acquired::Owned(lease) => {
                 let n = {
                     let mut owned = self.owned.lock();
@@ -254,19 +262,36 @@ pub(crate) async fn renew_leases(shared: Weak<Shared>, cancel: CancellationToken
                  dropping every room, then joining again"
             );
             drop_rooms(&shared, cluster, cluster.held());
-            match cluster.db.join_cluster(&node_info(&cluster.config)).await {
-                Ok(guard) => *cluster.guard.lock().await = guard,
-                Err(e) => tracing::warn!(error = %e, "could not join the cluster again"),
+            let info = node_info(&cluster.config);
+            match tokio::time::timeout(period, cluster.db.join_cluster(&info)).await {
+                Ok(Ok(guard)) => *cluster.guard.lock().await = guard,
+                Ok(Err(e)) => {
+                    Metrics::inc(&shared.metrics.cluster.lease_renew_failures);
+                    tracing::warn!(error = %e, "could not join the cluster again");
+                }
+                Err(_) => {
+                    Metrics::inc(&shared.metrics.cluster.lease_renew_failures);
+                    tracing::warn!("could not join the cluster again: no answer in time");
+                }
             }
             continue;
         }
         let held = cluster.held();
         let started = Instant::now();
-        match cluster
-            .db
-            .renew_leases(&cluster.config.node_id, &held, ttl)
-            .await
-        {
+        // Bounded: a database that stops answering (a silent partition) must count as a
+        // failed renewal, or the node would hold its rooms for as long as the link hangs.
+        let renewal = tokio::time::timeout(
+            period,
+            cluster.db.renew_leases(&cluster.config.node_id, &held, ttl),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(kalphite_db::Error::Connect {
+                target: cluster.db.target().to_owned(),
+                message: format!("no answer to the lease renewal within {period:?}"),
+            })
+        });
+        match renewal {
             Ok(renewed) => {
                 last_ok = started;
                 let lost: Vec<(String, i64)> = held
@@ -281,7 +306,7 @@ pub(crate) async fn renew_leases(shared: Weak<Shared>, cancel: CancellationToken
             Err(e) => {
                 Metrics::inc(&shared.metrics.cluster.lease_renew_failures);
                 tracing::warn!(error = %e, "lease renewal failed");
-                if started.saturating_duration_since(last_ok) >= ttl && !held.is_empty() {
+                if Instant::now().saturating_duration_since(last_ok) >= ttl && !held.is_empty() {
                     tracing::error!(
                         rooms = held.len(),
                         "no lease renewed for a whole TTL: dropping every room (another \

@@ -710,6 +710,16 @@ impl Conn {
                     .joining
                     .lock()
                     .insert(self.id, Arc::clone(&self.outbox));
+                // A room reset, or (cluster mode) dropped with its lease, after this hello
+                // found it: its members were closed before this one was listed, and the log
+                // drops its jobs, so nothing would ever answer this hello. Checked after the
+                // listing: a reset from then on closes this connection with the others.
+                if handle.is_poisoned() {
+                    handle.joining.lock().remove(&self.id);
+                    room.leave(self.id);
+                    drop(guard);
+                    return Next::Close(CLOSE_GOING_AWAY, "room reset; reconnect".into());
+                }
                 let mut frames = encode_all(vec![joined.welcome], &self.shared.metrics);
                 frames.push(Frame::CatchUp(Box::new(joined.catch_up)));
                 let job = Job {
