@@ -867,3 +867,67 @@ fn postgres_unreachable_for_every_node_then_back() {
         cluster.finish().await;
     });
 }
+
+/// PostgreSQL itself restarted under load (`pg_ctlcluster … restart`: every session ends,
+/// the liveness locks and leases' holders with them): the nodes rejoin, take the rooms
+/// again, and every change is acknowledged; nothing acknowledged is lost. Skipped loudly
+/// where the test cannot restart the server (no `pg_ctlcluster`, or not allowed to).
+#[test]
+fn postgres_restarted_under_load_loses_nothing() {
+    const TEST: &str = "postgres_restarted_under_load_loses_nothing";
+    let Some(pg) = pg::pg_url_or_skip(TEST) else {
+        return;
+    };
+    let Some(version) = std::fs::read_dir("/etc/postgresql")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+    else {
+        eprintln!("*** SKIPPED {TEST}: no /etc/postgresql cluster to restart ***");
+        return;
+    };
+    scenario(async {
+        let cluster = Cluster::start(&pg, "pgrestart", 3, false).await;
+        let load = Load::start("pgrestart", &cluster.urls(), CLIENTS).await;
+        load.set_writing(true);
+        load.wait_acks(TEST, 100, PATIENCE).await;
+        let down = Instant::now();
+        let restarted = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("pg_ctlcluster")
+                .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+                .output()
+        })
+        .await
+        .expect("join");
+        let restarted = match restarted {
+            Ok(out) if out.status.success() => true,
+            Ok(out) => {
+                eprintln!(
+                    "*** SKIPPED the restart in {TEST}: pg_ctlcluster failed: {} ***",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                false
+            }
+            Err(e) => {
+                eprintln!("*** SKIPPED the restart in {TEST}: pg_ctlcluster: {e} ***");
+                false
+            }
+        };
+        let up = Instant::now();
+        if restarted {
+            eprintln!("{TEST}: PostgreSQL restarted in {}", ms(up - down));
+        }
+        load.wait_acks(TEST, 50, PATIENCE).await;
+        let first = load.first_ack_after(up).expect("an ack after the restart");
+        let all = load.all_acked_after(up);
+        eprintln!(
+            "{TEST}: restart -> first ack {}; every client acked {}",
+            ms(first - up),
+            all.map_or_else(|| "not yet".to_owned(), |t| ms(t - up))
+        );
+        load.settle_and_check(TEST).await;
+        cluster.print_metrics(TEST).await;
+        cluster.finish().await;
+    });
+}
