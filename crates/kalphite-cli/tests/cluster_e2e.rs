@@ -881,7 +881,7 @@ fn postgres_restarted_under_load_loses_nothing() {
     let Some(version) = std::fs::read_dir("/etc/postgresql")
         .ok()
         .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
+        .and_then(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
     else {
         eprintln!("*** SKIPPED {TEST}: no /etc/postgresql cluster to restart ***");
