@@ -87,6 +87,10 @@ const FENCE: &str = "WITH locked AS MATERIALIZED ( \
     AND r.version IS NOT DISTINCT FROM f.from_version \
     RETURNING r.room";
 
+/// [`FENCE`] for one room.
+const FENCE_ONE: &str = "UPDATE kalphite_rooms SET version = $4 \
+    WHERE room = $1 AND term = $2 AND version IS NOT DISTINCT FROM $3";
+
 const INIT_VERSION: &str = "UPDATE kalphite_rooms SET version = $3 \
     WHERE room = $1 AND term = $2 AND version IS NULL";
 
@@ -377,6 +381,25 @@ pub(super) async fn fence(tx: &deadpool_postgres::Transaction<'_>, fences: &[Fen
         return Ok(());
     }
     let ctx = "fencing a write batch";
+    // The common case, one room: a plain keyed update (no array unnesting, no ordering CTE:
+    // a single row lock cannot deadlock with another).
+    if let [f] = fences {
+        let stmt = tx
+            .prepare_cached(FENCE_ONE)
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let n = tx
+            .execute(&stmt, &[&f.room, &f.term, &f.from_version, &f.to_version])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        return if n == 1 {
+            Ok(())
+        } else {
+            Err(Error::Fenced {
+                room: f.room.clone(),
+            })
+        };
+    }
     let rooms: Vec<&str> = fences.iter().map(|f| f.room.as_str()).collect();
     let terms: Vec<i64> = fences.iter().map(|f| f.term).collect();
     let from: Vec<Option<i64>> = fences.iter().map(|f| f.from_version).collect();
