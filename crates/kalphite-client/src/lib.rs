@@ -79,7 +79,9 @@ const QUEUED_MARKER_KIND: &str = "_kalphite_queued";
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SyncConfig {
-    /// `ws://host:port/sync`.
+    /// `ws://host:port/sync`; or several, separated by commas (the nodes of a cluster,
+    /// `docs/cluster.md`): the client connects to the first, and after a lost or failed
+    /// connection tries the next, in turn.
     pub ws_url: String,
     /// The room to join.
     pub room_id: String,
@@ -686,12 +688,28 @@ pub(crate) fn wait_for_queued(store: &Store, room: &str) {
 }
 
 /// `ws://host:port` → `ws://host:port/sync`; a URL with a path is kept; anything but
-/// `ws://` or `wss://` is refused with a hint.
+/// `ws://` or `wss://` is refused with a hint. Several addresses separated by commas (the
+/// nodes of a cluster) are each normalized.
 ///
 /// # Errors
 /// [`SyncError::Config`] for an empty URL, `http(s)://` (with the `ws(s)://` form to use),
 /// or another scheme.
 pub fn sync_url(url: &str) -> Result<String, SyncError> {
+    // Several servers (the nodes of a cluster), separated by commas: each normalized.
+    if url.contains(',') {
+        let urls = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(one_sync_url)
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(urls.join(","));
+    }
+    one_sync_url(url)
+}
+
+/// [`sync_url`] of one address.
+fn one_sync_url(url: &str) -> Result<String, SyncError> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(SyncError::Config(format!(
@@ -900,4 +918,20 @@ impl SyncClient {
 /// True for changes the client sends (local edits).
 pub(crate) fn is_local(change: &Change) -> bool {
     change.origin == Origin::Local
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_servers_are_each_normalized_and_each_checked() {
+        assert_eq!(
+            sync_url("ws://a:1, ws://b:2/sync ,").expect("two servers"),
+            "ws://a:1/sync,ws://b:2/sync"
+        );
+        assert_eq!(sync_url("ws://a:1").expect("one"), "ws://a:1/sync");
+        let err = sync_url("ws://a:1,http://b:2").expect_err("an http address");
+        assert!(err.to_string().contains("ws://b:2"), "{err}");
+    }
 }

@@ -44,9 +44,14 @@ enum End {
 /// Connects and reconnects until cancelled, refused, or out of attempts.
 pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut failures = 0u32;
+    // Several servers (cluster nodes): each lost connection moves on to the next one, so a
+    // client of a node that died reaches the node that takes its room over.
+    let urls: Vec<String> = inner.config.ws_url.split(',').map(str::to_owned).collect();
+    let mut at = 0usize;
     loop {
         inner.set_status(ConnectionStatus::Connecting);
-        let end = session(&inner, &cancel).await;
+        let end = session(&inner, &urls[at % urls.len()], &cancel).await;
+        at = at.wrapping_add(1);
         {
             inner.replica.lock().disconnected();
             *inner.outgoing.lock() = None;
@@ -100,17 +105,13 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     }
 }
 
-async fn session(inner: &Arc<Inner>, cancel: &CancellationToken) -> End {
+async fn session(inner: &Arc<Inner>, url: &str, cancel: &CancellationToken) -> End {
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_SERVER_FRAME))
         .max_frame_size(Some(MAX_SERVER_FRAME));
-    let connect = tokio_tungstenite::connect_async_with_config(
-        inner.config.ws_url.as_str(),
-        Some(ws_config),
-        true,
-    );
+    let connect = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true);
     let (mut ws, _) = tokio::select! {
         r = connect => match r {
             Ok(ok) => ok,

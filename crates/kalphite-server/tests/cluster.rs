@@ -401,3 +401,55 @@ async fn a_relay_to_an_owner_that_stopped_answering_sends_its_client_away() {
     assert!(reason.contains("stopped answering"), "{reason}");
     b.stop().await;
 }
+
+/// The Rust client given the cluster's nodes (`ws://a,ws://b`) moves to the next one when
+/// its node goes away, and its writes go on through the node that takes the room over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_several_nodes_moves_to_the_next_when_its_node_stops() {
+    let Some(url) = pg_url("a_client_given_several_nodes_moves_to_the_next_when_its_node_stops")
+    else {
+        return;
+    };
+    let schema = format!("cluster_client_{:08x}", rand::random::<u32>());
+    let a = Node::start(&url, &schema, "a").await;
+    let b = Node::start(&url, &schema, "b").await;
+    let both = format!("ws://{},ws://{}", a.addr, b.addr);
+    let (store, sync) = client(&memory_db().await, client_config(&both, "r", "alice", "al")).await;
+    wait_connected(&sync).await;
+    store
+        .dynamic("todo")
+        .put("t1", json!({"x": 1}))
+        .expect("put");
+    guard(store.durable(kalphite::Durability::Server))
+        .await
+        .expect("durable through a");
+    assert_eq!(metric(&a.server(), "kalphite_cluster_rooms_owned").await, 1);
+
+    a.stop().await;
+    store
+        .dynamic("todo")
+        .put("t2", json!({"x": 2}))
+        .expect("put");
+    guard(store.durable(kalphite::Durability::Server))
+        .await
+        .expect("durable through b, after a stopped");
+    assert_eq!(metric(&b.server(), "kalphite_cluster_rooms_owned").await, 1);
+    // A fresh client of b sees both.
+    let mut bob = Raw::connect(&b.url()).await;
+    bob.hello("r", "bob", Some(&token("bob", &["r"]))).await;
+    let ids = bob
+        .recv_until(|m| match m {
+            ServerMessage::CatchUp(c) if c.payload.complete => Some(
+                c.payload
+                    .changes
+                    .iter()
+                    .map(|ch| ch.entity_id.to_string())
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ids, ["t1", "t2"]);
+    sync.close().await;
+    b.stop().await;
+}
