@@ -106,7 +106,10 @@ impl Session {
         )
         .default_room(DEFAULT_ROOM)
         .user(user)
-        .reconnect_attempts(1)
+        // One more try for each further server given (a cluster's nodes, tried in turn).
+        .reconnect_attempts(url.as_deref().map_or(1, |u| {
+            u32::try_from(u.split(',').count()).unwrap_or(u32::MAX)
+        }))
         .backoff(Duration::from_millis(100), Duration::from_millis(500))
         .connect_on_start(url.is_some());
         if let Some(token) = &options.token {
@@ -148,11 +151,19 @@ impl Session {
             return;
         };
         let mut status = sync.status_watch();
+        let servers = self.url.as_deref().map_or(1, |u| u.split(',').count());
         let gave_up = async {
-            // Connecting failed for good (refused, or out of attempts).
-            let _ = status
-                .wait_for(|s| *s == ConnectionStatus::Disconnected)
-                .await;
+            // Connecting failed for good (refused), or failed with every server given.
+            for tried in 1..=servers {
+                let _ = status
+                    .wait_for(|s| *s == ConnectionStatus::Disconnected)
+                    .await;
+                if tried < servers {
+                    let _ = status
+                        .wait_for(|s| *s != ConnectionStatus::Disconnected)
+                        .await;
+                }
+            }
             // The first status may be a transient one; a failed session ends with an
             // error event before the status settles.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -173,7 +184,12 @@ impl Session {
     fn connection_problem(&self) -> String {
         let url = self.url.as_deref().unwrap_or("?");
         let sync = self.client.sync();
-        if let Some(error) = sync.and_then(kalphite_client::SyncClient::last_error) {
+        // (Running out of reconnect attempts is the library's way of saying the servers
+        // could not be reached: the reason is the last disconnect, below.)
+        if let Some(error) = sync
+            .and_then(kalphite_client::SyncClient::last_error)
+            .filter(|e| !e.starts_with("gave up after"))
+        {
             return explain(url, &error, self.has_token);
         }
         let why = sync

@@ -632,3 +632,33 @@ fn an_offline_close_logs_nothing_extra() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("saved locally"), "{err}");
 }
+
+/// Several servers (a cluster's nodes, issue 12): the first is down, the change goes through
+/// the next; when none answers, one clear line and the change is kept.
+#[test]
+fn several_servers_are_tried_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = Server::start(d);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("ws://127.0.0.1:{port}");
+    let (mut a, b) = clients(d, &server);
+    a.server = format!("{down},{}", server.url);
+    a.run(&["add", "through the second"]);
+    let seen = titles_and_status(&b.list());
+    assert_eq!(
+        seen,
+        [("through the second".to_owned(), "pending".to_owned())]
+    );
+
+    a.server = format!("{down},{down}");
+    let out = kalphite(d, &a.args(true, &["add", "kept"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("cannot reach the sync server"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
