@@ -267,7 +267,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     // A cluster node shares the database with the other nodes, never with a single server.
     let db_config = DatabaseConfig::new(&args.db).fsync(args.fsync);
     let db_config = if args.cluster {
-        db_config.cluster_writer(true)
+        // A transaction a node leaves open when it is cut off holds its rooms' rows for
+        // every node: PostgreSQL ends it after a lease TTL.
+        db_config
+            .cluster_writer(true)
+            .idle_transaction_timeout(args.lease_ttl)
     } else {
         db_config.writer_lock(true)
     };

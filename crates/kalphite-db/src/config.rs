@@ -71,6 +71,13 @@ pub struct DatabaseConfig {
     /// How long opening waits for a writer lock held by another process (default 3 s:
     /// enough for one that is shutting down to let go).
     pub writer_lock_wait: Duration,
+    /// PostgreSQL: every pooled connection sets `idle_in_transaction_session_timeout` to
+    /// this (default none). A transaction left open by a client that stopped answering
+    /// mid-way (a cluster node cut off from the database by a silent partition) is then
+    /// ended by the server, releasing its row locks: without it, the rooms that node was
+    /// committing stay locked, for every node, until the server notices the dead
+    /// connection. Cluster nodes set it to their lease TTL.
+    pub idle_transaction_timeout: Option<Duration>,
 }
 
 impl DatabaseConfig {
@@ -91,6 +98,7 @@ impl DatabaseConfig {
             writer_lock: false,
             cluster_writer: false,
             writer_lock_wait: Duration::from_secs(3),
+            idle_transaction_timeout: None,
         }
     }
 
@@ -157,6 +165,13 @@ impl DatabaseConfig {
         self
     }
 
+    /// Sets [`DatabaseConfig::idle_transaction_timeout`].
+    #[must_use]
+    pub fn idle_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_transaction_timeout = Some(timeout);
+        self
+    }
+
     /// Takes the writer lock as a cluster node, in shared mode (see
     /// [`DatabaseConfig::cluster_writer`]).
     #[must_use]
@@ -197,6 +212,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("writer_lock", &self.writer_lock)
             .field("cluster_writer", &self.cluster_writer)
             .field("writer_lock_wait", &self.writer_lock_wait)
+            .field("idle_transaction_timeout", &self.idle_transaction_timeout)
             .finish()
     }
 }

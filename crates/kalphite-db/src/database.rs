@@ -139,6 +139,7 @@ impl Database {
                     config.postgres_schema.as_deref(),
                     config.pool_size,
                     config.fsync,
+                    config.idle_transaction_timeout,
                 )
                 .await?;
                 let lock_target = LockTarget::Postgres {

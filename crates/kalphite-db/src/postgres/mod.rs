@@ -120,12 +120,15 @@ impl Postgres {
     /// Connects to `url`, optionally keeping kalphite's tables in `schema`. Every pooled
     /// connection sets `synchronous_commit`: `on` with `fsync` (a commit also waits for
     /// synchronous standbys, if any are configured), otherwise `local` (it waits for the
-    /// local WAL flush only), whatever the server's default.
+    /// local WAL flush only), whatever the server's default; and, when given,
+    /// `idle_in_transaction_session_timeout` (see
+    /// [`crate::DatabaseConfig::idle_transaction_timeout`]).
     pub(crate) async fn open(
         url: &str,
         schema: Option<&str>,
         pool_size: usize,
         fsync: bool,
+        idle_transaction_timeout: Option<Duration>,
     ) -> Result<Self> {
         let label = redact(url);
         let mut config: tokio_postgres::Config =
@@ -144,6 +147,13 @@ impl Postgres {
                 .trim_start()
                 .to_owned(),
         );
+        if let Some(timeout) = idle_transaction_timeout {
+            let ms = timeout.as_millis().max(1);
+            let options = config.get_options().map(str::to_owned).unwrap_or_default();
+            config.options(format!(
+                "{options} -c idle_in_transaction_session_timeout={ms}"
+            ));
+        }
         if let Some(schema) = schema {
             if !is_identifier(schema) {
                 return Err(Error::InvalidConfig {
