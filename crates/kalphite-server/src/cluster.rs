@@ -125,15 +125,8 @@ impl Cluster {
         let ttl = self.config.lease_ttl;
         // Bounded like the renewals: a hello to a node cut off from the database is
         // answered (storage_failed) instead of hanging.
-        let acquired =
-            tokio::time::timeout(ttl, self.db.acquire_room(room, &self.config.node_id, ttl))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(kalphite_db::Error::Connect {
-                        target: self.db.target().to_owned(),
-                        message: format!("no answer to the lease request within {ttl:?}"),
-                    })
-                })?;
+        let request = self.db.acquire_room(room, &self.config.node_id, ttl);
+        let acquired = bounded(&self.db, "the lease request", ttl, request).await?;
         match acquired {
             Acquired::Owned(lease) => {
                 let n = {
@@ -189,12 +182,7 @@ impl Cluster {
 
     /// Gives up every lease (graceful shutdown, after the last commit).
     pub(crate) async fn release_all(&self) {
-        let rooms: Vec<(String, i64)> = self
-            .owned
-            .lock()
-            .iter()
-            .map(|(room, term)| (room.clone(), *term))
-            .collect();
+        let rooms = self.held();
         let n = rooms.len();
         self.release(rooms).await;
         if n > 0 {
@@ -263,15 +251,12 @@ pub(crate) async fn renew_leases(shared: Weak<Shared>, cancel: CancellationToken
             );
             drop_rooms(&shared, cluster, cluster.held());
             let info = node_info(&cluster.config);
-            match tokio::time::timeout(period, cluster.db.join_cluster(&info)).await {
-                Ok(Ok(guard)) => *cluster.guard.lock().await = guard,
-                Ok(Err(e)) => {
+            let rejoin = cluster.db.join_cluster(&info);
+            match bounded(&cluster.db, "the rejoin", period, rejoin).await {
+                Ok(guard) => *cluster.guard.lock().await = guard,
+                Err(e) => {
                     Metrics::inc(&shared.metrics.cluster.lease_renew_failures);
                     tracing::warn!(error = %e, "could not join the cluster again");
-                }
-                Err(_) => {
-                    Metrics::inc(&shared.metrics.cluster.lease_renew_failures);
-                    tracing::warn!("could not join the cluster again: no answer in time");
                 }
             }
             continue;
@@ -280,18 +265,8 @@ pub(crate) async fn renew_leases(shared: Weak<Shared>, cancel: CancellationToken
         let started = Instant::now();
         // Bounded: a database that stops answering (a silent partition) must count as a
         // failed renewal, or the node would hold its rooms for as long as the link hangs.
-        let renewal = tokio::time::timeout(
-            period,
-            cluster.db.renew_leases(&cluster.config.node_id, &held, ttl),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(kalphite_db::Error::Connect {
-                target: cluster.db.target().to_owned(),
-                message: format!("no answer to the lease renewal within {period:?}"),
-            })
-        });
-        match renewal {
+        let request = cluster.db.renew_leases(&cluster.config.node_id, &held, ttl);
+        match bounded(&cluster.db, "the lease renewal", period, request).await {
             Ok(renewed) => {
                 last_ok = started;
                 let lost: Vec<(String, i64)> = held
@@ -317,6 +292,24 @@ pub(crate) async fn renew_leases(shared: Weak<Shared>, cancel: CancellationToken
             }
         }
     }
+}
+
+/// `request` to `db`, failed as unreachable ([`kalphite_db::Error::Connect`]) when it has
+/// no answer within `limit`: a silent database must not hold a node's cluster duties.
+async fn bounded<T>(
+    db: &Database,
+    what: &str,
+    limit: Duration,
+    request: impl Future<Output = Result<T, kalphite_db::Error>>,
+) -> Result<T, kalphite_db::Error> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kalphite_db::Error::Connect {
+                target: db.target().to_owned(),
+                message: format!("no answer to {what} within {limit:?}"),
+            })
+        })
 }
 
 /// Drops the rooms of lost leases: forgotten, their handles closed (clients get 1001 and

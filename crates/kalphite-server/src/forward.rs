@@ -27,6 +27,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// The close reason a relayed client gets when the owner's side of the relay ends.
+const OWNER_GONE: &str = "the room's owner went away; reconnect";
+
 /// Where a connection is relayed, and the hello that starts it there.
 pub(crate) struct Forward {
     /// The owner's node id.
@@ -55,10 +58,7 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
     let _open = OpenRelay(metrics);
     let write_timeout = shared.config.write_timeout;
     for text in outbox.take_all() {
-        if timeout(write_timeout, client.send(Message::Text(text)))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
+        if !sent(write_timeout, client, Message::Text(text)).await {
             return;
         }
     }
@@ -72,7 +72,7 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
             tracing::warn!(owner = %to.node, url = %to.url, error = %e,
                 "could not relay a connection to its room's owner");
             let reason = "the room's owner could not be reached; reconnect";
-            let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, reason))).await;
+            sent(write_timeout, client, close(CLOSE_GOING_AWAY, reason)).await;
             return;
         }
     };
@@ -87,38 +87,26 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
     let mut ping = tokio::time::interval(ttl / 2);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = tokio::time::Instant::now();
-    if timeout(
-        write_timeout,
-        upstream.send(Upstream::Text(to.hello.as_str().into())),
-    )
-    .await
-    .map_or(true, |r| r.is_err())
-    {
-        let _ = timeout(
-            write_timeout,
-            client.send(close(
-                CLOSE_GOING_AWAY,
-                "the room's owner went away; reconnect",
-            )),
-        )
-        .await;
+    let hello = Upstream::Text(to.hello.as_str().into());
+    if !sent(write_timeout, &mut upstream, hello).await {
+        sent(write_timeout, client, close(CLOSE_GOING_AWAY, OWNER_GONE)).await;
         return;
     }
     loop {
         tokio::select! {
             () = shared.cancel.cancelled() => {
-                let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "server shutting down"))).await;
+                sent(write_timeout, client, close(CLOSE_GOING_AWAY, "server shutting down")).await;
                 let _ = timeout(write_timeout, upstream.close(None)).await;
                 return;
             }
             _ = ping.tick() => {
                 if heard.elapsed() > ttl + ttl / 2 {
                     tracing::warn!(owner = %to.node, "the room's owner stopped answering a relayed connection");
-                    let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner stopped answering; reconnect"))).await;
+                    sent(write_timeout, client, close(CLOSE_GOING_AWAY, "the room's owner stopped answering; reconnect")).await;
                     return;
                 }
-                if timeout(write_timeout, upstream.send(Upstream::Ping(axum::body::Bytes::new()))).await.map_or(true, |r| r.is_err()) {
-                    let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner went away; reconnect"))).await;
+                if !sent(write_timeout, &mut upstream, Upstream::Ping(axum::body::Bytes::new())).await {
+                    sent(write_timeout, client, close(CLOSE_GOING_AWAY, OWNER_GONE)).await;
                     return;
                 }
             }
@@ -141,8 +129,8 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
                         return;
                     }
                 };
-                if timeout(write_timeout, upstream.send(message)).await.map_or(true, |r| r.is_err()) {
-                    let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner went away; reconnect"))).await;
+                if !sent(write_timeout, &mut upstream, message).await {
+                    sent(write_timeout, client, close(CLOSE_GOING_AWAY, OWNER_GONE)).await;
                     return;
                 }
             }
@@ -156,15 +144,15 @@ pub(crate) async fn relay(client: &mut WebSocket, to: Forward, shared: &Shared, 
                         let (code, reason) = frame.map_or((CLOSE_GOING_AWAY, String::new()), |f| {
                             (u16::from(f.code), f.reason.as_str().to_owned())
                         });
-                        let _ = timeout(write_timeout, client.send(close(code, &reason))).await;
+                        sent(write_timeout, client, close(code, &reason)).await;
                         return;
                     }
                     Some(Err(_)) | None => {
-                        let _ = timeout(write_timeout, client.send(close(CLOSE_GOING_AWAY, "the room's owner went away; reconnect"))).await;
+                        sent(write_timeout, client, close(CLOSE_GOING_AWAY, OWNER_GONE)).await;
                         return;
                     }
                 };
-                if timeout(write_timeout, client.send(message)).await.map_or(true, |r| r.is_err()) {
+                if !sent(write_timeout, client, message).await {
                     let _ = timeout(write_timeout, upstream.close(None)).await;
                     return;
                 }
@@ -190,6 +178,14 @@ async fn connect(to: &Forward, node: &str) -> Result<UpstreamSocket, String> {
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {CONNECT_TIMEOUT:?}")),
     }
+}
+
+/// Sends `message` on `sink`, giving up after `limit`; whether it went out.
+async fn sent<S, M>(limit: Duration, sink: &mut S, message: M) -> bool
+where
+    S: futures_util::Sink<M> + Unpin,
+{
+    matches!(timeout(limit, sink.send(message)).await, Ok(Ok(())))
 }
 
 fn close(code: u16, reason: &str) -> Message {
