@@ -99,24 +99,40 @@ async fn ack_of(raw: &mut Raw, message_id: &str) -> u64 {
     .await
 }
 
-/// The close frame that ends `raw` (frames before it skipped): its code and reason, and
-/// whether an ack arrived before it.
-async fn closed(raw: &mut Raw) -> (u16, String, bool) {
-    let mut acked = false;
+/// Alice joined room `r` on `node` and wrote `t1`, acknowledged as version 1.
+async fn alice_wrote_version_1(node: &Node) -> Raw {
+    let mut alice = Raw::connect(&node.url()).await;
+    alice.join("r", "alice").await;
+    alice
+        .send_json(change_frame("alice-1", "alice", "t1", json!({"x": 1}), 1))
+        .await;
+    assert_eq!(ack_of(&mut alice, "alice-1").await, 1);
+    alice
+}
+
+/// The close frame that ends `raw`: its code and reason, and the types of the messages
+/// that came before it.
+async fn closed(raw: &mut Raw) -> (u16, String, Vec<String>) {
+    let mut types = Vec::new();
     loop {
         match guard(raw.ws.next()).await {
             Some(Ok(Message::Close(Some(f)))) => {
-                return (u16::from(f.code), f.reason.to_string(), acked);
+                return (u16::from(f.code), f.reason.to_string(), types);
             }
             Some(Ok(Message::Text(t))) => {
-                if t.as_str().contains("\"type\":\"ack\"") {
-                    acked = true;
-                }
+                let frame: serde_json::Value =
+                    serde_json::from_str(t.as_str()).expect("a JSON frame");
+                types.push(frame["type"].as_str().unwrap_or_default().to_owned());
             }
             Some(Ok(_)) => {}
             other => panic!("the connection ended without a close frame: {other:?}"),
         }
     }
+}
+
+/// `raw` sent nothing of type `kind` before its close.
+fn no(kind: &str, types: &[String]) -> bool {
+    !types.iter().any(|t| t == kind)
 }
 
 /// Simulates another node taking `room` over (as after this one's lease ran out): the
@@ -213,12 +229,7 @@ async fn a_node_whose_lease_was_taken_acknowledges_nothing_more() {
     };
     let schema = format!("cluster_fence_{:08x}", rand::random::<u32>());
     let a = Node::start(&url, &schema, "a").await;
-    let mut alice = Raw::connect(&a.url()).await;
-    alice.join("r", "alice").await;
-    alice
-        .send_json(change_frame("alice-1", "alice", "t1", json!({"x": 1}), 1))
-        .await;
-    assert_eq!(ack_of(&mut alice, "alice-1").await, 1);
+    let mut alice = alice_wrote_version_1(&a).await;
 
     steal(&url, &schema, "r").await;
     alice
@@ -226,9 +237,9 @@ async fn a_node_whose_lease_was_taken_acknowledges_nothing_more() {
         .await;
     // Closed with 1001 (by the fenced commit, or by the renewal that found the lease
     // gone), and never acknowledged.
-    let (code, reason, acked) = closed(&mut alice).await;
+    let (code, reason, types) = closed(&mut alice).await;
     assert_eq!(code, 1001, "{reason}");
-    assert!(!acked, "a fenced-out node acknowledged a change");
+    assert!(no("ack", &types), "a fenced-out node acknowledged a change");
     assert_eq!(
         stored_ids(&url, &schema, "r").await,
         vec![r#"["todo","t1"]"#.to_owned()],
@@ -247,18 +258,14 @@ async fn a_commit_after_the_lease_moved_is_fenced_out() {
     // A long TTL: the renewal (every 10 s) does not notice the theft first; the commit's
     // fence does.
     let a = Node::start_with(&url, &schema, "a", Duration::from_secs(30)).await;
-    let mut alice = Raw::connect(&a.url()).await;
-    alice.join("r", "alice").await;
-    alice
-        .send_json(change_frame("alice-1", "alice", "t1", json!({"x": 1}), 1))
-        .await;
-    assert_eq!(ack_of(&mut alice, "alice-1").await, 1);
+    let mut alice = alice_wrote_version_1(&a).await;
     steal(&url, &schema, "r").await;
     alice
         .send_json(change_frame("alice-2", "alice", "t2", json!({"x": 2}), 2))
         .await;
-    let (code, reason, acked) = closed(&mut alice).await;
-    assert_eq!((code, acked), (1001, false), "{reason}");
+    let (code, reason, types) = closed(&mut alice).await;
+    assert_eq!(code, 1001, "{reason}");
+    assert!(no("ack", &types), "a fenced-out node acknowledged a change");
     assert_eq!(
         metric(&a.server(), "kalphite_cluster_fencing_rejections_total").await,
         1
@@ -285,17 +292,12 @@ async fn a_node_whose_lease_moved_welcomes_nobody() {
     carol
         .hello("r", "carol", Some(&token("carol", &["r"])))
         .await;
-    let mut welcomed = false;
-    let code = loop {
-        match guard(carol.ws.next()).await {
-            Some(Ok(Message::Text(t))) => welcomed |= t.as_str().contains("\"type\":\"welcome\""),
-            Some(Ok(Message::Close(Some(f)))) => break u16::from(f.code),
-            Some(Ok(_)) => {}
-            other => panic!("ended without a close frame: {other:?}"),
-        }
-    };
+    let (code, _, types) = closed(&mut carol).await;
     assert_eq!(code, 1001);
-    assert!(!welcomed, "a node that lost the room welcomed a client");
+    assert!(
+        no("welcome", &types),
+        "a node that lost the room welcomed a client"
+    );
     drop(alice);
     a.stop().await;
 }
@@ -308,12 +310,7 @@ async fn a_stopped_node_hands_its_rooms_over_at_once() {
     let schema = format!("cluster_handover_{:08x}", rand::random::<u32>());
     let a = Node::start(&url, &schema, "a").await;
     let b = Node::start(&url, &schema, "b").await;
-    let mut alice = Raw::connect(&a.url()).await;
-    alice.join("r", "alice").await;
-    alice
-        .send_json(change_frame("alice-1", "alice", "t1", json!({"x": 1}), 1))
-        .await;
-    assert_eq!(ack_of(&mut alice, "alice-1").await, 1);
+    let mut alice = alice_wrote_version_1(&a).await;
     a.stop().await;
     let (code, _, _) = closed(&mut alice).await;
     assert_eq!(
