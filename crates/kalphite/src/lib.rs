@@ -12,6 +12,12 @@
 //! - `error`: why a write was refused.
 //! - `flush`: Layer 2, the flush engine and its targets.
 //!
+//! # Features
+//! - `runtime` (default): the flush engine, the store's durability waits and its async
+//!   change stream, on tokio. Without it (`default-features = false`) the crate is the
+//!   synchronous store and the entity types, with no async runtime: what the sans-IO sync
+//!   core, `kalphite-sync`, builds on.
+//!
 //! The modules are private; every public item is re-exported at the crate root.
 //!
 //! The database (Layer 3) is the `kalphite-db` crate, sync (Layer 4) `kalphite-sync`.
@@ -57,6 +63,7 @@
 mod change;
 mod entity;
 mod error;
+#[cfg(feature = "runtime")]
 mod flush;
 mod schema;
 mod store;
@@ -67,12 +74,15 @@ pub use entity::{
     is_reserved_kind, now_millis,
 };
 pub use error::{Error, Result};
+#[cfg(feature = "runtime")]
 pub use flush::{
     Annotation, Batch, Durability, FanOut, FlushConfig, FlushEngine, FlushError, FlushEvent,
     FlushStats, FlushTarget, FnTarget, ShutdownError, TargetError,
 };
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
 pub use store::{
-    ChangeSink, ChangeStream, Collection, DynCollection, Listener, Notification, Query, RecvError,
-    Store, StoreBuilder, Subscription, Tx, View, json_cmp,
+    ChangeSink, Collection, DynCollection, Listener, Notification, Query, Store, StoreBuilder,
+    Subscription, Tx, View, json_cmp,
 };
+#[cfg(feature = "runtime")]
+pub use store::{ChangeStream, RecvError};

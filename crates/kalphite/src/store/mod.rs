@@ -5,6 +5,10 @@
 mod collection;
 mod notify;
 mod query;
+#[cfg(feature = "runtime")]
+mod runtime;
+#[cfg(feature = "runtime")]
+mod stream;
 mod table;
 mod tx;
 
@@ -17,14 +21,17 @@ use parking_lot::RwLock;
 use serde_json::Value;
 
 pub use collection::{Collection, DynCollection};
-pub use notify::{ChangeStream, Listener, Notification, RecvError, Subscription};
+pub use notify::{Listener, Notification, Subscription};
 pub use query::{Query, json_cmp};
+#[cfg(feature = "runtime")]
+pub use stream::{ChangeStream, RecvError};
 pub use tx::{Tx, View};
 
 use crate::change::{Change, Origin};
 use crate::entity::{AnyEntity, Entity, EntityData, EntityKind, Kind, is_reserved_kind};
 use crate::error::{Error, Result};
-use crate::flush::{Durability, FlushEngine, FlushError, ShutdownError};
+#[cfg(feature = "runtime")]
+use crate::flush::FlushEngine;
 use crate::schema::SharedSchema;
 use notify::Notifier;
 use tx::State;
@@ -32,8 +39,8 @@ use tx::State;
 /// Receives every accepted change, in commit order, while the write is being committed.
 ///
 /// This is the seam between Layer 1 and the layers above: the flush engine implements it,
-/// and a feeder given to [`StoreBuilder::flush_engine_via`] implements it to schedule the
-/// changes on its engine with annotations of its own.
+/// and a feeder given to `StoreBuilder::flush_engine_via` (the `runtime` feature)
+/// implements it to schedule the changes on its engine with annotations of its own.
 /// `accept` runs under the store's write lock, so it must be quick and must not call back
 /// into the store (queue the changes and return).
 pub trait ChangeSink: Send + Sync + 'static {
@@ -68,6 +75,7 @@ struct Inner {
     sinks: Vec<Arc<dyn ChangeSink>>,
     /// The flush engines (fed directly or through a feeder among the sinks), for flush
     /// control and durability waits.
+    #[cfg(feature = "runtime")]
     engines: Vec<FlushEngine>,
     notifier: Arc<Notifier>,
     /// The entity size limit for local writes, [`NO_LIMIT`] when there is none.
@@ -77,6 +85,7 @@ struct Inner {
 /// `max_entity_bytes` when the store has no size limit.
 const NO_LIMIT: usize = usize::MAX;
 
+#[cfg(feature = "runtime")]
 impl Drop for Inner {
     fn drop(&mut self) {
         // The last handle is gone: let each engine drain what is queued in the background.
@@ -91,7 +100,9 @@ impl Drop for Inner {
 pub struct StoreBuilder {
     schema: Option<SharedSchema>,
     sinks: Vec<Arc<dyn ChangeSink>>,
+    #[cfg(feature = "runtime")]
     engines: Vec<FlushEngine>,
+    /// How many notifications an async change stream buffers (only the stream reads it).
     stream_capacity: usize,
     typed: Vec<Registration>,
     max_entity_bytes: Option<usize>,
@@ -105,6 +116,7 @@ impl Default for StoreBuilder {
         Self {
             schema: None,
             sinks: Vec::new(),
+            #[cfg(feature = "runtime")]
             engines: Vec::new(),
             stream_capacity: 1024,
             typed: Vec::new(),
@@ -123,34 +135,6 @@ impl StoreBuilder {
     /// Adds a sink that receives every accepted change (see [`ChangeSink`]).
     pub fn sink(mut self, sink: Arc<dyn ChangeSink>) -> Self {
         self.sinks.push(sink);
-        self
-    }
-
-    /// Persists every accepted change through `engine` (several engines may be added:
-    /// one per target, such as the database and the sync client).
-    pub fn flush_engine(mut self, engine: FlushEngine) -> Self {
-        self.sinks.push(Arc::new(engine.clone()));
-        self.engines.push(engine);
-        self
-    }
-
-    /// Like [`Self::flush_engine`], except that the store does not schedule changes on
-    /// `engine` itself: `feeder` is added as a sink (in builder order with the other sinks)
-    /// and is expected to schedule each committed write on the engine, typically with
-    /// [`FlushEngine::schedule_annotated`] to write bookkeeping in the same batches. The
-    /// store still controls the engine: [`Store::flush_now`], [`Store::durable`] at its
-    /// durability level, pause and resume, [`Store::queued_changes`], [`Store::close`],
-    /// and draining when the last handle is dropped.
-    pub fn flush_engine_via(mut self, engine: FlushEngine, feeder: Arc<dyn ChangeSink>) -> Self {
-        self.sinks.push(feeder);
-        self.engines.push(engine);
-        self
-    }
-
-    /// How many notifications an async [`ChangeStream`] buffers before a slow reader is
-    /// told it lagged (default 1024).
-    pub fn stream_capacity(mut self, capacity: usize) -> Self {
-        self.stream_capacity = capacity;
         self
     }
 
@@ -189,6 +173,7 @@ impl StoreBuilder {
                 state: RwLock::new(state),
                 schema: self.schema,
                 sinks: self.sinks,
+                #[cfg(feature = "runtime")]
                 engines: self.engines,
                 notifier: Arc::new(Notifier::new(self.stream_capacity)),
                 max_entity_bytes: AtomicUsize::new(self.max_entity_bytes.unwrap_or(NO_LIMIT)),
@@ -494,112 +479,10 @@ impl Store {
         self.inner.notifier.subscribe(kind, listener)
     }
 
-    /// An async stream of notifications (for tokio apps).
-    #[must_use]
-    pub fn changes(&self) -> ChangeStream {
-        self.inner.notifier.stream()
-    }
-
     /// How many subscriber panics were caught so far.
     #[must_use]
     pub fn subscriber_panics(&self) -> u64 {
         self.inner.notifier.panics()
-    }
-
-    /// Writes everything queued so far to every flush target now (ignoring debounce and
-    /// pause); resolves when it is written.
-    ///
-    /// # Errors
-    /// The first engine's [`FlushError`]; the changes stay queued.
-    pub fn flush_now(&self) -> impl Future<Output = Result<(), FlushError>> + Send + 'static {
-        let waits: Vec<_> = self
-            .inner
-            .engines
-            .iter()
-            .map(FlushEngine::flush_now)
-            .collect();
-        async move {
-            for w in waits {
-                w.await?;
-            }
-            Ok(())
-        }
-    }
-
-    /// Resolves once every change accepted before this call is durable at `level`:
-    /// [`Durability::Memory`] at once, [`Durability::Local`] when the local targets (the
-    /// database) have written it, [`Durability::Server`] when the server acknowledged it.
-    ///
-    /// # Errors
-    /// [`FlushError::NoTarget`] if no engine provides `level`; otherwise the cause of the
-    /// failed write (the changes stay queued and are retried).
-    pub fn durable(
-        &self,
-        level: Durability,
-    ) -> impl Future<Output = Result<(), FlushError>> + Send + 'static {
-        let engines: Vec<_> = self
-            .inner
-            .engines
-            .iter()
-            .filter(|e| e.config().durability == level)
-            .collect();
-        let missing = level != Durability::Memory && engines.is_empty();
-        let waits: Vec<_> = engines.into_iter().map(FlushEngine::durable).collect();
-        async move {
-            if missing {
-                return Err(FlushError::NoTarget { level });
-            }
-            for w in waits {
-                w.await?;
-            }
-            Ok(())
-        }
-    }
-
-    /// Holds all flushing until [`Self::resume_flush`]; nothing is dropped meanwhile.
-    pub fn pause_flush(&self) {
-        self.inner.engines.iter().for_each(FlushEngine::pause);
-    }
-
-    /// Releases [`Self::pause_flush`].
-    pub fn resume_flush(&self) {
-        self.inner.engines.iter().for_each(FlushEngine::resume);
-    }
-
-    /// Every change not yet written by every engine (empty without engines).
-    #[must_use]
-    pub fn queued_changes(&self) -> Vec<Change> {
-        self.inner
-            .engines
-            .iter()
-            .flat_map(FlushEngine::queued_changes)
-            .collect()
-    }
-
-    /// The store's flush engines.
-    #[must_use]
-    pub fn flush_engines(&self) -> &[FlushEngine] {
-        &self.inner.engines
-    }
-
-    /// Drains every flush engine and stops them. The store stays readable and writable
-    /// in memory, but later writes are no longer persisted.
-    ///
-    /// # Errors
-    /// [`ShutdownError`] with every change that could not be written.
-    pub async fn close(&self) -> Result<(), ShutdownError> {
-        let mut unwritten = Vec::new();
-        let mut cause = None;
-        for engine in &self.inner.engines {
-            if let Err(e) = engine.shutdown().await {
-                unwritten.extend(e.unwritten);
-                cause = Some(e.cause);
-            }
-        }
-        match cause {
-            None => Ok(()),
-            Some(cause) => Err(ShutdownError { unwritten, cause }),
-        }
     }
 
     fn key(&self) -> usize {

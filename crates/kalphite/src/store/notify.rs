@@ -1,6 +1,6 @@
 //! Change notification: callback subscriptions (guards that unsubscribe on drop, one call
-//! per accepted write, panics caught, re-entrant writes deferred to the next round) and an
-//! async stream that reports lag instead of blocking writers.
+//! per accepted write, panics caught, re-entrant writes deferred to the next round) and,
+//! with the `runtime` feature, the async streams of `stream`.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::broadcast;
 
 use crate::change::Change;
 use crate::entity::Kind;
@@ -61,25 +60,25 @@ pub(crate) struct Notifier {
     /// locking when there is nothing to deliver, which is every write nobody listens to.
     queued: AtomicUsize,
     queue: Mutex<Queue>,
-    broadcast: broadcast::Sender<Notification>,
-    /// Live [`ChangeStream`]s. Counted here because `broadcast::Sender::receiver_count`
-    /// takes the channel's lock, and `wanted` runs on every write.
-    streams: Arc<AtomicUsize>,
+    #[cfg(feature = "runtime")]
+    streams: super::stream::Streams,
     next_id: AtomicU64,
     panics: AtomicU64,
 }
 
 impl Notifier {
     pub(crate) fn new(stream_capacity: usize) -> Self {
-        let (broadcast, _) = broadcast::channel(stream_capacity.max(1));
+        // Only an async stream buffers notifications.
+        #[cfg(not(feature = "runtime"))]
+        let _ = stream_capacity;
         Self {
             registrations: RwLock::new(Vec::new()),
             targets: RwLock::new(Arc::from(Vec::new())),
             has_listeners: AtomicBool::new(false),
             queued: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
-            broadcast,
-            streams: Arc::new(AtomicUsize::new(0)),
+            #[cfg(feature = "runtime")]
+            streams: super::stream::Streams::new(stream_capacity),
             next_id: AtomicU64::new(1),
             panics: AtomicU64::new(0),
         }
@@ -87,7 +86,18 @@ impl Notifier {
 
     /// Whether anyone would see a notification (callbacks or streams).
     pub(crate) fn wanted(&self) -> bool {
-        self.has_listeners.load(Ordering::Acquire) || self.streams.load(Ordering::Acquire) > 0
+        self.has_listeners.load(Ordering::Acquire) || self.streams_live()
+    }
+
+    #[cfg(feature = "runtime")]
+    fn streams_live(&self) -> bool {
+        self.streams.live()
+    }
+
+    #[cfg(not(feature = "runtime"))]
+    #[allow(clippy::unused_self)] // the runtime version reads the streams
+    fn streams_live(&self) -> bool {
+        false
     }
 
     /// Queues a notification. Called with the store's write lock held, so notifications
@@ -96,10 +106,8 @@ impl Notifier {
         let n = Notification {
             changes: changes.into(),
         };
-        if self.streams.load(Ordering::Acquire) > 0 {
-            // A send only fails when every receiver is gone, which is fine.
-            let _ = self.broadcast.send(n.clone());
-        }
+        #[cfg(feature = "runtime")]
+        self.streams.send(&n);
         if self.has_listeners.load(Ordering::Acquire) {
             let mut q = self.queue.lock();
             q.items.push_back(n);
@@ -223,12 +231,9 @@ impl Notifier {
             .store(!regs.is_empty(), Ordering::Release);
     }
 
-    pub(crate) fn stream(&self) -> ChangeStream {
-        self.streams.fetch_add(1, Ordering::AcqRel);
-        ChangeStream {
-            rx: self.broadcast.subscribe(),
-            count: Arc::clone(&self.streams),
-        }
+    #[cfg(feature = "runtime")]
+    pub(crate) fn stream(&self) -> super::stream::ChangeStream {
+        self.streams.subscribe()
     }
 
     pub(crate) fn panics(&self) -> u64 {
@@ -256,59 +261,5 @@ impl std::fmt::Debug for Subscription {
         f.debug_struct("Subscription")
             .field("id", &self.id)
             .finish_non_exhaustive()
-    }
-}
-
-/// Why [`ChangeStream::recv`] returned no notification.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RecvError {
-    /// The reader fell behind and this many notifications were skipped; the next `recv`
-    /// continues with the oldest one still buffered. Re-read the store to resynchronise.
-    #[error("the change stream lagged; {0} notifications were skipped")]
-    Lagged(u64),
-    /// The store was dropped.
-    #[error("the store is gone")]
-    Closed,
-}
-
-/// An async stream of notifications, for tokio apps. Writers never wait for it: a reader
-/// that falls more than the stream capacity behind is told it lagged.
-pub struct ChangeStream {
-    rx: broadcast::Receiver<Notification>,
-    /// The notifier's count of live streams, decremented on drop.
-    count: Arc<AtomicUsize>,
-}
-
-impl Drop for ChangeStream {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl ChangeStream {
-    /// The next notification.
-    ///
-    /// # Errors
-    /// [`RecvError::Lagged`] when notifications were skipped, [`RecvError::Closed`] when
-    /// the store is gone.
-    pub async fn recv(&mut self) -> Result<Notification, RecvError> {
-        self.rx.recv().await.map_err(|e| match e {
-            broadcast::error::RecvError::Lagged(n) => RecvError::Lagged(n),
-            broadcast::error::RecvError::Closed => RecvError::Closed,
-        })
-    }
-
-    /// The next notification if one is ready, without waiting.
-    ///
-    /// # Errors
-    /// As [`Self::recv`]; `Ok(None)` when nothing is ready.
-    pub fn try_recv(&mut self) -> Result<Option<Notification>, RecvError> {
-        match self.rx.try_recv() {
-            Ok(n) => Ok(Some(n)),
-            Err(broadcast::error::TryRecvError::Empty) => Ok(None),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-            Err(broadcast::error::TryRecvError::Closed) => Err(RecvError::Closed),
-        }
     }
 }
