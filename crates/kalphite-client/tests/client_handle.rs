@@ -455,9 +455,16 @@ async fn a_restored_client_backup_keeps_syncing_and_loses_nothing() {
         .expect("open");
     let todos = a.store().dynamic("todo");
     todos.put("t1", json!({"v": 1})).expect("put");
+    todos.put("t4", json!({"v": 4})).expect("put");
     guard(a.durable(Durability::Server)).await.expect("synced");
     a.sync().expect("sync").disconnect().await;
+    // Queued, never sent: a new entity, an edit and a delete of entities the room has.
+    // Without the queue in the backup the first catch-up put the room's t1 and t4 back.
     todos.put("t2", json!({"v": "only queued"})).expect("put");
+    todos
+        .put("t1", json!({"v": "edited offline"}))
+        .expect("put");
+    assert!(todos.delete("t4"));
     let old_id = a.sync().expect("sync").replica_id();
     a.close().await.expect("close");
 
@@ -499,12 +506,17 @@ async fn a_restored_client_backup_keeps_syncing_and_loses_nothing() {
             .get(&("todo".to_owned(), id.to_owned()))
             .map(|d| d["v"].clone())
     };
-    assert_eq!(v("t1"), Some(json!(1)));
+    assert_eq!(
+        v("t1"),
+        Some(json!("edited offline")),
+        "the queued edit is not lost"
+    );
     assert_eq!(
         v("t2"),
         Some(json!("only queued")),
         "the queued change is not lost"
     );
+    assert_eq!(v("t4"), None, "the queued delete is not lost");
     assert_eq!(v("t3"), Some(json!("after the restore")));
     c.close().await.expect("close");
     server.stop().await;

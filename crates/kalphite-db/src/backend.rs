@@ -69,8 +69,16 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn find(&self, query: Query) -> Result<Vec<StoredEntity>>;
     /// Every entity, in first-insert order.
     async fn dump(&self) -> Result<Vec<Record>>;
-    /// Replaces every entity with `records`, in one transaction.
-    async fn replace_all(&self, records: Vec<Record>, quota: Option<Quota>) -> Result<()>;
+    /// Every entity and the sync bookkeeping, as of one moment (a backup).
+    async fn dump_with_sync(&self) -> Result<(Vec<Record>, SyncTables)>;
+    /// Replaces every entity with `records` and the sync bookkeeping with `sync`, in one
+    /// transaction.
+    async fn replace_all(
+        &self,
+        records: Vec<Record>,
+        sync: Vec<SyncWrite>,
+        quota: Option<Quota>,
+    ) -> Result<()>;
     /// Everything in the sync bookkeeping tables.
     async fn read_sync(&self) -> Result<SyncTables>;
     /// Each kind with its entity count.

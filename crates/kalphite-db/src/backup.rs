@@ -1,6 +1,7 @@
-//! The portable backup format: JSON Lines with a header, one entity per line, and a trailer
-//! carrying the entity count and a checksum, so that a truncated or altered file is refused
-//! before anything is restored. Specified in `docs/database.md`.
+//! The portable backup format: JSON Lines with a header, one entity per line, then the sync
+//! client's bookkeeping (a client's offline queue is part of what a backup must give back),
+//! and a trailer carrying the counts and a checksum, so that a truncated or altered file is
+//! refused before anything is restored. Specified in `docs/database.md`.
 
 use std::collections::HashSet;
 
@@ -9,11 +10,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::sync_state::{KnownRow, OutboxRow, SyncTables};
 
 /// The `format` value of a backup header.
 pub const FORMAT: &str = "kalphite-backup";
-/// The format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes. It reads this one and version 1 (entities only).
+pub const FORMAT_VERSION: u32 = 2;
+/// How every bookkeeping line starts (its tag is serialized first), which tells it from an
+/// entity line without parsing the line twice.
+const SYNC_LINE_START: &str = "{\"sync\":";
 
 /// The first line of a backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +67,80 @@ impl Record {
     }
 }
 
+/// One row of the sync client's bookkeeping tables (format version 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "sync", rename_all = "camelCase", deny_unknown_fields)]
+enum SyncLine {
+    /// A value of the replica state.
+    State { key: String, value: String },
+    /// An offline-queue entry.
+    Outbox {
+        #[serde(rename = "type")]
+        kind: Kind,
+        id: EntityId,
+        position: u64,
+        entry: String,
+    },
+    /// What the server last said about an entity.
+    Known {
+        #[serde(rename = "type")]
+        kind: Kind,
+        id: EntityId,
+        version: u64,
+        entry: String,
+    },
+}
+
+impl SyncLine {
+    fn all(tables: &SyncTables) -> Vec<Self> {
+        let state = tables.state.iter().map(|(key, value)| Self::State {
+            key: key.clone(),
+            value: value.clone(),
+        });
+        let outbox = tables.outbox.iter().map(|r| Self::Outbox {
+            kind: r.kind.clone(),
+            id: r.id.clone(),
+            position: r.position,
+            entry: r.entry.clone(),
+        });
+        let known = tables.known.iter().map(|r| Self::Known {
+            kind: r.kind.clone(),
+            id: r.id.clone(),
+            version: r.version,
+            entry: r.entry.clone(),
+        });
+        state.chain(outbox).chain(known).collect()
+    }
+
+    fn add_to(self, tables: &mut SyncTables) {
+        match self {
+            Self::State { key, value } => tables.state.push((key, value)),
+            Self::Outbox {
+                kind,
+                id,
+                position,
+                entry,
+            } => tables.outbox.push(OutboxRow {
+                kind,
+                id,
+                position,
+                entry,
+            }),
+            Self::Known {
+                kind,
+                id,
+                version,
+                entry,
+            } => tables.known.push(KnownRow {
+                kind,
+                id,
+                version,
+                entry,
+            }),
+        }
+    }
+}
+
 /// The last line of a backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Trailer {
@@ -69,9 +148,26 @@ struct Trailer {
     end: String,
     /// The number of entity lines.
     count: u64,
-    /// `fnv1a64:` and 16 lowercase hex digits: FNV-1a (64-bit) over the bytes of every entity
-    /// line, each including its `\n`.
+    /// The number of bookkeeping lines (absent in version 1, and when there are none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    sync: u64,
+    /// `fnv1a64:` and 16 lowercase hex digits: FNV-1a (64-bit) over the bytes of every line
+    /// between the header and the trailer, each including its `\n`.
     checksum: String,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a backup holds.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    /// The entities, in first-insert order.
+    pub(crate) records: Vec<Record>,
+    /// The sync client's bookkeeping (empty for a server's or a local-only database).
+    pub(crate) sync: SyncTables,
 }
 
 /// FNV-1a, 64-bit.
@@ -93,8 +189,13 @@ impl Fnv {
     }
 }
 
-/// Writes a backup of `records` (in first-insert order).
-pub(crate) fn encode(source: &str, created_at: Millis, records: &[Record]) -> Result<Vec<u8>> {
+/// Writes a backup of `records` (in first-insert order) and the sync bookkeeping.
+pub(crate) fn encode(
+    source: &str,
+    created_at: Millis,
+    records: &[Record],
+    sync: &SyncTables,
+) -> Result<Vec<u8>> {
     let ser = |r: &Record, e: serde_json::Error| Error::Serialize {
         kind: r.kind.to_string(),
         id: r.id.to_string(),
@@ -118,13 +219,24 @@ pub(crate) fn encode(source: &str, created_at: Millis, records: &[Record]) -> Re
         out.push(b'\n');
         sum.update(&out[start..]);
     }
+    let lines = SyncLine::all(sync);
+    for line in &lines {
+        let start = out.len();
+        serde_json::to_writer(&mut out, line).map_err(|e| Error::InvalidBackup {
+            line: 0,
+            reason: format!("could not write the sync bookkeeping: {e}"),
+        })?;
+        out.push(b'\n');
+        sum.update(&out[start..]);
+    }
     let trailer = Trailer {
         end: FORMAT.into(),
         count: records.len() as u64,
+        sync: lines.len() as u64,
         checksum: sum.text(),
     };
     let trailer = serde_json::to_vec(&trailer).map_err(|e| Error::InvalidBackup {
-        line: records.len() + 2,
+        line: records.len() + lines.len() + 2,
         reason: format!("could not write the trailer: {e}"),
     })?;
     out.extend_from_slice(&trailer);
@@ -178,9 +290,9 @@ fn sync_dir(path: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-/// Reads and checks a whole backup: header, every line, the trailer's count and checksum,
-/// and that no `(type, id)` appears twice.
-pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
+/// Reads and checks a whole backup: header, every line, the trailer's counts and checksum,
+/// that no `(type, id)` appears twice, and that bookkeeping lines come after the entities.
+pub(crate) fn decode(bytes: &[u8]) -> Result<Decoded> {
     let refuse = |line: usize, reason: String| Error::InvalidBackup { line, reason };
     let text = std::str::from_utf8(bytes)
         .map_err(|e| refuse(0, format!("the backup is not UTF-8 text: {e}")))?;
@@ -200,11 +312,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
             format!("format is '{}', expected '{FORMAT}'", header.format),
         ));
     }
-    if header.version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&header.version) {
         return Err(refuse(
             1,
             format!(
-                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                "format version {} is not supported (this build reads 1 to {FORMAT_VERSION})",
                 header.version
             ),
         ));
@@ -224,11 +336,26 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
         })?;
     let mut sum = Fnv::new();
     let mut records = Vec::with_capacity(last - 2);
+    let mut sync = SyncTables::default();
+    let mut sync_lines = 0u64;
     let mut seen = HashSet::with_capacity(last - 2);
     for (i, line) in lines[1..last - 1].iter().enumerate() {
         let n = i + 2;
         sum.update(line.as_bytes());
         sum.update(b"\n");
+        if header.version >= 2 && line.starts_with(SYNC_LINE_START) {
+            let entry: SyncLine = serde_json::from_str(line)
+                .map_err(|e| refuse(n, format!("not a bookkeeping line: {e}")))?;
+            entry.add_to(&mut sync);
+            sync_lines += 1;
+            continue;
+        }
+        if sync_lines > 0 {
+            return Err(refuse(
+                n,
+                "an entity line after the bookkeeping lines".into(),
+            ));
+        }
         let record: Record = serde_json::from_str(line)
             .map_err(|e| refuse(n, format!("not an entity record: {e}")))?;
         if !seen.insert((record.kind.clone(), record.id.clone())) {
@@ -249,6 +376,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
             ),
         ));
     }
+    if trailer.sync != sync_lines {
+        return Err(refuse(
+            last,
+            format!(
+                "the trailer counts {} bookkeeping lines but {sync_lines} were read",
+                trailer.sync
+            ),
+        ));
+    }
     if trailer.checksum != sum.text() {
         return Err(refuse(
             last,
@@ -259,7 +395,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Header, Vec<Record>)> {
             ),
         ));
     }
-    Ok((header, records))
+    Ok(Decoded { records, sync })
 }
 
 #[cfg(test)]
@@ -277,19 +413,72 @@ mod tests {
         }
     }
 
+    fn none() -> SyncTables {
+        SyncTables::default()
+    }
+
+    fn bookkeeping() -> SyncTables {
+        SyncTables {
+            state: vec![("replicaId".into(), "\"alice-1\"".into())],
+            outbox: vec![OutboxRow {
+                kind: "comment".into(),
+                id: "a".into(),
+                position: 3,
+                entry: "{\"queued\":true}".into(),
+            }],
+            known: vec![KnownRow {
+                kind: "comment".into(),
+                id: "b".into(),
+                version: 7,
+                entry: "{}".into(),
+            }],
+        }
+    }
+
     #[test]
     fn round_trips() {
-        let bytes = encode("sqlite", 1, &[rec("a"), rec("b")]).unwrap();
-        let (header, records) = decode(&bytes).unwrap();
-        assert_eq!(header.source, "sqlite");
-        assert_eq!(records, vec![rec("a"), rec("b")]);
-        let empty = encode("postgres", 1, &[]).unwrap();
-        assert!(decode(&empty).unwrap().1.is_empty());
+        let bytes = encode("sqlite", 1, &[rec("a"), rec("b")], &none()).unwrap();
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.records, vec![rec("a"), rec("b")]);
+        assert!(decoded.sync.is_empty());
+        let empty = encode("postgres", 1, &[], &none()).unwrap();
+        assert!(decode(&empty).unwrap().records.is_empty());
+    }
+
+    #[test]
+    fn the_sync_bookkeeping_round_trips_after_the_entities() {
+        let bytes = encode("sqlite", 1, &[rec("a"), rec("b")], &bookkeeping()).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + 2 + 3 + 1);
+        assert!(lines[3..6].iter().all(|l| l.starts_with(SYNC_LINE_START)));
+        assert!(lines[6].contains("\"sync\":3"), "{}", lines[6]);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.records, vec![rec("a"), rec("b")]);
+        assert_eq!(decoded.sync, bookkeeping());
+    }
+
+    #[test]
+    fn a_version_1_backup_still_restores() {
+        let v1 = concat!(
+            "{\"format\":\"kalphite-backup\",\"version\":1,\"createdAt\":1,\"source\":\"sqlite\"}\n",
+            "{\"type\":\"comment\",\"id\":\"a\",\"data\":{\"message\":\"a\"},\"updatedAt\":7,\"version\":1}\n",
+        );
+        let mut sum = Fnv::new();
+        sum.update(v1.lines().nth(1).unwrap().as_bytes());
+        sum.update(b"\n");
+        let text = format!(
+            "{v1}{{\"end\":\"kalphite-backup\",\"count\":1,\"checksum\":\"{}\"}}\n",
+            sum.text()
+        );
+        let decoded = decode(text.as_bytes()).unwrap();
+        assert_eq!(decoded.records, vec![rec("a")]);
+        assert!(decoded.sync.is_empty());
     }
 
     #[test]
     fn refuses_truncation_and_tampering() {
-        let bytes = encode("sqlite", 1, &[rec("a"), rec("b"), rec("c")]).unwrap();
+        let bytes = encode("sqlite", 1, &[rec("a"), rec("b"), rec("c")], &bookkeeping()).unwrap();
         for cut in 1..bytes.len() {
             assert!(
                 decode(&bytes[..cut]).is_err(),
@@ -302,12 +491,35 @@ mod tests {
             decode(tampered.as_bytes()),
             Err(Error::InvalidBackup { .. })
         ));
+        let queue_altered = text.replacen("\"position\":3", "\"position\":4", 1);
+        assert!(matches!(
+            decode(queue_altered.as_bytes()),
+            Err(Error::InvalidBackup { .. })
+        ));
         let dropped: Vec<&str> = text
             .lines()
             .filter(|l| !l.contains("\"id\":\"b\""))
             .collect();
         let dropped = dropped.join("\n") + "\n";
         assert!(decode(dropped.as_bytes()).is_err());
+        // An entity line moved after the bookkeeping (checksum recomputed): refused.
+        let mut lines: Vec<&str> = text.lines().collect();
+        let moved = lines.remove(1);
+        lines.insert(lines.len() - 1, moved);
+        let mut sum = Fnv::new();
+        for l in &lines[1..lines.len() - 1] {
+            sum.update(l.as_bytes());
+            sum.update(b"\n");
+        }
+        let trailer = format!(
+            "{{\"end\":\"kalphite-backup\",\"count\":3,\"sync\":3,\"checksum\":\"{}\"}}",
+            sum.text()
+        );
+        let n = lines.len();
+        lines[n - 1] = &trailer;
+        let reordered = lines.join("\n") + "\n";
+        let err = decode(reordered.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("after the bookkeeping"), "{err}");
     }
 
     #[test]

@@ -653,7 +653,10 @@ impl Database {
     /// Backend errors.
     pub async fn clear(&self) -> Result<()> {
         self.writable().await?;
-        self.inner.backend.replace_all(Vec::new(), None).await
+        self.inner
+            .backend
+            .replace_all(Vec::new(), Vec::new(), None)
+            .await
     }
 
     // ----- reads -----
@@ -775,13 +778,15 @@ impl Database {
 
     // ----- backup -----
 
-    /// Writes every entity in the portable backup format (see `docs/database.md`).
+    /// Writes every entity, and a sync client's bookkeeping (its offline queue, what the
+    /// server last said, its replica state), in the portable backup format (see
+    /// `docs/database.md`).
     ///
     /// # Errors
     /// Backend errors.
     pub async fn backup(&self) -> Result<Vec<u8>> {
-        let records = self.inner.backend.dump().await?;
-        backup::encode(self.backend_name(), now_millis(), &records)
+        let (records, sync) = self.inner.backend.dump_with_sync().await?;
+        backup::encode(self.backend_name(), now_millis(), &records, &sync)
     }
 
     /// Writes a backup to `path`, durably: the file is flushed to disk before it replaces
@@ -803,8 +808,11 @@ impl Database {
             .map_err(io)
     }
 
-    /// Replaces every entity with the backup's, atomically. The whole backup is checked
-    /// first (format, count, checksum, schema); a bad one is refused and nothing changes.
+    /// Replaces every entity and the sync bookkeeping with the backup's, atomically. The
+    /// whole backup is checked first (format, counts, checksum, schema); a bad one is
+    /// refused and nothing changes. A sync client opening the restored database finds its
+    /// offline queue as it was at the backup; if the file is not the one backed up, the
+    /// client takes it for a copy and syncs under a replica id of its own.
     ///
     /// # Errors
     /// [`Error::InvalidBackup`], [`Error::Validation`], [`Error::Unstorable`],
@@ -825,7 +833,7 @@ impl Database {
         bytes: &[u8],
         adjust: impl FnOnce(&mut Vec<backup::Record>) -> std::result::Result<(), String>,
     ) -> Result<usize> {
-        let (_, mut records) = backup::decode(bytes)?;
+        let backup::Decoded { mut records, sync } = backup::decode(bytes)?;
         adjust(&mut records).map_err(|reason| Error::InvalidBackup { line: 0, reason })?;
         for r in &records {
             self.storable(&r.kind, &r.id, &r.data)?;
@@ -846,7 +854,7 @@ impl Database {
         self.writable().await?;
         self.inner
             .backend
-            .replace_all(records, self.inner.quota)
+            .replace_all(records, sync.into_writes(), self.inner.quota)
             .await?;
         Ok(n)
     }

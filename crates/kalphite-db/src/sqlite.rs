@@ -407,35 +407,30 @@ impl Backend for Sqlite {
     }
 
     async fn dump(&self) -> Result<Vec<Record>> {
+        self.call(|conn| dump_rows(conn)).await
+    }
+
+    async fn dump_with_sync(&self) -> Result<(Vec<Record>, SyncTables)> {
+        // One connection serves every call in turn, so no write lands between the reads.
         self.call(|conn| {
-            let ctx = "reading every entity";
-            let mut stmt = conn.prepare(DUMP).map_err(Error::sqlite(ctx))?;
-            let rows = stmt
-                .query_map([], read_stored)
-                .map_err(Error::sqlite(ctx))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (kind, id, data, updated_at, version) = row.map_err(Error::sqlite(ctx))?;
-                if let Some(s) = parse_row(kind, id, &data, updated_at, version) {
-                    out.push(Record {
-                        kind: s.entity.kind,
-                        id: s.entity.id,
-                        data: s.entity.data,
-                        updated_at: s.entity.updated_at,
-                        version: s.version,
-                    });
-                }
-            }
-            Ok(out)
+            let records = dump_rows(conn)?;
+            let sync =
+                read_sync_tables(conn).map_err(Error::sqlite("reading the sync bookkeeping"))?;
+            Ok((records, sync))
         })
         .await
     }
 
-    async fn replace_all(&self, records: Vec<Record>, quota: Option<Quota>) -> Result<()> {
+    async fn replace_all(
+        &self,
+        records: Vec<Record>,
+        sync: Vec<SyncWrite>,
+        quota: Option<Quota>,
+    ) -> Result<()> {
         self.call(move |conn| {
             let ctx = "restoring a backup";
             let mut rows = Vec::with_capacity(records.len());
-            let mut needed = 0u64;
+            let mut needed: u64 = sync.iter().map(SyncWrite::size).sum();
             for r in records {
                 let data = serde_json::to_string(&r.data).map_err(|e| Error::Serialize {
                     kind: r.kind.to_string(),
@@ -469,6 +464,9 @@ impl Backend for Sqlite {
                         ])
                         .map_err(Error::sqlite(ctx))?;
                 }
+            }
+            for w in &sync {
+                write_sync(&tx, w).map_err(Error::sqlite(ctx))?;
             }
             tx.commit().map_err(Error::sqlite(ctx))
         })
@@ -532,6 +530,29 @@ impl Backend for Sqlite {
         }
         Ok(())
     }
+}
+
+/// Every entity, in first-insert order; corrupt rows are skipped (and logged).
+fn dump_rows(conn: &Connection) -> Result<Vec<Record>> {
+    let ctx = "reading every entity";
+    let mut stmt = conn.prepare(DUMP).map_err(Error::sqlite(ctx))?;
+    let rows = stmt
+        .query_map([], read_stored)
+        .map_err(Error::sqlite(ctx))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, id, data, updated_at, version) = row.map_err(Error::sqlite(ctx))?;
+        if let Some(s) = parse_row(kind, id, &data, updated_at, version) {
+            out.push(Record {
+                kind: s.entity.kind,
+                id: s.entity.id,
+                data: s.entity.data,
+                updated_at: s.entity.updated_at,
+                version: s.version,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Writes one row of the sync bookkeeping tables.

@@ -1,9 +1,9 @@
 //! What every backend can store. PostgreSQL's `text` and `jsonb` cannot hold the NUL
 //! character (U+0000): the PostgreSQL backend refuses it before anything is written.
 //! SQLite stores it; data that must move between backends (the sync server's room log)
-//! is checked with [`check_storable`] on every backend.
-
-use std::fmt::Write as _;
+//! is checked with [`check_storable`] on every backend. Where a NUL hides is
+//! [`kalphite::nul_field`]'s to find: the store refuses the same entities at write time when
+//! told to.
 
 use serde_json::Value;
 
@@ -23,60 +23,13 @@ use crate::error::{Error, Result};
 /// # Errors
 /// [`Error::Unstorable`] naming the first field that holds one.
 pub fn check_storable(kind: &str, id: &str, data: &Value) -> Result<()> {
-    let field = if kind.contains('\0') {
-        Some("the kind".to_owned())
-    } else if id.contains('\0') {
-        Some("the id".to_owned())
-    } else if holds_nul(data) {
-        nul_field(data, &mut String::from("data"))
-    } else {
-        None
-    };
-    match field {
+    match kalphite::nul_field(kind, id, data) {
         None => Ok(()),
         Some(field) => Err(Error::Unstorable {
             kind: kind.to_owned(),
             id: id.to_owned(),
             field,
         }),
-    }
-}
-
-/// Whether any string or key under `value` holds a NUL. Checked first, without building
-/// paths: every record of the sync server's log goes through here, and it is almost never
-/// true.
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
-    }
-}
-
-/// The path of the first string or key under `value` (at `path`) holding a NUL.
-fn nul_field(value: &Value, path: &mut String) -> Option<String> {
-    match value {
-        Value::String(s) => s.contains('\0').then(|| path.clone()),
-        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-            let len = path.len();
-            let _ = write!(path, "[{i}]");
-            let found = nul_field(item, path);
-            path.truncate(len);
-            found
-        }),
-        Value::Object(map) => map.iter().find_map(|(key, item)| {
-            if key.contains('\0') {
-                return Some(format!("a key of {path}"));
-            }
-            let len = path.len();
-            path.push('.');
-            path.push_str(key);
-            let found = nul_field(item, path);
-            path.truncate(len);
-            found
-        }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => None,
     }
 }
 

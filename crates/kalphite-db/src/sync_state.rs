@@ -126,4 +126,25 @@ impl SyncTables {
     pub fn is_empty(&self) -> bool {
         self.state.is_empty() && self.outbox.is_empty() && self.known.is_empty()
     }
+
+    /// The writes that put every row back (a restore).
+    pub(crate) fn into_writes(self) -> Vec<SyncWrite> {
+        let state = self
+            .state
+            .into_iter()
+            .map(|(key, value)| SyncWrite::State { key, value });
+        let outbox = self.outbox.into_iter().map(|r| SyncWrite::Outbox {
+            kind: r.kind,
+            id: r.id,
+            position: r.position,
+            entry: r.entry,
+        });
+        let known = self.known.into_iter().map(|r| SyncWrite::Known {
+            kind: r.kind,
+            id: r.id,
+            version: r.version,
+            entry: r.entry,
+        });
+        state.chain(outbox).chain(known).collect()
+    }
 }

@@ -39,7 +39,7 @@ async fn round_trip_on_one_backend(f: Fixture) -> anyhow::Result<()> {
     let text = std::str::from_utf8(&bytes)?;
     let first = text.lines().next().unwrap_or_default();
     assert!(
-        first.contains("\"format\":\"kalphite-backup\"") && first.contains("\"version\":1"),
+        first.contains("\"format\":\"kalphite-backup\"") && first.contains("\"version\":2"),
         "{first}"
     );
     assert_eq!(text.lines().count(), 2 + before.len());
@@ -104,7 +104,7 @@ async fn corrupt_and_truncated_backups_are_refused(f: Fixture) -> anyhow::Result
         ("empty", Vec::new()),
         (
             "future version",
-            text.replacen("\"version\":1", "\"version\":99", 1)
+            text.replacen("\"version\":2", "\"version\":99", 1)
                 .into_bytes(),
         ),
     ];

@@ -1,7 +1,7 @@
 //! The sync client's bookkeeping tables on both backends: written in the same transaction
 //! as the entity rows (a refused batch leaves neither), read back in queue order, never
-//! seen as entities (hydration, `kinds`, backups), emptied by a restore, and counted by the
-//! quota net of the rows they replace or remove.
+//! seen as entities (hydration, `kinds`, a backup's entity lines), put back as they were by a
+//! restore, and counted by the quota net of the rows they replace or remove.
 
 mod common;
 
@@ -143,12 +143,44 @@ async fn bookkeeping_is_not_user_data(f: Fixture) -> anyhow::Result<()> {
         .map(|(k, n)| (k.to_string(), n))
         .collect();
     assert_eq!(kinds, [("comment".to_owned(), 1)]);
+    let at_backup = db.read_sync().await?;
     let backup = db.backup().await?;
-    // A restore replaces the entities; the bookkeeping no longer describes them, so it
-    // is emptied (the client starts over as a new replica and catches up in full).
+    assert_eq!(
+        String::from_utf8(backup.clone())?
+            .lines()
+            .filter(|l| l.contains("\"type\":\"comment\""))
+            .count(),
+        3,
+        "the entity line, its queue entry and its known version"
+    );
+    // Later work: another entity with its own queue entry, the first one acknowledged.
+    db.write_with_sync(
+        &[up(comment("c2", "m", 2, "low"))],
+        vec![
+            outbox("c2", 2, "e2"),
+            SyncWrite::OutboxRemoved {
+                kind: "comment".into(),
+                id: "c1".into(),
+            },
+            state("replicaId", "r2"),
+        ],
+    )
+    .await?;
+    // A restore puts the entities and their bookkeeping back as they were together: the
+    // offline queue of the backup is not lost, nothing of later work stays.
     assert_eq!(db.restore(&backup).await?, 1);
-    assert!(db.read_sync().await?.is_empty());
+    assert_eq!(db.read_sync().await?, at_backup);
     assert_eq!(db.get_all().await?.len(), 1);
+    assert_eq!(db.kinds().await?.len(), 1);
+
+    // A backup without bookkeeping (a server's, a local-only store's) empties it.
+    let plain_fixture = Fixture::sqlite();
+    let plain = Database::open(plain_fixture.config()).await?;
+    plain
+        .apply_changes(&[up(comment("p1", "m", 1, "low"))])
+        .await?;
+    assert_eq!(db.restore(&plain.backup().await?).await?, 1);
+    assert!(db.read_sync().await?.is_empty());
     Ok(())
 }
 

@@ -491,6 +491,69 @@ async fn write_distinct(
         .collect())
 }
 
+/// Every entity, in first-insert order.
+async fn dump_rows(client: &impl deadpool_postgres::GenericClient) -> Result<Vec<Record>> {
+    let ctx = "reading every entity";
+    let rows = client
+        .query(DUMP, &[])
+        .await
+        .map_err(Error::postgres(ctx))?;
+    rows.iter()
+        .map(|r| {
+            let s = to_stored(r)?;
+            Ok(Record {
+                kind: s.entity.kind,
+                id: s.entity.id,
+                data: s.entity.data,
+                updated_at: s.entity.updated_at,
+                version: s.version,
+            })
+        })
+        .collect()
+}
+
+/// Everything in the sync bookkeeping tables.
+async fn read_sync_tables(client: &impl deadpool_postgres::GenericClient) -> Result<SyncTables> {
+    let ctx = "reading the sync bookkeeping";
+    let uint = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut tables = SyncTables::default();
+    for r in client
+        .query(SYNC_READ_STATE, &[])
+        .await
+        .map_err(Error::postgres(ctx))?
+    {
+        tables.state.push((
+            r.try_get(0).map_err(Error::postgres(ctx))?,
+            r.try_get(1).map_err(Error::postgres(ctx))?,
+        ));
+    }
+    for r in client
+        .query(SYNC_READ_OUTBOX, &[])
+        .await
+        .map_err(Error::postgres(ctx))?
+    {
+        tables.outbox.push(OutboxRow {
+            kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
+            id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
+            position: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
+            entry: r.try_get(3).map_err(Error::postgres(ctx))?,
+        });
+    }
+    for r in client
+        .query(SYNC_READ_KNOWN, &[])
+        .await
+        .map_err(Error::postgres(ctx))?
+    {
+        tables.known.push(KnownRow {
+            kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
+            id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
+            version: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
+            entry: r.try_get(3).map_err(Error::postgres(ctx))?,
+        });
+    }
+    Ok(tables)
+}
+
 /// A batch that writes some entity twice: one statement per write, in order, pipelined.
 /// Writes one row of the sync bookkeeping tables.
 async fn write_sync(tx: &deadpool_postgres::Transaction<'_>, w: &SyncWrite) -> Result<()> {
@@ -706,30 +769,37 @@ impl Backend for Postgres {
     }
 
     async fn dump(&self) -> Result<Vec<Record>> {
-        let ctx = "reading every entity";
-        let client = self.client(ctx).await?;
-        let rows = client
-            .query(DUMP, &[])
-            .await
-            .map_err(Error::postgres(ctx))?;
-        rows.iter()
-            .map(|r| {
-                let s = to_stored(r)?;
-                Ok(Record {
-                    kind: s.entity.kind,
-                    id: s.entity.id,
-                    data: s.entity.data,
-                    updated_at: s.entity.updated_at,
-                    version: s.version,
-                })
-            })
-            .collect()
+        let client = self.client("reading every entity").await?;
+        dump_rows(&client).await
     }
 
-    async fn replace_all(&self, records: Vec<Record>, quota: Option<Quota>) -> Result<()> {
+    async fn dump_with_sync(&self) -> Result<(Vec<Record>, SyncTables)> {
+        let ctx = "reading a backup";
+        let mut client = self.client(ctx).await?;
+        // One snapshot for both reads: a flush committing in between must not leave the
+        // backup's queue or known versions out of step with its entities.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(Error::postgres(ctx))?;
+        let records = dump_rows(&tx).await?;
+        let sync = read_sync_tables(&tx).await?;
+        tx.commit().await.map_err(Error::postgres(ctx))?;
+        Ok((records, sync))
+    }
+
+    async fn replace_all(
+        &self,
+        records: Vec<Record>,
+        sync: Vec<SyncWrite>,
+        quota: Option<Quota>,
+    ) -> Result<()> {
         let ctx = "restoring a backup";
         let mut rows = Vec::with_capacity(records.len());
-        let mut needed = 0u64;
+        let mut needed: u64 = sync.iter().map(SyncWrite::size).sum();
         for r in records {
             let data = serde_json::to_string(&r.data).map_err(|e| Error::Serialize {
                 kind: r.kind.to_string(),
@@ -768,49 +838,15 @@ impl Backend for Postgres {
             });
             try_join_all(pending).await.map_err(Error::postgres(ctx))?;
         }
+        for w in &sync {
+            write_sync(&tx, w).await?;
+        }
         tx.commit().await.map_err(Error::postgres(ctx))
     }
 
     async fn read_sync(&self) -> Result<SyncTables> {
-        let ctx = "reading the sync bookkeeping";
-        let client = self.client(ctx).await?;
-        let uint = |n: i64| u64::try_from(n).unwrap_or(0);
-        let mut tables = SyncTables::default();
-        for r in client
-            .query(SYNC_READ_STATE, &[])
-            .await
-            .map_err(Error::postgres(ctx))?
-        {
-            tables.state.push((
-                r.try_get(0).map_err(Error::postgres(ctx))?,
-                r.try_get(1).map_err(Error::postgres(ctx))?,
-            ));
-        }
-        for r in client
-            .query(SYNC_READ_OUTBOX, &[])
-            .await
-            .map_err(Error::postgres(ctx))?
-        {
-            tables.outbox.push(OutboxRow {
-                kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
-                id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
-                position: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
-                entry: r.try_get(3).map_err(Error::postgres(ctx))?,
-            });
-        }
-        for r in client
-            .query(SYNC_READ_KNOWN, &[])
-            .await
-            .map_err(Error::postgres(ctx))?
-        {
-            tables.known.push(KnownRow {
-                kind: Kind::from(r.try_get::<_, String>(0).map_err(Error::postgres(ctx))?),
-                id: EntityId::from(r.try_get::<_, String>(1).map_err(Error::postgres(ctx))?),
-                version: uint(r.try_get(2).map_err(Error::postgres(ctx))?),
-                entry: r.try_get(3).map_err(Error::postgres(ctx))?,
-            });
-        }
-        Ok(tables)
+        let client = self.client("reading the sync bookkeeping").await?;
+        read_sync_tables(&client).await
     }
 
     async fn kinds(&self) -> Result<Vec<(Kind, u64)>> {
