@@ -31,6 +31,12 @@ export function incremented(clock: VectorClock, replica: string): VectorClock {
   return normalized(next);
 }
 
+/** A copy with `replica`'s counter raised to at least `counter`. */
+export function withAtLeast(clock: VectorClock, replica: string, counter: number): VectorClock {
+  if (clockGet(clock, replica) >= counter) return clock;
+  return normalized({ ...clock, [replica]: counter });
+}
+
 /** A clock holding only `replica`'s counter. */
 export function only(clock: VectorClock, replica: string): VectorClock {
   const n = clockGet(clock, replica);

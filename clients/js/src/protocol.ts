@@ -64,6 +64,8 @@ export interface WelcomePayload {
   epoch?: string;
   snapshot?: boolean;
   collectedThrough?: number;
+  /** The highest counter of the joining replica in any clock the room holds. */
+  replicaCounter?: number;
 }
 /** One state of one entity. */
 export interface ChangePayload {
@@ -389,6 +391,8 @@ function payloadOf(type: string, p: Obj): unknown {
       }
       const collected = u64(p, "collectedThrough", false);
       if (collected > 0) out.collectedThrough = collected;
+      const counter = u64(p, "replicaCounter", false);
+      if (counter > 0) out.replicaCounter = counter;
       return out;
     }
     case "change":

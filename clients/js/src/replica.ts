@@ -7,7 +7,7 @@
  * clock: every call takes `now`. Conflicts are resolved in the room, never here.
  */
 
-import { type VectorClock, incremented, only } from "./clock.js";
+import { type VectorClock, clockGet, incremented, only, withAtLeast } from "./clock.js";
 import { ABSENT_HASH, contentHash } from "./hash.js";
 import {
   type AckPayload,
@@ -240,6 +240,12 @@ export class Replica {
   private readonly undelivered = new Map<string, Undelivered>();
   private resync: { snapshot: boolean } | undefined;
   private welcomeEpoch: string | undefined;
+  /**
+   * The lowest counter of this replica an edit of this incarnation may carry: above every
+   * counter of ours the room has seen (a welcome's `replicaCounter`), so an edit is never
+   * taken for one the room already has after a restart from an older state. Not persisted.
+   */
+  private counterFloor = 0;
   private horizon = 0;
 
   /** A replica resuming from `state` (a fresh one without). */
@@ -428,6 +434,7 @@ export class Replica {
       baseVersion = known?.version ?? 0;
       firstSeq = seq;
     }
+    if (clockGet(vector, me) < this.counterFloor) vector = withAtLeast(vector, me, this.counterFloor);
     const payload: ChangePayload = {
       operation: change.operation,
       entityType: change.entityType,
@@ -479,6 +486,7 @@ export class Replica {
           }
           this.welcomeEpoch = undefined;
         }
+        this.raiseCounterFloor(w.replicaCounter ?? 0);
         this.linkState = "connected";
         out.events.push({ type: "connected", roomVersion: w.roomVersion });
         for (const key of [...this.st.outbox.keys()]) {
@@ -798,6 +806,29 @@ export class Replica {
     }
     above = above.slice(i);
     this.st.receivedAbove = above;
+  }
+
+  /**
+   * Takes in a welcome's `replicaCounter`: queued edits of this incarnation at or below it
+   * were stamped from what the disk knew, older than what an earlier run sent; they are
+   * restamped above it, keeping their message ids. Earlier incarnations' entries keep
+   * their clocks (a newer edit of theirs the room has is the later one).
+   */
+  private raiseCounterFloor(roomCounter: number): void {
+    const floor = roomCounter + 1;
+    if (floor <= this.counterFloor) return;
+    this.counterFloor = floor;
+    const me = this.config.replicaId;
+    const ours = `${me}-${this.config.incarnation.toString(16)}-`;
+    for (const [key, entry] of this.st.outbox) {
+      const vector = entry.message.payload.vector;
+      if (!entry.message.messageId.startsWith(ours) || clockGet(vector, me) >= floor) continue;
+      this.st.outbox.set(key, {
+        ...entry,
+        message: { ...entry.message, payload: { ...entry.message.payload, vector: withAtLeast(vector, me, floor) } },
+      });
+      this.dirty.outbox.add(key);
+    }
   }
 
   private nextMessageId(): string {

@@ -73,8 +73,10 @@ function state(r) {
 
 function replay(run) {
   let r = new Replica(traces.config);
-  // What the replica persisted: every delta applied in order (what a restart reads).
-  const disk = emptyState();
+  // What the replica persisted: every delta applied in order (what a restart reads), and
+  // as it was after each step (a crash that lost the last flushes restarts from one).
+  let disk = emptyState();
+  const disks = [];
   run.steps.forEach((step, i) => {
     const where = `seed ${run.seed}, step ${i} (${step.input.op})`;
     const input = step.input;
@@ -108,13 +110,16 @@ function replay(run) {
         output = { send: sent(r.resend(input.entity, input.now)) };
         break;
       case "restart":
-        r = new Replica(traces.config, structuredClone(disk));
+        // A crash may have lost the last flushes: the restart reads the disk of step `from`.
+        if (input.from !== null && input.from !== undefined) disk = structuredClone(disks[input.from]);
+        r = new Replica({ ...traces.config, incarnation: input.incarnation }, structuredClone(disk));
         output = {};
         break;
       default:
         throw new Error(`unknown op in ${where}`);
     }
     applyDelta(disk, r.takeDelta());
+    disks.push(structuredClone(disk));
     assert.deepEqual(norm(output), norm(step.output), `output differs at ${where}`);
     assert.deepEqual(norm(state(r)), norm(step.state), `state differs after ${where}`);
   });
@@ -140,6 +145,23 @@ test("the traces cover what they should", () => {
     }),
   );
   assert.ok(restarted, "an interrupted resync");
+  // A crash that lost flushes, then an edit of the new incarnation sent with its own
+  // counter raised above what the welcome said the room holds of it.
+  const rolledBack = traces.runs.some((run) => run.steps.some((s, i) => s.input.op === "restart" && s.input.from < i - 1));
+  assert.ok(rolledBack, "a restart from a disk a few steps old");
+  // A queued edit restamped by a welcome: its message id sent again with a higher counter.
+  const raised = traces.runs.some((run) => {
+    const sentWith = new Map();
+    return run.steps.some((s) =>
+      (s.output.send ?? []).some((m) => {
+        if (m.type !== "change") return false;
+        const before = sentWith.get(m.messageId);
+        sentWith.set(m.messageId, m.payload.vector.ra ?? 0);
+        return before !== undefined && (m.payload.vector.ra ?? 0) > before;
+      }),
+    );
+  });
+  assert.ok(raised, "a queued edit restamped above the room's counter of this replica");
 });
 
 for (const run of traces.runs) {

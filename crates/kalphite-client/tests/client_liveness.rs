@@ -69,6 +69,7 @@ async fn silent_server() -> (String, Arc<AtomicUsize>) {
                             epoch: None,
                             snapshot: false,
                             collected_through: 0,
+                            replica_counter: 0,
                         },
                     )),
                     ServerMessage::CatchUp(Envelope::new(

@@ -86,6 +86,15 @@ impl VectorClock {
         next
     }
 
+    /// A copy with `replica`'s counter raised to at least `counter`.
+    #[must_use]
+    pub fn with_at_least(mut self, replica: &str, counter: u64) -> Self {
+        if self.get(replica) < counter {
+            self.0.insert(replica.to_owned(), counter);
+        }
+        self
+    }
+
     /// How `self` relates to `other`.
     #[must_use]
     pub fn compare(&self, other: &Self) -> Causality {

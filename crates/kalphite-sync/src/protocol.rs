@@ -125,6 +125,13 @@ pub struct WelcomePayload {
     /// knows of up to this version, as the room did.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub collected_through: u64,
+    /// The highest counter of the joining replica in any clock the room holds (0 or
+    /// absent: none). A replica that restarted from a state older than what it had sent
+    /// (it crashed before its disk held edits the room already stored, or its database was
+    /// restored) would reuse those counters, and the room would take its new edits for
+    /// ones it already has: its edits from this incarnation count from above this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replica_counter: u64,
 }
 
 // serde's skip_serializing_if takes a reference.
@@ -788,6 +795,7 @@ mod tests {
                     epoch: Some("e1".into()),
                     snapshot: true,
                     collected_through: 7,
+                    replica_counter: 12,
                 },
             )),
             ServerMessage::Error(Envelope::new(
@@ -828,6 +836,7 @@ mod tests {
                 epoch: None,
                 snapshot: false,
                 collected_through: 0,
+                replica_counter: 0,
             },
         )))
         .unwrap();

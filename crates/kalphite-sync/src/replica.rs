@@ -375,6 +375,11 @@ pub struct Replica {
     resync: Option<Resync>,
     /// The epoch of the current connection's welcome, adopted when its catch-up completes.
     welcome_epoch: Option<String>,
+    /// The lowest counter of this replica that an edit of this incarnation may carry:
+    /// above every counter of ours the room has seen (a welcome's `replicaCounter`), so an
+    /// edit is never taken for one the room already has, even when this replica restarted
+    /// from a state older than what it had sent. Not persisted: each welcome says it again.
+    counter_floor: u64,
     /// The room's collection horizon, from the current connection's welcome.
     horizon: u64,
 }
@@ -405,6 +410,7 @@ impl Replica {
             undelivered: HashMap::new(),
             resync: None,
             welcome_epoch: None,
+            counter_floor: 0,
             horizon: 0,
         };
         replica.restamp_foreign_entries();
@@ -663,6 +669,7 @@ impl Replica {
                 )
             }
         };
+        let vector = self.above_floor(vector);
         let hash = content_hash(entity.as_ref());
         let payload = ChangePayload {
             operation: change.op,
@@ -732,6 +739,7 @@ impl Replica {
                     }
                     self.welcome_epoch = None;
                 }
+                self.raise_counter_floor(w.replica_counter);
                 self.link = LinkState::Connected;
                 out.events.push(ReplicaEvent::Connected {
                     room_version: w.room_version,
@@ -1184,6 +1192,47 @@ impl Replica {
         {
             self.state.watermark = next;
         }
+    }
+
+    /// Takes in a welcome's `replicaCounter`. The queued edits of this incarnation were
+    /// stamped from what the disk knew, which may be older than what an earlier run sent
+    /// (a crash before its flush, a restored database): those at or below the room's
+    /// counter are restamped above it, keeping their message ids (one the room already
+    /// stored is still recognized by its id). Entries of earlier incarnations keep their
+    /// clocks: if the room has a newer edit of theirs, that edit is the later one.
+    fn raise_counter_floor(&mut self, room_counter: u64) {
+        let floor = room_counter.saturating_add(1);
+        if floor <= self.counter_floor {
+            return;
+        }
+        self.counter_floor = floor;
+        let me = self.config.replica_id.clone();
+        let ours = format!("{me}-{:x}-", self.config.incarnation);
+        let below: Vec<EntityKey> = self
+            .state
+            .outbox
+            .iter()
+            .filter(|(_, e)| {
+                e.message.message_id.starts_with(&ours) && e.message.payload.vector.get(&me) < floor
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in below {
+            if let Some(entry) = self.state.outbox.get_mut(&key) {
+                let entry = Arc::make_mut(entry);
+                let vector = std::mem::take(&mut entry.message.payload.vector);
+                entry.message.payload.vector = vector.with_at_least(&me, floor);
+                self.dirty.outbox.insert(key);
+            }
+        }
+    }
+
+    /// `vector` with this replica's counter at least the floor.
+    fn above_floor(&self, vector: VectorClock) -> VectorClock {
+        if vector.get(&self.config.replica_id) >= self.counter_floor {
+            return vector;
+        }
+        vector.with_at_least(&self.config.replica_id, self.counter_floor)
     }
 
     fn next_message_id(&mut self) -> String {

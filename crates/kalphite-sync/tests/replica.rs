@@ -42,6 +42,7 @@ fn welcome(room_version: u64, catch_up_from: u64) -> ServerMessage {
             epoch: None,
             snapshot: false,
             collected_through: 0,
+            replica_counter: 0,
         },
     ))
 }

@@ -137,6 +137,9 @@ fn state_json(r: &Replica) -> Value {
 }
 
 /// One run: replica A (traced) and B (a helper) against a room over a lossy link to A.
+/// A's local store, by (kind, id).
+type Store = BTreeMap<(String, String), Entity<Value>>;
+
 struct Run {
     rng: StdRng,
     room: Room,
@@ -145,9 +148,14 @@ struct Run {
     a: Replica,
     /// A's persisted state: every `take_delta` applied in order (what a restart reads).
     a_disk: ReplicaState,
+    /// A's persisted state and store after each step: a crash can lose the last flushes,
+    /// so a restart may read one of these instead of the latest.
+    a_disks: Vec<(ReplicaState, Store)>,
+    /// A's process starts so far (each run has an incarnation of its own).
+    a_starts: u64,
     a_conn: Option<ConnId>,
     a_inbox: VecDeque<ServerMessage>,
-    a_store: BTreeMap<(String, String), Entity<Value>>,
+    a_store: Store,
     b: Replica,
     b_conn: Option<ConnId>,
     next_conn: ConnId,
@@ -163,6 +171,8 @@ impl Run {
             now: 1_000,
             a: Replica::new(config("ra", "alice")),
             a_disk: ReplicaState::default(),
+            a_disks: Vec::new(),
+            a_starts: 0,
             a_conn: None,
             a_inbox: VecDeque::new(),
             a_store: BTreeMap::new(),
@@ -180,6 +190,8 @@ impl Run {
         step.insert("output".into(), output);
         step.insert("state".into(), state_json(&self.a));
         self.trace.push(Value::Object(step));
+        self.a_disks
+            .push((self.a_disk.clone(), self.a_store.clone()));
     }
 
     /// A client message reaches the room; what the room answers is routed.
@@ -311,14 +323,35 @@ impl Run {
         }
     }
 
-    /// A's process stops (its connection with it) and starts again from what it persisted.
+    /// A's process stops (its connection with it) and starts again, as a new incarnation,
+    /// from what it persisted; half the time a crash lost its last few flushes, so it
+    /// starts from the state of a few steps back (what it had sent since, the room keeps).
     fn a_restarts(&mut self) {
         if let Some(conn) = self.a_conn.take() {
             self.room.leave(conn);
             self.a_inbox.clear();
         }
-        self.a = Replica::restore(config("ra", "alice"), self.a_disk.clone());
-        self.record(json!({"op": "restart"}), json!({}));
+        let latest = self.a_disks.len().checked_sub(1);
+        let from = latest.map(|last| {
+            if self.rng.random_bool(0.5) {
+                last.saturating_sub(self.rng.random_range(1..8))
+            } else {
+                last
+            }
+        });
+        if let Some(from) = from {
+            let (disk, store) = self.a_disks[from].clone();
+            self.a_disk = disk;
+            self.a_store = store;
+        }
+        self.a_starts += 1;
+        let mut config = config("ra", "alice");
+        config.incarnation += self.a_starts;
+        self.a = Replica::restore(config.clone(), self.a_disk.clone());
+        self.record(
+            json!({"op": "restart", "incarnation": config.incarnation, "from": from}),
+            json!({}),
+        );
     }
 
     /// Whoever is offline connects.

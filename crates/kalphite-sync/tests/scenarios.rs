@@ -284,3 +284,75 @@ fn a_client_whose_state_rolled_back_reuses_no_message_id() {
     assert_eq!(w.data(1, "t2"), Some(json!({"n": 2})));
     w.assert_converged();
 }
+
+/// Alice's replica sends two edits of `t1` that the room stores, then her process dies
+/// before her disk holds them: she restarts from the state before them and, offline,
+/// edits `t1` again. Returns the world with Alice still offline.
+fn alice_lost_two_sent_edits(policy: ConflictPolicy, users: &[&str]) -> World {
+    let mut w = World::new(policy, users);
+    for i in 0..users.len() {
+        w.connect(i);
+    }
+    w.write(0, "t1", Some(json!({"title": "a", "n": 1})));
+    let on_disk = w.clients[0].replica.state().clone();
+    let store_on_disk = w.clients[0].store.clone();
+    w.write(0, "t1", Some(json!({"title": "b", "n": 2})));
+    w.write(0, "t1", Some(json!({"title": "c", "n": 3})));
+    assert_eq!(w.db_len, 3);
+    assert_eq!(w.data(1, "t1"), Some(json!({"title": "c", "n": 3})));
+
+    w.disconnect(0);
+    let mut config = w.clients[0].replica.config().clone();
+    config.incarnation = 0x5eed;
+    w.clients[0].replica = Replica::restore(config, on_disk);
+    w.clients[0].store = store_on_disk;
+    w.write(0, "t1", Some(json!({"title": "d", "n": 4})));
+    w
+}
+
+#[test]
+fn an_edit_built_on_a_crash_rolled_back_state_is_not_taken_for_known() {
+    // Stamped from what her disk knew, the edit reused counters of the lost ones, so the
+    // room took it for one it already had: it acknowledged it without applying it, and
+    // Alice's replica put the lost state back over her edit. The welcome now names her
+    // highest counter in the room, and her queued edit is restamped above it.
+    for policy in [
+        ConflictPolicy::new(Strategy::LastWriteWins),
+        ConflictPolicy::new(Strategy::FieldMerge),
+    ] {
+        let mut w = alice_lost_two_sent_edits(policy, &["alice", "bob"]);
+        w.connect(0);
+
+        let latest = Some(json!({"title": "d", "n": 4}));
+        assert_eq!(w.db_len, 4, "the new edit was stored");
+        assert_eq!(w.data(0, "t1"), latest, "Alice keeps her latest edit");
+        assert_eq!(w.data(1, "t1"), latest, "and Bob gets it");
+        assert_eq!(w.clients[0].replica.outbox_len(), 0);
+        w.assert_converged();
+    }
+}
+
+#[test]
+fn an_edit_of_the_state_a_rolled_back_edit_replaced_is_concurrent_with_it() {
+    // Carol saw the state Alice lost ("c"), and changes only `n` while offline. Alice's
+    // restamped edit is after the lost one and concurrent with Carol's, so the two merge
+    // field by field: neither replaces the other's whole state.
+    let mut w = alice_lost_two_sent_edits(
+        ConflictPolicy::new(Strategy::FieldMerge),
+        &["alice", "bob", "carol"],
+    );
+    w.disconnect(2);
+    w.write(2, "t1", Some(json!({"title": "c", "n": 5})));
+    w.connect(0);
+    assert_eq!(w.data(1, "t1"), Some(json!({"title": "d", "n": 4})));
+    w.connect(2);
+
+    let merged = Some(json!({"title": "d", "n": 5}));
+    assert_eq!(
+        w.data(2, "t1"),
+        merged,
+        "Alice's title survives Carol's edit"
+    );
+    assert_eq!(w.data(0, "t1"), merged);
+    w.assert_converged();
+}

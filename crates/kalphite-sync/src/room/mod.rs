@@ -375,6 +375,7 @@ impl Room {
             epoch: self.meta.as_ref().map(|m| m.epoch.clone()),
             snapshot,
             collected_through: self.meta.as_ref().map_or(0, |m| m.collected_through),
+            replica_counter: self.replicas.high(&h.replica_id),
         };
         Ok((welcome, self.catch_up_stream(from)))
     }

@@ -119,6 +119,11 @@ impl Replicas {
         Ok(())
     }
 
+    /// The highest counter of `replica` in any clock the room holds (0: none).
+    pub(super) fn high(&self, replica: &str) -> u64 {
+        self.high.get(replica).copied().unwrap_or(0)
+    }
+
     /// The entity and version of an accepted change of `replica` with `message_id`, if
     /// it is still in the window.
     pub(super) fn seen(&self, replica: &str, message_id: &str) -> Option<&(EntityKey, u64)> {
