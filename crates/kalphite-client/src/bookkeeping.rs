@@ -191,23 +191,16 @@ pub(crate) fn load(tables: &SyncTables) -> Result<Loaded, CorruptRow> {
     })
 }
 
-/// The identity of a SQLite database's file (device and inode): a copied file, or one
-/// restored from elsewhere, has another, so two installations never share a replica id.
-/// `None` for other databases.
-pub(crate) fn file_id(db: &Database) -> Option<String> {
-    if db.backend_name() != "sqlite" {
-        return None;
-    }
-    let meta = std::fs::metadata(db.target()).ok()?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt as _;
-        Some(format!("{}:{}", meta.dev(), meta.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = meta;
-        None
+/// Where the database's rows live ([`Database::storage_identity`]): a copied database, or
+/// one restored from elsewhere, has another, so two installations never share a replica id.
+/// `None` when it cannot be told, or read (a copy then goes unnoticed, as before).
+pub(crate) async fn file_id(db: &Database) -> Option<String> {
+    match db.storage_identity().await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the database's identity");
+            None
+        }
     }
 }
 

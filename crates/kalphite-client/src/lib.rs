@@ -551,7 +551,7 @@ pub async fn connect_store(
     // A copy of another installation's file (or one restored from elsewhere) must not
     // speak as that installation: it gets a replica id of its own, and its queued
     // changes are restamped as this replica's edits (`Replica::restore`).
-    let actual_file = bookkeeping::file_id(db);
+    let actual_file = bookkeeping::file_id(db).await;
     let copied = matches!((&loaded.file_id, &actual_file), (Some(was), Some(is)) if was != is);
     if let Some(file) = &actual_file
         && loaded.file_id.as_ref() != Some(file)

@@ -344,42 +344,123 @@ async fn an_entity_too_large_to_ever_sync_is_refused_at_write_time() {
 /// Regression: a copied client database made two installations speak as one replica —
 /// the same replica id, the same clock counters — so the room took the second one's edit
 /// of an entity for one it already had and swallowed it. A copy now gets a replica id of
-/// its own (the file's identity is part of the sync state) and its queued changes are
+/// its own (the database's identity is part of the sync state) and its queued changes are
 /// restamped; both copies sync and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_database_syncs_as_its_own_replica() {
     let dir = tempfile::tempdir().expect("dir");
-    let server = start(config(memory_db().await)).await;
     let a_path = dir.path().join("a.db");
     let b_path = dir.path().join("b.db");
-    let open = |path: std::path::PathBuf, online: bool| {
-        let url = server.url();
-        async move {
-            let config = client_config(&url, "r1", "me", "unused").connect_on_start(online);
-            let mut config = config;
-            config.replica_id = None;
-            Client::builder(format!("sqlite:{}", path.display()))
-                .sync(config)
-                .open()
-                .await
-                .expect("open")
+    let copy = {
+        let (a, b) = (a_path.clone(), b_path.clone());
+        move || {
+            std::fs::copy(&a, &b).expect("copy");
         }
     };
-    let a = open(a_path.clone(), true).await;
-    let todos = a.store().dynamic("todo");
+    let sqlite = |path: &std::path::Path| (format!("sqlite:{}", path.display()), None);
+    copies_sync_as_two_replicas(sqlite(&a_path), sqlite(&b_path), copy).await;
+}
+
+/// The same with a client database on PostgreSQL, copied with `pg_dump` into another
+/// database: its identity (cluster, database, schema) is another, so it is a replica of its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_postgresql_database_syncs_as_its_own_replica() {
+    const SCHEMA: &str = "kcl_copy_original";
+    const COPY_DB: &str = "kcl_copied_client";
+    let Ok(pg) = std::env::var("KALPHITE_PG_URL") else {
+        // Straight to stderr: the test harness captures `eprintln!`, hiding the skip.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"*** SKIPPED PostgreSQL test 'a_copied_postgresql_database_syncs_as_its_own_replica': \
+              set KALPHITE_PG_URL (e.g. postgres://postgres@127.0.0.1:5432/test) to run it ***\n",
+        );
+        return;
+    };
+    let (server_part, _) = pg.rsplit_once('/').expect("a database in KALPHITE_PG_URL");
+    let copy_url = format!("{server_part}/{COPY_DB}");
+    let psql = |url: &str, sql: &str| {
+        let out = std::process::Command::new("psql")
+            .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&pg, &format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE"));
+    psql(&pg, &format!("DROP DATABASE IF EXISTS {COPY_DB}"));
+    psql(&pg, &format!("CREATE DATABASE {COPY_DB}"));
+    let copy = {
+        let (pg, copy_url) = (pg.clone(), copy_url.clone());
+        move || {
+            let dump = std::process::Command::new("pg_dump")
+                .args(["--no-owner", "-n", SCHEMA, "-d", &pg])
+                .output()
+                .expect("pg_dump");
+            assert!(
+                dump.status.success(),
+                "{}",
+                String::from_utf8_lossy(&dump.stderr)
+            );
+            let mut load = std::process::Command::new("psql")
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &copy_url])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("psql");
+            std::io::Write::write_all(load.stdin.as_mut().expect("stdin"), &dump.stdout)
+                .expect("load the copy");
+            drop(load.stdin.take());
+            assert!(load.wait().expect("psql").success(), "loading the copy");
+        }
+    };
+    copies_sync_as_two_replicas((pg.clone(), Some(SCHEMA)), (copy_url, Some(SCHEMA)), copy).await;
+    psql(
+        &pg,
+        &format!("DROP DATABASE IF EXISTS {COPY_DB} WITH (FORCE)"),
+    );
+}
+
+/// A client database at `a` syncs, goes offline with a change queued, and is closed and
+/// copied to `b` by `copy`; then both are used at once: the copy has another replica id,
+/// both sync, and no edit is lost. Each database is a URL and, for PostgreSQL, a schema.
+async fn copies_sync_as_two_replicas(
+    a: (String, Option<&'static str>),
+    b: (String, Option<&'static str>),
+    copy: impl FnOnce(),
+) {
+    let server = start(config(memory_db().await)).await;
+    let open = |(url, schema): (String, Option<&'static str>), online: bool| {
+        let server_url = server.url();
+        async move {
+            let config = client_config(&server_url, "r1", "me", "unused").connect_on_start(online);
+            let mut config = config;
+            config.replica_id = None;
+            let mut builder = Client::builder(url).sync(config);
+            if let Some(schema) = schema {
+                builder = builder.database(|c| c.postgres_schema(schema));
+            }
+            builder.open().await.expect("open")
+        }
+    };
+    let a0 = open(a.clone(), true).await;
+    let todos = a0.store().dynamic("todo");
     todos.put("z", json!({"v": "original"})).expect("put");
-    guard(a.durable(Durability::Server)).await.expect("synced");
+    guard(a0.durable(Durability::Server)).await.expect("synced");
     // Offline, then copied with a change still queued.
-    a.sync().expect("sync").disconnect().await;
+    a0.sync().expect("sync").disconnect().await;
     todos
         .put("x", json!({"v": "queued before the copy"}))
         .expect("put");
-    let a_id = a.sync().expect("sync").replica_id();
-    a.close().await.expect("close");
-    std::fs::copy(&a_path, &b_path).expect("copy");
+    let a_id = a0.sync().expect("sync").replica_id();
+    a0.close().await.expect("close");
+    copy();
 
-    let a = open(a_path, true).await;
-    let b = open(b_path, true).await;
+    let a = open(a, true).await;
+    let b = open(b, true).await;
     assert_eq!(a.sync().expect("sync").replica_id(), a_id);
     assert_ne!(
         b.sync().expect("sync").replica_id(),

@@ -85,6 +85,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     async fn kinds(&self) -> Result<Vec<(Kind, u64)>>;
     /// Bytes the quota counts as used.
     async fn storage_bytes(&self) -> Result<u64>;
+    /// Where the rows live, for a server database (see
+    /// [`crate::Database::storage_identity`]); `None` when the backend has no such notion.
+    async fn server_identity(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// What a commit waits for, as the database reports it (see
     /// [`crate::Database::commit_sync`]).
     async fn commit_sync(&self) -> Result<String>;

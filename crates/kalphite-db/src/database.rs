@@ -302,6 +302,33 @@ impl Database {
         self.inner.backend.name()
     }
 
+    /// Where this database's rows live, as an opaque string that a copy of them does not
+    /// share: the SQLite file's device and inode; for PostgreSQL the cluster's system
+    /// identifier, the database's oid and the schema. A sync client stores it beside its
+    /// replica id, so a copied or restored database is noticed and syncs as a replica of
+    /// its own. `None` where it cannot be told (an in-memory database, SQLite off Unix).
+    ///
+    /// # Errors
+    /// Backend errors (PostgreSQL).
+    pub async fn storage_identity(&self) -> Result<Option<String>> {
+        if self.backend_name() != "sqlite" {
+            return self.inner.backend.server_identity().await;
+        }
+        let Ok(meta) = std::fs::metadata(self.target()) else {
+            return Ok(None);
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            Ok(Some(format!("{}:{}", meta.dev(), meta.ino())))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = meta;
+            Ok(None)
+        }
+    }
+
     /// What was opened: the SQLite path or the PostgreSQL URL with its password redacted.
     #[must_use]
     pub fn target(&self) -> &str {

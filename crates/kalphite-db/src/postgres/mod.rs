@@ -49,6 +49,11 @@ const DELETE_MANY: &str = "DELETE FROM kalphite_entities e \
 const DELETE: &str = "DELETE FROM kalphite_entities WHERE type = $1 AND id = $2";
 const GET: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities \
     WHERE type = $1 AND id = $2";
+/// The cluster (its system identifier, new for every `initdb`), the database (its oid,
+/// new for a restored or copied database) and the schema kalphite's tables are in.
+const IDENTITY: &str = "SELECT s.system_identifier::text || ':' || d.oid::text || ':' \
+    || current_schema() FROM pg_control_system() s, pg_database d \
+    WHERE d.datname = current_database()";
 const DUMP: &str = "SELECT type, id, data, updated_at, version FROM kalphite_entities ORDER BY seq";
 const KINDS: &str = "SELECT type, COUNT(*) FROM kalphite_entities GROUP BY type";
 /// What a restore empties: the entities and, since they no longer describe what is on
@@ -863,6 +868,16 @@ impl Backend for Postgres {
                 Ok((Kind::from(kind), u64::try_from(n).unwrap_or(0)))
             })
             .collect()
+    }
+
+    async fn server_identity(&self) -> Result<Option<String>> {
+        let ctx = "reading the database's identity";
+        let client = self.client(ctx).await?;
+        let row = client
+            .query_one(IDENTITY, &[])
+            .await
+            .map_err(Error::postgres(ctx))?;
+        Ok(Some(row.try_get(0).map_err(Error::postgres(ctx))?))
     }
 
     async fn storage_bytes(&self) -> Result<u64> {
