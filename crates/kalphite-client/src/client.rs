@@ -128,6 +128,10 @@ impl ClientBuilder {
 
     /// Refuses local entities larger than this (as JSON) at write time. With sync, the
     /// default is what the server's frame limit leaves for an entity.
+    ///
+    /// Entities holding a NUL character (U+0000) anywhere are refused at write time too,
+    /// with [`kalphite::Error::Unstorable`], when the database is PostgreSQL or with sync
+    /// (see [`Store::set_refuse_nul`]).
     pub fn max_entity_bytes(mut self, bytes: usize) -> Self {
         self.max_entity_bytes = Some(bytes);
         self
@@ -171,6 +175,13 @@ impl ClientBuilder {
             },
             other => ClientError::Database(other),
         })?;
+        // PostgreSQL cannot store a NUL character and the sync server refuses one: an entity
+        // holding one, once accepted, would be retried by the flush or the outbox forever
+        // with every change behind it waiting. The store refuses it at write time instead.
+        // A local SQLite database stores it, so a local-only SQLite client keeps accepting.
+        if self.sync.is_some() || db.backend_name() == "postgres" {
+            store = store.refuse_nul(true);
+        }
         let (store, sync) = match self.sync {
             Some(mut config) => {
                 if let Some(flush) = self.flush {

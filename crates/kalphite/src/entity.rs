@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::measure::{JsonMeasure, json_measure};
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = u64;
 
@@ -215,24 +217,6 @@ impl<T: Serialize> Entity<T> {
     }
 }
 
-/// How many bytes `value` takes as compact JSON, counted as it is serialized (nothing is
-/// allocated).
-pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, serde_json::Error> {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    serde_json::to_writer(&mut counter, value)?;
-    Ok(counter.0)
-}
-
 /// A stored entity of any data type, shared and type-erased.
 ///
 /// Layers that speak JSON (flush targets, the database, sync) read it through
@@ -247,7 +231,7 @@ trait ErasedEntity: Send + Sync + 'static {
     fn kind(&self) -> &Kind;
     fn updated_at(&self) -> Millis;
     fn data_json(&self) -> Result<Value, serde_json::Error>;
-    fn json_len(&self) -> Result<usize, serde_json::Error>;
+    fn json_measure(&self, find_nul: bool) -> Result<JsonMeasure, serde_json::Error>;
     fn debug(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
     fn as_any_arc(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
@@ -265,8 +249,8 @@ impl<T: EntityData> ErasedEntity for Entity<T> {
     fn data_json(&self) -> Result<Value, serde_json::Error> {
         serde_json::to_value(&self.data)
     }
-    fn json_len(&self) -> Result<usize, serde_json::Error> {
-        json_len(self)
+    fn json_measure(&self, find_nul: bool) -> Result<JsonMeasure, serde_json::Error> {
+        json_measure(self, find_nul)
     }
     fn debug(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
@@ -321,9 +305,9 @@ impl AnyEntity {
         })
     }
 
-    /// How many bytes the whole record takes as JSON, without building the JSON.
-    pub(crate) fn json_len(&self) -> Result<usize, serde_json::Error> {
-        self.0.json_len()
+    /// The whole record measured as JSON, without building the JSON.
+    pub(crate) fn json_measure(&self, find_nul: bool) -> Result<JsonMeasure, serde_json::Error> {
+        self.0.json_measure(find_nul)
     }
 
     /// The typed entity, if its data type is `T`.
@@ -407,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn json_len_counts_the_bytes_of_the_whole_record() {
+    fn json_measure_counts_the_bytes_of_the_whole_record() {
         let typed = Arc::new(
             Entity::new(
                 "c1",
@@ -420,8 +404,8 @@ mod tests {
         );
         let any = AnyEntity::new(Arc::clone(&typed));
         let expected = serde_json::to_vec(&*typed).unwrap().len();
-        assert_eq!(json_len(&*typed).unwrap(), expected);
-        assert_eq!(any.json_len().unwrap(), expected);
+        assert_eq!(json_measure(&*typed, true).unwrap().bytes, expected);
+        assert_eq!(any.json_measure(true).unwrap().bytes, expected);
         assert_eq!(
             serde_json::to_vec(&any.to_json().unwrap()).unwrap().len(),
             expected

@@ -111,6 +111,21 @@ pub enum Error {
         /// The store's limit.
         limit: usize,
     },
+    /// The store refuses NUL characters ([`crate::Store::set_refuse_nul`]) and a string of
+    /// the entity — its kind, its id, a key or a value at any depth — holds one.
+    #[error(
+        "refused {kind} '{id}': {field} holds a NUL character (U+0000), which PostgreSQL \
+         cannot store and the sync server refuses, so it could never be persisted or synced"
+    )]
+    Unstorable {
+        /// The record's kind.
+        kind: Kind,
+        /// The record's id.
+        id: EntityId,
+        /// Where the character is (see [`crate::nul_field`]): `the kind`, `the id`, or a
+        /// path into the data such as `data.tags[1]`.
+        field: String,
+    },
     /// The flush engine's configuration is invalid.
     #[error("invalid flush configuration: {0}")]
     InvalidConfig(String),

@@ -8,6 +8,8 @@
 //! - `entity`: the `{id, type, data, updatedAt}` record, ids and kind names.
 //! - `change`: the change record every layer consumes.
 //! - `schema`: validation of entity data (JSON Schema, serde types, closures).
+//! - `measure`: a record's size as JSON and where it holds a NUL character (the store's
+//!   write-time checks for what could never be stored or synced).
 //! - `store`: Layer 1, the in-memory store, collections, queries, subscriptions.
 //! - `error`: why a write was refused.
 //! - `flush`: Layer 2, the flush engine and its targets.
@@ -65,6 +67,7 @@ mod entity;
 mod error;
 #[cfg(feature = "runtime")]
 mod flush;
+mod measure;
 mod schema;
 mod store;
 
@@ -79,6 +82,7 @@ pub use flush::{
     Annotation, Batch, Durability, FanOut, FlushConfig, FlushEngine, FlushError, FlushEvent,
     FlushStats, FlushTarget, FnTarget, ShutdownError, TargetError,
 };
+pub use measure::nul_field;
 pub use schema::{FnSchema, Issue, JsonSchema, Schema, SchemaError, SharedSchema, TypedSchema};
 pub use store::{
     ChangeSink, Collection, DynCollection, Listener, Notification, Query, Store, StoreBuilder,

@@ -15,7 +15,7 @@ mod tx;
 use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 use serde_json::Value;
@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::flush::FlushEngine;
 use crate::schema::SharedSchema;
 use notify::Notifier;
-use tx::State;
+use tx::{LocalChecks, State};
 
 /// Receives every accepted change, in commit order, while the write is being committed.
 ///
@@ -80,6 +80,8 @@ struct Inner {
     notifier: Arc<Notifier>,
     /// The entity size limit for local writes, [`NO_LIMIT`] when there is none.
     max_entity_bytes: AtomicUsize,
+    /// Whether local writes holding a NUL character are refused.
+    refuse_nul: AtomicBool,
 }
 
 /// `max_entity_bytes` when the store has no size limit.
@@ -106,6 +108,7 @@ pub struct StoreBuilder {
     stream_capacity: usize,
     typed: Vec<Registration>,
     max_entity_bytes: Option<usize>,
+    refuse_nul: bool,
 }
 
 /// Registers a Rust type for a kind when the store is built.
@@ -121,6 +124,7 @@ impl Default for StoreBuilder {
             stream_capacity: 1024,
             typed: Vec::new(),
             max_entity_bytes: None,
+            refuse_nul: false,
         }
     }
 }
@@ -158,6 +162,13 @@ impl StoreBuilder {
         self
     }
 
+    /// Refuses every local upsert holding a NUL character (U+0000) in any string, with
+    /// [`Error::Unstorable`] (see [`Store::set_refuse_nul`]). Off by default.
+    pub fn refuse_nul(mut self, refuse: bool) -> Self {
+        self.refuse_nul = refuse;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> Store {
         let mut state = State::default();
@@ -177,6 +188,7 @@ impl StoreBuilder {
                 engines: self.engines,
                 notifier: Arc::new(Notifier::new(self.stream_capacity)),
                 max_entity_bytes: AtomicUsize::new(self.max_entity_bytes.unwrap_or(NO_LIMIT)),
+                refuse_nul: AtomicBool::new(self.refuse_nul),
             }),
         }
     }
@@ -375,19 +387,17 @@ impl Store {
         let inner = &*self.inner;
         let record = !inner.sinks.is_empty() || inner.notifier.wanted();
         let mut guard = self.write_state();
-        // Only local writes are measured: remote ones were accepted by the server already,
-        // stored ones by this store earlier.
-        let max_bytes = match origin {
-            Origin::Local => self.max_entity_bytes(),
-            Origin::Remote | Origin::Storage => None,
+        // Only local writes are checked: remote ones were accepted by the server already,
+        // stored ones by this store earlier (and a database written before the check was on
+        // must still open).
+        let checks = match origin {
+            Origin::Local => LocalChecks {
+                max_bytes: self.max_entity_bytes(),
+                refuse_nul: self.refuses_nul(),
+            },
+            Origin::Remote | Origin::Storage => LocalChecks::default(),
         };
-        let mut tx = Tx::new(
-            &mut guard,
-            inner.schema.as_deref(),
-            origin,
-            record,
-            max_bytes,
-        );
+        let mut tx = Tx::new(&mut guard, inner.schema.as_deref(), origin, record, checks);
         let key = self.key();
         IN_TRANSACTION.with(|t| t.borrow_mut().push(key));
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&mut tx)));
@@ -448,6 +458,31 @@ impl Store {
             NO_LIMIT => None,
             bytes => Some(bytes),
         }
+    }
+
+    /// Refuses (`true`) or accepts (`false`, the default) local upserts holding a NUL
+    /// character (U+0000); it applies to transactions that start afterwards.
+    ///
+    /// When refusing, every local upsert — typed or dynamic, single, in a transaction or
+    /// in a bulk load — whose record (as stored) holds the character anywhere (its kind,
+    /// its id, a key or a string value at any depth) is refused with [`Error::Unstorable`]
+    /// naming the entity and where the character is, like any invalid write (a transaction
+    /// rolls back). PostgreSQL cannot store the character and the sync server refuses it,
+    /// so the client turns this on for a PostgreSQL database or with sync: such an entity
+    /// is refused at write time instead of being retried by the flush engine forever,
+    /// holding up every change behind it.
+    ///
+    /// Remote changes and hydration are never checked, as for
+    /// [`Self::set_max_entity_bytes`].
+    pub fn set_refuse_nul(&self, refuse: bool) {
+        self.inner.refuse_nul.store(refuse, Ordering::Relaxed);
+    }
+
+    /// Whether local upserts holding a NUL character are refused (see
+    /// [`Self::set_refuse_nul`]).
+    #[must_use]
+    pub fn refuses_nul(&self) -> bool {
+        self.inner.refuse_nul.load(Ordering::Relaxed)
     }
 
     /// Runs `f` over a consistent view of the whole store.

@@ -10,10 +10,10 @@ use serde_json::Value;
 
 use crate::change::{Change, Origin};
 use crate::entity::{
-    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, is_reserved_kind, json_len,
-    now_millis,
+    AnyEntity, Entity, EntityData, EntityId, EntityKind, Kind, Millis, is_reserved_kind, now_millis,
 };
 use crate::error::{Error, Result, json_type_name};
+use crate::measure::{JsonMeasure, json_measure, nul_field};
 use crate::schema::Schema;
 use crate::store::table::{ErasedTable, Slot, Table};
 
@@ -104,17 +104,60 @@ fn refuse_reserved(kind: &Kind) -> Result<()> {
     Ok(())
 }
 
-/// [`Error::EntityTooLarge`] when a record of `bytes` bytes is over `limit`.
-fn check_size(bytes: usize, limit: usize, kind: &Kind, id: &EntityId) -> Result<()> {
-    if bytes > limit {
-        return Err(Error::EntityTooLarge {
-            kind: kind.clone(),
-            id: id.clone(),
-            bytes,
-            limit,
-        });
+/// What a local transaction checks each upsert against: what the store knows at write
+/// time that the database or the server would refuse later (and then forever).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LocalChecks {
+    /// The entity size limit (see [`crate::Store::set_max_entity_bytes`]).
+    pub(crate) max_bytes: Option<usize>,
+    /// Refuse NUL characters (see [`crate::Store::set_refuse_nul`]).
+    pub(crate) refuse_nul: bool,
+}
+
+impl LocalChecks {
+    /// Whether anything is checked (otherwise nothing is measured).
+    fn any(self) -> bool {
+        self.max_bytes.is_some() || self.refuse_nul
     }
-    Ok(())
+
+    /// Refuses a record measured as `measure`: [`Error::EntityTooLarge`] over the limit,
+    /// [`Error::Unstorable`] when it holds a NUL (`data` gives the JSON to say where).
+    fn check(
+        self,
+        measure: JsonMeasure,
+        kind: &Kind,
+        id: &EntityId,
+        data: impl FnOnce() -> Result<Value, serde_json::Error>,
+    ) -> Result<()> {
+        if let Some(limit) = self.max_bytes
+            && measure.bytes > limit
+        {
+            return Err(Error::EntityTooLarge {
+                kind: kind.clone(),
+                id: id.clone(),
+                bytes: measure.bytes,
+                limit,
+            });
+        }
+        if measure.nul {
+            let data = data().map_err(|e| serialize_error(kind, id, &e))?;
+            return Err(Error::Unstorable {
+                kind: kind.clone(),
+                id: id.clone(),
+                // The measure found one, so the walk does too; the fallback is for form.
+                field: nul_field(kind, id, &data).unwrap_or_else(|| "a string".to_owned()),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn serialize_error(kind: &Kind, id: &EntityId, e: &serde_json::Error) -> Error {
+    Error::Serialize {
+        kind: kind.clone(),
+        id: id.clone(),
+        message: e.to_string(),
+    }
 }
 
 enum Undo {
@@ -159,9 +202,9 @@ pub struct Tx<'a> {
     now: Option<Millis>,
     /// Whether anyone (a sink, a subscriber) will read the change records.
     pub(crate) record: bool,
-    /// The entity size limit this transaction's upserts are checked against (`None`: no
-    /// limit, or a remote or storage transaction, which are never measured).
-    max_bytes: Option<usize>,
+    /// What this transaction's upserts are checked against (nothing for a remote or
+    /// storage transaction).
+    checks: LocalChecks,
     pub(crate) changes: Vec<Change>,
     undo: Vec<Undo>,
 }
@@ -172,7 +215,7 @@ impl<'a> Tx<'a> {
         schema: Option<&'a dyn Schema>,
         origin: Origin,
         record: bool,
-        max_bytes: Option<usize>,
+        checks: LocalChecks,
     ) -> Self {
         let undo = std::mem::take(&mut state.spare_undo);
         Self {
@@ -181,7 +224,7 @@ impl<'a> Tx<'a> {
             origin,
             now: None,
             record,
-            max_bytes,
+            checks,
             changes: Vec::new(),
             undo,
         }
@@ -194,7 +237,8 @@ impl<'a> Tx<'a> {
     /// [`crate::RESERVED_KIND_PREFIX`]), [`Error::WrongKind`] if `entity.kind` is not
     /// `T::KIND`, [`Error::EmptyId`], [`Error::Validation`] if the store's schema rejects it,
     /// [`Error::EntityTooLarge`] in a local transaction when the store has a size limit
-    /// (see [`crate::Store::set_max_entity_bytes`]).
+    /// (see [`crate::Store::set_max_entity_bytes`]), [`Error::Unstorable`] in one when it
+    /// refuses NUL characters (see [`crate::Store::set_refuse_nul`]).
     pub fn upsert<T: EntityKind>(&mut self, entity: Entity<T>) -> Result<Arc<Entity<T>>> {
         let (slot, converted) = self
             .state
@@ -231,8 +275,10 @@ impl<'a> Tx<'a> {
     /// [`crate::RESERVED_KIND_PREFIX`]; whatever the origin: a room member cannot plant
     /// one), [`Error::EmptyId`], [`Error::EmptyKind`], [`Error::NotAnObject`],
     /// [`Error::Validation`], [`Error::Conversion`] when the kind is typed and the data
-    /// does not fit its Rust type, or [`Error::EntityTooLarge`] in a local transaction when
-    /// the store has a size limit (see [`crate::Store::set_max_entity_bytes`]).
+    /// does not fit its Rust type, or, in a local transaction, [`Error::EntityTooLarge`]
+    /// when the store has a size limit (see [`crate::Store::set_max_entity_bytes`]) and
+    /// [`Error::Unstorable`] when it refuses NUL characters (see
+    /// [`crate::Store::set_refuse_nul`]).
     pub fn upsert_json(&mut self, entity: Entity<Value>) -> Result<AnyEntity> {
         let slot = self.state.slot_for_json(&entity.kind)?;
         self.upsert_json_in(slot, entity)
@@ -316,13 +362,12 @@ impl<'a> Tx<'a> {
                     })?;
             }
         }
-        if let Some(limit) = self.max_bytes {
-            let bytes = json_len(&entity).map_err(|e| Error::Serialize {
-                kind: entity.kind.clone(),
-                id: entity.id.clone(),
-                message: e.to_string(),
+        if self.checks.any() {
+            let measure = json_measure(&entity, self.checks.refuse_nul)
+                .map_err(|e| serialize_error(&entity.kind, &entity.id, &e))?;
+            self.checks.check(measure, &entity.kind, &entity.id, || {
+                serde_json::to_value(&entity.data)
             })?;
-            check_size(bytes, limit, &entity.kind, &entity.id)?;
         }
         let entity = Arc::new(entity);
         let Some(table) = self.state.slots[slot].typed_mut::<T>() else {
@@ -381,14 +426,13 @@ impl<'a> Tx<'a> {
         } else {
             table.convert(entity)?
         };
-        if let Some(limit) = self.max_bytes {
+        if self.checks.any() {
             // Measured as stored: a typed kind's record is what its Rust type serializes to.
-            let bytes = stored.json_len().map_err(|e| Error::Serialize {
-                kind: stored.kind().clone(),
-                id: stored.id().clone(),
-                message: e.to_string(),
-            })?;
-            check_size(bytes, limit, stored.kind(), stored.id())?;
+            let measure = stored
+                .json_measure(self.checks.refuse_nul)
+                .map_err(|e| serialize_error(stored.kind(), stored.id(), &e))?;
+            self.checks
+                .check(measure, stored.kind(), stored.id(), || stored.data_json())?;
         }
         match table.insert(stored.clone()) {
             Some(prev) => self.undo.push(Undo::Replaced { slot, prev }),
