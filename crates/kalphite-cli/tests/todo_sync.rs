@@ -405,6 +405,30 @@ fn sync_reports_what_moved() {
     server.stop();
 }
 
+/// The counts of a sync that moves more than 256 todos: the old event-stream count stopped
+/// at a channel's 256 (501 pulled todos were reported as 256).
+#[test]
+fn sync_counts_more_than_256_todos() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (alice, bob) = clients(dir.path(), &server);
+    for i in 0..300 {
+        alice.offline(&["add", &format!("todo {i}")]);
+    }
+    let out = alice.run(&["sync"]);
+    assert!(
+        out.contains("pushed 300 changes, pulled 0 changes"),
+        "{out}"
+    );
+    let out = bob.run(&["sync"]);
+    assert!(
+        out.contains("pushed 0 changes, pulled 300 changes"),
+        "{out}"
+    );
+    assert_eq!(bob.list().len(), 300);
+    server.stop();
+}
+
 /// Regression: a read-only `list` with changes queued and the server down waited 10 s
 /// and exited 1, and read-only commands said "your changes are saved locally".
 #[test]
@@ -545,6 +569,45 @@ fn the_database_remembers_its_room() {
         out.contains("room 'todo'") && out.contains("pushed 1 changes"),
         "{out}"
     );
+    server.stop();
+}
+
+/// A database bound to a room other than the default: after `sync --room r1`, `add` and
+/// `sync` without --room use r1 — the todos reach another client of r1, and a token that
+/// only r1 accepts is enough. (`the_database_remembers_its_room` binds the default room
+/// `todo`, which cannot tell the remembered room from the default.)
+#[test]
+fn commands_without_room_use_the_room_the_database_is_bound_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let d = dir.path();
+    let client = |db: &str, user: &'static str| Client {
+        dir: d,
+        db: db.into(),
+        server: server.url.clone(),
+        token: server.token(d, user, "r1"),
+        user,
+    };
+    let (alice, bob) = (
+        client("sqlite:alice.db", "alice"),
+        client("sqlite:bob.db", "bob"),
+    );
+    let out = alice.run(&["--room", "r1", "sync"]);
+    assert!(out.contains("room 'r1'"), "{out}");
+
+    alice.offline(&["add", "queued offline"]);
+    alice.run(&["add", "sent online"]);
+    let out = alice.run(&["sync"]);
+    assert!(out.contains("room 'r1'"), "{out}");
+
+    let out = bob.run(&["--room", "r1", "list", "--json"]);
+    let mut titles: Vec<String> = serde_json::from_str::<Vec<Value>>(&out)
+        .unwrap()
+        .iter()
+        .map(|t| t["title"].as_str().unwrap().to_owned())
+        .collect();
+    titles.sort();
+    assert_eq!(titles, ["queued offline", "sent online"]);
     server.stop();
 }
 
