@@ -2,9 +2,11 @@
 //! sync client over a real SQLite file against a real server on loopback (the parent's)
 //! and is killed; the parent then reopens the file in a new client, syncs, and checks:
 //! every change `durable(Local)` confirmed reaches the server, every remote change is
-//! present, and both replicas converge. (A reused message id would show here as a
-//! confirmed change the room acknowledged without storing; the id rule itself is pinned by
-//! kalphite-sync's `a_client_whose_state_rolled_back_reuses_no_message_id`.)
+//! present, and both replicas converge. `random_kills_lose_nothing` also reads the server's
+//! room log: every change the server acknowledged before the kill is stored, and no
+//! (replica, message id) names two stored changes, across all the runs. (The id rule
+//! itself is pinned by kalphite-sync's
+//! `a_client_whose_state_rolled_back_reuses_no_message_id`.)
 //!
 //! Regressions pinned here (the sync state was a pseudo-entity written by a second writer
 //! every 100 ms, apart from the entity rows):
@@ -14,7 +16,9 @@
 //! - `a_locally_durable_change_is_sent_after_a_crash`: the entity was in the database but
 //!   the persisted outbox did not have it yet: it was never sent.
 //! - `random_kills_lose_nothing`: both, and message-id reuse, under a mixed workload
-//!   killed at a random moment, for several seeds (`KALPHITE_CRASH_SEEDS=N` sweeps more).
+//!   killed at a random moment, for 40 seeds (`KALPHITE_CRASH_SEEDS=N` sweeps more).
+//!   A reused id made the room acknowledge an edit without storing it (the duplicate of an
+//!   earlier message), so an acknowledged change could be missing from the log.
 
 #[path = "../../kalphite-server/tests/common/mod.rs"]
 mod common;
@@ -27,6 +31,9 @@ use std::time::Duration;
 use common::*;
 use kalphite::{Durability, FlushConfig, Store};
 use kalphite_client::connect_store;
+use kalphite_db::Database;
+use kalphite_server::ROOM_KIND_PREFIX;
+use kalphite_sync::StoredChange;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -37,8 +44,13 @@ const ENV_URL: &str = "KALPHITE_CRASH_URL";
 const ENV_MODE: &str = "KALPHITE_CRASH_MODE";
 const ENV_SEED: &str = "KALPHITE_CRASH_SEED";
 
+/// Runs of `random_kills_lose_nothing` by default: about 14 s on a 2-core machine (a run
+/// lasts 0.1-0.7 s; the remote writes and the kill delay are random per seed).
+const SEEDS: u64 = 40;
+
 /// The child: opens the client over the file and runs the workload named by the mode,
-/// printing `ready`, `accepted K N`, `durable K N` as it goes, until it is killed.
+/// printing `ready`, `accepted K N`, `durable K N` and `acked N` (every change accepted
+/// before N was acknowledged by the server) as it goes, until it is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "helper: run as a child process by the tests of this file"]
 async fn crash_child() -> anyhow::Result<()> {
@@ -79,6 +91,9 @@ async fn crash_child() -> anyhow::Result<()> {
                 }
             }
             _ => {
+                // Values grow across the runs of one test (each run is a new seed), so an
+                // older run's value of a key never passes for this run's.
+                let n = seed * 1_000_000 + n;
                 let key = format!("l{}", rng.random_range(0..8));
                 items.put(&key, json!({"n": n}))?;
                 println!("accepted {key} {n}");
@@ -88,6 +103,13 @@ async fn crash_child() -> anyhow::Result<()> {
                         .await
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                     println!("durable {key} {n}");
+                }
+                if rng.random_bool(0.1) {
+                    store
+                        .durable(Durability::Server)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("acked {n}");
                 }
             }
         }
@@ -190,6 +212,68 @@ fn durable_values(lines: &[String]) -> BTreeMap<String, u64> {
         }
     }
     out
+}
+
+/// The last value per key the child accepted before its last `acked` line: what the
+/// server acknowledged.
+fn acked_values(lines: &[String]) -> BTreeMap<String, u64> {
+    let Some(last) = lines.iter().rposition(|l| l.starts_with("acked ")) else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for line in &lines[..last] {
+        if let Some(rest) = line.strip_prefix("accepted ") {
+            let (key, n) = rest.split_once(' ').expect("accepted K N");
+            out.insert(key.to_owned(), n.parse().expect("N"));
+        }
+    }
+    out
+}
+
+/// The server's room log of [`ROOM`], read from its database: one record per entity (its
+/// latest change).
+async fn room_log(log: &Database) -> Vec<StoredChange> {
+    log.get_by_type(&format!("{ROOM_KIND_PREFIX}{ROOM}"))
+        .await
+        .expect("read the room log")
+        .into_iter()
+        .map(|e| serde_json::from_value(e.data).expect("a stored change"))
+        .collect()
+}
+
+/// The `n` of each `item` the room log holds.
+fn logged_values(records: &[StoredChange]) -> BTreeMap<String, u64> {
+    records
+        .iter()
+        .filter(|r| r.kind == "item")
+        .filter_map(|r| {
+            let n = r.state.as_ref()?.data["n"].as_u64()?;
+            Some((r.id.to_string(), n))
+        })
+        .collect()
+}
+
+/// Checks that no (replica, message id) names two stored changes: within the log, and
+/// against every one `seen` in earlier reads (a message produces one change, at one
+/// version, of one entity).
+fn assert_message_ids_unique(
+    records: &[StoredChange],
+    seen: &mut BTreeMap<(String, String), (String, u64)>,
+) {
+    let mut now = BTreeMap::new();
+    for r in records {
+        let id = (r.replica_id.clone(), r.message_id.clone());
+        let change = (r.id.to_string(), r.version);
+        if let Some(other) = now.insert(id.clone(), change.clone()) {
+            panic!("message id {id:?} names two stored changes: {other:?} and {change:?}");
+        }
+        if let Some(before) = seen.insert(id.clone(), change.clone()) {
+            assert_eq!(
+                before, change,
+                "message id {id:?} was reused: it named {before:?} before, now {change:?}"
+            );
+        }
+    }
 }
 
 /// Reopens the child's file in a new client, syncs it with `peer`, and checks the
@@ -322,13 +406,16 @@ async fn random_kills_lose_nothing() {
     let seeds: u64 = std::env::var("KALPHITE_CRASH_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(SEEDS);
     let dir = tempfile::tempdir().expect("dir");
-    let server = start(config(memory_db().await)).await;
+    // The room log in a SQLite file, read between the runs through the server's handle.
+    let log = sqlite(&dir.path().join("server.db")).await;
+    let server = start(config(log.clone())).await;
     let (peer_store, peer_client) = peer(&server.url(), dir.path()).await;
     let path = dir.path().join("child.db");
     let mut remote = BTreeMap::new();
     let mut next_remote = 1;
+    let mut message_ids = BTreeMap::new();
     for seed in 0..seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         let child = spawn_child(&path, &server.url(), "mixed", seed);
@@ -347,11 +434,25 @@ async fn random_kills_lose_nothing() {
         next_remote += count;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         let lines = child.kill(seen);
+        let acked = acked_values(&lines);
         eprintln!(
-            "seed {seed}: killed after {} lines, {} durable keys",
+            "seed {seed}: killed after {} lines, {} durable keys, {} acknowledged",
             lines.len(),
-            durable_values(&lines).len()
+            durable_values(&lines).len(),
+            acked.len()
         );
+        // Before the restart, whose resends could fill a gap: what the server acknowledged
+        // is in its log already.
+        let records = room_log(&log).await;
+        assert_message_ids_unique(&records, &mut message_ids);
+        let logged = logged_values(&records);
+        for (key, n) in &acked {
+            let got = logged.get(key);
+            assert!(
+                got.is_some_and(|v| v >= n),
+                "seed {seed}: the server acknowledged {key}={n}; its log has {got:?}"
+            );
+        }
         restart_and_check(
             &path,
             &server.url(),
@@ -360,6 +461,7 @@ async fn random_kills_lose_nothing() {
             &remote,
         )
         .await;
+        assert_message_ids_unique(&room_log(&log).await, &mut message_ids);
     }
     server.stop().await;
 }
