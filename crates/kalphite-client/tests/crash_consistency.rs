@@ -15,6 +15,9 @@
 //!   10 while no entity row was flushed, so after restart the client held 0 of 10, for good.
 //! - `a_locally_durable_change_is_sent_after_a_crash`: the entity was in the database but
 //!   the persisted outbox did not have it yet: it was never sent.
+//! - `an_edit_after_a_crash_that_lost_sent_edits_is_not_swallowed`: edits the server had
+//!   acknowledged were lost with the crash; the next edit of that entity reused their
+//!   clock counters and the room took it for one it had.
 //! - `random_kills_lose_nothing`: both, and message-id reuse, under a mixed workload
 //!   killed at a random moment, for 40 seeds (`KALPHITE_CRASH_SEEDS=N` sweeps more).
 //!   A reused id made the room acknowledge an edit without storing it (the duplicate of an
@@ -29,8 +32,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt as _;
 use kalphite::{Durability, FlushConfig, Store};
-use kalphite_client::connect_store;
+use kalphite_client::{SyncEvent, connect_store};
 use kalphite_db::Database;
 use kalphite_server::ROOM_KIND_PREFIX;
 use kalphite_sync::StoredChange;
@@ -64,16 +68,52 @@ async fn crash_child() -> anyhow::Result<()> {
     let mut config =
         client_config(&url, ROOM, "child", "child-device").connect_on_start(mode != "local");
     config.local_flush = FlushConfig::default();
+    if mode == "sent" {
+        // The disk lags: nothing is flushed but what the child flushes itself.
+        config.local_flush = FlushConfig::default()
+            .debounce(Duration::from_mins(10))
+            .max_wait(Duration::from_mins(10));
+    }
     let (store, client) = connect_store(Store::builder(), &db, config).await?;
     if mode != "local" {
         wait_connected(&client).await;
     }
+    let mut acks = client.events();
     println!("ready");
     let items = store.dynamic("item");
     let mut rng = StdRng::seed_from_u64(seed);
     for n in 1u64.. {
         match mode.as_str() {
             "remote" => {}
+            "sent" => {
+                // x=1 on disk and on the server; x=2 and x=3 only on the server (their
+                // acks are seen as events: a durable(Server) would wait for the flush);
+                // then a crash before the disk has them.
+                items.put("x", json!({"n": n}))?;
+                loop {
+                    match acks.next().await {
+                        Some(SyncEvent::Ack { .. }) => break,
+                        Some(_) => {}
+                        None => anyhow::bail!("the client's events ended"),
+                    }
+                }
+                println!("acked {n}");
+                if n == 1 {
+                    store
+                        .flush_now()
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    store
+                        .durable(Durability::Local)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("durable x {n}");
+                }
+                if n == 3 {
+                    let pid = std::process::id().to_string();
+                    Command::new("kill").args(["-KILL", &pid]).status()?;
+                }
+            }
             "local" => {
                 let key = format!("l{n}");
                 items.put(&key, json!({"n": n}))?;
@@ -398,6 +438,52 @@ async fn a_locally_durable_change_is_sent_after_a_crash() {
     )
     .await;
     assert!(state.len() >= durable.len());
+    server.stop().await;
+}
+
+/// Regression: a change reaches the server before the flush that holds it commits. The
+/// child's edits x=2 and x=3 were acknowledged by the server, then it was killed before its
+/// disk held them; restarted from x=1, it edited x offline (x=4) before any catch-up. That
+/// edit's clock reused the counters of x=2 and x=3, so the room took it for one it had:
+/// acknowledged, never applied, and the client put x=3 back over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_after_a_crash_that_lost_sent_edits_is_not_swallowed() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = start(config(memory_db().await)).await;
+    let (peer_store, peer_client) = peer(&server.url(), dir.path()).await;
+    let path = dir.path().join("child.db");
+    let lines = spawn_child(&path, &server.url(), "sent", 0).wait_exit(Vec::new());
+    assert!(lines.iter().any(|l| l == "acked 3"), "{lines:?}");
+
+    let db = sqlite(&path).await;
+    let (store, client) = connect_store(
+        Store::builder(),
+        &db,
+        client_config(&server.url(), ROOM, "child", "child-device").connect_on_start(false),
+    )
+    .await
+    .expect("the crashed client's database opens");
+    let items = store.dynamic("item");
+    assert_eq!(
+        items.find_by_id("x").map(|e| e.data.clone()),
+        Some(json!({"n": 1})),
+        "the disk held x=1 only"
+    );
+    items.put("x", json!({"n": 4})).expect("put");
+    client.connect();
+    wait_connected(&client).await;
+    guard(store.durable(Durability::Server))
+        .await
+        .expect("the offline edit reaches the server");
+    let state = converge(&[(&store, &client), (&peer_store, &peer_client)]).await;
+    assert_eq!(
+        state.get(&("item".to_owned(), "x".to_owned())),
+        Some(&json!({"n": 4})),
+        "the edit made after the restart is the one that stays"
+    );
+    client.close().await;
+    store.close().await.expect("close");
+    db.close().await.expect("close db");
     server.stop().await;
 }
 
