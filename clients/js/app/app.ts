@@ -130,4 +130,8 @@ db.on("conflict", (c) => {
 db.on("status", () => render());
 await db.init();
 render();
+// The server's worker (app/sw.js) keeps a copy of this page, so that a reload while the
+// server is unreachable still opens the app on what IndexedDB holds. Without one (not
+// served by kalphite, or not a secure context) the app only opens online, as before.
+navigator.serviceWorker?.register("/sw.js").catch(() => undefined);
 (window as unknown as { kalphiteApp: unknown }).kalphiteApp = { db, todos };
