@@ -48,7 +48,6 @@ function newId(): string {
 
 const db = new FrontendDatabase({
   dbName: `kalphite-todo:${room}:${user}`,
-  multiTab: true,
   sync: { wsUrl: server, roomId: room, userId: user, authToken: token },
 });
 const todos = db.collection<Todo>("todo");
@@ -89,7 +88,9 @@ function render(): void {
       const div = document.createElement("div");
       const yours = c.yours.entity?.data as Todo | undefined;
       const theirs = c.theirs.entity?.data as Todo | undefined;
-      div.textContent = `Conflict on "${yours?.title ?? theirs?.title ?? c.yours.entityId}": yours "${yours?.title ?? "(deleted)"}", theirs "${theirs?.title ?? "(deleted)"}" `;
+      // The status too: the usual conflict is one side completing what the other edited.
+      const show = (t: Todo | undefined) => (t ? `"${t.title}" (${t.status})` : "(deleted)");
+      div.textContent = `Conflict on "${yours?.title ?? theirs?.title ?? c.yours.entityId}": yours ${show(yours)}, theirs ${show(theirs)} `;
       for (const [label, pick] of [["keep mine", yours], ["keep theirs", theirs]] as const) {
         const b = document.createElement("button");
         b.textContent = label;
@@ -120,11 +121,17 @@ todos.subscribe((_e: CollectionEvent<Todo>) => render());
 db.on("error", (e) => {
   $("error").textContent = e.message;
 });
-await db.init();
-db.sync?.on("conflict", (c) => {
+// On the database rather than on `db.sync`: a follower tab has no sync engine of its own,
+// and the leader's conflicts and status reach every tab, including one that takes over.
+db.on("conflict", (c) => {
   if (c.strategy === "manual") conflicts.push(c);
   render();
 });
+db.on("status", () => render());
+await db.init();
 render();
-setInterval(render, 1000);
+// The server's worker (app/sw.js) keeps a copy of this page, so that a reload while the
+// server is unreachable still opens the app on what IndexedDB holds. Without one (not
+// served by kalphite, or not a secure context) the app only opens online, as before.
+navigator.serviceWorker?.register("/sw.js").catch(() => undefined);
 (window as unknown as { kalphiteApp: unknown }).kalphiteApp = { db, todos };

@@ -11,10 +11,10 @@ import { TypedCollection } from "./collection.js";
 import { Emitter } from "./events.js";
 import { type FlushChange, MemoryFlushEngine } from "./flush.js";
 import { type Commit, IndexedDbPersistence, MemoryPersistence, type Persistence } from "./persistence.js";
-import type { ClientMessage, Entity, Millis } from "./protocol.js";
+import type { ClientMessage, ConflictPayload, Entity, Millis } from "./protocol.js";
 import { type LocalChange, type Output, type RemoteChange, ReplicaError, type StateDelta, keyString, parseKey } from "./replica.js";
 import { type ConnectionStatus, NetworkSyncEngine, type SyncConfig, type SyncError, newReplicaId } from "./network.js";
-import { type ChannelLike, type TabsConfig, defaultTabs } from "./tabs.js";
+import { type ChannelLike, type TabsConfig, selectTabs } from "./tabs.js";
 
 /** A message between tabs (see `tabs.ts`). */
 type TabMessage =
@@ -23,8 +23,20 @@ type TabMessage =
   | { t: "changed"; from: string; change: LocalChange | RemoteChange }
   | { t: "leader"; from: string; status: ConnectionStatus; pending: number }
   | { t: "status"; status: ConnectionStatus; pending: number }
+  | { t: "hello" }
+  | { t: "event"; event: Shared; arg: unknown }
   | { t: "durable"; from: string; id: number }
   | { t: "durableDone"; to: string; id: number; error?: string | undefined };
+
+/** The leader's events every tab emits too. */
+type Shared = "conflict" | "error";
+
+/** What a tab shows of the connection: the leader's. */
+export interface SyncStatus {
+  status: ConnectionStatus;
+  /** Entities waiting for the server. */
+  pending: number;
+}
 
 /** Database configuration. */
 export interface DatabaseConfig {
@@ -41,7 +53,10 @@ export interface DatabaseConfig {
   /**
    * Several tabs on one database: one leader tab (elected with Web Locks) owns the
    * WebSocket and the outbox; the others send it their writes (BroadcastChannel) and
-   * get every change. Leadership passes on when the leader closes.
+   * get every change. Leadership passes on when the leader closes. Default: on wherever
+   * Web Locks and BroadcastChannel exist (browsers), off elsewhere (Node 20). `false`
+   * opts out (only for a database no other tab or worker of the origin opens); `true`
+   * or a `TabsConfig` throws when they are missing.
    */
   multiTab?: boolean | TabsConfig;
 }
@@ -50,8 +65,12 @@ export interface DatabaseConfig {
 export interface DatabaseEvents extends Record<string, unknown> {
   /** A change of any collection, local or remote. */
   change: { origin: "local" | "remote"; change: LocalChange | RemoteChange };
-  /** Storage or sync trouble (changes are kept; see the message). */
+  /** Storage or sync trouble (changes are kept; see the message); in every tab. */
   error: SyncError | { code: "storage"; message: string };
+  /** A conflict the room resolved on one of this installation's changes (manual: both versions to choose from); in every tab. */
+  conflict: ConflictPayload;
+  /** The connection status or the pending count changed; in every tab. */
+  status: SyncStatus;
 }
 
 /** The browser/Node local-first database. */
@@ -78,7 +97,8 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   private unconfirmed = new Map<number, LocalChange>();
   private confirmWaiters: Array<() => void> = [];
   private durableRequests = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
-  private followerStatus: { status: ConnectionStatus; pending: number } = { status: "disconnected", pending: 0 };
+  private followerStatus: SyncStatus = { status: "disconnected", pending: 0 };
+  private lastStatus: SyncStatus = { status: "disconnected", pending: 0 };
   /** Leader: follower writes waiting for their flush, by entity. */
   private waiting = new Map<string, Array<{ tab: string; seq: number }>>();
 
@@ -93,7 +113,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       flushTarget: (changes) => this.flushChanges(changes),
       ...(config.flush ?? {}),
       onError: (error, changes, attempt) =>
-        this.emit("error", {
+        this.share("error", {
           code: "storage",
           message: `flushing ${changes.length} change(s) failed (attempt ${attempt}; they stay queued): ${String(error)}`,
         }),
@@ -104,7 +124,8 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   async init(): Promise<void> {
     const loaded = await this.persistence.load();
     for (const e of loaded.entities) this.rawCollection(e.type).applyRemote({ operation: "upsert", entityType: e.type, entityId: e.id, entity: e, timestamp: e.updatedAt ?? 0 });
-    if (this.config.multiTab) return this.initTabs(loaded);
+    const tabs = selectTabs(this.config.multiTab);
+    if (tabs) return this.initTabs(loaded, tabs);
     await this.start(loaded);
   }
 
@@ -118,9 +139,13 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
         this.meta = { replicaId };
       }
       this.sync = new NetworkSyncEngine({ ...sync, replicaId }, loaded.replica, (out) => this.absorb(out));
-      this.sync.on("error", (e) => this.emit("error", e));
-      this.sync.on("connected", () => this.broadcastStatus());
-      this.sync.on("disconnected", () => this.broadcastStatus());
+      // Attached to each engine this tab starts, so that listeners of the database keep
+      // hearing after a handover made this tab the leader.
+      this.sync.on("error", (e) => this.share("error", e));
+      this.sync.on("conflict", (c) => this.share("conflict", c));
+      this.sync.on("status", () => this.statusChanged());
+      this.sync.on("ack", () => this.statusChanged());
+      this.sync.on("rejected", () => this.statusChanged());
       this.ready = true;
       await this.sync.connect();
     } else {
@@ -174,17 +199,32 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
     this.channel?.postMessage(message);
   }
 
-  private broadcastStatus(): void {
-    if (this.role === "leader") this.post({ t: "status", status: this.connectionStatus(), pending: this.offlineQueueSize() });
+  /** Emits an event of the leader's sync or storage here and in the other tabs. */
+  private share<K extends Shared>(event: K, arg: DatabaseEvents[K]): void {
+    this.emit(event, arg);
+    if (this.role === "leader") this.post({ t: "event", event, arg });
   }
 
-  private async initTabs(loaded: { replica: import("./replica.js").ReplicaState; meta: Record<string, unknown> }): Promise<void> {
-    const { locks, channel } = defaultTabs(this.config.multiTab === true ? {} : (this.config.multiTab as TabsConfig));
+  /** Emits `status` when the status or the pending count moved; the leader tells the other tabs. */
+  private statusChanged(force = false): void {
+    const now = { status: this.connectionStatus(), pending: this.offlineQueueSize() };
+    if (this.role === "leader" && (force || now.status !== this.lastStatus.status || now.pending !== this.lastStatus.pending)) {
+      this.post({ t: "status", ...now });
+    }
+    if (now.status === this.lastStatus.status && now.pending === this.lastStatus.pending) return;
+    this.lastStatus = now;
+    this.emit("status", now);
+  }
+
+  private async initTabs(loaded: { replica: import("./replica.js").ReplicaState; meta: Record<string, unknown> }, tabs: Required<TabsConfig>): Promise<void> {
+    const { locks, channel } = tabs;
     const name = `kalphite:${this.config.dbName}`;
     this.channel = channel(name);
     this.channel.onmessage = (ev) => this.onTabMessage(ev.data as TabMessage);
     this.role = "follower";
     this.ready = true;
+    // A leader already there tells a new tab its status now rather than at its next change.
+    this.post({ t: "hello" });
     const held = new Promise<void>((resolve) => (this.releaseLock = resolve));
     const first = await new Promise<boolean>((resolve) => {
       void locks.request(name, { ifAvailable: true }, async (lock) => {
@@ -263,12 +303,21 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       case "leader":
         if (this.role !== "follower") return;
         this.followerStatus = { status: m.status, pending: m.pending };
+        this.statusChanged();
         // The new leader may not have what the old one had not stored yet: send it again.
         for (const [seq, change] of this.unconfirmed) this.post({ t: "write", from: this.tabId, seq, change });
         for (const id of this.durableRequests.keys()) this.post({ t: "durable", from: this.tabId, id });
         break;
       case "status":
-        if (this.role === "follower") this.followerStatus = { status: m.status, pending: m.pending };
+        if (this.role !== "follower") return;
+        this.followerStatus = { status: m.status, pending: m.pending };
+        this.statusChanged();
+        break;
+      case "hello":
+        if (this.role === "leader") this.statusChanged(true);
+        break;
+      case "event":
+        if (this.role === "follower") this.emit(m.event, m.arg as never);
         break;
       case "durable":
         if (this.role !== "leader") return;
@@ -385,7 +434,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
             send.push(...replica.localChange(c, this.now()));
           } catch (e) {
             if (!(e instanceof ReplicaError)) throw e;
-            this.emit("error", { code: e.kind === "outboxFull" ? "outbox_full" : "storage", message: e.message });
+            this.share("error", { code: e.kind === "outboxFull" ? "outbox_full" : "storage", message: e.message });
           }
         }
         this.deltas.push(replica.takeDelta());
@@ -408,7 +457,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       this.meta = undefined;
       this.sync?.send(send);
       this.confirmStored(taken);
-      this.broadcastStatus();
+      this.statusChanged();
     });
   }
 
@@ -459,7 +508,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       this.flushEngine.destroy();
       await this.sync?.disconnect();
       await this.storageQueue;
-      this.broadcastStatus();
+      this.statusChanged();
       this.channel?.close();
       this.channel = undefined;
       // Leadership passes to the next tab waiting for the lock.

@@ -64,6 +64,8 @@ export interface SyncError {
 
 /** The engine's events. */
 export interface SyncEvents extends Record<string, unknown> {
+  /** `getConnectionStatus()` changed. */
+  status: ConnectionStatus;
   connected: { roomVersion: number };
   disconnected: { code: number; reason: string; willReconnect: boolean };
   caughtUp: { version: number };
@@ -226,7 +228,9 @@ export class NetworkSyncEngine extends Emitter<SyncEvents> {
   }
 
   private setStatus(status: ConnectionStatus): void {
+    if (status === this.status) return;
     this.status = status;
+    this.emit("status", status);
   }
 
   private async open(): Promise<void> {

@@ -25,12 +25,31 @@ export interface TabsConfig {
   channel?: (name: string) => ChannelLike;
 }
 
-/** The defaults of this environment, or an error saying what is missing. */
-export function defaultTabs(config: TabsConfig): { locks: LockManagerLike; channel: (name: string) => ChannelLike } {
-  const g = globalThis as { navigator?: { locks?: LockManagerLike }; BroadcastChannel?: new (name: string) => ChannelLike };
-  const locks = config.locks ?? g.navigator?.locks;
-  const Channel = g.BroadcastChannel;
+/** Where the defaults come from (`globalThis`; tests pass their own). */
+export interface TabsEnv {
+  navigator?: { locks?: LockManagerLike };
+  BroadcastChannel?: new (name: string) => ChannelLike;
+}
+
+/** Locks and channel, each from `config` or else from `env`, when both are found. */
+function found(config: TabsConfig, env: TabsEnv): Required<TabsConfig> | undefined {
+  const locks = config.locks ?? env.navigator?.locks;
+  const Channel = env.BroadcastChannel;
   const channel = config.channel ?? (Channel ? (name: string) => new Channel(name) : undefined);
-  if (!locks || !channel) throw new Error("several tabs need Web Locks and BroadcastChannel (pass TabsConfig.locks / channel)");
-  return { locks, channel };
+  return locks && channel ? { locks, channel } : undefined;
+}
+
+/**
+ * The tabs machinery a database uses for its `multiTab` option, or `undefined` when it
+ * syncs on its own. Without the option, tabs share one leader wherever Web Locks and
+ * BroadcastChannel exist: two tabs each with their own WebSocket on one store and
+ * replica id would send the same replica's messages twice. Where they are missing (Node
+ * 20), there are no tabs to share with. `false` opts out; `true` (or a `TabsConfig`)
+ * insists and throws when something is missing.
+ */
+export function selectTabs(option: boolean | TabsConfig | undefined, env: TabsEnv = globalThis as TabsEnv): Required<TabsConfig> | undefined {
+  if (option === false) return undefined;
+  const tabs = found(typeof option === "object" ? option : {}, env);
+  if (tabs || option === undefined) return tabs;
+  throw new Error("several tabs need Web Locks and BroadcastChannel (pass TabsConfig.locks / channel, or multiTab: false)");
 }

@@ -99,9 +99,19 @@ test("offline edits are queued and sent after the server comes back on the same 
     todos.upsert("t3", { title: "offline 3" });
     await a.db.durable("local");
     assert.equal(a.db.sync.getOfflineQueueSize(), 3, "t1, t2 (its delete) and t3 wait");
+    const connected = [];
+    const acks = [];
+    a.db.sync.on("connected", (e) => connected.push(e));
+    a.db.sync.on("ack", (e) => acks.push(e));
     server = await startServer({ dir: t.dir, port: server.port, args: ["--open"] });
     await a.db.durable("server");
     assert.equal(a.db.sync.getOfflineQueueSize(), 0);
+    assert.equal(connected.length, 1, "one connected event for the reconnection");
+    assert.ok(connected[0].roomVersion >= 1, `the room's version at the welcome: ${JSON.stringify(connected[0])}`);
+    // One ack per entity that waited (t1, t2's delete, t3), each naming its message and the room version it got.
+    assert.equal(acks.length, 3, JSON.stringify(acks));
+    for (const ack of acks) assert.match(ack.messageId, /^alice-[0-9a-f]{16}-[0-9a-f]+-\d+$/);
+    assert.deepEqual(acks.map((x) => x.version), [...new Set(acks.map((x) => x.version))].sort((x, y) => x - y), "distinct, increasing room versions");
     const b = await client(server, "r2", "bob");
     const seen = b.db.collection("todo");
     await until(() => seen.findById("t3") && seen.findById("t1")?.data.title === "edited offline", "b sees the offline edits");

@@ -50,18 +50,21 @@ export async function startServer({ dir, port = 0, args = [] }) {
     });
   });
   const p = Number(new URL(url).port);
+  // A child killed by a signal keeps exitCode null (its signalCode is set): waiting for
+  // an "exit" that already came would leave the test pending with nothing to wake it.
+  const gone = () => child.exitCode !== null || child.signalCode !== null;
   return {
     url,
     port: p,
     stop: () =>
       new Promise((res) => {
-        if (child.exitCode !== null) return res();
+        if (gone()) return res();
         child.once("exit", () => res());
         child.kill("SIGTERM");
       }),
     kill: () =>
       new Promise((res) => {
-        if (child.exitCode !== null) return res();
+        if (gone()) return res();
         child.once("exit", () => res());
         child.kill("SIGKILL");
       }),

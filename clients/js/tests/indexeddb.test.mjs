@@ -152,3 +152,22 @@ test("a full storage quota is reported to the app as a QuotaError, and the chang
   assert.deepEqual(loaded.entities.map((e) => e.id), ["big"]);
   await db.close();
 });
+
+test("opening the store asks the browser to keep it (navigator.storage.persist), once", async () => {
+  let asked = 0;
+  // Node 20 has no navigator: this one stands for a browser's.
+  Object.defineProperty(globalThis, "navigator", {
+    value: { storage: { persist: async () => (asked += 1) > 0 } },
+    configurable: true,
+  });
+  try {
+    const p = new IndexedDbPersistence("persist", new IDBFactory());
+    assert.equal(asked, 0, "not before the store is opened");
+    await p.load();
+    await p.commit({ put: [entity("a", {})], delete: [], deltas: [] });
+    assert.equal(asked, 1);
+    await p.close();
+  } finally {
+    delete globalThis.navigator;
+  }
+});

@@ -850,6 +850,7 @@ pub async fn run_with_metrics(
     let app = Router::new()
         .route("/sync", get(ws_handler))
         .route("/", get(web_app))
+        .route("/sw.js", get(web_app_worker))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_handler))
         .layer(axum::middleware::from_fn(handshake_deadline))
@@ -1016,6 +1017,17 @@ async fn web_app() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         include_str!("../../../clients/js/app/todo.html"),
+    )
+        .into_response()
+}
+
+/// The web app's service worker (`clients/js/app/sw.js`): it keeps a copy of the page so
+/// that the app opens while this server is unreachable. Browsers register a worker only
+/// from a script served with a JavaScript type.
+async fn web_app_worker() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../../clients/js/app/sw.js"),
     )
         .into_response()
 }
