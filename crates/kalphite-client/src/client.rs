@@ -175,11 +175,11 @@ impl ClientBuilder {
             },
             other => ClientError::Database(other),
         })?;
-        // PostgreSQL cannot store a NUL character and the sync server refuses one: an entity
-        // holding one, once accepted, would be retried by the flush or the outbox forever
-        // with every change behind it waiting. The store refuses it at write time instead.
-        // A local SQLite database stores it, so a local-only SQLite client keeps accepting.
-        if self.sync.is_some() || db.backend_name() == "postgres" {
+        // PostgreSQL cannot store a NUL character: an entity holding one, once accepted,
+        // would be retried by the flush forever with every change behind it waiting. The
+        // store refuses it at write time instead (with sync, `connect_store` does, as the
+        // server refuses one too). A local-only SQLite client stores it.
+        if db.backend_name() == "postgres" {
             store = store.refuse_nul(true);
         }
         let (store, sync) = match self.sync {

@@ -640,7 +640,10 @@ pub async fn connect_store(
         // server acknowledged everything queued so far, and `durable(Server)` waits for it.
         server.schedule(queued_marker(&inner.config.room_id));
     }
+    // The server refuses a NUL character anywhere in an entity: accepted here, such a
+    // change would sit in the outbox forever. Refused at write time instead.
     let store = builder
+        .refuse_nul(true)
         .flush_engine_via(local, Arc::new(wiring::Feeder(Arc::clone(&inner))))
         .flush_engine(server)
         .build();
