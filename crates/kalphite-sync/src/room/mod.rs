@@ -848,8 +848,8 @@ impl Room {
                         "its data is nested deeper than {MAX_DATA_DEPTH} levels"
                     )));
                 }
-                if holds_nul(&entity.data) {
-                    return Err(invalid(nul_refused("a string or key of its data")));
+                if let Some(field) = kalphite::nul_field(&entity.kind, &entity.id, &entity.data) {
+                    return Err(invalid(nul_refused(&field)));
                 }
                 if entity.updated_at == 0 {
                     entity.updated_at = change.timestamp;
@@ -1082,16 +1082,6 @@ fn depth(value: &Value) -> usize {
         }
     }
     deepest
-}
-
-/// Whether a string or object key anywhere in `value` holds a NUL character.
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
-    }
 }
 
 fn join(issues: &[kalphite::Issue]) -> String {
