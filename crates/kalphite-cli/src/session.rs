@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use kalphite::{Durability, SharedSchema, Store};
+use kalphite::{Durability, FlushConfig, SharedSchema, Store};
 use kalphite_client::{
     Client, ClientError, ConnectionStatus, DurableError, SyncConfig, SyncError, sync_url,
 };
@@ -116,6 +116,9 @@ impl Session {
             config = config.token(token.clone());
         }
         let client = Client::builder(db_url)
+            // A command makes one change and exits: nothing to batch, and its confirmation
+            // waits for the write (see `todo::saved`).
+            .flush(FlushConfig::default().debounce(Duration::ZERO))
             .schema(schema)
             .kind::<Todo>()
             .kind::<Project>()
@@ -206,7 +209,10 @@ impl Session {
             ));
         };
         if let Some(problem) = &self.problem {
-            return Err(anyhow!("{problem}"));
+            return Err(match self.client.unsynced() {
+                0 => anyhow!("{problem}"),
+                n => anyhow!("{problem} ({n} changes wait in the database for the next sync)"),
+            });
         }
         self.push().await?;
         let sync = self
@@ -247,9 +253,10 @@ impl Session {
 
     /// Sends what this command changed (with a server), writes everything to disk and
     /// closes. A sync problem is reported after the local data is safe, and only a
-    /// command that changed something is told its changes wait in the file.
-    pub(crate) async fn finish(mut self, changed: bool) -> Result<()> {
-        let mut problem = self.problem.clone();
+    /// command that changed something is told its changes wait in the file. After a
+    /// command that failed (its error is the one line to print) nothing more is said.
+    pub(crate) async fn finish(mut self, changed: bool, failed: bool) -> Result<()> {
+        let mut problem = if failed { None } else { self.problem.clone() };
         if self.url.is_some()
             && problem.is_none()
             && changed

@@ -725,3 +725,105 @@ fn several_servers_are_tried_in_turn() {
     assert!(err.contains("cannot reach the sync server"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// Regression (message ids reused after a rollback): a `todo add` killed 0–350 ms after it
+/// printed "Added" made the next add of that client reuse a message id in 9 of 40 tries;
+/// that todo never left the client, and every later online command failed after 10 s with
+/// "did not acknowledge". Each add here is killed (SIGKILL) at a different moment after "Added";
+/// afterwards every command succeeds and every todo reaches the other client.
+#[test]
+fn adds_killed_after_they_printed_added_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (a, b) = clients(dir.path(), &server);
+    let titles: Vec<String> = (0..15).map(|i| format!("killed-{i}")).collect();
+    for (i, title) in titles.iter().enumerate() {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kalphite"))
+            .args(a.args(true, &["add", title]))
+            .current_dir(dir.path())
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let added = lines.next().expect("add printed nothing").unwrap();
+        assert!(added.starts_with("Added"), "{added}");
+        // 0, 25, …, 350 ms after "Added": from before the ack to after the exit.
+        std::thread::sleep(Duration::from_millis(25 * i as u64));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let synced = a.run(&["sync"]);
+    assert!(synced.starts_with("Synced"), "{synced}");
+    let on_b: Vec<String> = b
+        .list()
+        .iter()
+        .map(|t| t["title"].as_str().unwrap().to_owned())
+        .collect();
+    for title in &titles {
+        assert!(on_b.contains(title), "{title} never reached bob: {on_b:?}");
+    }
+    a.run(&["add", "after the kills"]);
+    assert_eq!(b.list().len(), titles.len() + 1);
+}
+
+/// Regression: a `sync` with a server that never answers took 20 s (the catch-up wait,
+/// then the wait for acknowledgements) and said the changes were not acknowledged. It
+/// gives up after the one wait for the server, and says so.
+#[test]
+fn a_sync_with_a_server_that_never_answers_gives_up_after_one_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    // Accepts connections and never says a word: no WebSocket handshake, no close.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut sockets = Vec::new();
+        for s in silent.incoming() {
+            match s {
+                Ok(s) => sockets.push(s),
+                Err(_) => break,
+            }
+            if sockets.len() > 16 {
+                break;
+            }
+        }
+        sockets.len()
+    });
+    let server = format!("ws://{addr}");
+    kalphite(
+        dir.path(),
+        &["todo", "--db", "sqlite:a.db", "add", "queued offline"],
+    );
+    let out = kalphite(
+        dir.path(),
+        &["todo", "--db", "sqlite:a.db", "--server", &server, "sync"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync cannot succeed: {stderr}");
+    // Before: one more line, the same problem again as a warning.
+    assert!(
+        stderr.contains(&format!("cannot reach the sync server at {server}")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("did not acknowledge"),
+        "a second wait, for acknowledgements, after the server never answered: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "one line: {stderr}"
+    );
+    assert!(
+        stderr.contains("1 changes wait in the database"),
+        "{stderr}"
+    );
+    // The change stays queued in the file.
+    let status = ok(
+        dir.path(),
+        &["todo", "--db", "sqlite:a.db", "list", "--json"],
+    );
+    assert!(status.contains("queued offline"));
+    drop(held);
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use kalphite::{Entity, EntityId, Store, TypedSchema, now_millis};
+use kalphite::{Durability, Entity, EntityId, Store, TypedSchema, now_millis};
 use serde_json::json;
 
 use crate::session::{Session, SessionOptions};
@@ -108,7 +108,9 @@ pub(crate) async fn run(args: TodoArgs) -> Result<()> {
     let mut session = Session::open(&args.session, schema()).await?;
     let changes = args.command.changes_data();
     let outcome = execute(&mut session, args.command).await;
-    let finished = session.finish(changes && outcome.is_ok()).await;
+    let finished = session
+        .finish(changes && outcome.is_ok(), outcome.is_err())
+        .await;
     outcome?;
     finished
 }
@@ -170,6 +172,7 @@ async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {
                 tx.put(new_id(), todo)?;
                 Ok::<_, kalphite::Error>(())
             })?;
+            saved(store).await?;
             println!("Added \"{}\". {} todos in all.", title.trim(), todos.len());
         }
         TodoCommand::List {
@@ -220,11 +223,20 @@ async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {
                 }
             }
         }
-        TodoCommand::Complete { n } => set_status(store, n, Status::Completed)?,
-        TodoCommand::Status { n, status } => set_status(store, n, status)?,
+        TodoCommand::Complete { n } => {
+            let done = set_status(store, n, Status::Completed)?;
+            saved(store).await?;
+            println!("{done}");
+        }
+        TodoCommand::Status { n, status } => {
+            let done = set_status(store, n, status)?;
+            saved(store).await?;
+            println!("{done}");
+        }
         TodoCommand::Delete { n } => {
             let todo = nth(store, n)?;
             todos.delete(&todo.id);
+            saved(store).await?;
             println!("Deleted {n}: {}", todo.data.title);
         }
         TodoCommand::Projects => {
@@ -332,11 +344,13 @@ async fn execute(session: &mut Session, command: TodoCommand) -> Result<()> {
                 }
                 Ok::<_, kalphite::Error>(())
             })?;
+            saved(store).await?;
             println!("Loaded demo data: 1 project, 2 tags, 3 todos.");
         }
         TodoCommand::Clear => {
             let n = store.len();
             store.clear();
+            saved(store).await?;
             println!("Deleted {n} entities.");
         }
         TodoCommand::Sync => {
@@ -382,12 +396,23 @@ fn nth(store: &Store, n: usize) -> Result<Arc<Entity<Todo>>> {
         })
 }
 
-fn set_status(store: &Store, n: usize, status: Status) -> Result<()> {
+/// Sets a todo's status; returns what to tell the user once it is saved.
+fn set_status(store: &Store, n: usize, status: Status) -> Result<String> {
     let todo = nth(store, n)?;
     let mut data = todo.data.clone();
     data.status = status;
     store.collection::<Todo>()?.put(todo.id.clone(), data)?;
-    println!("{n}: {} is now {status}", todo.data.title);
+    Ok(format!("{n}: {} is now {status}", todo.data.title))
+}
+
+/// Writes the command's changes to the database file now: a confirmation ("Added …") is
+/// printed only once it is true after a crash, and with a server the same transaction
+/// holds the change's place in the offline queue.
+async fn saved(store: &Store) -> Result<()> {
+    store
+        .durable(Durability::Local)
+        .await
+        .context("could not write the change to the database")?;
     Ok(())
 }
 
