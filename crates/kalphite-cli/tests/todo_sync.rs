@@ -827,3 +827,44 @@ fn a_sync_with_a_server_that_never_answers_gives_up_after_one_wait() {
     assert!(status.contains("queued offline"));
     drop(held);
 }
+
+/// `kalphite backup` of a client's database with changes still queued, `kalphite restore`
+/// into a new file, then `sync` from the restored file: the queued changes (a new todo, and
+/// a completion of a todo the server already has) reach the other client. Before, the
+/// backup held no offline queue and the first catch-up put the server's older state back.
+#[test]
+fn a_restored_client_backup_sends_what_was_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let (a, b) = clients(dir.path(), &server);
+    a.run(&["add", "synced"]);
+    a.offline(&["add", "queued"]);
+    a.offline(&["complete", "1"]);
+    ok(
+        dir.path(),
+        &["backup", "alice.backup", "--db", "sqlite:alice.db"],
+    );
+    ok(
+        dir.path(),
+        &["restore", "alice.backup", "--db", "sqlite:restored.db"],
+    );
+    let restored = Client {
+        dir: dir.path(),
+        db: "sqlite:restored.db".into(),
+        server: server.url.clone(),
+        token: a.token.clone(),
+        user: "alice",
+    };
+    let report = restored.run(&["sync"]);
+    assert!(report.starts_with("Synced"), "{report}");
+    let mut got = titles_and_status(&b.list());
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("queued".to_owned(), "pending".to_owned()),
+            ("synced".to_owned(), "completed".to_owned()),
+        ]
+    );
+    server.stop();
+}
