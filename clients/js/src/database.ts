@@ -4,7 +4,9 @@
  * exists), and optional sync with a kalphite server. Every flush is one storage commit
  * holding the entities, the outbox and the replica state together; messages go out only
  * after that commit, and server states are applied and stored the same way before the
- * replica's answers are sent.
+ * replica's answers are sent. Commits are issued in order without waiting for the
+ * previous one to complete (storage applies them in that order), so that a page being
+ * unloaded, which gets no more completion events, still issues its last one.
  */
 
 import { TypedCollection } from "./collection.js";
@@ -23,10 +25,18 @@ type TabMessage =
   | { t: "changed"; from: string; change: LocalChange | RemoteChange }
   | { t: "leader"; from: string; status: ConnectionStatus; pending: number }
   | { t: "status"; status: ConnectionStatus; pending: number }
-  | { t: "hello" }
+  | { t: "hello"; from: string }
+  | { t: "snapshot"; to: string; entities: Entity<unknown>[] }
+  | { t: "flush" }
   | { t: "event"; event: Shared; arg: unknown }
   | { t: "durable"; from: string; id: number }
   | { t: "durableDone"; to: string; id: number; error?: string | undefined };
+
+/** The part of a window or document the database listens on (neither exists in Node). */
+interface Listens {
+  addEventListener(event: string, listener: () => void): void;
+  removeEventListener(event: string, listener: () => void): void;
+}
 
 /** The leader's events every tab emits too. */
 type Shared = "conflict" | "error";
@@ -82,15 +92,23 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   private readonly now: () => Millis;
   /** The sync engine, when configured (after `init`). */
   sync: NetworkSyncEngine | undefined;
+  /**
+   * Replica state changes not yet known to be stored, oldest first. Every commit carries
+   * all of them (storing one again, in order, changes nothing), so that one a failed
+   * commit lost is stored by the next.
+   */
   private deltas: StateDelta[] = [];
   private meta: Record<string, unknown> | undefined;
-  private storageQueue: Promise<void> = Promise.resolve();
+  /** Commits issued and not yet completed. */
+  private inFlight = new Set<Promise<void>>();
   private ready = false;
   /** This tab's role when several tabs share the database. */
   role: "leader" | "follower" | "single" = "single";
   private readonly tabId = Math.random().toString(36).slice(2);
   private channel: ChannelLike | undefined;
   private releaseLock: (() => void) | undefined;
+  /** Stops listening for the page being hidden. */
+  private unwatchHiding: (() => void) | undefined;
   private closed = false;
   private writeSeq = 0;
   /** Follower: writes sent to the leader and not yet stored by it. */
@@ -124,9 +142,39 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
   async init(): Promise<void> {
     const loaded = await this.persistence.load();
     for (const e of loaded.entities) this.rawCollection(e.type).applyRemote({ operation: "upsert", entityType: e.type, entityId: e.id, entity: e, timestamp: e.updatedAt ?? 0 });
+    this.watchHiding();
     const tabs = selectTabs(this.config.multiTab);
     if (tabs) return this.initTabs(loaded, tabs);
     await this.start(loaded);
+  }
+
+  /**
+   * A page being hidden may never run another timer (a reload, a closed tab, a phone
+   * that freezes a tab in the background): what waits for the debounce is stored at
+   * once, when the page goes hidden (`visibilitychange`) and when it is unloaded
+   * (`pagehide`). A follower has already sent its writes to the leader; it asks the
+   * leader to store them now.
+   */
+  private watchHiding(): void {
+    const g = globalThis as Partial<Listens> & { document?: Partial<Listens> & { visibilityState?: string } };
+    const doc = g.document;
+    const onVisibility = () => {
+      if (doc?.visibilityState === "hidden") this.flushNow();
+    };
+    const onPageHide = () => this.flushNow();
+    doc?.addEventListener?.("visibilitychange", onVisibility);
+    g.addEventListener?.("pagehide", onPageHide);
+    this.unwatchHiding = () => {
+      doc?.removeEventListener?.("visibilitychange", onVisibility);
+      g.removeEventListener?.("pagehide", onPageHide);
+    };
+  }
+
+  /** Stores the debounced changes now (a follower asks the leader to). */
+  private flushNow(): void {
+    if (this.closed || !this.ready) return;
+    if (this.role === "follower") this.post({ t: "flush" });
+    else this.flushEngine.flushNow().catch(() => undefined);
   }
 
   /** Starts storing and syncing (a single tab, or the leader). */
@@ -224,7 +272,7 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
     this.role = "follower";
     this.ready = true;
     // A leader already there tells a new tab its status now rather than at its next change.
-    this.post({ t: "hello" });
+    this.post({ t: "hello", from: this.tabId });
     const held = new Promise<void>((resolve) => (this.releaseLock = resolve));
     const first = await new Promise<boolean>((resolve) => {
       void locks.request(name, { ifAvailable: true }, async (lock) => {
@@ -314,7 +362,18 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
         this.statusChanged();
         break;
       case "hello":
-        if (this.role === "leader") this.statusChanged(true);
+        if (this.role !== "leader") return;
+        this.statusChanged(true);
+        // What the new tab loaded may lack changes this tab holds but has not stored yet
+        // (a tab reloaded right after its edit): it gets the entities as they are here.
+        this.post({ t: "snapshot", to: m.from, entities: [...this.collections.values()].flatMap((c) => [...c] as Entity<unknown>[]) });
+        break;
+      case "snapshot":
+        if (m.to !== this.tabId || this.role !== "follower") return;
+        this.applySnapshot(m.entities);
+        break;
+      case "flush":
+        if (this.role === "leader") this.flushEngine.flushNow().catch(() => undefined);
         break;
       case "event":
         if (this.role === "follower") this.emit(m.event, m.arg as never);
@@ -333,6 +392,28 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
         if (m.error === undefined) r?.resolve();
         else r?.reject(new Error(m.error));
         break;
+      }
+    }
+  }
+
+  /** Follower: takes the leader's entities (except those of its own writes not yet stored). */
+  private applySnapshot(entities: Entity<unknown>[]): void {
+    const seen = new Set<string>();
+    for (const e of entities) {
+      seen.add(keyString(e.type, e.id));
+      if (this.isUnconfirmed(e.type, e.id)) continue;
+      const current = this.collections.get(e.type)?.findById(e.id);
+      if (current && JSON.stringify(current) === JSON.stringify(e)) continue;
+      const change: RemoteChange = { operation: "upsert", entityType: e.type, entityId: e.id, entity: e, timestamp: e.updatedAt ?? 0 };
+      this.rawCollection(e.type).applyRemote(change);
+      this.emit("change", { origin: "remote", change });
+    }
+    for (const [kind, c] of this.collections) {
+      for (const e of [...c]) {
+        if (seen.has(keyString(kind, e.id)) || this.isUnconfirmed(kind, e.id)) continue;
+        const change: RemoteChange = { operation: "delete", entityType: kind, entityId: e.id, timestamp: 0 };
+        c.applyRemote(change);
+        this.emit("change", { origin: "remote", change });
       }
     }
   }
@@ -405,18 +486,28 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
     return this.flushEngine.getQueuedChanges().length;
   }
 
-  /** Storage writes in order, one at a time. */
-  private serial<T>(job: () => Promise<T>): Promise<T> {
-    const run = this.storageQueue.then(job);
-    this.storageQueue = run.then(
-      () => undefined,
-      () => undefined,
-    );
-    return run;
+  /**
+   * Issues one commit of `entities` with every replica state change not yet stored (and
+   * the metadata, when it changed); resolves once it is complete.
+   */
+  private store(entities: { put: Entity<unknown>[]; delete: Array<{ kind: string; id: string }> }): Promise<void> {
+    const deltas = [...this.deltas];
+    const meta = this.meta;
+    const commit: Commit = { ...entities, deltas };
+    if (meta) commit.meta = meta;
+    const done = this.persistence.commit(commit).then(() => {
+      const stored = new Set(deltas);
+      this.deltas = this.deltas.filter((d) => !stored.has(d));
+      if (this.meta === meta) this.meta = undefined;
+    });
+    this.inFlight.add(done);
+    const settled = () => this.inFlight.delete(done);
+    done.then(settled, settled);
+    return done;
   }
 
   /** The flush target: hands the changes to the replica, stores them with its state in one commit, then sends. */
-  private flushChanges(changes: FlushChange[]): Promise<void> {
+  private async flushChanges(changes: FlushChange[]): Promise<void> {
     // Taken now, before other tabs' later writes of the same entities can join the list.
     const taken = new Map<string, Array<{ tab: string; seq: number }>>();
     for (const c of changes) {
@@ -425,77 +516,67 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       if (list) taken.set(key, list);
       this.waiting.delete(key);
     }
-    return this.serial(async () => {
-      const send: ClientMessage[] = [];
-      const replica = this.sync?.replica;
-      if (replica) {
-        for (const c of changes) {
-          try {
-            send.push(...replica.localChange(c, this.now()));
-          } catch (e) {
-            if (!(e instanceof ReplicaError)) throw e;
-            this.share("error", { code: e.kind === "outboxFull" ? "outbox_full" : "storage", message: e.message });
-          }
-        }
-        this.deltas.push(replica.takeDelta());
-      }
-      const commit: Commit = { put: [], delete: [], deltas: this.deltas };
+    const send: ClientMessage[] = [];
+    const replica = this.sync?.replica;
+    if (replica) {
       for (const c of changes) {
-        // Store what memory holds now (a later edit may have replaced it already).
-        const current = this.collections.get(c.entityType)?.findById(c.entityId);
-        if (current) commit.put.push(current as Entity<unknown>);
-        else commit.delete.push({ kind: c.entityType, id: c.entityId });
-      }
-      if (this.meta) commit.meta = this.meta;
-      try {
-        await this.persistence.commit(commit);
-      } catch (e) {
-        for (const [key, list] of taken) this.waiting.set(key, [...list, ...(this.waiting.get(key) ?? [])]);
-        throw e;
-      }
-      this.deltas = [];
-      this.meta = undefined;
-      this.sync?.send(send);
-      this.confirmStored(taken);
-      this.statusChanged();
-    });
-  }
-
-  /** A replica output: apply to memory, store with the replica's state, then let its messages go. */
-  private absorb(out: Output): Promise<ClientMessage[]> {
-    return this.serial(async () => {
-      const replica = this.sync!.replica;
-      const touched = new Map<string, { kind: string; id: string }>();
-      for (const c of out.apply) {
-        // A local edit of the entity not yet handed to the replica wins in memory: the
-        // replica queues it next, and shows the room's answer to it after its ack.
-        if (this.flushEngine.isQueued(c.entityType, c.entityId)) continue;
-        this.rawCollection(c.entityType).applyRemote(c);
-        touched.set(keyString(c.entityType, c.entityId), { kind: c.entityType, id: c.entityId });
-        this.emit("change", { origin: "remote", change: c });
-        this.post({ t: "changed", from: this.tabId, change: c });
-      }
-      const extra: ClientMessage[] = [];
-      for (const event of out.events) {
-        if (event.type !== "resynced") continue;
-        for (const key of event.resend) {
-          const entity = this.collections.get(key.kind)?.findById(key.id);
-          if (entity) extra.push(...replica.resend(entity as Entity<unknown>, this.now()));
+        try {
+          send.push(...replica.localChange(c, this.now()));
+        } catch (e) {
+          if (!(e instanceof ReplicaError)) throw e;
+          this.share("error", { code: e.kind === "outboxFull" ? "outbox_full" : "storage", message: e.message });
         }
       }
       this.deltas.push(replica.takeDelta());
-      const commit: Commit = { put: [], delete: [], deltas: this.deltas };
-      for (const k of touched.values()) {
-        const current = this.collections.get(k.kind)?.findById(k.id);
-        if (current) commit.put.push(current as Entity<unknown>);
-        else commit.delete.push(k);
+    }
+    const entities: { put: Entity<unknown>[]; delete: Array<{ kind: string; id: string }> } = { put: [], delete: [] };
+    for (const c of changes) {
+      // Store what memory holds now (a later edit may have replaced it already).
+      const current = this.collections.get(c.entityType)?.findById(c.entityId);
+      if (current) entities.put.push(current as Entity<unknown>);
+      else entities.delete.push({ kind: c.entityType, id: c.entityId });
+    }
+    try {
+      await this.store(entities);
+    } catch (e) {
+      for (const [key, list] of taken) this.waiting.set(key, [...list, ...(this.waiting.get(key) ?? [])]);
+      throw e;
+    }
+    this.sync?.send(send);
+    this.confirmStored(taken);
+    this.statusChanged();
+  }
+
+  /** A replica output: apply to memory, store with the replica's state, then let its messages go. */
+  private async absorb(out: Output): Promise<ClientMessage[]> {
+    const replica = this.sync!.replica;
+    const touched = new Map<string, { kind: string; id: string }>();
+    for (const c of out.apply) {
+      // A local edit of the entity not yet handed to the replica wins in memory: the
+      // replica queues it next, and shows the room's answer to it after its ack.
+      if (this.flushEngine.isQueued(c.entityType, c.entityId)) continue;
+      this.rawCollection(c.entityType).applyRemote(c);
+      touched.set(keyString(c.entityType, c.entityId), { kind: c.entityType, id: c.entityId });
+      this.emit("change", { origin: "remote", change: c });
+      this.post({ t: "changed", from: this.tabId, change: c });
+    }
+    const extra: ClientMessage[] = [];
+    for (const event of out.events) {
+      if (event.type !== "resynced") continue;
+      for (const key of event.resend) {
+        const entity = this.collections.get(key.kind)?.findById(key.id);
+        if (entity) extra.push(...replica.resend(entity as Entity<unknown>, this.now()));
       }
-      if (this.meta) commit.meta = this.meta;
-      await this.persistence.commit(commit);
-      this.deltas = [];
-      this.meta = undefined;
-      return extra;
-    });
+    }
+    this.deltas.push(replica.takeDelta());
+    const entities: { put: Entity<unknown>[]; delete: Array<{ kind: string; id: string }> } = { put: [], delete: [] };
+    for (const k of touched.values()) {
+      const current = this.collections.get(k.kind)?.findById(k.id);
+      if (current) entities.put.push(current as Entity<unknown>);
+      else entities.delete.push(k);
+    }
+    await this.store(entities);
+    return extra;
   }
 
   /** Flushes what is pending, disconnects and closes storage. */
@@ -505,9 +586,10 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       else await this.flushEngine.flush();
     } finally {
       this.closed = true;
+      this.unwatchHiding?.();
       this.flushEngine.destroy();
       await this.sync?.disconnect();
-      await this.storageQueue;
+      await Promise.allSettled([...this.inFlight]);
       this.statusChanged();
       this.channel?.close();
       this.channel = undefined;

@@ -3,7 +3,9 @@
  * (a newer change of the same entity replaces the pending one), debounced, and handed to
  * the flush target in batches. A failed batch is retried with exponential backoff; after
  * `maxRetries` failures in a row it stays queued (never dropped) and is retried on the
- * next change, the next `flush()` or `resumeFlush()`; the error is reported.
+ * next change, the next `flush()` or `resumeFlush()`; the error is reported. Batches go
+ * one at a time, except with `flushNow()` (a page going away), which hands what is
+ * queued over at once even while a batch is in progress.
  */
 
 import type { Entity, Millis } from "./protocol.js";
@@ -76,10 +78,13 @@ export class MemoryFlushEngine {
   private paused = false;
   private destroyed = false;
   private failures = 0;
-  private running: Promise<void> | undefined;
+  /** The batches the target is working on (more than one only after `flushNow`). */
+  private running = new Set<Promise<void>>();
   private idleWaiters: Array<() => void> = [];
-  /** The keys of the batch the target is working on. */
-  private inBatch = new Set<string>();
+  /** The keys of the batches the target is working on, with how many batches hold each. */
+  private inBatch = new Map<string, number>();
+  /** Per entity, its newest change not yet handed over successfully: a failed batch puts back only these. */
+  private latest = new Map<string, FlushChange>();
 
   constructor(config: FlushConfig) {
     this.config = {
@@ -112,6 +117,7 @@ export class MemoryFlushEngine {
     // Re-inserting moves the entity to the end: batches keep the order of last edits.
     this.state.pending.delete(key);
     this.state.pending.set(key, change);
+    this.latest.set(key, change);
     this.failures = 0;
     this.arm(this.config.debounceMs);
   }
@@ -121,43 +127,67 @@ export class MemoryFlushEngine {
    * successfully, rejects with the target's error (the changes stay queued).
    */
   async flush(): Promise<void> {
-    if (this.timer !== undefined) {
-      this.timers.clearTimeout(this.timer);
-      this.timer = undefined;
-    }
-    while (this.running) await this.running.catch(() => undefined);
+    this.disarm();
+    while (this.running.size > 0) await Promise.allSettled([...this.running]);
     if (this.state.pending.size === 0) return;
-    const run = this.runOnce();
-    this.running = run;
-    try {
-      await run;
-    } finally {
-      if (this.running === run) this.running = undefined;
-      this.wakeIdle();
-    }
+    await this.start();
     // More may have been queued while the batch ran, or the batch was split.
     if (this.state.pending.size > 0 && !this.paused) return this.flush();
   }
 
-  private async runOnce(): Promise<void> {
+  /**
+   * Hands everything queued to the target now, in batches called one after the other
+   * without waiting, even while a batch is in progress: for a page being hidden or
+   * unloaded, whose pending promises may never settle. The target gets overlapping calls
+   * and must apply them in the order it is called. Resolves or rejects like `flush`.
+   */
+  async flushNow(): Promise<void> {
+    this.disarm();
+    const runs: Promise<void>[] = [];
+    while (this.state.pending.size > 0) runs.push(this.start());
+    await Promise.all(runs);
+  }
+
+  private disarm(): void {
+    if (this.timer === undefined) return;
+    this.timers.clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Takes a batch off the queue and hands it to the target. */
+  private start(): Promise<void> {
+    const run = this.runOnce();
+    this.running.add(run);
     this.state.isFlushInProgress = true;
+    const settled = () => {
+      this.running.delete(run);
+      this.state.isFlushInProgress = this.running.size > 0;
+      this.wakeIdle();
+    };
+    run.then(settled, settled);
+    return run;
+  }
+
+  private async runOnce(): Promise<void> {
     const batch: FlushChange[] = [];
     for (const [key, change] of this.state.pending) {
       if (batch.length >= this.config.maxBatchSize) break;
       batch.push(change);
       this.state.pending.delete(key);
-      this.inBatch.add(key);
+      this.inBatch.set(key, (this.inBatch.get(key) ?? 0) + 1);
     }
     try {
       await this.config.flushTarget(batch);
       this.failures = 0;
       this.state.retryQueue = [];
       this.state.lastFlushTime = Date.now();
+      for (const c of batch) if (this.latest.get(keyOf(c)) === c) this.latest.delete(keyOf(c));
     } catch (error) {
       this.failures += 1;
-      // Put the batch back in front, unless a newer change of the same entity came meanwhile.
+      // Put the batch back in front, unless a newer change of the same entity came
+      // meanwhile (queued, or in a batch handed over after this one).
       const back = new Map<string, FlushChange>();
-      for (const c of batch) if (!this.state.pending.has(keyOf(c))) back.set(keyOf(c), c);
+      for (const c of batch) if (this.latest.get(keyOf(c)) === c) back.set(keyOf(c), c);
       for (const [k, c] of this.state.pending) back.set(k, c);
       this.state.pending = back;
       this.state.retryQueue = batch;
@@ -167,8 +197,12 @@ export class MemoryFlushEngine {
       }
       throw error;
     } finally {
-      this.state.isFlushInProgress = false;
-      this.inBatch.clear();
+      for (const c of batch) {
+        const key = keyOf(c);
+        const n = (this.inBatch.get(key) ?? 1) - 1;
+        if (n > 0) this.inBatch.set(key, n);
+        else this.inBatch.delete(key);
+      }
     }
   }
 
@@ -189,12 +223,12 @@ export class MemoryFlushEngine {
 
   /** Resolves when nothing is queued or running (or after a failure left changes queued). */
   whenIdle(): Promise<void> {
-    if (this.state.pending.size === 0 && !this.running) return Promise.resolve();
+    if (this.state.pending.size === 0 && this.running.size === 0) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   private wakeIdle(): void {
-    if (this.running) return;
+    if (this.running.size > 0) return;
     const waiters = this.idleWaiters;
     this.idleWaiters = [];
     for (const w of waiters) w();
@@ -213,8 +247,7 @@ export class MemoryFlushEngine {
   /** Stops automatic flushing (changes keep queueing). */
   pauseFlush(): void {
     this.paused = true;
-    if (this.timer !== undefined) this.timers.clearTimeout(this.timer);
-    this.timer = undefined;
+    this.disarm();
   }
 
   /** Restarts automatic flushing. */

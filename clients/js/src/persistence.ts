@@ -31,6 +31,10 @@ export interface Loaded {
 /** A database's storage. */
 export interface Persistence {
   load(): Promise<Loaded>;
+  /**
+   * Writes one commit atomically. A commit may be called before the previous one
+   * completed: commits are applied in the order of the calls.
+   */
   commit(commit: Commit): Promise<void>;
   close(): Promise<void>;
 }
@@ -101,7 +105,9 @@ export class QuotaError extends Error {
  * (key: kind NUL id), `meta` (the replica's progress and the installation's metadata).
  */
 export class IndexedDbPersistence implements Persistence {
-  private db: IDBDatabase | undefined;
+  private db: Promise<IDBDatabase> | undefined;
+  /** The metadata as stored, once loaded: a commit then writes it without reading first. */
+  private storedMeta: Record<string, unknown> | undefined;
 
   /** `factory` defaults to the global `indexedDB`. */
   constructor(
@@ -111,18 +117,26 @@ export class IndexedDbPersistence implements Persistence {
     if (!factory) throw new Error("IndexedDB is not available here; pass an IDBFactory or use MemoryPersistence");
   }
 
-  private async open(): Promise<IDBDatabase> {
-    if (this.db) return this.db;
+  /** The connection, opened once: commits called in order get their transactions created in that order. */
+  private open(): Promise<IDBDatabase> {
+    this.db ??= this.connect().catch((e: unknown) => {
+      this.db = undefined;
+      throw e;
+    });
+    return this.db;
+  }
+
+  private async connect(): Promise<IDBDatabase> {
     const r = this.factory.open(this.name, 1);
     r.onupgradeneeded = () => {
       const db = r.result;
       for (const store of STORES) if (!db.objectStoreNames.contains(store)) db.createObjectStore(store);
     };
-    this.db = await request(r);
+    const db = await request(r);
     // Ask the browser not to evict our data under storage pressure (best effort).
     const storage = (globalThis as { navigator?: { storage?: { persist?: () => Promise<boolean> } } }).navigator?.storage;
     storage?.persist?.().catch(() => undefined);
-    return this.db;
+    return db;
   }
 
   async load(): Promise<Loaded> {
@@ -150,7 +164,8 @@ export class IndexedDbPersistence implements Persistence {
       replica.epoch = p.epoch;
       if (p.resyncing === true) replica.resyncing = true;
     }
-    return { entities: entities as Entity<unknown>[], replica, meta: (meta as Record<string, unknown>) ?? {} };
+    this.storedMeta = (meta as Record<string, unknown> | undefined) ?? {};
+    return { entities: entities as Entity<unknown>[], replica, meta: { ...this.storedMeta } };
   }
 
   async commit(c: Commit): Promise<void> {
@@ -180,9 +195,15 @@ export class IndexedDbPersistence implements Persistence {
       if (progress) tx.objectStore("meta").put(progress, "progress");
       if (c.meta) {
         const meta = tx.objectStore("meta");
-        const old = (await request(meta.get("meta"))) as Record<string, unknown> | undefined;
-        meta.put({ ...(old ?? {}), ...c.meta }, "meta");
+        // Without a read when the stored metadata is known: every request of the commit is
+        // then made before its first await, and it commits even if this page is unloading.
+        const old = this.storedMeta ?? ((await request(meta.get("meta"))) as Record<string, unknown> | undefined);
+        this.storedMeta = { ...(old ?? {}), ...c.meta };
+        meta.put(this.storedMeta, "meta");
       }
+      // Committed now rather than once the requests' results came back to this page: a
+      // commit made while the page unloads must not wait for events it will never get.
+      tx.commit?.();
     } catch (e) {
       // The transaction is abandoned: its own rejection is this error's echo.
       done.catch(() => undefined);
@@ -197,8 +218,9 @@ export class IndexedDbPersistence implements Persistence {
   }
 
   async close(): Promise<void> {
-    this.db?.close();
+    const db = this.db;
     this.db = undefined;
+    (await db?.catch(() => undefined))?.close();
   }
 }
 

@@ -1,9 +1,10 @@
 // The client in a real headless Chromium (Debian's), against the real server: two
 // browser profiles converge through IndexedDB and WebSockets; an edit made while the
-// socket is cut syncs after reconnection; a reload resends the stored outbox; two tabs
-// on the default configuration open one WebSocket and hand over when the leader closes;
-// the web todo app adds, completes, shows its pending count and manual conflicts, and
-// reloads from its service worker while the server is down.
+// socket is cut syncs after reconnection; a reload resends the stored outbox; an edit
+// made just before a reload or a close is kept; two tabs on the default configuration
+// open one WebSocket and hand over when the leader closes; the web todo app adds,
+// completes, shows its pending count and manual conflicts, and reloads from its service
+// worker while the server is down.
 // Screenshots of the app go to tests/artifacts/ (their paths are printed). Skipped
 // loudly without Chromium (CHROMIUM_BIN, default /usr/lib/chromium/chromium;
 // `apt-get install chromium`).
@@ -43,6 +44,11 @@ import * as k from "/client.js"; window.kalphite = k; window.ready = true;</scri
 /** Opens the app page and a database on it. */
 async function openDb(page, web, sync, extra = {}) {
   await page.goto(web.url);
+  await initDb(page, sync, extra);
+}
+
+/** A database on the test page already loaded in `page`. */
+async function initDb(page, sync, extra = {}) {
   await page.waitForFunction(() => window.ready === true);
   await page.evaluate(
     async ({ sync, extra }) => {
@@ -295,6 +301,77 @@ test("Chromium: SIGKILL of the browser, then a relaunch on the same profile, syn
     await waitTitle(peer, "written before the crash");
     await browser.close();
   } finally {
+    await web.close();
+    await server.stop();
+    t.remove();
+  }
+});
+
+/**
+ * Makes `edit` (a function body run in the page, with `todos`, the collection) and, in
+ * the same task, reloads the page (`how` "reload") or closes it ("close"): no time for a
+ * debounce to run out.
+ */
+async function editAndLeave(page, edit, how) {
+  if (how === "reload") {
+    const loaded = page.waitForEvent("load");
+    await page.evaluate((edit) => {
+      new Function("todos", edit)(window.db.collection("todo"));
+      location.reload();
+    }, edit);
+    await loaded;
+  } else {
+    await page.evaluate((edit) => new Function("todos", edit)(window.db.collection("todo")), edit);
+    await page.close({ runBeforeUnload: true });
+  }
+}
+
+test("Chromium: an edit made just before a reload or a close is kept (flushed when the page hides) and reaches the server", { skip }, async () => {
+  const t = tempDir();
+  const server = await startServer({ dir: t.dir, args: ["--open"] });
+  const web = await pageServer();
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
+  try {
+    const sync = { wsUrl: server.url, roomId: "hide", userId: "alice" };
+    const peer = await (await browser.newContext()).newPage();
+    await openDb(peer, web, { ...sync, userId: "bob" });
+
+    // One tab, the default debounce (100 ms): the edit, then a reload in the same task.
+    const ctx = await browser.newContext();
+    const one = await ctx.newPage();
+    const defaults = { flush: {} };
+    await openDb(one, web, sync, defaults);
+    await editAndLeave(one, `todos.upsert("r1", { title: "edited just before a reload" })`, "reload");
+    await initDb(one, sync, defaults);
+    assert.equal(await one.evaluate(() => window.db.collection("todo").findById("r1")?.data.title), "edited just before a reload");
+    await waitTitle(peer, "edited just before a reload");
+
+    // Two tabs with a debounce far longer than a reload: only a flush when the page
+    // hides can store the edit in time. A follower's edit, then its reload: the reloaded
+    // tab shows it.
+    const slow = { flush: { debounceMs: 60_000 } };
+    await one.close();
+    const leader = await ctx.newPage();
+    await openDb(leader, web, sync, slow);
+    const two = await ctx.newPage();
+    await openDb(two, web, sync, slow);
+    assert.equal(await leader.evaluate(() => window.db.role), "leader");
+    assert.equal(await two.evaluate(() => window.db.role), "follower");
+    await editAndLeave(two, `todos.upsert("r2", { title: "edited in a follower just before its reload" })`, "reload");
+    await initDb(two, sync, slow);
+    assert.equal(await two.evaluate(() => window.db.role), "follower");
+    await waitTitle(two, "edited in a follower just before its reload");
+    await waitTitle(peer, "edited in a follower just before its reload");
+
+    // The leader's edit, then it closes: the follower takes over with the edit stored.
+    await editAndLeave(leader, `todos.upsert("r3", { title: "edited in the leader just before it closed" })`, "close");
+    await two.waitForFunction(() => window.db.role === "leader", null, { timeout: 20_000 });
+    await waitTitle(two, "edited in the leader just before it closed");
+    await waitTitle(peer, "edited in the leader just before it closed");
+    await two.evaluate(() => window.db.durable("server"));
+    assert.deepEqual(await titles(two), await titles(peer));
+  } finally {
+    await browser.close();
     await web.close();
     await server.stop();
     t.remove();

@@ -142,6 +142,48 @@ test("flush engine: pause, resume, and a newer change of an entity replaces a fa
   assert.throws(() => engine.scheduleDelete("a", "todo"), /destroyed/);
 });
 
+test("flush engine: flushNow hands what is queued over while a batch is in progress; a failed older batch puts back only what no newer batch holds", async () => {
+  const t = fakeTimers();
+  const calls = [];
+  const engine = new MemoryFlushEngine({
+    flushTarget: (batch) => new Promise((resolve, reject) => calls.push({ batch: batch.map((c) => `${c.entityId}${c.entity.data.v}`), resolve, reject })),
+    timers: t,
+  });
+  const ticks = async () => {
+    for (let i = 0; i < 20; i++) await Promise.resolve();
+  };
+  engine.scheduleFlush("x", { id: "x", type: "todo", data: { v: 1 } });
+  engine.scheduleFlush("y", { id: "y", type: "todo", data: { v: 1 } });
+  const first = engine.flush();
+  await ticks();
+  assert.deepEqual(calls.map((c) => c.batch), [["x1", "y1"]]);
+  // The batch never settles (a page unloading gets no completion event): flush() waits
+  // for it, flushNow() does not.
+  engine.scheduleFlush("x", { id: "x", type: "todo", data: { v: 2 } });
+  const waiting = engine.flush();
+  await ticks();
+  assert.equal(calls.length, 1, "flush waits for the batch in progress");
+  const now = engine.flushNow();
+  await ticks();
+  assert.deepEqual(calls.map((c) => c.batch), [["x1", "y1"], ["x2"]]);
+  assert.equal(engine.getState().isFlushInProgress, true);
+  calls[1].resolve();
+  await now;
+  assert.equal(engine.isQueued("todo", "x"), true, "x is still in the first batch");
+  calls[0].reject(new Error("aborted"));
+  await assert.rejects(first, /aborted/);
+  await ticks();
+  // The waiting flush takes what was put back: y1, not x1 (x2 was handed over since).
+  assert.deepEqual(calls.map((c) => c.batch), [["x1", "y1"], ["x2"], ["y1"]]);
+  calls[2].resolve();
+  await waiting;
+  await engine.whenIdle();
+  assert.equal(engine.getState().isFlushInProgress, false);
+  assert.equal(engine.isQueued("todo", "x"), false);
+  assert.equal(await engine.flushNow(), undefined, "nothing queued: nothing to do");
+  assert.equal(calls.length, 3);
+});
+
 test("reconnect backoff is exponential, capped, with jitter between half and all of it", () => {
   assert.equal(backoff(0, 250, 30_000, 1), 250);
   assert.equal(backoff(0, 250, 30_000, 0), 125);

@@ -36,6 +36,37 @@ test("a commit stores entities and the replica's state together; load gives them
   await again.close();
 });
 
+test("commits called without waiting for each other are applied in call order; after a load, the metadata is written without a read", async () => {
+  const factory = new IDBFactory();
+  const p = new IndexedDbPersistence("t-order", factory);
+  const r = new Replica({ roomId: "r", userId: "u", replicaId: "me", incarnation: 1 });
+  assert.deepEqual((await p.load()).meta, {});
+  r.localChange({ operation: "upsert", entityType: "todo", entityId: "a", entity: entity("a", { n: 1 }), timestamp: 5 }, 5);
+  const d1 = r.takeDelta();
+  r.localChange({ operation: "upsert", entityType: "todo", entityId: "a", entity: entity("a", { n: 2 }), timestamp: 6 }, 6);
+  const d2 = r.takeDelta();
+  // The second commit carries the first's delta again (as the database does while the
+  // first is not known to be stored): applied twice in order, it changes nothing.
+  const commits = [
+    p.commit({ put: [entity("a", { n: 1 })], delete: [], deltas: [d1], meta: { replicaId: "me" } }),
+    p.commit({ put: [entity("a", { n: 2 })], delete: [], deltas: [d1, d2], meta: { replicaId: "me", other: 1 } }),
+    p.commit({ put: [entity("b", {})], delete: [], deltas: [] }),
+  ];
+  await Promise.all(commits);
+  await p.close();
+  const again = new IndexedDbPersistence("t-order", factory);
+  const loaded = await again.load();
+  assert.deepEqual(loaded.entities.map((e) => [e.id, e.data.n]).sort(), [["a", 2], ["b", undefined]]);
+  assert.equal(loaded.replica.outbox.get(keyString("todo", "a")).message.payload.entity.data.n, 2);
+  assert.equal(loaded.replica.nextSeq, r.lastSeq());
+  assert.deepEqual(loaded.meta, { replicaId: "me", other: 1 });
+  await again.commit({ put: [], delete: [], deltas: [], meta: { more: true } });
+  await again.close();
+  const third = new IndexedDbPersistence("t-order", factory);
+  assert.deepEqual((await third.load()).meta, { replicaId: "me", other: 1, more: true }, "merged with what was stored");
+  await third.close();
+});
+
 test("a resync cut short is stored as under way: the replica loaded from it asks from 0 again", async () => {
   const factory = new IDBFactory();
   const p = new IndexedDbPersistence("t3", factory);

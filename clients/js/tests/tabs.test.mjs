@@ -246,3 +246,62 @@ test("tabs: the leader's conflicts and status reach the followers; a tab that ta
     t.remove();
   }
 });
+
+test("tabs: a new tab gets the entities the leader holds but has not stored yet; a follower's page going hidden has the leader store its writes at once", async () => {
+  const shared = new MemoryPersistence();
+  const locks = new Locks();
+  const opened = [];
+  const channels = [];
+  const tab = async () => {
+    const db = new FrontendDatabase({
+      dbName: "unstored",
+      persistence: shared,
+      flush: { debounceMs: 60_000 },
+      multiTab: {
+        locks,
+        channel: (name) => {
+          const c = new BroadcastChannel(name);
+          channels.push(c);
+          return c;
+        },
+      },
+    });
+    opened.push(db);
+    await db.init();
+    return db;
+  };
+  try {
+    const a = await tab();
+    assert.equal(a.role, "leader");
+    a.collection("todo").upsert("held", { title: "not stored yet" });
+    a.collection("todo").upsert("gone", { title: "deleted before being stored" });
+    a.collection("todo").delete("gone");
+    assert.equal(shared.entities.size, 0, "the leader's debounce holds them");
+    // A tab opened now (a tab reloaded right after its edit) loads nothing from storage.
+    const b = await tab();
+    assert.equal(b.role, "follower");
+    await until(() => b.collection("todo").findById("held"), "the new tab gets the leader's unstored entity");
+    assert.equal(b.collection("todo").findById("gone"), undefined);
+
+    // Only the follower's page is seen going away (the leader was opened without a page).
+    const win = new EventTarget();
+    globalThis.addEventListener = win.addEventListener.bind(win);
+    globalThis.removeEventListener = win.removeEventListener.bind(win);
+    let c;
+    try {
+      c = await tab();
+    } finally {
+      delete globalThis.addEventListener;
+      delete globalThis.removeEventListener;
+    }
+    assert.equal(c.role, "follower");
+    c.collection("todo").upsert("from-c", { title: "written just before c's page went away" });
+    await until(() => a.collection("todo").findById("from-c"), "the leader has c's write");
+    assert.equal(shared.entities.size, 0);
+    win.dispatchEvent(new Event("pagehide"));
+    await until(() => shared.entities.size === 2, "the leader stored everything at c's request");
+    assert.deepEqual([...shared.entities.values()].map((e) => e.id).sort(), ["from-c", "held"]);
+  } finally {
+    await teardown(opened, channels);
+  }
+});
