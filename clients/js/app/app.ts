@@ -84,22 +84,18 @@ function render(): void {
   const box = $("conflicts");
   box.hidden = conflicts.length === 0;
   box.replaceChildren(
-    ...conflicts.map((c, i) => {
+    ...conflicts.map((c) => {
       const div = document.createElement("div");
       const yours = c.yours.entity?.data as Todo | undefined;
       const theirs = c.theirs.entity?.data as Todo | undefined;
       // The status too: the usual conflict is one side completing what the other edited.
       const show = (t: Todo | undefined) => (t ? `"${t.title}" (${t.status})` : "(deleted)");
       div.textContent = `Conflict on "${yours?.title ?? theirs?.title ?? c.yours.entityId}": yours ${show(yours)}, theirs ${show(theirs)} `;
-      for (const [label, pick] of [["keep mine", yours], ["keep theirs", theirs]] as const) {
+      for (const [label, keep] of [["keep mine", "yours"], ["keep theirs", "theirs"]] as const) {
         const b = document.createElement("button");
         b.textContent = label;
-        b.onclick = () => {
-          if (pick) todos.upsert(c.yours.entityId, pick);
-          else todos.delete(c.yours.entityId);
-          conflicts.splice(i, 1);
-          render();
-        };
+        // Writes the pick; every tab, this one included, hears `conflictResolved`.
+        b.onclick = () => db.resolveConflict(c, keep);
         div.append(b);
       }
       return div;
@@ -125,6 +121,14 @@ db.on("error", (e) => {
 // and the leader's conflicts and status reach every tab, including one that takes over.
 db.on("conflict", (c) => {
   if (c.strategy === "manual") conflicts.push(c);
+  render();
+});
+// Settled here or in another tab: the pick dominates every version shown of the entity.
+db.on("conflictResolved", ({ conflict }) => {
+  const { entityType, entityId } = conflict.yours;
+  for (let i = conflicts.length - 1; i >= 0; i--) {
+    if (conflicts[i]!.yours.entityType === entityType && conflicts[i]!.yours.entityId === entityId) conflicts.splice(i, 1);
+  }
   render();
 });
 db.on("status", () => render());

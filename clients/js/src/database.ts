@@ -28,6 +28,7 @@ type TabMessage =
   | { t: "hello"; from: string }
   | { t: "snapshot"; to: string; entities: Entity<unknown>[] }
   | { t: "flush" }
+  | { t: "resolved"; arg: ConflictResolution }
   | { t: "event"; event: Shared; arg: unknown }
   | { t: "durable"; from: string; id: number }
   | { t: "durableDone"; to: string; id: number; error?: string | undefined };
@@ -40,6 +41,14 @@ interface Listens {
 
 /** The leader's events every tab emits too. */
 type Shared = "conflict" | "error";
+
+/** A conflict settled by the user (`resolveConflict`), in whichever tab. */
+export interface ConflictResolution {
+  /** The conflict as it was emitted. */
+  conflict: ConflictPayload;
+  /** The version kept: one of the two, or data the app made of them. */
+  keep: "yours" | "theirs" | "merged";
+}
 
 /** What a tab shows of the connection: the leader's. */
 export interface SyncStatus {
@@ -81,6 +90,8 @@ export interface DatabaseEvents extends Record<string, unknown> {
   conflict: ConflictPayload;
   /** The connection status or the pending count changed; in every tab. */
   status: SyncStatus;
+  /** A conflict was settled with `resolveConflict`, in this tab or another: drop it from view; in every tab. */
+  conflictResolved: ConflictResolution;
 }
 
 /** The browser/Node local-first database. */
@@ -231,6 +242,24 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
     this.emit("change", { origin: "local", change });
   }
 
+  /**
+   * Settles a conflict the user was shown (the manual strategy) with the version they
+   * keep: `"yours"` or `"theirs"` (a deleted version deletes), or data of the app's
+   * making (a merge). The write's clock dominates both versions, so it wins everywhere.
+   * Every tab of the database then emits `conflictResolved`, so that each drops the
+   * conflict from view.
+   */
+  resolveConflict(conflict: ConflictPayload, keep: "yours" | "theirs" | Record<string, unknown>): void {
+    const { entityType, entityId } = conflict.yours;
+    const data = keep === "yours" ? conflict.yours.entity?.data : keep === "theirs" ? conflict.theirs.entity?.data : keep;
+    const collection = this.collection(entityType);
+    if (data) collection.upsert(entityId, data as Record<string, unknown>);
+    else collection.delete(entityId);
+    const arg: ConflictResolution = { conflict, keep: typeof keep === "string" ? keep : "merged" };
+    this.emit("conflictResolved", arg);
+    this.post({ t: "resolved", arg });
+  }
+
   /** The connection status (a follower tab reports the leader's). */
   connectionStatus(): ConnectionStatus {
     if (this.role === "follower") return this.followerStatus.status;
@@ -371,6 +400,9 @@ export class FrontendDatabase extends Emitter<DatabaseEvents> {
       case "snapshot":
         if (m.to !== this.tabId || this.role !== "follower") return;
         this.applySnapshot(m.entities);
+        break;
+      case "resolved":
+        this.emit("conflictResolved", m.arg);
         break;
       case "flush":
         if (this.role === "leader") this.flushEngine.flushNow().catch(() => undefined);

@@ -3,8 +3,8 @@
 // socket is cut syncs after reconnection; a reload resends the stored outbox; an edit
 // made just before a reload or a close is kept; two tabs on the default configuration
 // open one WebSocket and hand over when the leader closes; the web todo app adds,
-// completes, shows its pending count and manual conflicts, and reloads from its service
-// worker while the server is down.
+// completes, shows its pending count and manual conflicts (in every tab, until one
+// resolves them), and reloads from its service worker while the server is down.
 // Screenshots of the app go to tests/artifacts/ (their paths are printed). Skipped
 // loudly without Chromium (CHROMIUM_BIN, default /usr/lib/chromium/chromium;
 // `apt-get install chromium`).
@@ -485,7 +485,7 @@ test("Chromium: the web todo app shows the pending count while its socket is cut
   });
 });
 
-test("Chromium: the web todo app shows a manual conflict with both versions; keep mine wins everywhere", { skip }, async () => {
+test("Chromium: the web todo app shows a manual conflict with both versions in every tab; keep mine in one tab wins everywhere and clears it from the others", { skip }, async () => {
   await appTest("conflict", ["--open", "--conflict", "manual"], async ({ t, server, browser, shot, http }) => {
     const base = ["todo", "--db", join(t.dir, "cli.db"), "--server", server.url, "--room", "conflict", "--user", "carol"];
     await cli([...base, "add", "water the plants"]);
@@ -494,6 +494,12 @@ test("Chromium: the web todo app shows a manual conflict with both versions; kee
     await page.goto(`${http}/?room=conflict&user=alice`);
     await page.waitForSelector("li .title:text('water the plants')", { timeout: 20_000 });
     await page.waitForSelector("#state.connected", { timeout: 20_000 });
+    // A second tab of the same app: it follows the first one's connection.
+    const other = await ctx.newPage();
+    await other.goto(`${http}/?room=conflict&user=alice`);
+    await other.waitForSelector("li .title:text('water the plants')", { timeout: 20_000 });
+    await other.waitForSelector("#state.connected", { timeout: 20_000 });
+    assert.equal(await other.evaluate(() => window.kalphiteApp.db.role), "follower");
     // Alice completes it while cut off; meanwhile carol sets it in progress: concurrent
     // edits, and alice's reaches the room second, so her app is told.
     await link.setCut(true);
@@ -511,12 +517,20 @@ test("Chromium: the web todo app shows a manual conflict with both versions; kee
     // Last-write-wins kept carol's later edit for now: the todo shows as not done.
     await page.waitForSelector("li .title:not(.done):text('water the plants')");
     await shot(page, "shown");
-    await box.locator("button", { hasText: "keep mine" }).click();
-    await box.waitFor({ state: "hidden" });
+    const otherBox = other.locator("#conflicts");
+    await otherBox.waitFor({ state: "visible", timeout: 20_000 });
+    assert.match(await otherBox.textContent(), /yours "water the plants" \(completed\), theirs "water the plants" \(in-progress\)/);
+    await shot(other, "shown-in-the-other-tab");
+    // Resolved in the other tab: the first one drops it too.
+    await otherBox.locator("button", { hasText: "keep mine" }).click();
+    await otherBox.waitFor({ state: "hidden" });
+    await box.waitFor({ state: "hidden", timeout: 10_000 });
     await page.waitForSelector("li .title.done:text('water the plants')");
     await until(async () => /\[x\].*water the plants/.test(await cli([...base, "list"])), "the CLI sees alice's pick");
     await page.waitForFunction(() => document.getElementById("state").textContent === "connected", null, { timeout: 20_000 });
     assert.equal(await page.isHidden("#conflicts"), true, "the pick dominates both versions: no new conflict");
+    assert.equal(await other.isHidden("#conflicts"), true);
+    await other.waitForSelector("li .title.done:text('water the plants')");
     await shot(page, "resolved");
   });
 });

@@ -179,9 +179,10 @@ test("tabs: the leader's conflicts and status reach the followers; a tab that ta
       sync: { wsUrl: server.url, roomId: "conflicts", userId: "alice", WebSocket, minBackoff: 20, maxBackoff: 100 },
     });
     opened.push(db);
-    const events = { conflicts: [], statuses: [] };
+    const events = { conflicts: [], statuses: [], resolved: [] };
     heard.set(name, events);
     db.on("conflict", (c) => events.conflicts.push(c));
+    db.on("conflictResolved", (r) => events.resolved.push(r));
     db.on("status", (s) => events.statuses.push(s));
     await db.init();
     return db;
@@ -216,6 +217,13 @@ test("tabs: the leader's conflicts and status reach the followers; a tab that ta
     assert.equal(c.yours.entity.data.title, "alice's, from tab b");
     assert.equal(c.theirs.entity.data.title, "bob's");
     assert.equal(heard.get("a").conflicts.length, 1, "and the leader tab");
+    // The follower keeps its version: both tabs hear it is settled, and the pick wins.
+    b.resolveConflict(c, "yours");
+    assert.deepEqual(heard.get("b").resolved.map((r) => [r.keep, r.conflict.yours.entityId]), [["yours", "t1"]], "the resolving tab hears it");
+    await until(() => heard.get("a").resolved.length === 1, "the leader tab hears the follower resolved it");
+    assert.equal(heard.get("a").resolved[0].conflict.refersTo, c.refersTo);
+    await b.durable("server");
+    await until(() => peer.collection("todo").findById("t1").data.title === "alice's, from tab b", "the pick reaches bob");
     await until(() => b.offlineQueueSize() === 0 && b.connectionStatus() === "connected", "the follower hears of the ack");
     const seen = heard.get("b").statuses;
     for (const s of [{ status: "disconnected", pending: 0 }, { status: "disconnected", pending: 1 }, { status: "connected", pending: 0 }]) {
@@ -240,6 +248,13 @@ test("tabs: the leader's conflicts and status reach the followers; a tab that ta
     await until(() => heard.get("c").conflicts.length === 1, "the new follower hears it");
     assert.equal(heard.get("c").conflicts[0].yours.entity.data.title, "alice's, from tab c");
     assert.equal(heard.get("c").conflicts[0].theirs.entity.data.title, "bob's again");
+    // Settled in the leader tab with a merge of the app's: the follower hears it.
+    b.resolveConflict(heard.get("c").conflicts[0], { title: "both, merged" });
+    await until(() => heard.get("c").resolved.length === 1, "the follower hears the leader resolved it");
+    assert.equal(heard.get("c").resolved[0].keep, "merged");
+    await until(() => c3.collection("todo").findById("t1")?.data.title === "both, merged", "the follower has the merge");
+    await b.durable("server");
+    await until(() => peer.collection("todo").findById("t1").data.title === "both, merged", "the merge reaches bob");
   } finally {
     await teardown(opened, channels);
     await server.stop();
