@@ -33,9 +33,10 @@ pub struct FlushConfig {
     pub base_retry_delay: Duration,
     /// The longest wait between two attempts, however many failed before.
     pub max_retry_delay: Duration,
-    /// Entries (changes and annotation keys) in one batch, a soft limit: a batch is
-    /// extended to the end of the store transactions it holds. A full batch flushes
-    /// without waiting for the debounce.
+    /// Changes in one batch, a soft limit: a batch is extended to the end of the store
+    /// transactions it holds, and carries their annotations (bookkeeping such as a sync
+    /// client's outbox rows) uncounted. A full batch flushes without waiting for the
+    /// debounce.
     pub max_batch_size: usize,
     /// `false` makes the engine a no-op (a memory-only store).
     pub enable_persistence: bool,

@@ -573,7 +573,7 @@ fn next_step(shared: &Shared) -> Step {
     let due_at = match st.retry_at {
         // A failed batch waits out its backoff, whatever else happens.
         Some(t) => t,
-        None if forced || st.queue.len() >= cfg.max_batch_size => now,
+        None if forced || st.queue.changes_len() >= cfg.max_batch_size => now,
         None => {
             let by_debounce = st.deadline.unwrap_or(now);
             let by_max_wait = st.oldest_pending_at.map_or(now, |t| t + cfg.max_wait);

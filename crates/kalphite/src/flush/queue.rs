@@ -97,6 +97,7 @@ impl Queue {
     }
 
     /// Entries queued (changes and annotations).
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -123,16 +124,29 @@ impl Queue {
         })
     }
 
-    /// Takes the next batch: the first `max` entries, extended until every entry first
-    /// touched by a transaction up to the newest one in the batch is in it. Because
-    /// `first_tx` ascends along the queue, that closed set is always a prefix; everything
-    /// left behind was first touched after the batch's newest transaction `T`, so writing
-    /// the batch on top of the state after the previous one gives the state after `T`.
+    /// Takes the next batch: the entries up to the `max`-th change (annotations ride
+    /// along, uncounted: they are bookkeeping of the changes, not more of them), extended
+    /// until every entry first touched by a transaction up to the newest one in the batch
+    /// is in it. Because `first_tx` ascends along the queue, that closed set is always a
+    /// prefix; everything left behind was first touched after the batch's newest
+    /// transaction `T`, so writing the batch on top of the state after the previous one
+    /// gives the state after `T`.
     pub(crate) fn cut(&mut self, max: usize) -> Option<Cut> {
         if self.entries.is_empty() {
             return None;
         }
-        let mut n = self.entries.len().min(max.max(1));
+        let max = max.max(1);
+        let mut n = 0;
+        let mut changes_seen = 0;
+        for (_, e) in &self.entries {
+            n += 1;
+            if matches!(e.content, Content::Change(_)) {
+                changes_seen += 1;
+                if changes_seen == max {
+                    break;
+                }
+            }
+        }
         let mut upto = self
             .entries
             .values()
@@ -259,6 +273,21 @@ mod tests {
         assert_eq!(cut.annotations.len(), 1);
         assert_eq!((q.len(), q.changes_len()), (1, 1));
         assert_eq!(q.first_tx(), Some(3));
+    }
+
+    #[test]
+    fn a_cut_counts_changes_not_the_annotations_riding_along() {
+        let mut q = Queue::default();
+        for (tx, id) in ["a", "b", "c"].into_iter().enumerate() {
+            let tx = tx as u64;
+            q.push_change(delete(id), tx);
+            q.push_annotation(format!("o{id}").into(), note(), tx);
+            q.push_annotation(format!("k{id}").into(), note(), tx);
+        }
+        let cut = q.cut(2).unwrap_or_else(|| unreachable!());
+        assert_eq!(ids(&cut), ["a", "b"]);
+        assert_eq!(cut.annotations.len(), 4, "each change's two annotations");
+        assert_eq!((q.len(), q.changes_len()), (3, 1));
     }
 
     #[test]
