@@ -51,6 +51,18 @@ pub struct Record {
     pub version: i64,
 }
 
+impl From<crate::backend::StoredEntity> for Record {
+    fn from(s: crate::backend::StoredEntity) -> Self {
+        Self {
+            kind: s.entity.kind,
+            id: s.entity.id,
+            data: s.entity.data,
+            updated_at: s.entity.updated_at,
+            version: s.version,
+        }
+    }
+}
+
 impl Record {
     /// The entity part of the record.
     #[must_use]

@@ -542,15 +542,7 @@ fn dump_rows(conn: &Connection) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     for row in rows {
         let (kind, id, data, updated_at, version) = row.map_err(Error::sqlite(ctx))?;
-        if let Some(s) = parse_row(kind, id, &data, updated_at, version) {
-            out.push(Record {
-                kind: s.entity.kind,
-                id: s.entity.id,
-                data: s.entity.data,
-                updated_at: s.entity.updated_at,
-                version: s.version,
-            });
-        }
+        out.extend(parse_row(kind, id, &data, updated_at, version).map(Record::from));
     }
     Ok(out)
 }

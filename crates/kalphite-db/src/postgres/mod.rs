@@ -504,16 +504,7 @@ async fn dump_rows(client: &impl deadpool_postgres::GenericClient) -> Result<Vec
         .await
         .map_err(Error::postgres(ctx))?;
     rows.iter()
-        .map(|r| {
-            let s = to_stored(r)?;
-            Ok(Record {
-                kind: s.entity.kind,
-                id: s.entity.id,
-                data: s.entity.data,
-                updated_at: s.entity.updated_at,
-                version: s.version,
-            })
-        })
+        .map(|r| to_stored(r).map(Record::from))
         .collect()
 }
 
