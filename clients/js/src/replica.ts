@@ -434,7 +434,7 @@ export class Replica {
       baseVersion = known?.version ?? 0;
       firstSeq = seq;
     }
-    if (clockGet(vector, me) < this.counterFloor) vector = withAtLeast(vector, me, this.counterFloor);
+    vector = withAtLeast(vector, me, this.counterFloor);
     const payload: ChangePayload = {
       operation: change.operation,
       entityType: change.entityType,

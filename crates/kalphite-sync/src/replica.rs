@@ -669,7 +669,7 @@ impl Replica {
                 )
             }
         };
-        let vector = self.above_floor(vector);
+        let vector = vector.with_at_least(&me, self.counter_floor);
         let hash = content_hash(entity.as_ref());
         let payload = ChangePayload {
             operation: change.op,
@@ -1225,14 +1225,6 @@ impl Replica {
                 self.dirty.outbox.insert(key);
             }
         }
-    }
-
-    /// `vector` with this replica's counter at least the floor.
-    fn above_floor(&self, vector: VectorClock) -> VectorClock {
-        if vector.get(&self.config.replica_id) >= self.counter_floor {
-            return vector;
-        }
-        vector.with_at_least(&self.config.replica_id, self.counter_floor)
     }
 
     fn next_message_id(&mut self) -> String {
