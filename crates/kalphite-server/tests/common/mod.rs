@@ -281,8 +281,20 @@ pub(crate) fn change_frame(
     })
 }
 
-/// Minimal HTTP GET over a raw TCP stream (no HTTP client dependency).
+/// Minimal HTTP GET over a raw TCP stream (no HTTP client dependency): the status and the
+/// body.
 pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (head, body) = http_get_with_head(addr, path).await;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body)
+}
+
+/// [`http_get`], with the status line and headers instead of the status alone.
+pub(crate) async fn http_get_with_head(addr: SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = guard(tokio::net::TcpStream::connect(addr))
         .await
@@ -292,13 +304,8 @@ pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut buf = Vec::new();
     guard(stream.read_to_end(&mut buf)).await.expect("read");
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_owned(), body.to_owned())
 }
 
 /// A metric's value from `/metrics`.
