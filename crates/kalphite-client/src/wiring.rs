@@ -30,9 +30,13 @@ impl ChangeSink for Feeder {
                     Err(e) => errors.push(format!("{}/{}: {e}", change.kind, change.id)),
                 }
             }
+            // Sent before the bookkeeping is scheduled, so the message leaves sooner. It
+            // never waited for the flush: a crash before it leaves a change the room may
+            // have, which the next catch-up brings back, and the welcome's replica
+            // counter keeps its message id from being reused.
+            self.0.send(std::mem::take(&mut send));
             self.0.schedule_with_delta(&mut replica, changes);
         }
-        self.0.send(send);
         for message in errors {
             self.0.emit(SyncEvent::Error {
                 code: None,

@@ -258,6 +258,33 @@ async fn two_hundred_fifty_changes_give_batches_of_100_100_50_in_order() {
     assert_eq!(t.ids(), expected);
 }
 
+/// The worker is not woken for a write to a queue it already waits on (that costs a
+/// thread switch per write); the write that fills a batch must still wake it.
+#[tokio::test(start_paused = true)]
+async fn the_write_that_fills_a_batch_flushes_it_at_once() {
+    let t = Recorder::new();
+    let e = engine(&t, FlushConfig::default().max_batch_size(10));
+    for i in 0..9 {
+        e.schedule(change(&format!("c{i}"), i));
+        settle().await;
+    }
+    assert!(t.sizes().is_empty(), "flushed before the batch was full");
+    e.schedule(change("c9", 9));
+    settle().await;
+    assert_eq!(
+        t.sizes(),
+        vec![10],
+        "the full batch waited for the debounce"
+    );
+    assert_eq!(t.seen.lock()[0].at, Duration::ZERO);
+    // A write after the flush, to a queue now empty, still flushes after the debounce.
+    e.schedule(change("c10", 10));
+    settle().await;
+    sleep(Duration::from_millis(101)).await;
+    settle().await;
+    assert_eq!(t.sizes(), vec![10, 1]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn twenty_five_changes_with_batch_ten_give_10_10_5() {
     let t = Recorder::new();

@@ -325,8 +325,10 @@ impl FlushEngine {
         let now = Instant::now();
         let mut accepted = 0u64;
         let notes = annotations.len() as u64;
-        {
+        let wake = {
             let mut st = shared.state.lock();
+            let was_empty = st.queue.is_empty();
+            let changes_before = st.queue.changes_len();
             let tx = st.next_tx;
             for change in changes.iter().filter(|c| c.origin != Origin::Storage) {
                 st.queue.push_change(change.clone(), tx);
@@ -341,11 +343,19 @@ impl FlushEngine {
             st.next_tx += 1;
             st.deadline = Some(now + shared.config.debounce);
             st.oldest_pending_at.get_or_insert(now);
-        }
+            // The worker sleeps until a time it computed from a non-empty queue, and a
+            // push only moves the debounce later (it sees that when it wakes): waking it
+            // for every write costs a thread switch per write. It needs waking when it
+            // sleeps with nothing queued, or when this push makes a batch due at once.
+            let max = shared.config.max_batch_size;
+            was_empty || (changes_before < max && st.queue.changes_len() >= max)
+        };
         let c = &shared.counters;
         c.scheduled.fetch_add(accepted, Ordering::Relaxed);
         c.annotations_scheduled.fetch_add(notes, Ordering::Relaxed);
-        shared.wake.notify_one();
+        if wake {
+            shared.wake.notify_one();
+        }
     }
 
     /// Writes everything queued up to this call now, ignoring the debounce and a pause;
