@@ -283,6 +283,10 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     let Ok((send, events, applied, refused, settled)) = result else {
         return Ok(Vec::new());
     };
+    // What the message changed in the replica outside a store transaction (an ack) is
+    // scheduled before any event tells of it: an app that answers an `Ack` with
+    // `flush_now` or `durable(Local)` then waits for that bookkeeping too, and gets it.
+    inner.persist_bookkeeping();
     if resent {
         // Entities sent back after a resync never went through the store, so the
         // server-durability engine does not know them: a marker makes `durable(Server)`
@@ -385,8 +389,6 @@ fn on_message(inner: &Arc<Inner>, message: ServerMessage) -> Result<Vec<ClientMe
     if woke {
         inner.wake_waiters();
     }
-    // What the message changed in the replica outside a store transaction (an ack).
-    inner.persist_bookkeeping();
     Ok(send)
 }
 
