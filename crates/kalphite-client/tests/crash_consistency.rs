@@ -219,9 +219,23 @@ impl Running {
         }
     }
 
-    /// Waits for the child to end (it kills itself); returns every line it printed.
+    /// Waits for the child to end (it kills itself); returns every line it printed. A
+    /// child that hangs fails the test with what it printed, instead of stalling the run.
     fn wait_exit(mut self, mut seen: Vec<String>) -> Vec<String> {
-        let status = self.child.wait().expect("wait");
+        let deadline = std::time::Instant::now() + GUARD;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            seen.extend(self.lines.try_iter());
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                seen.extend(self.lines.try_iter());
+                panic!("the child did not end within {GUARD:?}; it printed {seen:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert!(
             !status.success(),
             "the child was to be killed, it ended: {status}"
