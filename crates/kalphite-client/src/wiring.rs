@@ -20,9 +20,9 @@ pub(crate) struct Feeder(pub(crate) Arc<Inner>);
 impl ChangeSink for Feeder {
     fn accept(&self, changes: &[Change]) {
         let now = now_millis();
-        let mut send = Vec::new();
         let mut errors = Vec::new();
         {
+            let mut send = Vec::new();
             let mut replica = self.0.replica.lock();
             for change in changes.iter().filter(|c| is_local(c)) {
                 match replica.local_change(change, now) {
@@ -34,7 +34,7 @@ impl ChangeSink for Feeder {
             // never waited for the flush: a crash before it leaves a change the room may
             // have, which the next catch-up brings back, and the welcome's replica
             // counter keeps its message id from being reused.
-            self.0.send(std::mem::take(&mut send));
+            self.0.send(send);
             self.0.schedule_with_delta(&mut replica, changes);
         }
         for message in errors {
